@@ -1,0 +1,37 @@
+namespace Vmm;
+
+/// <summary>
+/// Linux error numbers, returned (never thrown) by the syscall-shaped operations: madvise, mprotect,
+/// move_pages, migrate_pages, mbind, knob writes, isolation and offline. <see cref="None"/> is success.
+/// </summary>
+public enum Errno
+{
+    /// <summary>Success.</summary>
+    None = 0,
+    /// <summary>Operation not permitted.</summary>
+    EPERM = 1,
+    /// <summary>No such file, page or entry.</summary>
+    ENOENT = 2,
+    /// <summary>No such process.</summary>
+    ESRCH = 3,
+    /// <summary>Interrupted (cancelled).</summary>
+    EINTR = 4,
+    /// <summary>I/O error, or a page that cannot be made to comply.</summary>
+    EIO = 5,
+    /// <summary>Try again.</summary>
+    EAGAIN = 11,
+    /// <summary>Out of memory, or part of a range not mapped.</summary>
+    ENOMEM = 12,
+    /// <summary>Permission denied.</summary>
+    EACCES = 13,
+    /// <summary>Bad address.</summary>
+    EFAULT = 14,
+    /// <summary>Busy.</summary>
+    EBUSY = 16,
+    /// <summary>No such device (a node that is not online).</summary>
+    ENODEV = 19,
+    /// <summary>Invalid argument.</summary>
+    EINVAL = 22,
+    /// <summary>No space left (swap full).</summary>
+    ENOSPC = 28,
+}

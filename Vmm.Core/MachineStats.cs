@@ -1,0 +1,75 @@
+using Vmm.Memory;
+
+namespace Vmm;
+
+/// <summary>A snapshot of one zone (exact when no other thread is allocating or freeing).</summary>
+/// <param name="Node">the node.</param>
+/// <param name="Zone">NORMAL or MOVABLE.</param>
+/// <param name="ManagedPages">frames given to the allocator.</param>
+/// <param name="FreePages">allocatable free frames on the buddy lists (Linux's NR_FREE_PAGES).</param>
+/// <param name="PcpPages">free frames cached on per-CPU lists.</param>
+/// <param name="IsolatedFreePages">free frames in isolated pageblocks: free, but never handed out.</param>
+/// <param name="Watermarks">min / low / high in pages.</param>
+/// <param name="BuddyInfo">free blocks of each order, as a line of /proc/buddyinfo.</param>
+/// <param name="PgAlloc">allocations served (pgalloc).</param>
+/// <param name="PgFree">frees received (pgfree).</param>
+/// <param name="AllocFailures">times this zone could not serve a request and the allocator moved on.</param>
+public sealed record ZoneStats(
+    int Node,
+    ZoneType Zone,
+    long ManagedPages,
+    long FreePages,
+    long PcpPages,
+    long IsolatedFreePages,
+    Watermarks Watermarks,
+    IReadOnlyList<long> BuddyInfo,
+    long PgAlloc,
+    long PgFree,
+    long AllocFailures)
+{
+    /// <summary>Every free frame of the zone: buddy lists, per-CPU lists and isolated pageblocks.</summary>
+    public long AllFreePages => FreePages + PcpPages + IsolatedFreePages;
+}
+
+/// <summary>A snapshot of one NUMA node.</summary>
+/// <param name="Node">the node number.</param>
+/// <param name="Zones">its zones, NORMAL then MOVABLE.</param>
+public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
+{
+    /// <summary>MemTotal: bytes managed by the allocator on this node.</summary>
+    public long MemTotalBytes => Zones.Sum(z => z.ManagedPages) * Native.Topology.PageSize;
+
+    /// <summary>MemFree: free bytes that can be allocated (buddy and per-CPU lists; not isolated).</summary>
+    public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Native.Topology.PageSize;
+}
+
+/// <summary>A snapshot of the machine's memory.</summary>
+/// <param name="Nodes">each node.</param>
+/// <param name="TotalFrames">frames in the arena.</param>
+/// <param name="DescriptorBytes">bytes of native memory taken by frame descriptors.</param>
+/// <param name="HostRssBytes">the host process's resident set (VmRSS), or -1 where unknown.</param>
+public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFrames, long DescriptorBytes, long HostRssBytes)
+{
+    /// <summary>MemTotal over all nodes, in bytes.</summary>
+    public long MemTotalBytes => Nodes.Sum(n => n.MemTotalBytes);
+
+    /// <summary>MemFree over all nodes, in bytes.</summary>
+    public long MemFreeBytes => Nodes.Sum(n => n.MemFreeBytes);
+
+    /// <summary>Every free frame, allocatable or isolated.</summary>
+    public long AllFreePages => Nodes.Sum(n => n.Zones.Sum(z => z.AllFreePages));
+}
+
+/// <summary>What one frame's descriptor says, copied out for tests and tools.</summary>
+/// <param name="Pfn">the frame.</param>
+/// <param name="Node">its node.</param>
+/// <param name="Zone">its zone.</param>
+/// <param name="Migratetype">its pageblock's migratetype.</param>
+/// <param name="Flags">the raw flags.</param>
+/// <param name="RefCount">_refcount.</param>
+/// <param name="MapCount">page_mapcount (0 when unmapped).</param>
+/// <param name="BuddyOrder">the order of the free block it heads, or -1.</param>
+/// <param name="CompoundHead">the head of its compound page (itself when not a tail).</param>
+public readonly record struct PageInfo(
+    long Pfn, int Node, ZoneType Zone, MigrateType Migratetype, PageFlags Flags,
+    int RefCount, int MapCount, int BuddyOrder, long CompoundHead);

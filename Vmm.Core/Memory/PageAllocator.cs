@@ -1,0 +1,1035 @@
+// PageAllocator: the buddy allocator (Linux's mm/page_alloc.c, in small).
+//
+// Memory is handed out in blocks of 2^order frames, order 0 to MaxOrder (10: 4 MiB). A free block of
+// order k has a "buddy", the block of the same order whose pfn differs in bit k; when both are free
+// they merge into one block of order k + 1. Allocation takes the smallest free block that fits and
+// splits the rest back onto the lists ("expand"). Blocks never cross a memory block (hotplug unit), so
+// they never cross a zone or node either, and a block can be offlined without splitting its neighbours.
+//
+// Anti-fragmentation: every 2 MiB pageblock has a migratetype (MOVABLE, UNMOVABLE, ISOLATE) and free
+// blocks live on the list of their pageblock's type. Unmovable allocations (page tables) steal from
+// MOVABLE pageblocks only when they must, and claim a whole pageblock when at least half of it is free,
+// so unmovable pages cluster and the rest of memory stays movable (what compaction and hot-remove need).
+// Pageblocks of type ISOLATE hand out nothing: their free blocks sit on ISOLATE lists, and frames freed
+// inside them go there too. Beyond the pageblock order, two buddies merge only if their pageblocks have
+// the same type, so an ISOLATE block is never glued to an allocatable one.
+//
+// Placement: an allocation names a preferred node; the zonelist tries that node's zones first
+// (MOVABLE before NORMAL for movable requests, NORMAL only for unmovable ones), then the other nodes
+// by distance. Each zone is tried first against its low watermark, then against min (the slow path),
+// then once more after draining the per-CPU caches.
+//
+// Every frame reaches its new owner zeroed (unless the owner promises to overwrite it, NoZero): no byte
+// of one owner ever reaches another. Frames known to be zero (never touched, or decommitted) carry
+// PG_zeroed and are not zeroed again.
+//
+// Locking: pcp spin word -> zone lock. Never take a zone lock, then a pcp lock.
+using System.Diagnostics;
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using Vmm.Native;
+
+namespace Vmm.Memory;
+
+/// <summary>The machine's page allocator: buddy lists per node and zone, per-CPU caches, isolation.</summary>
+public sealed unsafe class PageAllocator
+{
+    /// <summary>The largest order (Linux's MAX_PAGE_ORDER): 2^10 frames, 4 MiB.</summary>
+    public const int MaxOrder = 10;
+
+    /// <summary>log2 of the frames in a pageblock: 9, so a pageblock is 2 MiB.</summary>
+    public const int PageblockOrder = 9;
+
+    /// <summary>Frames per pageblock.</summary>
+    public const int PageblockFrames = 1 << PageblockOrder;
+
+    /// <summary>Returned when nothing could be allocated.</summary>
+    public const long NoPfn = -1;
+
+    /// <summary>"No preferred node": allocate on node 0's zonelist.</summary>
+    public const int NumaNoNode = -1;
+
+    private readonly Topology _topology;
+    private readonly Arena _arena;
+    private readonly MemMap _memMap;
+    private readonly Zone[][] _nodeZones;        // [node][ZoneType]; immutable after boot
+    private readonly Zone[] _blockZone;          // [block] -> zone; changed only by hotplug (later)
+    private readonly Zone[][] _movableZonelist;  // [node] -> zones in fallback order
+    private readonly Zone[][] _unmovableZonelist;
+    private readonly Zone[][] _movableThisNode;
+    private readonly Zone[][] _unmovableThisNode;
+    private readonly byte[] _pageblockType;      // [pfn >> PageblockOrder]; written under the zone lock
+    private readonly byte[] _pageblockSavedType; // type before isolation; protected by the zone lock
+    private readonly int _pcpMask;
+
+    internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options)
+    {
+        _topology = topology;
+        _arena = arena;
+        _memMap = memMap;
+        int blockOrder = BitOperations.Log2((ulong)topology.FramesPerBlock);
+        int zoneMaxOrder = Math.Min(MaxOrder, blockOrder);
+        int slots = (int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1, Environment.ProcessorCount));
+        _pcpMask = slots - 1;
+
+        _nodeZones = new Zone[topology.NodeCount][];
+        for (int node = 0; node < topology.NodeCount; node++)
+        {
+            _nodeZones[node] =
+            [
+                new Zone(node, ZoneType.Normal, zoneMaxOrder, slots),
+                new Zone(node, ZoneType.Movable, zoneMaxOrder, slots),
+            ];
+        }
+
+        _pageblockType = new byte[topology.TotalFrames >> PageblockOrder];
+        _pageblockSavedType = new byte[_pageblockType.Length];
+        Array.Fill(_pageblockType, (byte)MigrateType.Movable);
+
+        int movableBlocks = options.EffectiveMovableBlocksPerNode(topology.BlocksPerNode);
+        _blockZone = new Zone[topology.BlockCount];
+        for (int block = 0; block < topology.BlockCount; block++)
+        {
+            int node = topology.NodeOfBlock(block);
+            int indexInNode = block - node * topology.BlocksPerNode;
+            ZoneType type = indexInNode >= topology.BlocksPerNode - movableBlocks ? ZoneType.Movable : ZoneType.Normal;
+            _blockZone[block] = _nodeZones[node][(int)type];
+        }
+
+        int[,] distance = options.EffectiveNodeDistances(topology.NodeCount);
+        _movableZonelist = new Zone[topology.NodeCount][];
+        _unmovableZonelist = new Zone[topology.NodeCount][];
+        _movableThisNode = new Zone[topology.NodeCount][];
+        _unmovableThisNode = new Zone[topology.NodeCount][];
+        for (int node = 0; node < topology.NodeCount; node++)
+        {
+            int[] order = NodesByDistance(node, distance);
+            _movableZonelist[node] = [.. order.SelectMany(n => new[] { _nodeZones[n][1], _nodeZones[n][0] })];
+            _unmovableZonelist[node] = [.. order.Select(n => _nodeZones[n][0])];
+            _movableThisNode[node] = [_nodeZones[node][1], _nodeZones[node][0]];
+            _unmovableThisNode[node] = [_nodeZones[node][0]];
+        }
+        NodeDistances = distance;
+
+        for (int block = 0; block < topology.BlockCount; block++)
+            OnlineBlockAtBoot(block);
+        SetWatermarks(options.EffectiveMinFreeKbytes(NormalManagedPages()));
+    }
+
+    /// <summary>Linux's node_distance table (10 = local).</summary>
+    public int[,] NodeDistances { get; }
+
+    internal IEnumerable<Zone> Zones => _nodeZones.SelectMany(z => z);
+
+    internal Zone GetZone(int node, ZoneType type) => _nodeZones[node][(int)type];
+
+    /// <summary>The zone that manages a frame.</summary>
+    internal Zone ZoneOf(long pfn) => _blockZone[_topology.BlockOf(pfn)];
+
+    /// <summary>The zone type a frame belongs to.</summary>
+    public ZoneType ZoneTypeOf(long pfn)
+    {
+        CheckPfn(pfn);
+        return ZoneOf(pfn).Type;
+    }
+
+    /// <summary>The migratetype of the pageblock that holds <paramref name="pfn"/>.</summary>
+    public MigrateType GetPageblockMigratetype(long pfn)
+    {
+        CheckPfn(pfn);
+        return PageblockType(pfn);
+    }
+
+    // ================================================================================================
+    // Allocation
+    // ================================================================================================
+
+    /// <summary>
+    /// Allocates 2^<paramref name="order"/> contiguous frames, naturally aligned, with a reference count
+    /// of one and (unless <see cref="AllocFlags.NoZero"/>) zeroed.
+    /// </summary>
+    /// <param name="order">0 to <see cref="MaxOrder"/> (or less on machines with blocks under 4 MiB).</param>
+    /// <param name="flags">how the allocation may be satisfied.</param>
+    /// <param name="preferredNode">the node to try first, or <see cref="NumaNoNode"/>.</param>
+    /// <returns>The first frame, or <see cref="NoPfn"/> if no zone could satisfy the request.</returns>
+    /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
+    public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode)
+    {
+        if ((uint)order > (uint)_nodeZones[0][0].MaxOrder)
+            throw new ArgumentOutOfRangeException(nameof(order), order, $"order must be 0 to {_nodeZones[0][0].MaxOrder}");
+        if (preferredNode < NumaNoNode || preferredNode >= _topology.NodeCount)
+            throw new ArgumentOutOfRangeException(nameof(preferredNode), preferredNode, "no such node");
+        int node = preferredNode == NumaNoNode ? 0 : preferredNode;
+        bool movable = (flags & AllocFlags.Movable) != 0;
+        bool thisNode = (flags & AllocFlags.ThisNode) != 0;
+        Zone[] zonelist = movable
+            ? (thisNode ? _movableThisNode : _movableZonelist)[node]
+            : (thisNode ? _unmovableThisNode : _unmovableZonelist)[node];
+        MigrateType mt = movable ? MigrateType.Movable : MigrateType.Unmovable;
+
+        // Fast path: the first zone above its low watermark.
+        long pfn = TryZonelist(zonelist, order, mt, WatermarkLevel.Low);
+        if (pfn == NoPfn)
+        {
+            // Slow path: down to min (or below it for the flags that allow it), then once more after
+            // pulling the frames cached on per-CPU lists back into the buddy lists.
+            WatermarkLevel level = (flags & AllocFlags.NoWatermark) != 0 ? WatermarkLevel.None
+                : (flags & AllocFlags.HighPriority) != 0 ? WatermarkLevel.HalfMin : WatermarkLevel.Min;
+            pfn = TryZonelist(zonelist, order, mt, level);
+            if (pfn == NoPfn)
+            {
+                foreach (Zone zone in zonelist)
+                    DrainZone(zone);
+                pfn = TryZonelist(zonelist, order, mt, level);
+            }
+            if (pfn == NoPfn)
+                return NoPfn;
+        }
+        PrepNewPage(pfn, order, flags);
+        return pfn;
+    }
+
+    private enum WatermarkLevel { Low, Min, HalfMin, None }
+
+    private long TryZonelist(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level)
+    {
+        foreach (Zone zone in zonelist)
+        {
+            if (!WatermarkOk(zone, order, mt, level))
+            {
+                Interlocked.Increment(ref zone.AllocFailures);
+                continue;
+            }
+            long pfn = order == 0 ? RmqueuePcp(zone, mt) : RmqueueBuddy(zone, order, mt);
+            if (pfn != NoPfn)
+                return pfn;
+            Interlocked.Increment(ref zone.AllocFailures);
+        }
+        return NoPfn;
+    }
+
+    /// <summary>
+    /// Linux's __zone_watermark_ok: after taking the block, more than the mark must stay free; for
+    /// order > 0 a free block of at least that order must also exist. Racy by design (a hint, as in Linux);
+    /// the free lists themselves are checked under the lock.
+    /// </summary>
+    private static bool WatermarkOk(Zone zone, int order, MigrateType mt, WatermarkLevel level)
+    {
+        long mark = level switch
+        {
+            WatermarkLevel.Low => zone.Watermarks.Low,
+            WatermarkLevel.Min => zone.Watermarks.Min,
+            WatermarkLevel.HalfMin => zone.Watermarks.Min / 2,
+            _ => 0,
+        };
+        if (level == WatermarkLevel.None)
+            return true;
+        long free = Volatile.Read(ref zone.FreePages) - ((1L << order) - 1);
+        if (free <= mark)
+            return false;
+        if (order == 0)
+            return true;
+        for (int o = order; o <= zone.MaxOrder; o++)
+        {
+            if (Volatile.Read(ref zone.NrFree[Zone.ListIndex(o, mt)]) > 0 ||
+                Volatile.Read(ref zone.NrFree[Zone.ListIndex(o, Fallback(mt))]) > 0)
+                return true;
+        }
+        return false;
+    }
+
+    private long RmqueuePcp(Zone zone, MigrateType mt)
+    {
+        PerCpuPages pcp = zone.Pcp[Thread.GetCurrentProcessorId() & _pcpMask];
+        pcp.Enter();
+        try
+        {
+            ref uint head = ref mt == MigrateType.Movable ? ref pcp.HeadMovable : ref pcp.HeadUnmovable;
+            if (head == PageDescriptor.NoLink)
+                RefillPcpLocked(zone, pcp, ref head, mt);
+            if (head == PageDescriptor.NoLink)
+                return NoPfn;
+            long pfn = head;
+            head = _memMap[pfn].LruNext;
+            _memMap[pfn].LruNext = PageDescriptor.NoLink;
+            pcp.Count--;
+            pcp.Allocs++;
+            return pfn;
+        }
+        finally
+        {
+            pcp.Exit();
+        }
+    }
+
+    /// <summary>rmqueue_bulk: moves up to Batch order-0 frames from the buddy lists to a pcp list. Preconditions: pcp lock held.</summary>
+    private void RefillPcpLocked(Zone zone, PerCpuPages pcp, ref uint head, MigrateType mt)
+    {
+        lock (zone.Lock)
+        {
+            for (int i = 0; i < pcp.Batch; i++)
+            {
+                long pfn = RmqueueSmallestLocked(zone, 0, mt);
+                if (pfn == NoPfn)
+                    pfn = RmqueueFallbackLocked(zone, 0, mt);
+                if (pfn == NoPfn)
+                    break;
+                _memMap[pfn].LruNext = head;
+                head = (uint)pfn;
+                pcp.Count++;
+            }
+        }
+    }
+
+    private long RmqueueBuddy(Zone zone, int order, MigrateType mt)
+    {
+        lock (zone.Lock)
+        {
+            long pfn = RmqueueSmallestLocked(zone, order, mt);
+            if (pfn == NoPfn)
+                pfn = RmqueueFallbackLocked(zone, order, mt);
+            if (pfn != NoPfn)
+                zone.BuddyAllocs++;
+            return pfn;
+        }
+    }
+
+    /// <summary>__rmqueue_smallest: the smallest free block of the type that fits, split down. Preconditions: zone lock held.</summary>
+    private long RmqueueSmallestLocked(Zone zone, int order, MigrateType mt)
+    {
+        for (int o = order; o <= zone.MaxOrder; o++)
+        {
+            uint head = zone.FreeHead[Zone.ListIndex(o, mt)];
+            if (head == PageDescriptor.NoLink)
+                continue;
+            bool reported = (_memMap[head].Flags & (ulong)PageFlags.Reported) != 0;
+            DelFromFreeListLocked(zone, head);
+            ExpandLocked(zone, head, order, o, mt, reported);
+            return head;
+        }
+        return NoPfn;
+    }
+
+    /// <summary>
+    /// __rmqueue_fallback: steals from the other pcp migratetype, largest block first. When the request
+    /// is unmovable or large, and at least half of the victim pageblock is free, the whole pageblock
+    /// changes type (so unmovable pages gather in few pageblocks). Preconditions: zone lock held.
+    /// </summary>
+    private long RmqueueFallbackLocked(Zone zone, int order, MigrateType startType)
+    {
+        MigrateType fallback = Fallback(startType);
+        for (int o = zone.MaxOrder; o >= order; o--)
+        {
+            uint head = zone.FreeHead[Zone.ListIndex(o, fallback)];
+            if (head == PageDescriptor.NoLink)
+                continue;
+            bool canClaim = o >= PageblockOrder / 2 || startType == MigrateType.Unmovable;
+            if (canClaim)
+            {
+                if (o >= PageblockOrder)
+                {
+                    SetTypeRangeLocked(head, 1L << o, startType);
+                    MoveFreeBlockLocked(zone, head, startType);
+                }
+                else if (CountFreeInPageblockLocked(head) >= PageblockFrames / 2)
+                {
+                    _pageblockType[head >> PageblockOrder] = (byte)startType;
+                    MoveFreePagesBlockLocked(zone, head & ~(long)(PageblockFrames - 1), startType);
+                }
+                long pfn = RmqueueSmallestLocked(zone, order, startType);
+                if (pfn != NoPfn)
+                    return pfn;
+            }
+            // Take the block without claiming its pageblock; the remainder stays on the fallback list.
+            bool reported = (_memMap[head].Flags & (ulong)PageFlags.Reported) != 0;
+            DelFromFreeListLocked(zone, head);
+            ExpandLocked(zone, head, order, o, fallback, reported);
+            return head;
+        }
+        return NoPfn;
+    }
+
+    private static MigrateType Fallback(MigrateType mt) =>
+        mt == MigrateType.Movable ? MigrateType.Unmovable : MigrateType.Movable;
+
+    /// <summary>expand: splits a block of order high, keeping the first 2^low frames. Preconditions: zone lock held.</summary>
+    private void ExpandLocked(Zone zone, long pfn, int low, int high, MigrateType mt, bool reported)
+    {
+        while (high > low)
+        {
+            high--;
+            long buddy = pfn + (1L << high);
+            AddToFreeListLocked(zone, buddy, high, mt);
+            if (reported)
+                _memMap[buddy].Flags |= (ulong)PageFlags.Reported;
+        }
+    }
+
+    /// <summary>prep_new_page: checks the frames are really free, then gives them their first reference.</summary>
+    private void PrepNewPage(long pfn, int order, AllocFlags flags)
+    {
+        long count = 1L << order;
+        bool zero = (flags & AllocFlags.NoZero) == 0;
+        bool compound = order > 0 && (flags & AllocFlags.Compound) != 0;
+        for (long i = 0; i < count; i++)
+        {
+            ref PageDescriptor page = ref _memMap[pfn + i];
+            // check_new_page: a frame on a free list has no references, no mappings, no state.
+            if (page.RefCount != 0 || page.MapCount != -1 || page.PinCount != 0 ||
+                (page.Flags & ~(ulong)(PageFlags.Zeroed | PageFlags.Reported)) != 0)
+                throw new VmBugException($"bad page at allocation: frame {pfn + i} flags {(PageFlags)page.Flags} refcount {page.RefCount} mapcount {page.MapCount}");
+            if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
+                PageOps.Zero(_arena.FrameAddress(pfn + i));
+            page.Flags = compound ? (ulong)(i == 0 ? PageFlags.Head : PageFlags.Tail) : 0;
+            page.Mapping = 0;
+            page.Index = 0;
+            page.Private = 0;
+            page.LruNext = PageDescriptor.NoLink;
+            page.LruPrev = PageDescriptor.NoLink;
+            page.CompoundHead = compound ? (uint)pfn : 0;
+            page.CompoundOrder = compound && i == 0 ? (byte)order : (byte)0;
+        }
+        // Publish the reference last: a scanner's TryGetPageUnlessZero must see a prepared frame.
+        Volatile.Write(ref _memMap[pfn].RefCount, 1);
+    }
+
+    // ================================================================================================
+    // Freeing
+    // ================================================================================================
+
+    /// <summary>
+    /// __free_pages: drops the caller's reference to a block of 2^<paramref name="order"/> frames
+    /// allocated by <see cref="AllocPages"/>; the block returns to the free lists when that was the
+    /// last reference.
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">pfn or order out of range, or pfn not aligned to order.</exception>
+    /// <exception cref="VmBugException">the block is already free, still mapped, pinned or locked.</exception>
+    public void FreePages(long pfn, int order = 0)
+    {
+        CheckPfn(pfn);
+        if ((uint)order > (uint)ZoneOf(pfn).MaxOrder || (pfn & ((1L << order) - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(order), order, $"frame {pfn} is not the start of an order-{order} block");
+        ref PageDescriptor head = ref _memMap[pfn];
+        if ((head.Flags & (ulong)PageFlags.Tail) != 0)
+            throw new VmBugException($"free of tail frame {pfn}");
+        if ((head.Flags & (ulong)PageFlags.Head) != 0 && head.CompoundOrder != order)
+            throw new VmBugException($"free of order-{head.CompoundOrder} compound page {pfn} as order {order}");
+        if (_memMap.PutPageTestZero(pfn))
+            FreeFrozenPages(pfn, order);
+    }
+
+    /// <summary>
+    /// Frees a block whose reference count has reached zero (free_unref_page / __free_pages_ok).
+    /// Preconditions: refcount 0; no other thread can reach the frames.
+    /// </summary>
+    internal void FreeFrozenPages(long pfn, int order)
+    {
+        FreePagesPrepare(pfn, order);
+        if (order == 0)
+            FreeToPcp(pfn);
+        else
+            FreeToBuddy(pfn, order);
+    }
+
+    /// <summary>free_pages_prepare: checks that nothing still uses the frames and clears their state.</summary>
+    private void FreePagesPrepare(long pfn, int order)
+    {
+        long count = 1L << order;
+        for (long i = 0; i < count; i++)
+        {
+            ref PageDescriptor page = ref _memMap[pfn + i];
+            PageFlags flags = (PageFlags)page.Flags;
+            bool bad = page.MapCount != -1 || page.PinCount != 0 || (flags & PageFlagPolicies.CheckAtFree) != 0 ||
+                       (i > 0 && page.RefCount != 0);
+            if (bad)
+            {
+                if (i == 0)
+                    Interlocked.Increment(ref _memMap[pfn].RefCount); // leave the page as the caller had it
+                throw new VmBugException($"bad page at free: frame {pfn + i} flags {flags} refcount {page.RefCount} mapcount {page.MapCount} pincount {page.PinCount}");
+            }
+        }
+        for (long i = 0; i < count; i++)
+        {
+            ref PageDescriptor page = ref _memMap[pfn + i];
+            page.Flags = 0;
+            page.Mapping = 0;
+            page.Index = 0;
+            page.Private = 0;
+            page.CompoundHead = 0;
+            page.CompoundOrder = 0;
+        }
+    }
+
+    private void FreeToPcp(long pfn)
+    {
+        Zone zone = ZoneOf(pfn);
+        PerCpuPages pcp = zone.Pcp[Thread.GetCurrentProcessorId() & _pcpMask];
+        pcp.Enter();
+        try
+        {
+            // Read the pageblock type under the pcp lock: isolation sets the type first and then drains
+            // every pcp under its lock, so a frame of an isolated pageblock either sees ISOLATE here or
+            // is flushed by that drain. It never stays cached where an allocation could take it.
+            MigrateType mt = PageblockType(pfn);
+            if (mt == MigrateType.Isolate)
+            {
+                lock (zone.Lock)
+                {
+                    FreeOneLocked(zone, pfn, 0, mt);
+                    zone.BuddyFrees++;
+                }
+                return;
+            }
+            ref uint head = ref mt == MigrateType.Movable ? ref pcp.HeadMovable : ref pcp.HeadUnmovable;
+            _memMap[pfn].LruNext = head;
+            head = (uint)pfn;
+            pcp.Count++;
+            pcp.Frees++;
+            if (pcp.Count > pcp.High)
+                FreePcpBatchLocked(zone, pcp, pcp.Batch);
+        }
+        finally
+        {
+            pcp.Exit();
+        }
+    }
+
+    /// <summary>free_pcppages_bulk: returns up to <paramref name="count"/> cached frames to the buddy lists. Preconditions: pcp lock held.</summary>
+    private void FreePcpBatchLocked(Zone zone, PerCpuPages pcp, int count)
+    {
+        lock (zone.Lock)
+        {
+            while (count-- > 0 && pcp.Count > 0)
+            {
+                ref uint head = ref pcp.HeadMovable != PageDescriptor.NoLink ? ref pcp.HeadMovable : ref pcp.HeadUnmovable;
+                long pfn = head;
+                head = _memMap[pfn].LruNext;
+                _memMap[pfn].LruNext = PageDescriptor.NoLink;
+                pcp.Count--;
+                FreeOneLocked(zone, pfn, 0, PageblockType(pfn));
+            }
+        }
+    }
+
+    private void FreeToBuddy(long pfn, int order)
+    {
+        Zone zone = ZoneOf(pfn);
+        lock (zone.Lock)
+        {
+            zone.BuddyFrees++;
+            if (order <= PageblockOrder)
+            {
+                FreeOneLocked(zone, pfn, order, PageblockType(pfn));
+                return;
+            }
+            // A block larger than a pageblock may span pageblocks of different types: free it one
+            // pageblock at a time so each piece lands on its own type's list (merging re-joins them).
+            for (long p = pfn; p < pfn + (1L << order); p += PageblockFrames)
+                FreeOneLocked(zone, p, PageblockOrder, PageblockType(p));
+        }
+    }
+
+    /// <summary>__free_one_page: puts a block on its free list, merging with free buddies. Preconditions: zone lock held.</summary>
+    private void FreeOneLocked(Zone zone, long pfn, int order, MigrateType mt)
+    {
+        while (order < zone.MaxOrder)
+        {
+            long buddy = pfn ^ (1L << order);
+            ref PageDescriptor b = ref _memMap[buddy];
+            if ((b.Flags & (ulong)PageFlags.Buddy) == 0 || (int)b.Private != order)
+                break;
+            // Beyond a pageblock, merge only pageblocks of the same type: an ISOLATE pageblock must
+            // never become part of an allocatable block (nor the other way round).
+            if (order >= PageblockOrder && (MigrateType)b.Index != mt)
+                break;
+            DelFromFreeListLocked(zone, buddy);
+            pfn = Math.Min(pfn, buddy);
+            order++;
+        }
+        // A merged block is not marked reported even if its halves were: reporting it again costs one
+        // madvise on memory that is already gone, and its frames keep PG_zeroed either way.
+        AddToFreeListLocked(zone, pfn, order, mt);
+    }
+
+    // ================================================================================================
+    // Free-list primitives (all: zone lock held)
+    // ================================================================================================
+
+    private void AddToFreeListLocked(Zone zone, long pfn, int order, MigrateType mt)
+    {
+        ref PageDescriptor page = ref _memMap[pfn];
+        Debug.Assert((page.Flags & (ulong)PageFlags.Buddy) == 0, "frame already on a free list");
+        int index = Zone.ListIndex(order, mt);
+        uint next = zone.FreeHead[index];
+        page.Flags = (page.Flags & (ulong)PageFlags.Zeroed) | (ulong)PageFlags.Buddy;
+        page.Private = (ulong)order;
+        page.Index = (ulong)mt;
+        page.LruPrev = PageDescriptor.NoLink;
+        page.LruNext = next;
+        if (next != PageDescriptor.NoLink)
+            _memMap[next].LruPrev = (uint)pfn;
+        zone.FreeHead[index] = (uint)pfn;
+        zone.NrFree[index]++;
+        if (mt == MigrateType.Isolate)
+            zone.IsolatedFreePages += 1L << order;
+        else
+            zone.FreePages += 1L << order;
+    }
+
+    private void DelFromFreeListLocked(Zone zone, long pfn)
+    {
+        ref PageDescriptor page = ref _memMap[pfn];
+        Debug.Assert((page.Flags & (ulong)PageFlags.Buddy) != 0, "frame not on a free list");
+        int order = (int)page.Private;
+        var mt = (MigrateType)page.Index;
+        int index = Zone.ListIndex(order, mt);
+        if (page.LruPrev == PageDescriptor.NoLink)
+            zone.FreeHead[index] = page.LruNext;
+        else
+            _memMap[page.LruPrev].LruNext = page.LruNext;
+        if (page.LruNext != PageDescriptor.NoLink)
+            _memMap[page.LruNext].LruPrev = page.LruPrev;
+        page.LruNext = PageDescriptor.NoLink;
+        page.LruPrev = PageDescriptor.NoLink;
+        page.Flags &= ~(ulong)(PageFlags.Buddy | PageFlags.Reported);
+        page.Private = 0;
+        page.Index = 0;
+        zone.NrFree[index]--;
+        if (mt == MigrateType.Isolate)
+            zone.IsolatedFreePages -= 1L << order;
+        else
+            zone.FreePages -= 1L << order;
+    }
+
+    /// <summary>Moves one free block to the list of another type, keeping its order and reported state.</summary>
+    private void MoveFreeBlockLocked(Zone zone, long pfn, MigrateType mt)
+    {
+        int order = (int)_memMap[pfn].Private;
+        bool reported = (_memMap[pfn].Flags & (ulong)PageFlags.Reported) != 0;
+        DelFromFreeListLocked(zone, pfn);
+        AddToFreeListLocked(zone, pfn, order, mt);
+        if (reported)
+            _memMap[pfn].Flags |= (ulong)PageFlags.Reported;
+    }
+
+    /// <summary>
+    /// If a free block larger than a pageblock covers <paramref name="pageblockPfn"/>, splits it into
+    /// pageblock-sized blocks, each on the list of its own pageblock's type.
+    /// </summary>
+    private void SplitCoveringBlockLocked(Zone zone, long pageblockPfn)
+    {
+        for (int o = PageblockOrder + 1; o <= zone.MaxOrder; o++)
+        {
+            long start = pageblockPfn & ~((1L << o) - 1);
+            ref PageDescriptor page = ref _memMap[start];
+            if ((page.Flags & (ulong)PageFlags.Buddy) == 0 || (int)page.Private != o)
+                continue;
+            bool reported = (page.Flags & (ulong)PageFlags.Reported) != 0;
+            DelFromFreeListLocked(zone, start);
+            for (long p = start; p < start + (1L << o); p += PageblockFrames)
+            {
+                AddToFreeListLocked(zone, p, PageblockOrder, PageblockType(p));
+                if (reported)
+                    _memMap[p].Flags |= (ulong)PageFlags.Reported;
+            }
+            return;
+        }
+    }
+
+    /// <summary>move_freepages_block: puts every free block inside one pageblock on the lists of <paramref name="mt"/>.</summary>
+    private void MoveFreePagesBlockLocked(Zone zone, long pageblockPfn, MigrateType mt)
+    {
+        SplitCoveringBlockLocked(zone, pageblockPfn);
+        long end = pageblockPfn + PageblockFrames;
+        for (long pfn = pageblockPfn; pfn < end;)
+        {
+            ref PageDescriptor page = ref _memMap[pfn];
+            if ((page.Flags & (ulong)PageFlags.Buddy) != 0)
+            {
+                int order = (int)page.Private;
+                MoveFreeBlockLocked(zone, pfn, mt);
+                pfn += 1L << order;
+            }
+            else
+            {
+                pfn++;
+            }
+        }
+    }
+
+    private long CountFreeInPageblockLocked(long pfn)
+    {
+        long start = pfn & ~(long)(PageblockFrames - 1);
+        long free = 0;
+        for (long p = start; p < start + PageblockFrames;)
+        {
+            ref PageDescriptor page = ref _memMap[p];
+            if ((page.Flags & (ulong)PageFlags.Buddy) != 0)
+            {
+                long n = 1L << (int)page.Private;
+                free += n;
+                p += n;
+            }
+            else
+            {
+                p++;
+            }
+        }
+        return free;
+    }
+
+    private void SetTypeRangeLocked(long pfn, long count, MigrateType mt)
+    {
+        for (long p = pfn; p < pfn + count; p += PageblockFrames)
+            _pageblockType[p >> PageblockOrder] = (byte)mt;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private MigrateType PageblockType(long pfn) => (MigrateType)Volatile.Read(ref _pageblockType[pfn >> PageblockOrder]);
+
+    // ================================================================================================
+    // Per-CPU drain
+    // ================================================================================================
+
+    /// <summary>drain_all_pages: returns every frame cached on per-CPU lists to the buddy lists.</summary>
+    public void DrainAllPages()
+    {
+        foreach (Zone zone in Zones)
+            DrainZone(zone);
+    }
+
+    private void DrainZone(Zone zone)
+    {
+        foreach (PerCpuPages pcp in zone.Pcp)
+        {
+            if (Volatile.Read(ref pcp.Count) == 0)
+                continue;
+            pcp.Enter();
+            try
+            {
+                FreePcpBatchLocked(zone, pcp, int.MaxValue);
+            }
+            finally
+            {
+                pcp.Exit();
+            }
+        }
+    }
+
+    // ================================================================================================
+    // Isolation (for hot-remove and contiguous allocation)
+    // ================================================================================================
+
+    /// <summary>
+    /// start_isolate_page_range: marks the pageblocks of [start, end) MIGRATE_ISOLATE, so that none of
+    /// their frames is handed out until <see cref="UndoIsolatePageRange"/>. Free frames there move to
+    /// the ISOLATE lists; frames freed there later go there too.
+    /// </summary>
+    /// <param name="startPfn">first frame, pageblock aligned.</param>
+    /// <param name="endPfn">one past the last frame, pageblock aligned, within one zone's blocks.</param>
+    /// <param name="unmovablePfn">on EBUSY, the first frame found that can neither be freed nor moved.</param>
+    /// <returns><see cref="Errno.None"/>, or EBUSY if a pageblock is already isolated or holds an
+    /// unmovable page (nothing is isolated then).</returns>
+    /// <exception cref="ArgumentException">the range is not pageblock aligned or leaves the arena.</exception>
+    public Errno IsolatePageRange(long startPfn, long endPfn, out long unmovablePfn)
+    {
+        CheckPageblockRange(startPfn, endPfn);
+        unmovablePfn = NoPfn;
+        for (long pb = startPfn; pb < endPfn; pb += PageblockFrames)
+        {
+            Zone zone = ZoneOf(pb);
+            Errno error;
+            lock (zone.Lock)
+            {
+                error = SetMigratetypeIsolateLocked(zone, pb, out unmovablePfn);
+            }
+            if (error != Errno.None)
+            {
+                if (pb > startPfn)
+                    UndoIsolatePageRange(startPfn, pb);
+                return error;
+            }
+        }
+        // Flush the per-CPU caches: frames of the isolated pageblocks cached there now go to the
+        // ISOLATE lists (see FreeToPcp for why this closes the race with concurrent frees).
+        DrainAllPages();
+        return Errno.None;
+    }
+
+    /// <summary>Same as <see cref="IsolatePageRange(long, long, out long)"/> without the diagnostic.</summary>
+    public Errno IsolatePageRange(long startPfn, long endPfn) => IsolatePageRange(startPfn, endPfn, out _);
+
+    private Errno SetMigratetypeIsolateLocked(Zone zone, long pageblockPfn, out long unmovablePfn)
+    {
+        unmovablePfn = NoPfn;
+        int index = (int)(pageblockPfn >> PageblockOrder);
+        if ((MigrateType)_pageblockType[index] == MigrateType.Isolate)
+        {
+            unmovablePfn = pageblockPfn;
+            return Errno.EBUSY;
+        }
+        long bad = FindUnmovablePageLocked(zone, pageblockPfn);
+        if (bad != NoPfn)
+        {
+            unmovablePfn = bad;
+            return Errno.EBUSY;
+        }
+        _pageblockSavedType[index] = _pageblockType[index];
+        Volatile.Write(ref _pageblockType[index], (byte)MigrateType.Isolate);
+        MoveFreePagesBlockLocked(zone, pageblockPfn, MigrateType.Isolate);
+        return Errno.None;
+    }
+
+    /// <summary>
+    /// has_unmovable_pages: a frame in use that migration could never move out (reserved, or in
+    /// ZONE_NORMAL without PG_lru or PG_movable). ZONE_MOVABLE holds only movable pages by construction.
+    /// </summary>
+    private long FindUnmovablePageLocked(Zone zone, long pageblockPfn)
+    {
+        if (CoveringFreeBlock(zone, pageblockPfn) != NoPfn)
+            return NoPfn;
+        long end = pageblockPfn + PageblockFrames;
+        for (long pfn = pageblockPfn; pfn < end;)
+        {
+            ref PageDescriptor page = ref _memMap[pfn];
+            var flags = (PageFlags)Volatile.Read(ref page.Flags);
+            if ((flags & PageFlags.Buddy) != 0)
+            {
+                pfn += 1L << (int)page.Private;
+                continue;
+            }
+            if ((flags & PageFlags.Reserved) != 0)
+                return pfn;
+            if (zone.Type == ZoneType.Movable || (Volatile.Read(ref page.RefCount) == 0 && (flags & PageFlags.Tail) == 0))
+            {
+                pfn++;
+                continue;
+            }
+            long head = _memMap.CompoundHead(pfn);
+            var headFlags = (PageFlags)Volatile.Read(ref _memMap[head].Flags);
+            if ((headFlags & (PageFlags.Lru | PageFlags.Movable)) == 0)
+                return pfn;
+            pfn += head == pfn && (headFlags & PageFlags.Head) != 0 ? 1L << _memMap[head].CompoundOrder : 1;
+        }
+        return NoPfn;
+    }
+
+    /// <summary>The head of a free block larger than a pageblock that covers <paramref name="pageblockPfn"/>, or NoPfn.</summary>
+    private long CoveringFreeBlock(Zone zone, long pageblockPfn)
+    {
+        for (int o = PageblockOrder; o <= zone.MaxOrder; o++)
+        {
+            long start = pageblockPfn & ~((1L << o) - 1);
+            ref PageDescriptor page = ref _memMap[start];
+            if ((page.Flags & (ulong)PageFlags.Buddy) != 0 && (int)page.Private >= o)
+                return start;
+        }
+        return NoPfn;
+    }
+
+    /// <summary>
+    /// undo_isolate_page_range: gives the pageblocks of [start, end) back their type from before
+    /// isolation and returns their free frames to the allocatable lists (merging them again).
+    /// Pageblocks that are not isolated are left alone.
+    /// </summary>
+    /// <exception cref="ArgumentException">the range is not pageblock aligned or leaves the arena.</exception>
+    public void UndoIsolatePageRange(long startPfn, long endPfn)
+    {
+        CheckPageblockRange(startPfn, endPfn);
+        for (long pb = startPfn; pb < endPfn; pb += PageblockFrames)
+        {
+            Zone zone = ZoneOf(pb);
+            lock (zone.Lock)
+            {
+                int index = (int)(pb >> PageblockOrder);
+                if ((MigrateType)_pageblockType[index] != MigrateType.Isolate)
+                    continue;
+                var restored = (MigrateType)_pageblockSavedType[index];
+                Volatile.Write(ref _pageblockType[index], (byte)restored);
+                SplitCoveringBlockLocked(zone, pb);
+                long end = pb + PageblockFrames;
+                for (long pfn = pb; pfn < end;)
+                {
+                    ref PageDescriptor page = ref _memMap[pfn];
+                    if ((page.Flags & (ulong)PageFlags.Buddy) != 0 && (MigrateType)page.Index == MigrateType.Isolate)
+                    {
+                        int order = (int)page.Private;
+                        DelFromFreeListLocked(zone, pfn);
+                        FreeOneLocked(zone, pfn, order, restored);
+                        pfn += 1L << order;
+                    }
+                    else
+                    {
+                        pfn++;
+                    }
+                }
+            }
+        }
+    }
+
+    /// <summary>test_pages_isolated: true if every frame of [start, end) is free on an ISOLATE list.</summary>
+    /// <exception cref="ArgumentException">the range is not pageblock aligned or leaves the arena.</exception>
+    public bool TestPagesIsolated(long startPfn, long endPfn)
+    {
+        CheckPageblockRange(startPfn, endPfn);
+        for (long pb = startPfn; pb < endPfn; pb += PageblockFrames)
+        {
+            Zone zone = ZoneOf(pb);
+            lock (zone.Lock)
+            {
+                if (PageblockType(pb) != MigrateType.Isolate)
+                    return false;
+                if (CoveringFreeBlock(zone, pb) is long cover and not NoPfn)
+                {
+                    if ((MigrateType)_memMap[cover].Index != MigrateType.Isolate)
+                        return false;
+                    continue;
+                }
+                for (long pfn = pb; pfn < pb + PageblockFrames;)
+                {
+                    ref PageDescriptor page = ref _memMap[pfn];
+                    if ((page.Flags & (ulong)PageFlags.Buddy) == 0 || (MigrateType)page.Index != MigrateType.Isolate)
+                        return false;
+                    pfn += 1L << (int)page.Private;
+                }
+            }
+        }
+        return true;
+    }
+
+    // ================================================================================================
+    // Giving memory back to the host (free page reporting)
+    // ================================================================================================
+
+    /// <summary>
+    /// Gives the host memory of every free block of at least pageblock size (or the zone's largest
+    /// order, if smaller) back to the operating system, like Linux's free page reporting. The frames
+    /// stay free and read as zeros; allocating them later needs no zeroing. Blocks already given back
+    /// are skipped.
+    /// </summary>
+    /// <returns>Bytes given back by this call.</returns>
+    public long ReleaseFreeMemory()
+    {
+        long released = 0;
+        foreach (Zone zone in Zones)
+        {
+            int minOrder = Math.Min(PageblockOrder, zone.MaxOrder);
+            // Why under the zone lock: the blocks stay on their lists (so counters and isolation see
+            // them as free throughout), and nobody can allocate a block while its memory is dropped.
+            lock (zone.Lock)
+            {
+                for (int order = minOrder; order <= zone.MaxOrder; order++)
+                {
+                    for (int mt = 0; mt < Zone.MigrateTypeCount; mt++)
+                    {
+                        for (uint pfn = zone.FreeHead[Zone.ListIndex(order, (MigrateType)mt)]; pfn != PageDescriptor.NoLink; pfn = _memMap[pfn].LruNext)
+                        {
+                            ref PageDescriptor head = ref _memMap[pfn];
+                            if ((head.Flags & (ulong)PageFlags.Reported) != 0)
+                                continue;
+                            long count = 1L << order;
+                            _arena.Decommit(pfn, count);
+                            for (long i = 0; i < count; i++)
+                                _memMap[pfn + i].Flags |= (ulong)PageFlags.Zeroed;
+                            head.Flags |= (ulong)PageFlags.Reported;
+                            released += count << Topology.PageShift;
+                        }
+                    }
+                }
+            }
+        }
+        return released;
+    }
+
+    // ================================================================================================
+    // Boot, watermarks, statistics
+    // ================================================================================================
+
+    private void OnlineBlockAtBoot(int block)
+    {
+        Zone zone = _blockZone[block];
+        long start = _topology.FirstPfnOfBlock(block);
+        long end = start + _topology.FramesPerBlock;
+        lock (zone.Lock)
+        {
+            zone.StartPfn = Math.Min(zone.StartPfn, start);
+            zone.EndPfn = Math.Max(zone.EndPfn, end);
+            zone.ManagedPages += end - start;
+            for (long pfn = start; pfn < end; pfn++)
+                _memMap[pfn].Flags = (ulong)PageFlags.Zeroed; // a fresh anonymous mapping reads zeros
+            for (long pfn = start; pfn < end; pfn += 1L << zone.MaxOrder)
+                FreeOneLocked(zone, pfn, zone.MaxOrder, PageblockType(pfn));
+        }
+    }
+
+    private long NormalManagedPages() => _nodeZones.Sum(z => z[(int)ZoneType.Normal].ManagedPages);
+
+    /// <summary>
+    /// __setup_per_zone_wmarks: min_free_kbytes is shared among NORMAL zones by size; MOVABLE zones get
+    /// a small fixed reserve; low and high sit a quarter of min (at least 0.1 % of the zone) above it.
+    /// </summary>
+    private void SetWatermarks(long minFreeKbytes)
+    {
+        long minFreePages = minFreeKbytes * 1024 / Topology.PageSize;
+        long normalTotal = NormalManagedPages();
+        foreach (Zone zone in Zones)
+        {
+            long managed = zone.ManagedPages;
+            long min;
+            if (minFreeKbytes == 0 || managed == 0)
+                min = 0;
+            else if (zone.Type == ZoneType.Movable)
+                min = Math.Clamp(managed / 1024, 32, 128);
+            else
+                min = normalTotal == 0 ? 0 : minFreePages * managed / normalTotal;
+            long delta = minFreeKbytes == 0 ? 0 : Math.Max(min / 4, managed * 10 / 10000);
+            zone.Watermarks = new Watermarks(min, min + delta, min + 2 * delta);
+            int batch = (int)Math.Clamp(managed / 1024, 1, 63);
+            foreach (PerCpuPages pcp in zone.Pcp)
+            {
+                pcp.Batch = batch;
+                pcp.High = 6 * batch;
+            }
+        }
+    }
+
+    internal static ZoneStats GetZoneStats(Zone zone)
+    {
+        var buddy = new long[zone.MaxOrder + 1];
+        long pcpAllocs = 0, pcpFrees = 0;
+        foreach (PerCpuPages pcp in zone.Pcp)
+        {
+            pcpAllocs += Volatile.Read(ref pcp.Allocs);
+            pcpFrees += Volatile.Read(ref pcp.Frees);
+        }
+        lock (zone.Lock)
+        {
+            for (int order = 0; order <= zone.MaxOrder; order++)
+                for (int mt = 0; mt < Zone.MigrateTypeCount; mt++)
+                    buddy[order] += zone.NrFree[Zone.ListIndex(order, (MigrateType)mt)];
+            return new ZoneStats(zone.Node, zone.Type, zone.ManagedPages, zone.FreePages, zone.PcpPages,
+                zone.IsolatedFreePages, zone.Watermarks, buddy, zone.BuddyAllocs + pcpAllocs,
+                zone.BuddyFrees + pcpFrees, Volatile.Read(ref zone.AllocFailures));
+        }
+    }
+
+    private void CheckPfn(long pfn)
+    {
+        if (!_topology.IsValidPfn(pfn))
+            throw new ArgumentOutOfRangeException(nameof(pfn), pfn, $"no frame {pfn}: the arena has {_topology.TotalFrames}");
+    }
+
+    private void CheckPageblockRange(long startPfn, long endPfn)
+    {
+        if (startPfn < 0 || endPfn > _topology.TotalFrames || startPfn >= endPfn)
+            throw new ArgumentException($"[{startPfn}, {endPfn}) is not a range of frames of the arena");
+        if (((startPfn | endPfn) & (PageblockFrames - 1)) != 0)
+            throw new ArgumentException($"[{startPfn}, {endPfn}) is not aligned to pageblocks of {PageblockFrames} frames");
+    }
+
+    private static int[] NodesByDistance(int node, int[,] distance)
+    {
+        int count = distance.GetLength(0);
+        return [.. Enumerable.Range(0, count).OrderBy(n => distance[node, n]).ThenBy(n => (n - node + count) % count)];
+    }
+}

@@ -1,0 +1,126 @@
+// Zone: one node's NORMAL or MOVABLE memory, with its buddy free lists and per-CPU page caches.
+//
+// Free lists: for each order 0..MaxOrder and each migratetype, a doubly linked list threaded through
+// the descriptors' LruNext / LruPrev (pfn links). The head frame of a free block carries PG_buddy, its
+// order in Private and the list's migratetype in Index, so a block can be unlinked from whatever list
+// it is on without searching.
+//
+// Per-CPU pages (Linux's pcp lists): order-0 frees and allocations go through a small cache per
+// processor slot, so the common case never takes the zone lock and never splits or merges. A frame on
+// a pcp list is free (refcount 0) but not PG_buddy; it counts in PcpPages, not in FreePages, as Linux
+// leaves it out of NR_FREE_PAGES.
+using System.Runtime.CompilerServices;
+
+namespace Vmm.Memory;
+
+/// <summary>A per-processor cache of free order-0 frames, one list per pcp migratetype.</summary>
+internal sealed class PerCpuPages
+{
+    // Protected by the spin word Lock (0 free, 1 held). Lock order: pcp lock -> zone lock.
+    public int Lock;
+    public int Count;
+    public uint HeadUnmovable = PageDescriptor.NoLink;
+    public uint HeadMovable = PageDescriptor.NoLink;
+    public int High;
+    public int Batch;
+    public long Allocs;
+    public long Frees;
+#pragma warning disable CS0169, IDE0051 // padding: keep neighbouring slots on separate cache lines
+    private readonly long _pad0, _pad1, _pad2, _pad3, _pad4;
+#pragma warning restore CS0169, IDE0051
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Enter()
+    {
+        if (Interlocked.CompareExchange(ref Lock, 1, 0) != 0)
+            EnterContended();
+    }
+
+    private void EnterContended()
+    {
+        var spinner = new SpinWait();
+        while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, 1, 0) != 0)
+            spinner.SpinOnce();
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void Exit() => Volatile.Write(ref Lock, 0);
+}
+
+/// <summary>One zone of one node: free lists, counters, watermarks, per-CPU caches.</summary>
+internal sealed class Zone
+{
+    public const int MigrateTypeCount = 3;
+
+    public Zone(int node, ZoneType type, int maxOrder, int pcpSlots)
+    {
+        Node = node;
+        Type = type;
+        MaxOrder = maxOrder;
+        FreeHead = new uint[(maxOrder + 1) * MigrateTypeCount];
+        Array.Fill(FreeHead, PageDescriptor.NoLink);
+        NrFree = new long[(maxOrder + 1) * MigrateTypeCount];
+        Pcp = new PerCpuPages[pcpSlots];
+        for (int i = 0; i < pcpSlots; i++)
+            Pcp[i] = new PerCpuPages();
+    }
+
+    /// <summary>Immutable: the node.</summary>
+    public int Node { get; }
+
+    /// <summary>Immutable: NORMAL or MOVABLE.</summary>
+    public ZoneType Type { get; }
+
+    /// <summary>Immutable: the largest buddy order here (10, or less when blocks are smaller than 4 MiB).</summary>
+    public int MaxOrder { get; }
+
+    /// <summary>The zone lock: protects the free lists, NrFree, FreePages, IsolatedFreePages and the counters below.</summary>
+    public readonly Lock Lock = new();
+
+    /// <summary>Free list heads, indexed [order * MigrateTypeCount + migratetype]. Protected by Lock.</summary>
+    public readonly uint[] FreeHead;
+
+    /// <summary>Free blocks on each list, same index. Protected by Lock.</summary>
+    public readonly long[] NrFree;
+
+    /// <summary>Per-CPU caches. Each protected by its own spin word.</summary>
+    public readonly PerCpuPages[] Pcp;
+
+    /// <summary>Pages given to the allocator (NORMAL / MOVABLE memory online here). Protected by Lock.</summary>
+    public long ManagedPages;
+
+    /// <summary>Lowest and one past the highest pfn of the zone's blocks. Protected by Lock.</summary>
+    public long StartPfn = long.MaxValue, EndPfn;
+
+    /// <summary>Free pages in the buddy lists that can be allocated (NR_FREE_PAGES). Protected by Lock; read racily.</summary>
+    public long FreePages;
+
+    /// <summary>Free pages on MIGRATE_ISOLATE lists: free but never handed out. Protected by Lock.</summary>
+    public long IsolatedFreePages;
+
+    /// <summary>Allocations and frees that went straight to the buddy lists. Protected by Lock.</summary>
+    public long BuddyAllocs, BuddyFrees;
+
+    /// <summary>Allocation attempts that found this zone below its watermark or empty. Atomic.</summary>
+    public long AllocFailures;
+
+    /// <summary>Thresholds in pages. Set once at boot, then immutable.</summary>
+    public Watermarks Watermarks;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static int ListIndex(int order, MigrateType mt) => order * MigrateTypeCount + (int)mt;
+
+    /// <summary>Frames cached on the pcp lists (racy sum; exact when the machine is quiet).</summary>
+    public long PcpPages
+    {
+        get
+        {
+            long sum = 0;
+            foreach (PerCpuPages pcp in Pcp)
+                sum += Volatile.Read(ref pcp.Count);
+            return sum;
+        }
+    }
+
+    public override string ToString() => $"node {Node} {Type}";
+}
