@@ -538,10 +538,16 @@ public sealed unsafe class PageAllocator
             ref PageDescriptor b = ref _memMap[buddy];
             if ((b.Flags & (ulong)PageFlags.Buddy) == 0 || (int)b.Private != order)
                 break;
-            // Beyond a pageblock, merge only pageblocks of the same type: an ISOLATE pageblock must
-            // never become part of an allocatable block (nor the other way round).
             if (order >= PageblockOrder && (MigrateType)b.Index != mt)
-                break;
+            {
+                // Beyond a pageblock the buddy may be of another type. An ISOLATE pageblock must never
+                // become part of an allocatable block (nor the other way round); two allocatable types
+                // merge, and the buddy's pageblocks take this block's type so that a later split puts
+                // every piece on the right list (as Linux 6.10 does).
+                if (mt == MigrateType.Isolate || (MigrateType)b.Index == MigrateType.Isolate)
+                    break;
+                SetTypeRangeLocked(buddy, 1L << order, mt);
+            }
             DelFromFreeListLocked(zone, buddy);
             pfn = Math.Min(pfn, buddy);
             order++;
