@@ -73,3 +73,13 @@ public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFram
 public readonly record struct PageInfo(
     long Pfn, int Node, ZoneType Zone, MigrateType Migratetype, PageFlags Flags,
     int RefCount, int MapCount, int BuddyOrder, long CompoundHead);
+
+/// <summary>One memory block (the hotplug unit), as /sys/devices/system/memory/memoryN shows it.</summary>
+/// <param name="Block">the block number.</param>
+/// <param name="Node">its node.</param>
+/// <param name="Zone">the zone it was onlined to.</param>
+/// <param name="StartPfn">its first frame.</param>
+/// <param name="Frames">frames in it.</param>
+/// <param name="FreeFrames">frames on allocatable buddy lists (frames cached per CPU count as used).</param>
+/// <param name="IsolatedFreeFrames">free frames in isolated pageblocks.</param>
+public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone, long StartPfn, long Frames, long FreeFrames, long IsolatedFreeFrames);

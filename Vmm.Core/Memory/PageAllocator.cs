@@ -948,6 +948,41 @@ public sealed unsafe class PageAllocator
     }
 
     // ================================================================================================
+    // Memory blocks
+    // ================================================================================================
+
+    /// <summary>What one memory block holds: its zone and how many of its frames are free.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">no such block.</exception>
+    public MemoryBlockInfo GetBlockInfo(int block)
+    {
+        if ((uint)block >= (uint)_topology.BlockCount)
+            throw new ArgumentOutOfRangeException(nameof(block), block, "no such memory block");
+        Zone zone = _blockZone[block];
+        long start = _topology.FirstPfnOfBlock(block);
+        long end = start + _topology.FramesPerBlock;
+        long free = 0, isolated = 0;
+        lock (zone.Lock)
+        {
+            for (long pfn = start; pfn < end;)
+            {
+                ref PageDescriptor page = ref _memMap[pfn];
+                if ((page.Flags & (ulong)PageFlags.Buddy) == 0)
+                {
+                    pfn++;
+                    continue;
+                }
+                long n = 1L << (int)page.Private;
+                if ((MigrateType)page.Index == MigrateType.Isolate)
+                    isolated += n;
+                else
+                    free += n;
+                pfn += n;
+            }
+        }
+        return new MemoryBlockInfo(block, zone.Node, zone.Type, start, end - start, free, isolated);
+    }
+
+    // ================================================================================================
     // Boot, watermarks, statistics
     // ================================================================================================
 
@@ -964,7 +999,10 @@ public sealed unsafe class PageAllocator
             for (long pfn = start; pfn < end; pfn++)
                 _memMap[pfn].Flags = (ulong)PageFlags.Zeroed; // a fresh anonymous mapping reads zeros
             for (long pfn = start; pfn < end; pfn += 1L << zone.MaxOrder)
+            {
                 FreeOneLocked(zone, pfn, zone.MaxOrder, PageblockType(pfn));
+                _memMap[pfn].Flags |= (ulong)PageFlags.Reported; // never committed: nothing to give back
+            }
         }
     }
 
