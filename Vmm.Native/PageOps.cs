@@ -169,7 +169,7 @@ public static unsafe class PageOps
 
     /// <summary>Returns whether all 4096 bytes of the page at <paramref name="p"/> are zero.</summary>
     /// <param name="p">The page.</param>
-    /// <returns><see langword="true"/> iff every byte is zero; returns early after the first non-zero 256-byte block.</returns>
+    /// <returns><see langword="true"/> iff every byte is zero; tests 256 bytes at a time (128 with Vector128, 64 scalar) and returns at the first non-zero block.</returns>
     public static bool IsZero(byte* p)
     {
         Debug.Assert(p != null);
@@ -579,7 +579,7 @@ public static unsafe class PageOps
     private static int OrderBytes(byte* a, byte* b, nuint index) => a[index] < b[index] ? -1 : 1;
 
     // ------------------------------------------------------------------------------------------------
-    // IsZero kernels: OR 256 bytes together per step (128 for Vector128 and scalar), test once per step.
+    // IsZero kernels: OR 256 bytes together per step (128 for Vector128, 64 scalar), test once per step.
     // ------------------------------------------------------------------------------------------------
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
