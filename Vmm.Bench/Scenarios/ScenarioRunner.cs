@@ -48,6 +48,7 @@ internal static class ScenarioRunner
     private static readonly IScenario[] Scenarios =
     [
         new PageOpsScenario(),
+        new AllocScenario(),
     ];
 
     public static int Run(string[] args)
@@ -69,7 +70,7 @@ internal static class ScenarioRunner
     public static string ToJson(IReadOnlyList<KeyValuePair<string, object>> values)
     {
         using var stream = new MemoryStream();
-        using (var writer = new Utf8JsonWriter(stream))
+        using (var writer = new Utf8JsonWriter(stream, new JsonWriterOptions { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping }))
         {
             writer.WriteStartObject();
             foreach ((string key, object value) in values)

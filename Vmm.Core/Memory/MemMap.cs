@@ -34,6 +34,9 @@ internal sealed unsafe class MemMap : IDisposable
     /// <summary>Frames described.</summary>
     public long FrameCount { get; }
 
+    /// <summary>True once the descriptors have been released.</summary>
+    public bool IsDisposed => _pages == null;
+
     /// <summary>Bytes of native memory the descriptors take.</summary>
     public long SizeBytes => FrameCount * PageDescriptor.Size;
 

@@ -155,6 +155,7 @@ public sealed unsafe class PageAllocator
     /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
     public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode)
     {
+        ThrowIfDisposed();
         if ((uint)order > (uint)_nodeZones[0][0].MaxOrder)
             throw new ArgumentOutOfRangeException(nameof(order), order, $"order must be 0 to {_nodeZones[0][0].MaxOrder}");
         if (preferredNode < NumaNoNode || preferredNode >= _topology.NodeCount)
@@ -366,31 +367,45 @@ public sealed unsafe class PageAllocator
     }
 
     /// <summary>prep_new_page: checks the frames are really free, then gives them their first reference.</summary>
+    /// <remarks>
+    /// A frame on a free list is always clean: FreePagesPrepare and the free-list primitives leave
+    /// Mapping, Index, Private, links and compound fields at their rest values. So only the flags
+    /// and compound fields are written here. The head is always checked (check_new_page); tails are
+    /// checked in Debug builds, as Linux checks them only with debug checks enabled.
+    /// </remarks>
     private void PrepNewPage(long pfn, int order, AllocFlags flags)
     {
         long count = 1L << order;
         bool zero = (flags & AllocFlags.NoZero) == 0;
         bool compound = order > 0 && (flags & AllocFlags.Compound) != 0;
+        CheckNewPage(pfn);
         for (long i = 0; i < count; i++)
         {
             ref PageDescriptor page = ref _memMap[pfn + i];
-            // check_new_page: a frame on a free list has no references, no mappings, no state.
-            if (page.RefCount != 0 || page.MapCount != -1 || page.PinCount != 0 ||
-                (page.Flags & ~(ulong)(PageFlags.Zeroed | PageFlags.Reported)) != 0)
-                throw new VmBugException($"bad page at allocation: frame {pfn + i} flags {(PageFlags)page.Flags} refcount {page.RefCount} mapcount {page.MapCount}");
+#if DEBUG
+            CheckNewPage(pfn + i);
+#endif
             if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 PageOps.Zero(_arena.FrameAddress(pfn + i));
             page.Flags = compound ? (ulong)(i == 0 ? PageFlags.Head : PageFlags.Tail) : 0;
-            page.Mapping = 0;
-            page.Index = 0;
-            page.Private = 0;
-            page.LruNext = PageDescriptor.NoLink;
-            page.LruPrev = PageDescriptor.NoLink;
-            page.CompoundHead = compound ? (uint)pfn : 0;
-            page.CompoundOrder = compound && i == 0 ? (byte)order : (byte)0;
+            if (compound)
+            {
+                page.CompoundHead = (uint)pfn;
+                if (i == 0)
+                    page.CompoundOrder = (byte)order;
+            }
         }
         // Publish the reference last: a scanner's TryGetPageUnlessZero must see a prepared frame.
         Volatile.Write(ref _memMap[pfn].RefCount, 1);
+    }
+
+    /// <summary>check_new_page: a frame taken off a free list has no references, no mappings, no state.</summary>
+    private void CheckNewPage(long pfn)
+    {
+        ref PageDescriptor page = ref _memMap[pfn];
+        if (page.RefCount != 0 || page.MapCount != -1 || page.PinCount != 0 || page.Mapping != 0 || page.Private != 0 ||
+            (page.Flags & ~(ulong)(PageFlags.Zeroed | PageFlags.Reported)) != 0 || page.LruNext != PageDescriptor.NoLink)
+            throw new VmBugException($"bad page at allocation: frame {pfn} flags {(PageFlags)page.Flags} refcount {page.RefCount} mapcount {page.MapCount}");
     }
 
     // ================================================================================================
@@ -457,6 +472,8 @@ public sealed unsafe class PageAllocator
             page.Private = 0;
             page.CompoundHead = 0;
             page.CompoundOrder = 0;
+            page.LruNext = PageDescriptor.NoLink;
+            page.LruPrev = PageDescriptor.NoLink;
         }
     }
 
@@ -700,6 +717,7 @@ public sealed unsafe class PageAllocator
     /// <summary>drain_all_pages: returns every frame cached on per-CPU lists to the buddy lists.</summary>
     public void DrainAllPages()
     {
+        ThrowIfDisposed();
         foreach (Zone zone in Zones)
             DrainZone(zone);
     }
@@ -916,6 +934,7 @@ public sealed unsafe class PageAllocator
     /// <returns>Bytes given back by this call.</returns>
     public long ReleaseFreeMemory()
     {
+        ThrowIfDisposed();
         long released = 0;
         foreach (Zone zone in Zones)
         {
@@ -955,6 +974,7 @@ public sealed unsafe class PageAllocator
     /// <exception cref="ArgumentOutOfRangeException">no such block.</exception>
     public MemoryBlockInfo GetBlockInfo(int block)
     {
+        ThrowIfDisposed();
         if ((uint)block >= (uint)_topology.BlockCount)
             throw new ArgumentOutOfRangeException(nameof(block), block, "no such memory block");
         Zone zone = _blockZone[block];
@@ -1057,14 +1077,18 @@ public sealed unsafe class PageAllocator
         }
     }
 
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_memMap.IsDisposed, this);
+
     private void CheckPfn(long pfn)
     {
+        ThrowIfDisposed();
         if (!_topology.IsValidPfn(pfn))
             throw new ArgumentOutOfRangeException(nameof(pfn), pfn, $"no frame {pfn}: the arena has {_topology.TotalFrames}");
     }
 
     private void CheckPageblockRange(long startPfn, long endPfn)
     {
+        ThrowIfDisposed();
         if (startPfn < 0 || endPfn > _topology.TotalFrames || startPfn >= endPfn)
             throw new ArgumentException($"[{startPfn}, {endPfn}) is not a range of frames of the arena");
         if (((startPfn | endPfn) & (PageblockFrames - 1)) != 0)

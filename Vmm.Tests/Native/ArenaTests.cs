@@ -104,5 +104,7 @@ public sealed unsafe class ArenaTests
         machine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => machine.GetStats());
         Assert.Throws<ObjectDisposedException>(() => machine.GetFrameSpan(0));
+        Assert.Throws<ObjectDisposedException>(() => machine.Allocator.AllocPages());
+        Assert.Throws<ObjectDisposedException>(() => machine.Allocator.FreePages(0));
     }
 }
