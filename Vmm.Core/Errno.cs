@@ -28,6 +28,8 @@ public enum Errno
     EFAULT = 14,
     /// <summary>Busy.</summary>
     EBUSY = 16,
+    /// <summary>Already exists (MAP_FIXED_NOREPLACE over a mapping).</summary>
+    EEXIST = 17,
     /// <summary>No such device (a node that is not online).</summary>
     ENODEV = 19,
     /// <summary>Invalid argument.</summary>

@@ -1,7 +1,10 @@
-// Machine: the simulated computer. Owns the arena ("physical memory"), the frame descriptors and the
-// page allocator; later, the processes and the background mechanisms (ksmd, kswapd, the offliner).
+// Machine: the simulated computer. Owns the arena ("physical memory"), the frame descriptors, the
+// page allocator and the processes; later, the background mechanisms (ksmd, kswapd, the offliner).
+using System.Collections.Concurrent;
 using Vmm.Memory;
+using Vmm.Mm;
 using Vmm.Native;
+using Vmm.Rmap;
 
 namespace Vmm;
 
@@ -35,6 +38,11 @@ public sealed unsafe class Machine : IDisposable
             _memMap = new MemMap(Topology.TotalFrames);
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
+            // The shared zero page: mapped read-only wherever private memory is read before it is written.
+            ZeroPagePfn = Allocator.AllocPages(0, AllocFlags.None);
+            if (ZeroPagePfn == PageAllocator.NoPfn)
+                throw new ArgumentException("the machine is too small to hold its zero page");
+            _memMap.SetFlag(ZeroPagePfn, PageFlags.Reserved);
         }
         catch
         {
@@ -60,6 +68,138 @@ public sealed unsafe class Machine : IDisposable
 
     internal PageLock PageLock { get; }
 
+    /// <summary>The shared zero page (PG_reserved, never freed).</summary>
+    internal long ZeroPagePfn { get; }
+
+    /// <summary>Objects named by frames' mapping words.</summary>
+    internal MappingRegistry Mappings { get; } = new();
+
+    /// <summary>NR_PAGETABLE: page-table frames of every process. Atomic.</summary>
+    internal long PageTablePagesTotal;
+
+    /// <summary>Copy-on-write faults that copied a page. Atomic.</summary>
+    internal long CowFaults;
+
+    private readonly ConcurrentDictionary<int, Process> _processes = new();
+    private int _nextPid;
+    private readonly Lock _deferredLock = new();
+    private List<long> _deferredPuts = [];
+
+    /// <summary>The processes that have not exited.</summary>
+    public IReadOnlyCollection<Process> Processes => [.. _processes.Values.OrderBy(p => p.Pid)];
+
+    /// <summary>Creates a process with an empty address space.</summary>
+    /// <param name="credentials">who it runs as; null for root.</param>
+    /// <param name="homeNode">the node its memory is allocated on first.</param>
+    /// <exception cref="ArgumentOutOfRangeException">no such node.</exception>
+    public Process CreateProcess(Credentials? credentials = null, int homeNode = 0)
+    {
+        ThrowIfDisposed();
+        if ((uint)homeNode >= (uint)Topology.NodeCount)
+            throw new ArgumentOutOfRangeException(nameof(homeNode), homeNode, "no such node");
+        var process = new Process(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
+        _processes[process.Pid] = process;
+        return process;
+    }
+
+    /// <summary>The process with <paramref name="pid"/>, or null (ESRCH).</summary>
+    public Process? FindProcess(int pid) => _processes.TryGetValue(pid, out Process? p) ? p : null;
+
+    internal Process RegisterFork(Process parent, AddressSpace mm)
+    {
+        var child = new Process(this, Interlocked.Increment(ref _nextPid), parent.Credentials, mm);
+        _processes[child.Pid] = child;
+        return child;
+    }
+
+    internal void Unregister(Process process) => _processes.TryRemove(process.Pid, out _);
+
+    /// <summary>put_page: drops a reference; frees the frame when it was the last.</summary>
+    internal void PutPage(long pfn)
+    {
+        if (_memMap.PutPageTestZero(pfn))
+            Allocator.FreeFrozenPages(pfn, 0);
+    }
+
+    /// <summary>
+    /// Drops a reference after the next TLB flush: for a frame other threads may still be reading
+    /// through translations cached before its PTE changed. Batched: the flush runs once 64 are queued.
+    /// </summary>
+    internal void DeferPutPage(long pfn)
+    {
+        bool flush;
+        lock (_deferredLock)
+        {
+            _deferredPuts.Add(pfn);
+            flush = _deferredPuts.Count >= 64;
+        }
+        if (flush)
+            FlushTlb();
+    }
+
+    /// <summary>The TLB shootdown, then the release of every deferred reference queued before it.</summary>
+    internal void FlushTlb()
+    {
+        List<long> ready;
+        lock (_deferredLock)
+        {
+            ready = _deferredPuts;
+            _deferredPuts = [];
+        }
+        TlbShootdown.Flush();
+        foreach (long pfn in ready)
+            PutPage(pfn);
+    }
+
+    /// <summary>Frames whose last references wait for a flush.</summary>
+    internal int DeferredPutCount
+    {
+        get
+        {
+            lock (_deferredLock)
+                return _deferredPuts.Count;
+        }
+    }
+
+    internal ShmemObject CreateShmem()
+    {
+        var shmem = new ShmemObject(Mappings.NewHandle());
+        Mappings.Register(shmem.Handle, shmem);
+        return shmem;
+    }
+
+    /// <summary>shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference for the caller.</summary>
+    internal long ShmemGetPage(ShmemObject shmem, long index, int node)
+    {
+        lock (shmem.Lock)
+        {
+            if (shmem.Pages.TryGetValue(index, out long cached))
+            {
+                _memMap.GetPage(cached);
+                return cached;
+            }
+            long pfn = Allocator.AllocPages(0, AllocFlags.Movable, node);
+            if (pfn == PageAllocator.NoPfn)
+                return PageAllocator.NoPfn;
+            ref PageDescriptor page = ref _memMap[pfn];
+            page.Mapping = (ulong)shmem.Handle << 2; // a file mapping: no ANON tag
+            page.Index = (ulong)index;
+            _memMap.SetFlag(pfn, PageFlags.SwapBacked);
+            shmem.Pages[index] = pfn;
+            _memMap.GetPage(pfn); // one reference for the page cache, one for the caller
+            return pfn;
+        }
+    }
+
+    /// <summary>The last VMA of a shmem object went away: drop its page cache. Preconditions: shmem.Lock held.</summary>
+    internal void ReleaseShmem(ShmemObject shmem)
+    {
+        Mappings.Unregister(shmem.Handle);
+        foreach (long pfn in shmem.Pages.Values)
+            DeferPutPage(pfn);
+        shmem.Pages.Clear();
+    }
+
     /// <summary>A snapshot of every node's memory (exact when no other thread allocates meanwhile).</summary>
     public MachineStats GetStats()
     {
@@ -74,6 +214,17 @@ public sealed unsafe class Machine : IDisposable
             ]);
         }
         return new MachineStats(nodes, Topology.TotalFrames, _memMap.SizeBytes, HostMemory.ReadRssBytes());
+    }
+
+    /// <summary>
+    /// Recounts every mapcount, refcount, rmap link, RSS and page-table counter and every free frame
+    /// from the page tables and free lists, and returns each difference (empty when all is well).
+    /// Exact only while no other thread changes memory.
+    /// </summary>
+    public IReadOnlyList<string> Audit()
+    {
+        ThrowIfDisposed();
+        return Diagnostics.Auditor.Run(this);
     }
 
     /// <summary>What the descriptor of <paramref name="pfn"/> says.</summary>

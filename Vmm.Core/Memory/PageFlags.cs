@@ -67,6 +67,8 @@ public enum PageFlags : ulong
     Offline = 1UL << 23,
     /// <summary>PG_movable (Linux keeps it in page->mapping's low bits): a non-LRU page with movable ops.</summary>
     Movable = 1UL << 24,
+    /// <summary>PG_anon_exclusive: an anonymous page mapped by exactly one process, which may write it without copying.</summary>
+    AnonExclusive = 1UL << 25,
 }
 
 /// <summary>Where a flag lives on a compound page (see the file overview).</summary>
@@ -122,6 +124,7 @@ internal static class PageFlagPolicies
         PageFlags.Table => PageFlagPolicy.NoCompound,
         PageFlags.Offline => PageFlagPolicy.Any,
         PageFlags.Movable => PageFlagPolicy.Head,
+        PageFlags.AnonExclusive => PageFlagPolicy.NoTail,
         _ => throw new ArgumentException($"'{flag}' is not a single page flag", nameof(flag)),
     };
 }

@@ -1,0 +1,162 @@
+// Auditor: recounts every counter, mapcount and refcount from ground truth (the page tables, the
+// page caches, the free lists) and reports each difference. Tests call it after every scenario; it is
+// exact only when no other thread changes memory meanwhile.
+using Vmm.Memory;
+using Vmm.Mm;
+using Vmm.Rmap;
+
+namespace Vmm.Diagnostics;
+
+internal static unsafe class Auditor
+{
+    public static List<string> Run(Machine machine)
+    {
+        var problems = new List<string>();
+        machine.FlushTlb(); // release deferred references so that refcounts are final
+        MemMap memMap = machine.MemMap;
+        var mapcount = new Dictionary<long, int>();
+        var references = new Dictionary<long, int>();
+        var tables = new HashSet<long>();
+        var shmems = new HashSet<ShmemObject>();
+        long tableTotal = 0;
+
+        foreach (Process process in machine.Processes)
+        {
+            AddressSpace mm = process.Mm;
+            mm.MmapLock.EnterReadLock();
+            try
+            {
+                List<long> mmTables = mm.EnumerateTablePages();
+                foreach (long pfn in mmTables)
+                {
+                    if (!tables.Add(pfn))
+                        problems.Add($"page-table frame {pfn} is used twice");
+                    if (!memMap.TestFlag(pfn, PageFlags.Table))
+                        problems.Add($"page-table frame {pfn} of {process} lacks PG_table");
+                }
+                if (mmTables.Count != Volatile.Read(ref mm.PageTablePages))
+                    problems.Add($"{process}: PageTables counter {mm.PageTablePages}, tables found {mmTables.Count}");
+                tableTotal += mmTables.Count;
+
+                long anon = 0, shmem = 0;
+                foreach ((ulong va, Pte pte) in mm.EnumeratePtes())
+                {
+                    Vma? vma = mm.VmaAt(va);
+                    if (vma is null)
+                    {
+                        problems.Add($"{process}: PTE at 0x{va:x} ({pte}) outside every VMA");
+                        continue;
+                    }
+                    if (!pte.IsPresent)
+                    {
+                        problems.Add($"{process}: unexpected non-present PTE at 0x{va:x} ({pte})");
+                        continue;
+                    }
+                    if (pte.IsSpecial)
+                    {
+                        if (pte.Pfn != machine.ZeroPagePfn)
+                            problems.Add($"{process}: special PTE at 0x{va:x} maps frame {pte.Pfn}, not the zero page");
+                        if (pte.IsWrite)
+                            problems.Add($"{process}: the zero page is mapped writable at 0x{va:x}");
+                        continue;
+                    }
+                    long pfn = pte.Pfn;
+                    mapcount[pfn] = mapcount.GetValueOrDefault(pfn) + 1;
+                    references[pfn] = references.GetValueOrDefault(pfn) + 1;
+                    if (vma.IsShared)
+                    {
+                        shmem++;
+                        shmems.Add(vma.Shmem!);
+                        continue;
+                    }
+                    anon++;
+                    if (pte.IsWrite && !memMap.TestFlag(pfn, PageFlags.AnonExclusive))
+                        problems.Add($"{process}: writable PTE at 0x{va:x} maps frame {pfn}, which is not exclusive");
+                    CheckAnonRmap(machine, process, vma, va, pfn, problems);
+                }
+                if (anon != Volatile.Read(ref mm.RssAnon))
+                    problems.Add($"{process}: RssAnon {mm.RssAnon}, private pages mapped {anon}");
+                if (shmem != Volatile.Read(ref mm.RssShmem))
+                    problems.Add($"{process}: RssShmem {mm.RssShmem}, shared pages mapped {shmem}");
+                foreach (Vma vma in mm.Vmas)
+                    if (vma.Shmem is { } s)
+                        shmems.Add(s);
+            }
+            finally
+            {
+                mm.MmapLock.ExitReadLock();
+            }
+        }
+
+        foreach (ShmemObject shmem in shmems)
+        {
+            lock (shmem.Lock)
+            {
+                foreach ((long index, long pfn) in shmem.Pages)
+                {
+                    references[pfn] = references.GetValueOrDefault(pfn) + 1;
+                    mapcount.TryAdd(pfn, 0);
+                    if (memMap[pfn].Mapping != (ulong)shmem.Handle << 2 || (long)memMap[pfn].Index != index)
+                        problems.Add($"shmem page {pfn} (index {index}) names mapping {memMap[pfn].Mapping:x} index {memMap[pfn].Index}");
+                }
+            }
+        }
+
+        foreach ((long pfn, int expected) in mapcount)
+        {
+            int pins = memMap[pfn].PinCount;
+            int actualMap = memMap.MapCount(pfn);
+            int actualRef = memMap.RefCount(pfn);
+            if (actualMap != expected)
+                problems.Add($"frame {pfn}: mapcount {actualMap}, mappings found {expected}");
+            int refs = references[pfn] + pins;
+            if (actualRef != refs)
+                problems.Add($"frame {pfn}: refcount {actualRef}, references explained {refs} (mappings, page cache, {pins} pins)");
+        }
+
+        if (Volatile.Read(ref machine.PageTablePagesTotal) != tableTotal)
+            problems.Add($"NR_PAGETABLE {machine.PageTablePagesTotal}, tables found {tableTotal}");
+
+        // Every frame is free, or in use by something found above.
+        long inUse = 0;
+        for (long pfn = 0; pfn < memMap.FrameCount; pfn++)
+        {
+            ref PageDescriptor page = ref memMap[pfn];
+            if (page.RefCount == 0)
+                continue;
+            inUse++;
+            if (pfn == machine.ZeroPagePfn || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
+                continue;
+            if (page.PinCount > 0)
+                continue;
+            problems.Add($"frame {pfn} is in use (refcount {page.RefCount}, flags {(PageFlags)page.Flags}) but nothing maps, caches or pins it");
+        }
+        long free = machine.GetStats().AllFreePages;
+        if (free + inUse != memMap.FrameCount)
+            problems.Add($"free frames {free} + frames in use {inUse} != {memMap.FrameCount}");
+        return problems;
+    }
+
+    private static void CheckAnonRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
+    {
+        ref PageDescriptor page = ref machine.MemMap[pfn];
+        if ((page.Mapping & PageDescriptor.MappingTagMask) != PageDescriptor.MappingAnon)
+        {
+            problems.Add($"{process}: anonymous page {pfn} at 0x{va:x} has mapping {page.Mapping:x}");
+            return;
+        }
+        AnonVma? anonVma = machine.Mappings.Find<AnonVma>((long)(page.Mapping >> 2));
+        if (anonVma is null)
+        {
+            problems.Add($"{process}: page {pfn} at 0x{va:x} names a freed anon_vma");
+            return;
+        }
+        lock (anonVma.Lock)
+        {
+            foreach (AnonVmaChain chain in anonVma.Chains)
+                if (ReferenceEquals(chain.Vma, vma) && chain.Vma.AddressOf(page.Index) == va)
+                    return;
+        }
+        problems.Add($"{process}: the reverse map of page {pfn} does not find it at 0x{va:x}");
+    }
+}

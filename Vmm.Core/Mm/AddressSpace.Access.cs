@@ -1,0 +1,221 @@
+// The user access path: Read, Write and Fill through virtual addresses, page by page.
+//
+// Each page is touched inside one access section (TlbShootdown): enter, translate through the
+// per-thread software TLB (validated against the mm's generation) or a lock-free page walk, copy,
+// leave. A translation that does not allow the access leaves the section and faults, holding no lock,
+// then retries. A walk that fills the TLB sets the PTE's accessed bit, and for a write its dirty bit,
+// as the hardware does.
+using System.Runtime.CompilerServices;
+using Vmm.Native;
+
+namespace Vmm.Mm;
+
+internal sealed unsafe partial class AddressSpace
+{
+    private const ulong UserPresent = Pte.PresentBit | Pte.UserBit;
+
+    /// <summary>
+    /// Translates <paramref name="va"/> for one access. Returns the frame's address, or null when the
+    /// access must fault. Preconditions: inside an access section of <paramref name="context"/>.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public byte* Translate(AccessContext context, ulong va, bool write)
+    {
+        ulong vpn = va >> PageShift;
+        ref TlbEntry entry = ref context.Tlb[(int)(vpn & (AccessContext.TlbEntries - 1))];
+        long generation = Volatile.Read(ref Generation);
+        if (entry.MmId == Id && entry.Vpn == vpn && entry.Generation == generation && (entry.Writable || !write))
+            return (byte*)entry.Frame;
+        return WalkAndFill(ref entry, va, write, generation);
+    }
+
+    private byte* WalkAndFill(ref TlbEntry entry, ulong va, bool write, long generation)
+    {
+        if (Exited)
+            return null;
+        ulong* slot = FindPte(va, out _);
+        if (slot == null)
+            return null;
+        while (true)
+        {
+            ulong value = Volatile.Read(ref *slot);
+            if ((value & UserPresent) != UserPresent || (write && (value & Pte.WriteBit) == 0))
+                return null;
+            ulong wanted = value | Pte.AccessedBit | (write ? Pte.DirtyBit : 0);
+            if (wanted != value && Interlocked.CompareExchange(ref *slot, wanted, value) != value)
+                continue; // the PTE changed under us: look again
+            byte* frame = _machine.Arena.FrameAddress((long)((value & Pte.PfnMask) >> PageShift));
+            entry.MmId = Id;
+            entry.Vpn = va >> PageShift;
+            entry.Generation = generation;
+            entry.Frame = (nint)frame;
+            // A read fill of a writable PTE does not set the dirty bit, so it must not allow writes.
+            entry.Writable = write;
+            return frame;
+        }
+    }
+
+    /// <summary>Raises the SegmentationFault a failed fault stands for, or returns to retry.</summary>
+    private void FaultOrThrow(ulong va, bool write)
+    {
+        FaultResult result = TryHandleFault(va, write);
+        if (result == FaultResult.Done)
+            return;
+        SegvReason reason = result switch
+        {
+            FaultResult.MapError => SegvReason.MapError,
+            FaultResult.AccessError => SegvReason.AccessError,
+            FaultResult.Exited => SegvReason.Exited,
+            _ => SegvReason.OutOfMemory,
+        };
+        throw new SegmentationFault(va, write ? AccessKind.Write : AccessKind.Read, reason);
+    }
+
+    /// <summary>Copies from user memory at <paramref name="va"/> into <paramref name="destination"/>.</summary>
+    public void Read(ulong va, Span<byte> destination)
+    {
+        AccessContext context = AccessContext.Current;
+        fixed (byte* dst = destination)
+        {
+            int done = 0;
+            while (done < destination.Length)
+            {
+                ulong address = va + (ulong)done;
+                int chunk = (int)Math.Min(PageSize - (address & PageMask), (ulong)(destination.Length - done));
+                while (true)
+                {
+                    TlbShootdown.Enter(context);
+                    try
+                    {
+                        byte* frame = Translate(context, address, write: false);
+                        if (frame != null)
+                        {
+                            Buffer.MemoryCopy(frame + (address & PageMask), dst + done, chunk, chunk);
+                            break;
+                        }
+                    }
+                    finally
+                    {
+                        TlbShootdown.Exit(context);
+                    }
+                    FaultOrThrow(address, write: false);
+                }
+                done += chunk;
+            }
+        }
+    }
+
+    /// <summary>Copies <paramref name="source"/> into user memory at <paramref name="va"/>.</summary>
+    public void Write(ulong va, ReadOnlySpan<byte> source)
+    {
+        AccessContext context = AccessContext.Current;
+        fixed (byte* src = source)
+        {
+            int done = 0;
+            while (done < source.Length)
+            {
+                ulong address = va + (ulong)done;
+                int chunk = (int)Math.Min(PageSize - (address & PageMask), (ulong)(source.Length - done));
+                while (true)
+                {
+                    TlbShootdown.Enter(context);
+                    try
+                    {
+                        byte* frame = Translate(context, address, write: true);
+                        if (frame != null)
+                        {
+                            Buffer.MemoryCopy(src + done, frame + (address & PageMask), chunk, chunk);
+                            break;
+                        }
+                    }
+                    finally
+                    {
+                        TlbShootdown.Exit(context);
+                    }
+                    FaultOrThrow(address, write: true);
+                }
+                done += chunk;
+            }
+        }
+    }
+
+    /// <summary>Sets <paramref name="length"/> bytes at <paramref name="va"/> to <paramref name="value"/>.</summary>
+    public void Fill(ulong va, ulong length, byte value)
+    {
+        AccessContext context = AccessContext.Current;
+        ulong done = 0;
+        while (done < length)
+        {
+            ulong address = va + done;
+            ulong chunk = Math.Min(PageSize - (address & PageMask), length - done);
+            while (true)
+            {
+                TlbShootdown.Enter(context);
+                try
+                {
+                    byte* frame = Translate(context, address, write: true);
+                    if (frame != null)
+                    {
+                        new Span<byte>(frame + (address & PageMask), (int)chunk).Fill(value);
+                        break;
+                    }
+                }
+                finally
+                {
+                    TlbShootdown.Exit(context);
+                }
+                FaultOrThrow(address, write: true);
+            }
+            done += chunk;
+        }
+    }
+
+    /// <summary>Reads one unmanaged value (it may straddle a page boundary).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public T ReadValue<T>(ulong va) where T : unmanaged
+    {
+        if ((va & PageMask) <= PageSize - (ulong)sizeof(T))
+        {
+            AccessContext context = AccessContext.Current;
+            TlbShootdown.Enter(context);
+            try
+            {
+                byte* frame = Translate(context, va, write: false);
+                if (frame != null)
+                    return Unsafe.ReadUnaligned<T>(frame + (va & PageMask));
+            }
+            finally
+            {
+                TlbShootdown.Exit(context);
+            }
+        }
+        T value = default;
+        Read(va, new Span<byte>(&value, sizeof(T)));
+        return value;
+    }
+
+    /// <summary>Writes one unmanaged value (it may straddle a page boundary).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public void WriteValue<T>(ulong va, T value) where T : unmanaged
+    {
+        if ((va & PageMask) <= PageSize - (ulong)sizeof(T))
+        {
+            AccessContext context = AccessContext.Current;
+            TlbShootdown.Enter(context);
+            try
+            {
+                byte* frame = Translate(context, va, write: true);
+                if (frame != null)
+                {
+                    Unsafe.WriteUnaligned(frame + (va & PageMask), value);
+                    return;
+                }
+            }
+            finally
+            {
+                TlbShootdown.Exit(context);
+            }
+        }
+        Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
+    }
+}

@@ -1,0 +1,230 @@
+// Page faults (Linux's handle_mm_fault, do_anonymous_page, do_shared_fault, do_wp_page).
+//
+// The access path calls TryHandleFault after leaving its access section, holding no lock. The fault
+// takes the mmap_lock for read, finds the VMA, checks the access against it, and makes the PTE allow the
+// access; the access path then retries. Frames are allocated with no pte lock held; every PTE install
+// re-checks, under the pte lock, that the entry is still what the fault saw, and backs off otherwise
+// (another thread of the process faulted the same page first).
+//
+// Private anonymous memory: a read of a never-written page maps the shared zero page read-only; a
+// write allocates a zeroed page. Copy-on-write: a write to a read-only private page reuses it when the
+// process is its only user (PG_anon_exclusive, or one mapping and one reference), and copies it
+// otherwise. The old frame's mapping reference is dropped only after a TLB flush, because another
+// thread may still be reading it through a translation it cached before the PTE changed.
+using Vmm.Memory;
+using Vmm.Native;
+using Vmm.Rmap;
+
+namespace Vmm.Mm;
+
+/// <summary>What a fault came to.</summary>
+internal enum FaultResult
+{
+    Done,
+    MapError,
+    AccessError,
+    OutOfMemory,
+    Exited,
+}
+
+internal sealed unsafe partial class AddressSpace
+{
+    /// <summary>Handles a fault at <paramref name="va"/>; the caller retries the access on Done.</summary>
+    public FaultResult TryHandleFault(ulong va, bool write)
+    {
+        MmapLock.EnterReadLock();
+        try
+        {
+            if (Exited)
+                return FaultResult.Exited;
+            Vma? vma = VmaAt(va);
+            if (vma is null)
+                return FaultResult.MapError;
+            if (write ? !vma.CanWrite : !vma.CanRead)
+                return FaultResult.AccessError;
+            ulong* slot = AllocPte(va, out long ptePfn);
+            if (slot == null)
+                return FaultResult.OutOfMemory;
+            var pte = new Pte(Volatile.Read(ref *slot));
+            if (pte.IsNone)
+                return vma.IsShared ? SharedFault(vma, va, slot, ptePfn, write) : AnonymousFault(vma, va, slot, ptePfn, write);
+            if (!pte.IsPresent)
+                throw new VmBugException($"fault on a non-present entry ({pte}) at 0x{va:x}: no mechanism installs those yet");
+            if ((pte.Value & Pte.UserBit) == 0)
+            {
+                // PROT_NONE was lifted: give user access back (the write bit comes back through a write fault).
+                UpdatePte(slot, ptePfn, pte, pte.WithFlags(Pte.UserBit | Pte.AccessedBit));
+                return FaultResult.Done;
+            }
+            if (write && !pte.IsWrite)
+                return WriteProtectFault(vma, va, slot, ptePfn, pte);
+            return FaultResult.Done; // spurious: another thread fixed it, or the TLB fill will set A/D
+        }
+        finally
+        {
+            MmapLock.ExitReadLock();
+        }
+    }
+
+    /// <summary>Replaces a PTE if it still holds <paramref name="expected"/>. Returns false if it changed meanwhile.</summary>
+    private bool UpdatePte(ulong* slot, long ptePfn, Pte expected, Pte value)
+    {
+        LockPte(ptePfn);
+        bool same = Volatile.Read(ref *slot) == expected.Value;
+        if (same)
+            Volatile.Write(ref *slot, value.Value);
+        UnlockPte(ptePfn);
+        return same;
+    }
+
+    /// <summary>do_anonymous_page.</summary>
+    private FaultResult AnonymousFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write)
+    {
+        if (!write)
+        {
+            // A read of memory never written: the shared zero page, read-only, not refcounted per mapping.
+            UpdatePte(slot, ptePfn, Pte.None, Pte.Make(_machine.ZeroPagePfn, write: false, accessed: true, special: true));
+            return FaultResult.Done;
+        }
+        AnonVma anonVma = PrepareAnonVma(vma);
+        long pfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable, HomeNode);
+        if (pfn == PageAllocator.NoPfn)
+            return FaultResult.OutOfMemory;
+        LockPte(ptePfn);
+        if (Volatile.Read(ref *slot) != 0)
+        {
+            UnlockPte(ptePfn);
+            _machine.PutPage(pfn);
+            return FaultResult.Done;
+        }
+        PageAddNewAnonRmap(pfn, vma, va, anonVma);
+        Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite, dirty: true, accessed: true).Value);
+        UnlockPte(ptePfn);
+        Interlocked.Increment(ref RssAnon);
+        return FaultResult.Done;
+    }
+
+    /// <summary>do_shared_fault for shared anonymous memory: the page comes from the shmem object's page cache.</summary>
+    private FaultResult SharedFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write)
+    {
+        ShmemObject shmem = vma.Shmem!;
+        long pfn = _machine.ShmemGetPage(shmem, (long)vma.PageIndex(va), HomeNode);
+        if (pfn == PageAllocator.NoPfn)
+            return FaultResult.OutOfMemory;
+        LockPte(ptePfn);
+        if (Volatile.Read(ref *slot) != 0)
+        {
+            UnlockPte(ptePfn);
+            _machine.PutPage(pfn);
+            return FaultResult.Done;
+        }
+        Interlocked.Increment(ref _machine.MemMap[pfn].MapCount); // page_add_file_rmap; the reference came with ShmemGetPage
+        Volatile.Write(ref *slot, Pte.Make(pfn, write: write && vma.CanWrite, dirty: write, accessed: true).Value);
+        UnlockPte(ptePfn);
+        Interlocked.Increment(ref RssShmem);
+        return FaultResult.Done;
+    }
+
+    /// <summary>do_wp_page: a write to a present, read-only PTE in a writable VMA.</summary>
+    private FaultResult WriteProtectFault(Vma vma, ulong va, ulong* slot, long ptePfn, Pte pte)
+    {
+        if (vma.IsShared)
+        {
+            UpdatePte(slot, ptePfn, pte, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit));
+            return FaultResult.Done;
+        }
+        MemMap memMap = _machine.MemMap;
+        long oldPfn = pte.Pfn;
+        if (!pte.IsSpecial)
+        {
+            // wp_can_reuse_anon_folio: the page is ours alone. The checks run under the pte lock, which
+            // every path that adds a mapping or a pin of this page also holds.
+            LockPte(ptePfn);
+            if (Volatile.Read(ref *slot) != pte.Value)
+            {
+                UnlockPte(ptePfn);
+                return FaultResult.Done;
+            }
+            bool exclusive = memMap.TestFlag(oldPfn, PageFlags.AnonExclusive);
+            if (!exclusive && !IsKsmPage(oldPfn) && memMap.MapCount(oldPfn) == 1 && memMap.RefCount(oldPfn) == 1)
+            {
+                memMap.SetFlag(oldPfn, PageFlags.AnonExclusive);
+                exclusive = true;
+            }
+            if (exclusive)
+            {
+                Volatile.Write(ref *slot, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit).Value);
+                UnlockPte(ptePfn);
+                return FaultResult.Done;
+            }
+            memMap.GetPage(oldPfn); // keep the frame alive while we copy it without the lock
+            UnlockPte(ptePfn);
+        }
+
+        // wp_page_copy.
+        AnonVma anonVma = PrepareAnonVma(vma);
+        long newPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | (pte.IsSpecial ? 0 : AllocFlags.NoZero), HomeNode);
+        if (newPfn == PageAllocator.NoPfn)
+        {
+            if (!pte.IsSpecial)
+                _machine.PutPage(oldPfn);
+            return FaultResult.OutOfMemory;
+        }
+        if (!pte.IsSpecial)
+            PageOps.Copy(_machine.Arena.FrameAddress(newPfn), _machine.Arena.FrameAddress(oldPfn));
+
+        LockPte(ptePfn);
+        if (Volatile.Read(ref *slot) != pte.Value)
+        {
+            UnlockPte(ptePfn);
+            _machine.PutPage(newPfn);
+            if (!pte.IsSpecial)
+                _machine.PutPage(oldPfn);
+            return FaultResult.Done;
+        }
+        PageAddNewAnonRmap(newPfn, vma, va, anonVma);
+        Volatile.Write(ref *slot, Pte.Make(newPfn, write: true, dirty: true, accessed: true).Value);
+        UnlockPte(ptePfn);
+        // Other threads' cached read-only translations of the old frame are now stale.
+        BumpGeneration();
+        Interlocked.Increment(ref RssAnon);
+        if (!pte.IsSpecial)
+        {
+            Interlocked.Increment(ref _machine.CowFaults);
+            PageRemoveRmap(oldPfn, vma);
+            _machine.PutPage(oldPfn);        // our temporary reference
+            _machine.DeferPutPage(oldPfn);   // the mapping's: only after a flush
+        }
+        return FaultResult.Done;
+    }
+
+    private bool IsKsmPage(long pfn) =>
+        (_machine.MemMap[_machine.MemMap.CompoundHead(pfn)].Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm;
+
+    // ================================================================================================
+    // Reverse-map bookkeeping (rmap.c)
+    // ================================================================================================
+
+    /// <summary>folio_add_new_anon_rmap: the first mapping of a new anonymous page, exclusive to this process.</summary>
+    private void PageAddNewAnonRmap(long pfn, Vma vma, ulong va, AnonVma anonVma)
+    {
+        ref PageDescriptor page = ref _machine.MemMap[pfn];
+        page.MapCount = 0;
+        page.Mapping = ((ulong)anonVma.Handle << 2) | PageDescriptor.MappingAnon;
+        page.Index = vma.PageIndex(va);
+        _machine.MemMap.SetFlag(pfn, PageFlags.SwapBacked);
+        _machine.MemMap.SetFlag(pfn, PageFlags.AnonExclusive);
+    }
+
+    /// <summary>folio_remove_rmap_pte: one mapping less; the counters follow.</summary>
+    private void PageRemoveRmap(long pfn, Vma vma)
+    {
+        int left = Interlocked.Decrement(ref _machine.MemMap[pfn].MapCount);
+        if (left < -1)
+            throw new VmBugException($"mapcount of frame {pfn} went below zero");
+        if (vma.IsShared)
+            Interlocked.Decrement(ref RssShmem);
+        else
+            Interlocked.Decrement(ref RssAnon);
+    }
+}

@@ -1,0 +1,144 @@
+// Fork (Linux's dup_mmap, anon_vma_fork, copy_page_range).
+//
+// The child gets a copy of every VMA. Shared mappings keep sharing their frames. Private anonymous
+// pages are shared copy-on-write: both PTEs become read-only and the page loses PG_anon_exclusive, so
+// the first write on either side copies. A pinned exclusive page is the exception: it is copied for
+// the child at once (Linux's page_needs_cow_for_dma), so the pin keeps pointing at the parent's page.
+// The parent's write-protected PTEs are flushed before fork returns: after fork, no parent write can
+// reach a frame the child sees.
+using Vmm.Memory;
+using Vmm.Native;
+using Vmm.Rmap;
+
+namespace Vmm.Mm;
+
+internal sealed unsafe partial class AddressSpace
+{
+    /// <summary>Copies this address space into a new one. Returns null (and leaves no trace) when memory runs out.</summary>
+    public AddressSpace? Fork(int childHomeNode)
+    {
+        var child = new AddressSpace(_machine, childHomeNode);
+        MmapLock.EnterWriteLock();
+        bool writeProtected = false;
+        try
+        {
+            if (Exited)
+                return null;
+            foreach (Vma vma in _vmas)
+            {
+                var copy = new Vma(child, vma.Start, vma.End, vma.Flags, vma.PgOff) { Shmem = vma.Shmem };
+                if (vma.Shmem is { } shmem)
+                {
+                    lock (shmem.Lock)
+                        shmem.Vmas.Add(copy);
+                }
+                else if (vma.AnonVma is { } parentAnonVma)
+                {
+                    // anon_vma_fork: find the parent's pages through every anon_vma the parent links to,
+                    // and give the child its own for the pages it will create.
+                    CloneAnonVmaChains(vma, copy);
+                    var own = new AnonVma(_machine.Mappings.NewHandle(), parentAnonVma);
+                    _machine.Mappings.Register(own.Handle, own);
+                    var link = new AnonVmaChain(copy, own);
+                    lock (own.Lock)
+                        own.Chains.Add(link);
+                    copy.AnonVmaChains.Add(link);
+                    copy.AnonVma = own;
+                }
+                child.InsertVma(copy);
+                if (!CopyPageRange(vma, copy, child, ref writeProtected))
+                {
+                    AbortFork(child, writeProtected);
+                    writeProtected = false;
+                    return null;
+                }
+            }
+            return child;
+        }
+        finally
+        {
+            if (writeProtected)
+            {
+                BumpGeneration();
+                _machine.FlushTlb();
+            }
+            MmapLock.ExitWriteLock();
+        }
+    }
+
+    private void AbortFork(AddressSpace child, bool writeProtected)
+    {
+        if (writeProtected)
+        {
+            BumpGeneration();
+            _machine.FlushTlb();
+        }
+        child.Teardown();
+    }
+
+    /// <summary>copy_page_range for one VMA. Preconditions: this mm's mmap_lock held for write.</summary>
+    private bool CopyPageRange(Vma parentVma, Vma childVma, AddressSpace child, ref bool writeProtected)
+    {
+        MemMap memMap = _machine.MemMap;
+        for (ulong va = parentVma.Start; va < parentVma.End; va += PageSize)
+        {
+            ulong* slot = FindPte(va, out long ptePfn);
+            if (slot == null)
+            {
+                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                continue;
+            }
+            var pte = new Pte(Volatile.Read(ref *slot));
+            if (pte.IsNone)
+                continue;
+            if (!pte.IsPresent)
+                throw new VmBugException($"fork met a non-present entry ({pte}): no mechanism installs those yet");
+            ulong* childSlot = child.AllocPte(va, out long childPtePfn);
+            if (childSlot == null)
+                return false;
+            if (pte.IsSpecial)
+            {
+                *childSlot = pte.Value;
+                continue;
+            }
+            long pfn = pte.Pfn;
+            if (parentVma.IsShared)
+            {
+                memMap.GetPage(pfn);
+                Interlocked.Increment(ref memMap[pfn].MapCount);
+                *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
+                Interlocked.Increment(ref child.RssShmem);
+                continue;
+            }
+
+            LockPte(ptePfn);
+            pte = new Pte(Volatile.Read(ref *slot));
+            if (memMap[pfn].PinCount > 0 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
+            {
+                UnlockPte(ptePfn);
+                // The pin must keep seeing the parent's writes: the child gets its own copy now.
+                long copyPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, child.HomeNode);
+                if (copyPfn == PageAllocator.NoPfn)
+                    return false;
+                PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
+                child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
+                *childSlot = Pte.Make(copyPfn, write: pte.IsWrite, dirty: true).Value;
+                Interlocked.Increment(ref child.RssAnon);
+                continue;
+            }
+            memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
+            memMap.GetPage(pfn);
+            Interlocked.Increment(ref memMap[pfn].MapCount);
+            if (pte.IsWrite)
+            {
+                pte = pte.WithoutWrite();
+                Volatile.Write(ref *slot, pte.Value);
+                writeProtected = true;
+            }
+            UnlockPte(ptePfn);
+            *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
+            Interlocked.Increment(ref child.RssAnon);
+        }
+        return true;
+    }
+}

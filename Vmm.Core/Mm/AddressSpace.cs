@@ -1,0 +1,631 @@
+// AddressSpace: one process's virtual memory (Linux's mm_struct): its VMAs, page tables, counters and
+// the syscalls that change them (mmap, munmap, mprotect, madvise).
+//
+// Every change that removes or narrows a translation (munmap, mprotect without write, DONTNEED, fork's
+// write-protect, copy-on-write) follows the same order: change the PTEs under the pte lock, bump the
+// mm's generation (so software TLB entries go stale), flush (TlbShootdown), and only then release
+// frames or page tables. That order is what makes the access protocol's rule hold.
+//
+// Locking: the mmap_lock (reader/writer) protects the VMA list and every VMA's fields; faults take it
+// for read, mmap / munmap / mprotect / fork / exit for write. See docs/locking.md.
+using Vmm.Memory;
+using Vmm.Rmap;
+
+namespace Vmm.Mm;
+
+/// <summary>A process's address space. Internal: hosts use <see cref="Process"/>.</summary>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The mmap_lock lives as long as the address space; a racing fault may still touch it after exit, so it is never disposed.")]
+internal sealed unsafe partial class AddressSpace
+{
+    private static long _nextId;
+
+    private readonly Machine _machine;
+    private readonly List<Vma> _vmas = []; // sorted by Start, non-overlapping; protected by MmapLock
+
+    public AddressSpace(Machine machine, int homeNode)
+    {
+        _machine = machine;
+        HomeNode = homeNode;
+        Id = Interlocked.Increment(ref _nextId);
+    }
+
+    /// <summary>Immutable: a process-wide unique id (keys the software TLB).</summary>
+    public long Id { get; }
+
+    /// <summary>The node new pages are allocated on first.</summary>
+    public int HomeNode { get; set; }
+
+    public Machine Machine => _machine;
+
+    /// <summary>The mmap_lock.</summary>
+    public readonly ReaderWriterLockSlim MmapLock = new(LockRecursionPolicy.NoRecursion);
+
+    /// <summary>Bumped whenever a translation is removed or narrowed; software TLB entries of older generations are stale. Atomic.</summary>
+    public long Generation = 1;
+
+    /// <summary>Set (under the mmap_lock for write) once exit has begun; the access path then faults.</summary>
+    public volatile bool Exited;
+
+    /// <summary>MM_ANONPAGES: private anonymous pages mapped. Atomic.</summary>
+    public long RssAnon;
+
+    /// <summary>MM_SHMEMPAGES: shared anonymous pages mapped. Atomic.</summary>
+    public long RssShmem;
+
+    /// <summary>The VMAs, in address order. Preconditions: mmap_lock held.</summary>
+    public IReadOnlyList<Vma> Vmas => _vmas;
+
+    public void BumpGeneration() => Interlocked.Increment(ref Generation);
+
+    // ================================================================================================
+    // VMA list
+    // ================================================================================================
+
+    /// <summary>find_vma: the first VMA that ends above <paramref name="address"/>, or null.</summary>
+    public Vma? FindVma(ulong address)
+    {
+        int lo = 0, hi = _vmas.Count - 1;
+        Vma? found = null;
+        while (lo <= hi)
+        {
+            int mid = (lo + hi) >> 1;
+            Vma vma = _vmas[mid];
+            if (vma.End > address)
+            {
+                found = vma;
+                hi = mid - 1;
+            }
+            else
+            {
+                lo = mid + 1;
+            }
+        }
+        return found;
+    }
+
+    /// <summary>The VMA that contains <paramref name="address"/>, or null.</summary>
+    public Vma? VmaAt(ulong address) => FindVma(address) is { } vma && vma.Start <= address ? vma : null;
+
+    private int IndexOf(Vma vma)
+    {
+        int index = _vmas.BinarySearch(vma, VmaStartComparer.Instance);
+        return index >= 0 && ReferenceEquals(_vmas[index], vma) ? index : throw new VmBugException($"VMA {vma} is not in its mm");
+    }
+
+    private void InsertVma(Vma vma)
+    {
+        int index = _vmas.BinarySearch(vma, VmaStartComparer.Instance);
+        if (index >= 0)
+            throw new VmBugException($"VMA {vma} overlaps {_vmas[index]}");
+        _vmas.Insert(~index, vma);
+    }
+
+    /// <summary>
+    /// split_vma: cuts <paramref name="vma"/> at <paramref name="address"/>; returns the new upper part.
+    /// Both halves keep the same anon_vma and rmap links. Preconditions: mmap_lock held for write.
+    /// </summary>
+    private Vma SplitVma(Vma vma, ulong address)
+    {
+        var upper = new Vma(this, address, vma.End, vma.Flags, vma.PgOff + ((address - vma.Start) >> PageShift))
+        {
+            AnonVma = vma.AnonVma,
+            Shmem = vma.Shmem,
+        };
+        CloneAnonVmaChains(vma, upper);
+        if (vma.Shmem is { } shmem)
+            lock (shmem.Lock)
+                shmem.Vmas.Add(upper);
+        vma.End = address;
+        InsertVma(upper);
+        return upper;
+    }
+
+    /// <summary>vma_merge: joins a VMA with its neighbours where they are identical and contiguous.</summary>
+    private void TryMergeAround(Vma vma)
+    {
+        int index = IndexOf(vma);
+        if (index + 1 < _vmas.Count && CanMerge(vma, _vmas[index + 1]))
+            MergeInto(vma, _vmas[index + 1]);
+        if (index > 0 && CanMerge(_vmas[index - 1], vma))
+            MergeInto(_vmas[index - 1], vma);
+    }
+
+    private static bool CanMerge(Vma lower, Vma upper) =>
+        lower.End == upper.Start && lower.Flags == upper.Flags && lower.Shmem == upper.Shmem &&
+        lower.PgOff + lower.Pages == upper.PgOff &&
+        (lower.AnonVma == upper.AnonVma || (upper.AnonVma is null && lower.AnonVma is null));
+
+    private void MergeInto(Vma lower, Vma upper)
+    {
+        lower.End = upper.End;
+        RemoveVmaLinks(upper);
+        _vmas.Remove(upper);
+    }
+
+    /// <summary>Unlinks a VMA from the reverse map (unlink_anon_vmas, and the shmem i_mmap list).</summary>
+    private void RemoveVmaLinks(Vma vma)
+    {
+        foreach (AnonVmaChain chain in vma.AnonVmaChains)
+        {
+            lock (chain.AnonVma.Lock)
+            {
+                chain.AnonVma.Chains.Remove(chain);
+                if (chain.AnonVma.Chains.Count == 0)
+                    _machine.Mappings.Unregister(chain.AnonVma.Handle);
+            }
+        }
+        vma.AnonVmaChains = [];
+        if (vma.Shmem is { } shmem)
+        {
+            lock (shmem.Lock)
+            {
+                shmem.Vmas.Remove(vma);
+                if (shmem.Vmas.Count == 0)
+                    _machine.ReleaseShmem(shmem);
+            }
+        }
+    }
+
+    private static void CloneAnonVmaChains(Vma source, Vma target)
+    {
+        foreach (AnonVmaChain chain in source.AnonVmaChains)
+        {
+            var link = new AnonVmaChain(target, chain.AnonVma);
+            lock (chain.AnonVma.Lock)
+                chain.AnonVma.Chains.Add(link);
+            target.AnonVmaChains.Add(link);
+        }
+    }
+
+    /// <summary>anon_vma_prepare: gives a VMA its anon_vma before its first anonymous page. Preconditions: mmap_lock held.</summary>
+    public AnonVma PrepareAnonVma(Vma vma)
+    {
+        if (vma.AnonVma is { } existing)
+            return existing;
+        lock (vma)
+        {
+            if (vma.AnonVma is { } raced)
+                return raced;
+            var anonVma = new AnonVma(_machine.Mappings.NewHandle(), parent: null);
+            _machine.Mappings.Register(anonVma.Handle, anonVma);
+            var link = new AnonVmaChain(vma, anonVma);
+            lock (anonVma.Lock)
+                anonVma.Chains.Add(link);
+            vma.AnonVmaChains.Add(link);
+            Volatile.Write(ref vma.AnonVma, anonVma);
+            return anonVma;
+        }
+    }
+
+    /// <summary>
+    /// get_unmapped_area: the highest gap of <paramref name="length"/> bytes below the mmap base
+    /// (top-down, as Linux lays out mmaps). 0 if none.
+    /// </summary>
+    private ulong GetUnmappedArea(ulong length)
+    {
+        ulong top = TaskSize;
+        for (int i = _vmas.Count - 1; i >= -1; i--)
+        {
+            ulong bottom = i >= 0 ? _vmas[i].End : MmapMinAddr;
+            if (top >= bottom && top - bottom >= length)
+                return top - length;
+            if (i >= 0)
+                top = _vmas[i].Start;
+        }
+        return 0;
+    }
+
+    private sealed class VmaStartComparer : IComparer<Vma>
+    {
+        public static readonly VmaStartComparer Instance = new();
+
+        public int Compare(Vma? x, Vma? y) => x!.Start.CompareTo(y!.Start);
+    }
+
+    // ================================================================================================
+    // mmap / munmap / mprotect / madvise
+    // ================================================================================================
+
+    /// <summary>mmap of anonymous memory. See Process.Mmap for the errno rules.</summary>
+    public Errno Mmap(ulong address, ulong length, Protection prot, MapFlags flags, out ulong mapped)
+    {
+        mapped = 0;
+        if (length == 0)
+            return Errno.EINVAL;
+        bool shared = (flags & MapFlags.Shared) != 0, priv = (flags & MapFlags.Private) != 0;
+        if (shared == priv)
+            return Errno.EINVAL;
+        const MapFlags known = MapFlags.Shared | MapFlags.Private | MapFlags.Fixed | MapFlags.Anonymous | MapFlags.Populate | MapFlags.FixedNoReplace;
+        if ((flags & ~known) != 0 || (prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
+            return Errno.EINVAL;
+        ulong aligned = (length + PageMask) & ~PageMask;
+        if (aligned < length || aligned > TaskSize)
+            return Errno.ENOMEM;
+        bool fixedAddress = (flags & (MapFlags.Fixed | MapFlags.FixedNoReplace)) != 0;
+        if (fixedAddress && ((address & PageMask) != 0 || address < MmapMinAddr || address > TaskSize - aligned))
+            return (address & PageMask) != 0 ? Errno.EINVAL : Errno.ENOMEM;
+
+        MmapLock.EnterWriteLock();
+        try
+        {
+            if (Exited)
+                return Errno.ENOMEM;
+            if (fixedAddress)
+            {
+                Vma? overlap = FindVma(address);
+                if (overlap is not null && overlap.Start < address + aligned)
+                {
+                    if ((flags & MapFlags.FixedNoReplace) != 0)
+                        return Errno.EEXIST;
+                    Errno unmapped = UnmapLocked(address, aligned);
+                    if (unmapped != Errno.None)
+                        return unmapped;
+                }
+            }
+            else
+            {
+                // A hint is honoured when the range there is free, as in Linux.
+                bool hintFits = address != 0 && (address & PageMask) == 0 && address >= MmapMinAddr && address <= TaskSize - aligned &&
+                                (FindVma(address) is not { } next || next.Start >= address + aligned);
+                if (!hintFits)
+                {
+                    address = GetUnmappedArea(aligned);
+                    if (address == 0)
+                        return Errno.ENOMEM;
+                }
+            }
+
+            VmaFlags vmFlags = ToVmaFlags(prot) | (shared ? VmaFlags.Shared : 0);
+            var vma = new Vma(this, address, address + aligned, vmFlags, shared ? 0 : address >> PageShift);
+            if (shared)
+            {
+                ShmemObject shmem = _machine.CreateShmem();
+                vma.Shmem = shmem;
+                lock (shmem.Lock)
+                    shmem.Vmas.Add(vma);
+            }
+            InsertVma(vma);
+            if (!shared)
+                TryMergeAround(vma);
+            mapped = address;
+        }
+        finally
+        {
+            MmapLock.ExitWriteLock();
+        }
+
+        if ((flags & MapFlags.Populate) != 0)
+            Populate(mapped, aligned, (prot & Protection.Write) != 0);
+        return Errno.None;
+    }
+
+    private static VmaFlags ToVmaFlags(Protection prot) =>
+        ((prot & Protection.Read) != 0 ? VmaFlags.Read : 0) |
+        ((prot & Protection.Write) != 0 ? VmaFlags.Write | VmaFlags.Read : 0) |
+        ((prot & Protection.Exec) != 0 ? VmaFlags.Exec : 0);
+
+    /// <summary>munmap. EINVAL for a misaligned start, a zero or overflowing length, or a range outside user space.</summary>
+    public Errno Munmap(ulong address, ulong length)
+    {
+        if ((address & PageMask) != 0 || length == 0)
+            return Errno.EINVAL;
+        ulong aligned = (length + PageMask) & ~PageMask;
+        if (aligned < length || address > TaskSize || aligned > TaskSize - address)
+            return Errno.EINVAL;
+        MmapLock.EnterWriteLock();
+        try
+        {
+            return UnmapLocked(address, aligned);
+        }
+        finally
+        {
+            MmapLock.ExitWriteLock();
+        }
+    }
+
+    /// <summary>do_vmi_munmap: removes every mapping in [address, address + length). Preconditions: mmap_lock held for write.</summary>
+    private Errno UnmapLocked(ulong address, ulong length)
+    {
+        ulong end = address + length;
+        Vma? first = FindVma(address);
+        if (first is null || first.Start >= end)
+            return Errno.None;
+        if (first.Start < address)
+            SplitVma(first, address);
+        Vma? last = FindVma(end - 1);
+        if (last is not null && last.Start < end && last.End > end)
+            SplitVma(last, end);
+
+        var removed = new List<Vma>();
+        foreach (Vma vma in _vmas)
+            if (vma.Start >= address && vma.End <= end)
+                removed.Add(vma);
+
+        var pages = new List<long>();
+        foreach (Vma vma in removed)
+            ZapRange(vma, vma.Start, vma.End, pages);
+        foreach (Vma vma in removed)
+        {
+            RemoveVmaLinks(vma);
+            _vmas.Remove(vma);
+        }
+
+        // Free the tables that covered only the removed range: between the neighbours that remain.
+        int nextIndex = _vmas.FindIndex(v => v.Start >= end);
+        int prevIndex = (nextIndex < 0 ? _vmas.Count : nextIndex) - 1;
+        ulong floor = prevIndex >= 0 ? _vmas[prevIndex].End : 0;
+        ulong ceiling = nextIndex >= 0 ? _vmas[nextIndex].Start : TaskSize + PageSize;
+        var tables = new List<long>();
+        FreePageTables(floor, ceiling, tables);
+
+        FlushAndRelease(pages, tables);
+        return Errno.None;
+    }
+
+    /// <summary>
+    /// zap_pte_range: clears every PTE of [start, end) in one VMA, dropping the mappings' rmap and
+    /// collecting the frames to release after the flush. Preconditions: mmap_lock held.
+    /// </summary>
+    private void ZapRange(Vma vma, ulong start, ulong end, List<long> pagesToPut)
+    {
+        for (ulong va = start; va < end; va += PageSize)
+        {
+            ulong* slot = FindPte(va, out long ptePfn);
+            if (slot == null)
+            {
+                // Skip to the next PTE table.
+                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                continue;
+            }
+            if (Volatile.Read(ref *slot) == 0)
+                continue;
+            LockPte(ptePfn);
+            var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
+            UnlockPte(ptePfn);
+            if (!old.IsPresent)
+                continue; // swap and migration entries: later issues
+            if (old.IsSpecial)
+                continue; // the zero page is not refcounted per mapping
+            PageRemoveRmap(old.Pfn, vma);
+            pagesToPut.Add(old.Pfn);
+        }
+    }
+
+    /// <summary>Bumps the generation, flushes, then drops the collected references and frees the tables.</summary>
+    private void FlushAndRelease(List<long> pages, List<long> tables)
+    {
+        if (pages.Count == 0 && tables.Count == 0)
+            return;
+        BumpGeneration();
+        _machine.FlushTlb();
+        foreach (long pfn in pages)
+            _machine.PutPage(pfn);
+        foreach (long pfn in tables)
+            FreeTablePage(pfn);
+    }
+
+    /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part (the part before it is changed, as in Linux).</summary>
+    public Errno Mprotect(ulong address, ulong length, Protection prot)
+    {
+        if ((address & PageMask) != 0 || (prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
+            return Errno.EINVAL;
+        if (length == 0)
+            return Errno.None;
+        ulong aligned = (length + PageMask) & ~PageMask;
+        ulong end = address + aligned;
+        if (aligned < length || end <= address || end > TaskSize)
+            return Errno.ENOMEM;
+        MmapLock.EnterWriteLock();
+        try
+        {
+            VmaFlags wanted = ToVmaFlags(prot);
+            bool narrowed = false;
+            ulong cursor = address;
+            Errno result = Errno.None;
+            while (cursor < end)
+            {
+                Vma? vma = FindVma(cursor);
+                if (vma is null || vma.Start > cursor)
+                {
+                    result = Errno.ENOMEM;
+                    break;
+                }
+                if (vma.Start < cursor)
+                    vma = SplitVma(vma, cursor);
+                if (vma.End > end)
+                    SplitVma(vma, end);
+                VmaFlags old = vma.Flags;
+                vma.Flags = (old & ~(VmaFlags.Read | VmaFlags.Write | VmaFlags.Exec)) | wanted;
+                if ((old & VmaFlags.Write) != 0 && (wanted & VmaFlags.Write) == 0 ||
+                    (old & VmaFlags.Read) != 0 && (wanted & VmaFlags.Read) == 0)
+                    narrowed |= ChangeProtection(vma, removeAccess: (wanted & VmaFlags.Read) == 0);
+                cursor = vma.End;
+                TryMergeAround(vma);
+            }
+            if (narrowed)
+            {
+                BumpGeneration();
+                _machine.FlushTlb();
+            }
+            return result;
+        }
+        finally
+        {
+            MmapLock.ExitWriteLock();
+        }
+    }
+
+    /// <summary>change_pte_range: write-protects every present PTE of the VMA; for PROT_NONE also clears
+    /// the user bit, so the access path faults and the fault handler consults the VMA. Returns true if anything changed.</summary>
+    private bool ChangeProtection(Vma vma, bool removeAccess)
+    {
+        bool changed = false;
+        for (ulong va = vma.Start; va < vma.End; va += PageSize)
+        {
+            ulong* slot = FindPte(va, out long ptePfn);
+            if (slot == null)
+            {
+                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                continue;
+            }
+            LockPte(ptePfn);
+            var pte = new Pte(Volatile.Read(ref *slot));
+            if (pte.IsPresent && (pte.IsWrite || removeAccess))
+            {
+                Pte narrowed = removeAccess ? pte.WithoutFlags(Pte.WriteBit | Pte.UserBit) : pte.WithoutWrite();
+                Volatile.Write(ref *slot, narrowed.Value);
+                changed = true;
+            }
+            UnlockPte(ptePfn);
+        }
+        return changed;
+    }
+
+    /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped (the mapped part is still advised).</summary>
+    public Errno Madvise(ulong address, ulong length, Advice advice)
+    {
+        if ((address & PageMask) != 0)
+            return Errno.EINVAL;
+        if (advice is not (Advice.Normal or Advice.WillNeed or Advice.DontNeed or Advice.Mergeable or Advice.Unmergeable))
+            return Errno.EINVAL;
+        ulong aligned = (length + PageMask) & ~PageMask;
+        if (aligned < length || address + aligned < address)
+            return Errno.EINVAL;
+        if (aligned == 0)
+            return Errno.None;
+        ulong end = address + aligned;
+        if (advice == Advice.WillNeed)
+            return PopulateAdvised(address, end);
+
+        MmapLock.EnterWriteLock();
+        try
+        {
+            Errno result = Errno.None;
+            ulong cursor = address;
+            var pages = new List<long>();
+            while (cursor < end)
+            {
+                Vma? vma = FindVma(cursor);
+                if (vma is null || vma.Start >= end)
+                {
+                    result = Errno.ENOMEM;
+                    break;
+                }
+                if (vma.Start > cursor)
+                    result = Errno.ENOMEM; // a hole: keep going, report at the end
+                ulong from = Math.Max(cursor, vma.Start), to = Math.Min(end, vma.End);
+                switch (advice)
+                {
+                    case Advice.DontNeed:
+                        if ((vma.Flags & VmaFlags.Locked) != 0)
+                        {
+                            result = Errno.EINVAL;
+                            cursor = end;
+                            continue;
+                        }
+                        ZapRange(vma, from, to, pages);
+                        break;
+                    case Advice.Mergeable or Advice.Unmergeable:
+                        Vma target = vma;
+                        if (target.Start < from)
+                            target = SplitVma(target, from);
+                        if (target.End > to)
+                            SplitVma(target, to);
+                        if (advice == Advice.Mergeable)
+                            target.Flags |= VmaFlags.Mergeable;
+                        else
+                            target.Flags &= ~VmaFlags.Mergeable;
+                        TryMergeAround(target);
+                        break;
+                }
+                cursor = to;
+            }
+            FlushAndRelease(pages, []);
+            return result;
+        }
+        finally
+        {
+            MmapLock.ExitWriteLock();
+        }
+    }
+
+    private Errno PopulateAdvised(ulong address, ulong end)
+    {
+        Errno result = Errno.None;
+        MmapLock.EnterReadLock();
+        List<(ulong, ulong, bool)> ranges = [];
+        try
+        {
+            ulong cursor = address;
+            while (cursor < end)
+            {
+                Vma? vma = FindVma(cursor);
+                if (vma is null || vma.Start >= end)
+                {
+                    result = Errno.ENOMEM;
+                    break;
+                }
+                if (vma.Start > cursor)
+                    result = Errno.ENOMEM;
+                ulong from = Math.Max(cursor, vma.Start), to = Math.Min(end, vma.End);
+                if (vma.CanRead)
+                    ranges.Add((from, to, false));
+                cursor = to;
+            }
+        }
+        finally
+        {
+            MmapLock.ExitReadLock();
+        }
+        foreach ((ulong from, ulong to, bool write) in ranges)
+            Populate(from, to - from, write);
+        return result;
+    }
+
+    /// <summary>Faults every page of a range in (MAP_POPULATE, MADV_WILLNEED). Stops quietly at the first page that cannot be faulted.</summary>
+    private void Populate(ulong address, ulong length, bool write)
+    {
+        for (ulong va = address; va < address + length; va += PageSize)
+        {
+            if (TryHandleFault(va, write) != FaultResult.Done)
+                return;
+        }
+    }
+
+    // ================================================================================================
+    // Exit
+    // ================================================================================================
+
+    /// <summary>exit_mmap: unmaps everything and frees every page table. Idempotent.</summary>
+    public void Teardown()
+    {
+        MmapLock.EnterWriteLock();
+        try
+        {
+            if (Exited)
+                return;
+            Exited = true;
+            var pages = new List<long>();
+            foreach (Vma vma in _vmas)
+                ZapRange(vma, vma.Start, vma.End, pages);
+            foreach (Vma vma in _vmas)
+                RemoveVmaLinks(vma);
+            _vmas.Clear();
+            var tables = new List<long>();
+            FreePageTables(0, TaskSize + PageSize, tables);
+            long pgd = Interlocked.Exchange(ref _pgdPfn, 0);
+            if (pgd > 0)
+                tables.Add(pgd);
+            BumpGeneration();
+            _machine.FlushTlb();
+            foreach (long pfn in pages)
+                _machine.PutPage(pfn);
+            foreach (long pfn in tables)
+                FreeTablePage(pfn);
+        }
+        finally
+        {
+            MmapLock.ExitWriteLock();
+        }
+    }
+}

@@ -1,0 +1,132 @@
+namespace Vmm.Mm;
+
+/// <summary>PROT_* bits of mmap and mprotect.</summary>
+[Flags]
+public enum Protection
+{
+    /// <summary>PROT_NONE: no access.</summary>
+    None = 0,
+    /// <summary>PROT_READ.</summary>
+    Read = 1,
+    /// <summary>PROT_WRITE (implies read, as on x86).</summary>
+    Write = 2,
+    /// <summary>PROT_EXEC (accepted and recorded; Vmm runs no code).</summary>
+    Exec = 4,
+    /// <summary>Read and write.</summary>
+    ReadWrite = Read | Write,
+}
+
+/// <summary>MAP_* flags of mmap. Every mapping is anonymous; exactly one of Private or Shared is required.</summary>
+[Flags]
+public enum MapFlags
+{
+    /// <summary>No flag (invalid alone: give Private or Shared).</summary>
+    None = 0,
+    /// <summary>MAP_SHARED: writes are shared with every process that maps it, across fork.</summary>
+    Shared = 0x01,
+    /// <summary>MAP_PRIVATE: copy-on-write after fork.</summary>
+    Private = 0x02,
+    /// <summary>MAP_FIXED: map exactly at the address, replacing what is there.</summary>
+    Fixed = 0x10,
+    /// <summary>MAP_ANONYMOUS (implied: Vmm has no files).</summary>
+    Anonymous = 0x20,
+    /// <summary>MAP_POPULATE: fault every page in now.</summary>
+    Populate = 0x8000,
+    /// <summary>MAP_FIXED_NOREPLACE: map exactly at the address, or fail with EEXIST.</summary>
+    FixedNoReplace = 0x100000,
+}
+
+/// <summary>madvise advice values (Linux's numbers).</summary>
+public enum Advice
+{
+    /// <summary>MADV_NORMAL.</summary>
+    Normal = 0,
+    /// <summary>MADV_WILLNEED: fault the range in now.</summary>
+    WillNeed = 3,
+    /// <summary>MADV_DONTNEED: drop the pages; private anonymous memory reads zero afterwards.</summary>
+    DontNeed = 4,
+    /// <summary>MADV_MERGEABLE: let KSM merge identical pages in the range.</summary>
+    Mergeable = 12,
+    /// <summary>MADV_UNMERGEABLE: unmerge and stop merging.</summary>
+    Unmergeable = 13,
+}
+
+/// <summary>Capabilities a process may hold (Linux's CAP_* subset that memory management checks).</summary>
+[Flags]
+public enum Capabilities
+{
+    /// <summary>None.</summary>
+    None = 0,
+    /// <summary>CAP_SYS_NICE: move other processes' pages (move_pages, MPOL_MF_MOVE_ALL).</summary>
+    SysNice = 1 << 0,
+    /// <summary>CAP_SYS_ADMIN.</summary>
+    SysAdmin = 1 << 1,
+    /// <summary>CAP_IPC_LOCK: mlock beyond the limit.</summary>
+    IpcLock = 1 << 2,
+}
+
+/// <summary>Who a process runs as.</summary>
+/// <param name="Uid">user id; 0 is root.</param>
+/// <param name="Capabilities">capabilities held.</param>
+public readonly record struct Credentials(int Uid, Capabilities Capabilities)
+{
+    /// <summary>uid 0 with every capability.</summary>
+    public static Credentials Root => new(0, Capabilities.SysNice | Capabilities.SysAdmin | Capabilities.IpcLock);
+
+    /// <summary>An unprivileged user.</summary>
+    public static Credentials User(int uid) => new(uid, Capabilities.None);
+}
+
+/// <summary>What kind of access faulted.</summary>
+public enum AccessKind
+{
+    /// <summary>A read.</summary>
+    Read,
+    /// <summary>A write.</summary>
+    Write,
+}
+
+/// <summary>Why an access faulted (the si_code of SIGSEGV).</summary>
+public enum SegvReason
+{
+    /// <summary>SEGV_MAPERR: no mapping at the address.</summary>
+    MapError = 1,
+    /// <summary>SEGV_ACCERR: the mapping does not allow the access.</summary>
+    AccessError = 2,
+    /// <summary>The process has exited.</summary>
+    Exited = 3,
+    /// <summary>SIGBUS-like: memory could not be allocated for the fault (the machine is out of frames).</summary>
+    OutOfMemory = 4,
+}
+
+/// <summary>A bad user access: no mapping, or a mapping that does not allow it. Nothing was changed.</summary>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Naming", "CA1710", Justification = "The name a kernel reader expects (SIGSEGV).")]
+public sealed class SegmentationFault : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public SegmentationFault() { }
+
+    /// <summary>Creates the exception with a message.</summary>
+    public SegmentationFault(string message) : base(message) { }
+
+    /// <summary>Creates the exception with a message and cause.</summary>
+    public SegmentationFault(string message, Exception inner) : base(message, inner) { }
+
+    /// <summary>Creates the exception for a faulting access.</summary>
+    public SegmentationFault(ulong address, AccessKind kind, SegvReason reason)
+        : base($"segmentation fault: {kind.ToString().ToLowerInvariant()} at 0x{address:x} ({reason})")
+    {
+        Address = address;
+        Kind = kind;
+        Reason = reason;
+    }
+
+    /// <summary>The faulting address.</summary>
+    public ulong Address { get; }
+
+    /// <summary>Read or write.</summary>
+    public AccessKind Kind { get; }
+
+    /// <summary>Why.</summary>
+    public SegvReason Reason { get; }
+}

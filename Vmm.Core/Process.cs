@@ -1,0 +1,115 @@
+// Process: a managed "process" whose memory is real: its address space maps virtual ranges onto the
+// machine's frames. The host reads and writes it through virtual addresses; a bad access throws
+// SegmentationFault. Syscall-shaped calls return Linux's errno and never throw for an expected failure.
+using Vmm.Mm;
+
+namespace Vmm;
+
+/// <summary>A process of a <see cref="Machine"/>: credentials, a home node and an address space.</summary>
+public sealed class Process
+{
+    internal Process(Machine machine, int pid, Credentials credentials, AddressSpace mm)
+    {
+        Machine = machine;
+        Pid = pid;
+        Credentials = credentials;
+        Mm = mm;
+    }
+
+    /// <summary>The machine it runs on.</summary>
+    public Machine Machine { get; }
+
+    /// <summary>Process id, unique per machine.</summary>
+    public int Pid { get; }
+
+    /// <summary>Who it runs as.</summary>
+    public Credentials Credentials { get; }
+
+    /// <summary>The node its new pages are allocated on first.</summary>
+    public int HomeNode => Mm.HomeNode;
+
+    /// <summary>True once <see cref="Exit"/> has run.</summary>
+    public bool HasExited => Mm.Exited;
+
+    internal AddressSpace Mm { get; }
+
+    /// <summary>Private anonymous pages mapped (RssAnon).</summary>
+    public long RssAnonPages => Volatile.Read(ref Mm.RssAnon);
+
+    /// <summary>Shared anonymous pages mapped (RssShmem).</summary>
+    public long RssShmemPages => Volatile.Read(ref Mm.RssShmem);
+
+    /// <summary>Page-table frames (VmPTE / 4 KiB).</summary>
+    public long PageTablePages => Volatile.Read(ref Mm.PageTablePages);
+
+    /// <summary>
+    /// mmap of anonymous memory. EINVAL: zero length, neither or both of Private and Shared, unknown
+    /// flags or protection bits, a misaligned fixed address; ENOMEM: a length that overflows when
+    /// rounded to pages, no room, or a fixed range outside user space; EEXIST: FixedNoReplace over a mapping.
+    /// </summary>
+    /// <param name="address">with Fixed / FixedNoReplace, the address; otherwise a hint (0: anywhere).</param>
+    /// <param name="length">bytes; rounded up to whole pages.</param>
+    /// <param name="protection">PROT_* bits.</param>
+    /// <param name="flags">Private or Shared, plus Fixed, FixedNoReplace, Populate.</param>
+    /// <param name="mapped">the start of the new mapping.</param>
+    public Errno Mmap(ulong address, ulong length, Protection protection, MapFlags flags, out ulong mapped) =>
+        Mm.Mmap(address, length, protection, flags, out mapped);
+
+    /// <summary>Maps <paramref name="length"/> bytes of private read-write memory anywhere; throws if that fails.</summary>
+    /// <exception cref="InsufficientMemoryException">no room in the address space.</exception>
+    public ulong Mmap(ulong length, Protection protection = Protection.ReadWrite, MapFlags flags = MapFlags.Private)
+    {
+        Errno error = Mm.Mmap(0, length, protection, flags, out ulong mapped);
+        return error == Errno.None ? mapped : throw new InsufficientMemoryException($"mmap of {length} bytes failed: {error}");
+    }
+
+    /// <summary>munmap. EINVAL: misaligned start, zero or overflowing length. Unmapped parts are fine.</summary>
+    public Errno Munmap(ulong address, ulong length) => Mm.Munmap(address, length);
+
+    /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part.</summary>
+    public Errno Mprotect(ulong address, ulong length, Protection protection) => Mm.Mprotect(address, length, protection);
+
+    /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped.</summary>
+    public Errno Madvise(ulong address, ulong length, Advice advice) => Mm.Madvise(address, length, advice);
+
+    /// <summary>Reads user memory.</summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or not readable.</exception>
+    public void Read(ulong address, Span<byte> destination) => Mm.Read(address, destination);
+
+    /// <summary>Writes user memory.</summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    public void Write(ulong address, ReadOnlySpan<byte> source) => Mm.Write(address, source);
+
+    /// <summary>Reads one unmanaged value.</summary>
+    /// <exception cref="SegmentationFault">the address is unmapped or not readable.</exception>
+    public T Read<T>(ulong address) where T : unmanaged => Mm.ReadValue<T>(address);
+
+    /// <summary>Writes one unmanaged value.</summary>
+    /// <exception cref="SegmentationFault">the address is unmapped or not writable.</exception>
+    public void Write<T>(ulong address, T value) where T : unmanaged => Mm.WriteValue(address, value);
+
+    /// <summary>Sets a range of user memory to one byte value.</summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    public void Fill(ulong address, ulong length, byte value) => Mm.Fill(address, length, value);
+
+    /// <summary>Forks: a child with a copy-on-write copy of this address space.</summary>
+    /// <exception cref="InsufficientMemoryException">no frames for the child's page tables (nothing changed).</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    public Process Fork()
+    {
+        if (Mm.Exited)
+            throw new InvalidOperationException($"process {Pid} has exited");
+        AddressSpace mm = Mm.Fork(Mm.HomeNode) ?? throw new InsufficientMemoryException($"fork of process {Pid}: out of memory");
+        return Machine.RegisterFork(this, mm);
+    }
+
+    /// <summary>Exits: unmaps everything and frees every page table. Idempotent.</summary>
+    public void Exit()
+    {
+        Mm.Teardown();
+        Machine.Unregister(this);
+    }
+
+    /// <inheritdoc/>
+    public override string ToString() => $"process {Pid}";
+}

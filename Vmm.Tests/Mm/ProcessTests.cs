@@ -1,0 +1,204 @@
+using Vmm.Mm;
+
+namespace Vmm.Tests.Mm;
+
+[TestFixture]
+[Category("Smoke")]
+public sealed class ProcessTests
+{
+    private static Machine NewMachine() => new(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
+
+    private static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
+
+    [Test]
+    public void Written_bytes_read_back_across_page_boundaries()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(5 * 4096);
+        byte[] data = new byte[3 * 4096 + 123];
+        new Random(1).NextBytes(data);
+        p.Write(va + 4000, data);
+        byte[] back = new byte[data.Length];
+        p.Read(va + 4000, back);
+        Assert.That(back, Is.EqualTo(data));
+        p.Write<long>(va + 4092, 0x1122334455667788); // straddles a page boundary
+        Assert.That(p.Read<long>(va + 4092), Is.EqualTo(0x1122334455667788));
+        Assert.That(p.Read<int>(va + 5 * 4096 - 4), Is.Zero, "untouched memory reads zero");
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Reading_untouched_memory_maps_the_zero_page_and_allocates_nothing()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        long freeBefore = machine.GetStats().AllFreePages;
+        ulong va = p.Mmap(64 * 4096);
+        byte[] page = new byte[4096];
+        for (int i = 0; i < 64; i++)
+            p.Read(va + (ulong)i * 4096, page);
+        Assert.That(page, Is.All.EqualTo(0));
+        Assert.That(p.RssAnonPages, Is.Zero, "the zero page is not counted");
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore - p.PageTablePages), "only page tables were allocated");
+        p.Write<byte>(va + 4096, 1);
+        Assert.That(p.RssAnonPages, Is.EqualTo(1), "a write replaces the zero page with a private page");
+        Assert.That(p.Read<byte>(va), Is.Zero);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Fork_shares_pages_copy_on_write()
+    {
+        using Machine machine = NewMachine();
+        Process parent = machine.CreateProcess();
+        ulong va = parent.Mmap(16 * 4096);
+        parent.Fill(va, 16 * 4096, 0xAA);
+        Process child = parent.Fork();
+        AssertAuditClean(machine);
+        long freeAfterFork = machine.GetStats().AllFreePages;
+        Assert.That(child.Read<byte>(va + 5), Is.EqualTo(0xAA), "the child sees the parent's memory");
+
+        child.Write<byte>(va + 5, 0xBB);
+        Assert.That(parent.Read<byte>(va + 5), Is.EqualTo(0xAA), "the parent does not see the child's write");
+        Assert.That(child.Read<byte>(va + 5), Is.EqualTo(0xBB));
+        Assert.That(child.Read<byte>(va + 6), Is.EqualTo(0xAA), "the copy keeps the rest of the page");
+        parent.Write<byte>(va + 4096, 0xCC);
+        Assert.That(child.Read<byte>(va + 4096), Is.EqualTo(0xAA));
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeAfterFork - 2), "exactly two pages were copied");
+        AssertAuditClean(machine);
+
+        parent.Write<byte>(va + 5, 0xDD);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeAfterFork - 2),
+            "after the child copied, the parent's page is its alone and is reused without copying");
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Shared_mappings_stay_shared_across_fork()
+    {
+        using Machine machine = NewMachine();
+        Process parent = machine.CreateProcess();
+        Assert.That(parent.Mmap(0, 8 * 4096, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
+        parent.Write<int>(va, 1);
+        Process child = parent.Fork();
+        child.Write<int>(va, 2);
+        Assert.That(parent.Read<int>(va), Is.EqualTo(2), "a shared page is the same frame in both");
+        child.Write<int>(va + 4096 * 3, 7); // never touched before the fork
+        Assert.That(parent.Read<int>(va + 4096 * 3), Is.EqualTo(7), "pages created after fork are shared too");
+        AssertAuditClean(machine);
+        child.Exit();
+        Assert.That(parent.Read<int>(va + 4096 * 3), Is.EqualTo(7));
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Exit_of_every_process_frees_every_frame()
+    {
+        using Machine machine = NewMachine();
+        long free = machine.GetStats().AllFreePages;
+        Process a = machine.CreateProcess();
+        ulong va = a.Mmap(100 * 4096);
+        a.Fill(va, 100 * 4096, 3);
+        Assert.That(a.Mmap(0, 10 * 4096, Protection.ReadWrite, MapFlags.Shared, out ulong shared), Is.EqualTo(Errno.None));
+        a.Fill(shared, 10 * 4096, 4);
+        Process b = a.Fork();
+        Process c = b.Fork();
+        c.Fill(va, 50 * 4096, 9);
+        AssertAuditClean(machine);
+        a.Exit();
+        b.Exit();
+        AssertAuditClean(machine);
+        Assert.That(c.Read<byte>(va + 60 * 4096), Is.EqualTo(3), "pages survive while one process maps them");
+        c.Exit();
+        AssertAuditClean(machine);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(free), "every frame is free again");
+        Assert.That(machine.Processes, Is.Empty);
+    }
+
+    [Test]
+    public void Munmap_frees_pages_and_page_tables_and_later_access_faults()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        long free = machine.GetStats().AllFreePages;
+        ulong va = p.Mmap(1024 * 4096);
+        p.Fill(va, 1024 * 4096, 1);
+        Assert.That(p.Munmap(va, 1024 * 4096), Is.EqualTo(Errno.None));
+        AssertAuditClean(machine);
+        Assert.That(p.PageTablePages, Is.EqualTo(1), "only the PGD stays");
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(free - 1));
+        var fault = Assert.Throws<SegmentationFault>(() => p.Read<byte>(va));
+        Assert.That(fault!.Reason, Is.EqualTo(SegvReason.MapError));
+        Assert.That(fault.Address, Is.EqualTo(va));
+        Assert.That(fault.Kind, Is.EqualTo(AccessKind.Read));
+    }
+
+    [Test]
+    public void Partial_munmap_splits_the_mapping()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(10 * 4096);
+        p.Fill(va, 10 * 4096, 5);
+        Assert.That(p.Munmap(va + 3 * 4096, 2 * 4096), Is.EqualTo(Errno.None));
+        Assert.That(p.Read<byte>(va + 2 * 4096), Is.EqualTo(5));
+        Assert.That(p.Read<byte>(va + 5 * 4096), Is.EqualTo(5));
+        Assert.Throws<SegmentationFault>(() => p.Read<byte>(va + 3 * 4096));
+        Assert.That(p.RssAnonPages, Is.EqualTo(8));
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Mprotect_read_only_makes_writes_fault_and_restoring_write_works()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(4 * 4096);
+        p.Fill(va, 4 * 4096, 1);
+        Assert.That(p.Mprotect(va + 4096, 4096, Protection.Read), Is.EqualTo(Errno.None));
+        var fault = Assert.Throws<SegmentationFault>(() => p.Write<byte>(va + 4096, 2));
+        Assert.That(fault!.Reason, Is.EqualTo(SegvReason.AccessError));
+        Assert.That(p.Read<byte>(va + 4096), Is.EqualTo(1), "the failed write changed nothing");
+        p.Write<byte>(va, 2);
+        Assert.That(p.Mprotect(va + 4096, 4096, Protection.None), Is.EqualTo(Errno.None));
+        Assert.Throws<SegmentationFault>(() => p.Read<byte>(va + 4096));
+        Assert.That(p.Mprotect(va, 4 * 4096, Protection.ReadWrite), Is.EqualTo(Errno.None));
+        p.Write<byte>(va + 4096, 3);
+        Assert.That(p.Read<byte>(va + 4096), Is.EqualTo(3));
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Madvise_dontneed_drops_private_pages_which_then_read_zero()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(8 * 4096);
+        p.Fill(va, 8 * 4096, 7);
+        Assert.That(p.Madvise(va, 4 * 4096, Advice.DontNeed), Is.EqualTo(Errno.None));
+        Assert.That(p.RssAnonPages, Is.EqualTo(4));
+        Assert.That(p.Read<byte>(va), Is.Zero);
+        Assert.That(p.Read<byte>(va + 4 * 4096), Is.EqualTo(7));
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Running_out_of_frames_is_a_fault_that_changes_nothing()
+    {
+        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(4096UL * 4096);
+        ulong touched = 0;
+        var fault = Assert.Throws<SegmentationFault>(() =>
+        {
+            for (; touched < 4096; touched++)
+                p.Write<byte>(va + touched * 4096, 1);
+        });
+        Assert.That(fault!.Reason, Is.EqualTo(SegvReason.OutOfMemory));
+        Assert.That(touched, Is.GreaterThan(500));
+        AssertAuditClean(machine);
+        p.Exit();
+        AssertAuditClean(machine);
+    }
+}
