@@ -38,11 +38,6 @@ public sealed unsafe class Machine : IDisposable
             _memMap = new MemMap(Topology.TotalFrames);
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
-            // The shared zero page: mapped read-only wherever private memory is read before it is written.
-            ZeroPagePfn = Allocator.AllocPages(0, AllocFlags.None);
-            if (ZeroPagePfn == PageAllocator.NoPfn)
-                throw new ArgumentException("the machine is too small to hold its zero page");
-            _memMap.SetFlag(ZeroPagePfn, PageFlags.Reserved);
         }
         catch
         {
@@ -68,8 +63,43 @@ public sealed unsafe class Machine : IDisposable
 
     internal PageLock PageLock { get; }
 
-    /// <summary>The shared zero page (PG_reserved, never freed).</summary>
-    internal long ZeroPagePfn { get; }
+    private long _zeroPagePfn = PageAllocator.NoPfn;
+
+    /// <summary>
+    /// The shared zero page (PG_reserved, never freed), mapped read-only wherever private memory is
+    /// read before it is written. Allocated on first use, so a machine that never needs it keeps every
+    /// frame; NoPfn if no frame could be had.
+    /// </summary>
+    internal long ZeroPagePfn
+    {
+        get
+        {
+            long pfn = Volatile.Read(ref _zeroPagePfn);
+            return pfn != PageAllocator.NoPfn ? pfn : AllocateZeroPage();
+        }
+    }
+
+    private long AllocateZeroPage()
+    {
+        lock (_deferredLock)
+        {
+            if (_zeroPagePfn != PageAllocator.NoPfn)
+                return _zeroPagePfn;
+            // Kernel memory: ZONE_NORMAL first; a machine without one takes a movable frame.
+            long pfn = Allocator.AllocPages(0, AllocFlags.NoWatermark);
+            if (pfn == PageAllocator.NoPfn)
+                pfn = Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoWatermark);
+            if (pfn != PageAllocator.NoPfn)
+            {
+                _memMap.SetFlag(pfn, PageFlags.Reserved);
+                Volatile.Write(ref _zeroPagePfn, pfn);
+            }
+            return pfn;
+        }
+    }
+
+    /// <summary>The zero page if it exists, without allocating it.</summary>
+    internal long ZeroPagePfnIfAllocated => Volatile.Read(ref _zeroPagePfn);
 
     /// <summary>Objects named by frames' mapping words.</summary>
     internal MappingRegistry Mappings { get; } = new();

@@ -54,7 +54,7 @@ internal static unsafe class Auditor
                     }
                     if (pte.IsSpecial)
                     {
-                        if (pte.Pfn != machine.ZeroPagePfn)
+                        if (pte.Pfn != machine.ZeroPagePfnIfAllocated)
                             problems.Add($"{process}: special PTE at 0x{va:x} maps frame {pte.Pfn}, not the zero page");
                         if (pte.IsWrite)
                             problems.Add($"{process}: the zero page is mapped writable at 0x{va:x}");
@@ -125,7 +125,7 @@ internal static unsafe class Auditor
             if (page.RefCount == 0)
                 continue;
             inUse++;
-            if (pfn == machine.ZeroPagePfn || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
+            if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
                 continue;
             if (page.PinCount > 0)
                 continue;

@@ -83,7 +83,10 @@ internal sealed unsafe partial class AddressSpace
         if (!write)
         {
             // A read of memory never written: the shared zero page, read-only, not refcounted per mapping.
-            UpdatePte(slot, ptePfn, Pte.None, Pte.Make(_machine.ZeroPagePfn, write: false, accessed: true, special: true));
+            long zero = _machine.ZeroPagePfn;
+            if (zero == PageAllocator.NoPfn)
+                return FaultResult.OutOfMemory;
+            UpdatePte(slot, ptePfn, Pte.None, Pte.Make(zero, write: false, accessed: true, special: true));
             return FaultResult.Done;
         }
         AnonVma anonVma = PrepareAnonVma(vma);

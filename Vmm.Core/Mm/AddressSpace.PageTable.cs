@@ -25,7 +25,7 @@ internal sealed unsafe partial class AddressSpace
     private const int EntriesPerTable = 512;
 
     private readonly Lock _pageTableLock = new();
-    private long _pgdPfn;
+    private long _pgdPfn = -1; // -1: no PGD yet (pfn 0 is a valid frame)
 
     /// <summary>Page-table frames this mm uses (pgtables_bytes / 4096). Atomic.</summary>
     public long PageTablePages;
@@ -45,7 +45,7 @@ internal sealed unsafe partial class AddressSpace
     {
         ptePfn = -1;
         long pfn = Volatile.Read(ref _pgdPfn);
-        if (pfn <= 0)
+        if (pfn < 0)
             return null;
         for (int level = 3; level >= 1; level--)
         {
@@ -100,14 +100,14 @@ internal sealed unsafe partial class AddressSpace
     private long EnsurePgd()
     {
         long pfn = Volatile.Read(ref _pgdPfn);
-        if (pfn > 0)
+        if (pfn >= 0)
             return pfn;
         long fresh = AllocTablePage();
         if (fresh < 0)
             return -1;
         lock (_pageTableLock)
         {
-            if (_pgdPfn <= 0)
+            if (_pgdPfn < 0)
             {
                 Volatile.Write(ref _pgdPfn, fresh);
                 return fresh;
@@ -163,7 +163,7 @@ internal sealed unsafe partial class AddressSpace
     private void FreePageTables(ulong floor, ulong ceiling, List<long> tablesToFree)
     {
         long pgd = Volatile.Read(ref _pgdPfn);
-        if (pgd <= 0 || floor >= ceiling)
+        if (pgd < 0 || floor >= ceiling)
             return;
         FreeLevel(pgd, 3, 0, floor, ceiling, tablesToFree);
     }
@@ -214,7 +214,7 @@ internal sealed unsafe partial class AddressSpace
     {
         var result = new List<long>();
         long pgd = Volatile.Read(ref _pgdPfn);
-        if (pgd > 0)
+        if (pgd >= 0)
             CollectTables(pgd, 3, result);
         return result;
     }
@@ -237,7 +237,7 @@ internal sealed unsafe partial class AddressSpace
     {
         var result = new List<(ulong, Pte)>();
         long pgd = Volatile.Read(ref _pgdPfn);
-        if (pgd > 0)
+        if (pgd >= 0)
             CollectPtes(pgd, 3, 0, result);
         return result;
     }

@@ -613,8 +613,8 @@ internal sealed unsafe partial class AddressSpace
             _vmas.Clear();
             var tables = new List<long>();
             FreePageTables(0, TaskSize + PageSize, tables);
-            long pgd = Interlocked.Exchange(ref _pgdPfn, 0);
-            if (pgd > 0)
+            long pgd = Interlocked.Exchange(ref _pgdPfn, -1);
+            if (pgd >= 0)
                 tables.Add(pgd);
             BumpGeneration();
             _machine.FlushTlb();
