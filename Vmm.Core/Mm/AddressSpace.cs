@@ -413,8 +413,8 @@ internal sealed unsafe partial class AddressSpace
             return Errno.None;
         ulong aligned = (length + PageMask) & ~PageMask;
         ulong end = address + aligned;
-        if (aligned < length || end <= address || end > TaskSize)
-            return Errno.ENOMEM;
+        if (aligned < length || end <= address)
+            return Errno.ENOMEM; // beyond TASK_SIZE there is no VMA: the loop reports the hole
         MmapLock.EnterWriteLock();
         try
         {
