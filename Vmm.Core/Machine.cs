@@ -110,6 +110,9 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>Copy-on-write faults that copied a page. Atomic.</summary>
     internal long CowFaults;
 
+    /// <summary>Pages moved to a new frame under running threads (TryReplacePage). Atomic.</summary>
+    internal long PagesReplaced;
+
     private readonly ConcurrentDictionary<int, Process> _processes = new();
     private int _nextPid;
     private readonly Lock _deferredLock = new();

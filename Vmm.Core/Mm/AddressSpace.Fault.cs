@@ -48,8 +48,13 @@ internal sealed unsafe partial class AddressSpace
             var pte = new Pte(Volatile.Read(ref *slot));
             if (pte.IsNone)
                 return vma.IsShared ? SharedFault(vma, va, slot, ptePfn, write) : AnonymousFault(vma, va, slot, ptePfn, write);
+            if (pte.IsMigrationEntry)
+            {
+                MigrationEntryWait(slot, ptePfn, pte);
+                return FaultResult.Done;
+            }
             if (!pte.IsPresent)
-                throw new VmBugException($"fault on a non-present entry ({pte}) at 0x{va:x}: no mechanism installs those yet");
+                throw new VmBugException($"fault on a swap entry ({pte}) at 0x{va:x}: swap is not built yet");
             if ((pte.Value & Pte.UserBit) == 0)
             {
                 // PROT_NONE was lifted: give user access back (the write bit comes back through a write fault).
@@ -64,6 +69,24 @@ internal sealed unsafe partial class AddressSpace
         {
             MmapLock.ExitReadLock();
         }
+    }
+
+    /// <summary>
+    /// migration_entry_wait: the page is being moved under its page lock. Wait for the lock (the
+    /// migrator never waits for us), then let the caller retry. The reference, taken while the pte lock
+    /// shows the entry still in place, keeps the frame from being freed (and its flags from being
+    /// reused) while we sleep on it.
+    /// </summary>
+    private void MigrationEntryWait(ulong* slot, long ptePfn, Pte entry)
+    {
+        long pfn = entry.SwapOffset;
+        LockPte(ptePfn);
+        bool pinned = Volatile.Read(ref *slot) == entry.Value && _machine.MemMap.TryGetPageUnlessZero(pfn);
+        UnlockPte(ptePfn);
+        if (!pinned)
+            return;
+        _machine.PageLock.WaitUnlocked(pfn);
+        _machine.PutPage(pfn);
     }
 
     /// <summary>Replaces a PTE if it still holds <paramref name="expected"/>. Returns false if it changed meanwhile.</summary>

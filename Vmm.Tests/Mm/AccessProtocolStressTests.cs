@@ -1,0 +1,155 @@
+using System.Diagnostics;
+using Vmm.Mm;
+
+namespace Vmm.Tests.Mm;
+
+/// <summary>
+/// The access protocol under fire: writer threads write known patterns into their pages while other
+/// threads keep replacing those pages' frames (freeze with a migration entry, flush, verify, copy,
+/// commit) and forking the process (write-protect, flush, copy-on-write). The oracle: every writer's
+/// shadow of its own pages; every byte of every page must match it, no write may be lost, and no
+/// process may see another's values.
+/// </summary>
+[TestFixture]
+[Category("Stress")]
+public sealed class AccessProtocolStressTests
+{
+    private const int PagesPerWriter = 16;
+    private const int SlotsPerPage = 4096 / 8;
+
+    [Test]
+    public void No_write_is_lost_or_misplaced_while_frames_are_replaced_and_processes_fork()
+    {
+        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
+        Process[] processes = [machine.CreateProcess(homeNode: 0), machine.CreateProcess(homeNode: 1)];
+        const int writersPerProcess = 2;
+        int writesPerWriter = 20_000 * TestEnvironment.StressScale;
+        long minReplacements = 2_000L * TestEnvironment.StressScale, minForks = 40L * TestEnvironment.StressScale;
+        var safety = TimeSpan.FromSeconds(120);
+        TimeSpan? duration = TestEnvironment.StressDuration;
+        var stopwatch = Stopwatch.StartNew();
+
+        var regions = new List<(Process Process, ulong Base, int Writer)>();
+        int writerId = 0;
+        foreach (Process p in processes)
+        {
+            for (int w = 0; w < writersPerProcess; w++)
+                regions.Add((p, p.Mmap(PagesPerWriter * 4096UL), ++writerId));
+        }
+
+        var failures = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        int writersRunning = regions.Count;
+        long replaced = 0, forks = 0, busy = 0;
+        using var start = new ManualResetEventSlim();
+
+        void Writer((Process Process, ulong Base, int Writer) region)
+        {
+            start.Wait();
+            var random = new Random(region.Writer);
+            var shadow = new ulong[PagesPerWriter * SlotsPerPage];
+            var buffer = new byte[4096];
+            ulong tag = (ulong)region.Writer << 48;
+            bool More(long i) => duration is { } d
+                ? stopwatch.Elapsed < d
+                : (i < writesPerWriter || Volatile.Read(ref replaced) < minReplacements || Volatile.Read(ref forks) < minForks) && stopwatch.Elapsed < safety;
+            for (long i = 0; More(i); i++)
+            {
+                int slot = random.Next(shadow.Length);
+                ulong value = tag | (ulong)(i + 1);
+                region.Process.Write(region.Base + (ulong)slot * 8, value);
+                shadow[slot] = value;
+                if (i % 64 == 0)
+                {
+                    int page = random.Next(PagesPerWriter);
+                    region.Process.Read(region.Base + (ulong)page * 4096, buffer);
+                    for (int s = 0; s < SlotsPerPage; s++)
+                    {
+                        ulong seen = BitConverter.ToUInt64(buffer, s * 8);
+                        if (seen != shadow[page * SlotsPerPage + s])
+                            failures.Enqueue($"writer {region.Writer}: slot {page * SlotsPerPage + s} reads {seen:x}, wrote {shadow[page * SlotsPerPage + s]:x}");
+                    }
+                }
+            }
+            // Every byte, one last time.
+            for (int page = 0; page < PagesPerWriter; page++)
+            {
+                region.Process.Read(region.Base + (ulong)page * 4096, buffer);
+                for (int s = 0; s < SlotsPerPage; s++)
+                {
+                    ulong seen = BitConverter.ToUInt64(buffer, s * 8);
+                    if (seen != shadow[page * SlotsPerPage + s])
+                        failures.Enqueue($"writer {region.Writer} at the end: slot {page * SlotsPerPage + s} reads {seen:x}, wrote {shadow[page * SlotsPerPage + s]:x}");
+                }
+            }
+            Interlocked.Decrement(ref writersRunning);
+        }
+
+        void Replacer()
+        {
+            start.Wait();
+            var random = new Random(99);
+            while (Volatile.Read(ref writersRunning) > 0)
+            {
+                (Process p, ulong baseVa, _) = regions[random.Next(regions.Count)];
+                ulong va = baseVa + (ulong)random.Next(PagesPerWriter) * 4096;
+                Errno result = p.Mm.TryReplacePage(va, random.Next(2));
+                if (result == Errno.None)
+                    Interlocked.Increment(ref replaced);
+                else if (result is Errno.EBUSY or Errno.EAGAIN or Errno.ENOENT or Errno.EFAULT)
+                    Interlocked.Increment(ref busy);
+                else
+                    failures.Enqueue($"replace returned {result}");
+            }
+        }
+
+        void Forker()
+        {
+            start.Wait();
+            var random = new Random(7);
+            var buffer = new byte[4096];
+            while (Volatile.Read(ref writersRunning) > 0)
+            {
+                int index = random.Next(processes.Length);
+                Process child = processes[index].Fork();
+                Interlocked.Increment(ref forks);
+                // The child's copy holds only values its parent's writers wrote (or zero).
+                foreach ((Process owner, ulong baseVa, int writer) in regions)
+                {
+                    if (owner != processes[index])
+                        continue;
+                    child.Read(baseVa + (ulong)random.Next(PagesPerWriter) * 4096, buffer);
+                    for (int s = 0; s < SlotsPerPage; s++)
+                    {
+                        ulong seen = BitConverter.ToUInt64(buffer, s * 8);
+                        if (seen != 0 && (int)(seen >> 48) != writer)
+                            failures.Enqueue($"a child of {owner} sees value {seen:x} in writer {writer}'s page");
+                    }
+                }
+                child.Write<ulong>(regions[index * writersPerProcess].Base, 0xDEAD); // a COW break in the child only
+                child.Exit();
+                Thread.Sleep(1);
+            }
+        }
+
+        Thread[] threads =
+        [
+            .. regions.Select(r => new Thread(() => Writer(r))),
+            new Thread(Replacer),
+            new Thread(Forker),
+        ];
+        foreach (Thread t in threads)
+            t.Start();
+        start.Set();
+        foreach (Thread t in threads)
+            t.Join();
+
+        Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
+        Assert.That(replaced, Is.GreaterThanOrEqualTo(duration is null ? minReplacements : 1), $"frames were really replaced under the writers ({busy} attempts backed off)");
+        Assert.That(forks, Is.GreaterThanOrEqualTo(duration is null ? minForks : 1));
+        Assert.That(machine.Audit(), Is.Empty);
+        foreach (Process p in processes)
+            p.Exit();
+        Assert.That(machine.Audit(), Is.Empty);
+        TestContext.Out.WriteLine($"replaced {replaced} frames ({busy} backed off), {forks} forks, {TlbShootdown.Flushes} flushes");
+    }
+}
