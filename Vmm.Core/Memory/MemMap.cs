@@ -162,7 +162,10 @@ internal sealed unsafe class MemMap : IDisposable
     {
         long head = CompoundHead(pfn);
         if (Interlocked.Increment(ref this[head].RefCount) <= 1)
+        {
+            Interlocked.Decrement(ref this[head].RefCount); // leave the free frame as it was
             throw new VmBugException($"get_page on frame {head} with no reference");
+        }
     }
 
     /// <summary>
@@ -171,7 +174,7 @@ internal sealed unsafe class MemMap : IDisposable
     /// </summary>
     public bool TryGetPageUnlessZero(long pfn)
     {
-        ref int count = ref this[pfn].RefCount;
+        ref int count = ref this[CompoundHead(pfn)].RefCount;
         int current = Volatile.Read(ref count);
         while (current > 0)
         {

@@ -387,13 +387,14 @@ public sealed unsafe class PageAllocator
 #endif
             if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 PageOps.Zero(_arena.FrameAddress(pfn + i));
-            page.Flags = compound ? (ulong)(i == 0 ? PageFlags.Head : PageFlags.Tail) : 0;
             if (compound)
             {
+                // Head pointer first, flags last: a racy reader that sees PG_tail finds its head.
                 page.CompoundHead = (uint)pfn;
                 if (i == 0)
                     page.CompoundOrder = (byte)order;
             }
+            Volatile.Write(ref page.Flags, compound ? (ulong)(i == 0 ? PageFlags.Head : PageFlags.Tail) : 0);
         }
         // Publish the reference last: a scanner's TryGetPageUnlessZero must see a prepared frame.
         Volatile.Write(ref _memMap[pfn].RefCount, 1);
@@ -492,7 +493,8 @@ public sealed unsafe class PageAllocator
             {
                 lock (zone.Lock)
                 {
-                    FreeOneLocked(zone, pfn, 0, mt);
+                    // Read again under the zone lock: an undo may have restored the type meanwhile.
+                    FreeOneLocked(zone, pfn, 0, PageblockType(pfn));
                     zone.BuddyFrees++;
                 }
                 return;
@@ -555,6 +557,7 @@ public sealed unsafe class PageAllocator
             ref PageDescriptor b = ref _memMap[buddy];
             if ((b.Flags & (ulong)PageFlags.Buddy) == 0 || (int)b.Private != order)
                 break;
+            Debug.Assert(order >= PageblockOrder || (MigrateType)b.Index == mt, "buddies within a pageblock sit on lists of its type");
             if (order >= PageblockOrder && (MigrateType)b.Index != mt)
             {
                 // Beyond a pageblock the buddy may be of another type. An ISOLATE pageblock must never
@@ -722,11 +725,14 @@ public sealed unsafe class PageAllocator
             DrainZone(zone);
     }
 
-    private void DrainZone(Zone zone)
+    /// <param name="zone">the zone.</param>
+    /// <param name="force">take every slot's spin word even if its count reads zero: isolation needs
+    /// this, since a free may hold the word with the frame not yet pushed (see FreeToPcp).</param>
+    private void DrainZone(Zone zone, bool force = false)
     {
         foreach (PerCpuPages pcp in zone.Pcp)
         {
-            if (Volatile.Read(ref pcp.Count) == 0)
+            if (!force && Volatile.Read(ref pcp.Count) == 0)
                 continue;
             pcp.Enter();
             try
@@ -774,9 +780,11 @@ public sealed unsafe class PageAllocator
                 return error;
             }
         }
-        // Flush the per-CPU caches: frames of the isolated pageblocks cached there now go to the
-        // ISOLATE lists (see FreeToPcp for why this closes the race with concurrent frees).
-        DrainAllPages();
+        // Flush the per-CPU caches, taking every slot's spin word: frames of the isolated pageblocks
+        // cached there now go to the ISOLATE lists (see FreeToPcp for why this closes the race with
+        // concurrent frees; it holds only if no slot is skipped).
+        foreach (Zone zone in Zones)
+            DrainZone(zone, force: true);
         return Errno.None;
     }
 

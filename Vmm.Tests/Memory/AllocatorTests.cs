@@ -163,6 +163,18 @@ public sealed class AllocatorTests
     }
 
     [Test]
+    public void GetPage_on_a_free_frame_is_refused_and_cannot_resurrect_it()
+    {
+        using var machine = new Machine(Small);
+        long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
+        machine.Allocator.FreePages(pfn);
+        Assert.Throws<VmBugException>(() => machine.MemMap.GetPage(pfn));
+        Assert.That(machine.GetPageInfo(pfn).RefCount, Is.Zero, "the failed get_page left no reference");
+        Assert.That(machine.MemMap.TryGetPageUnlessZero(pfn), Is.False, "a free frame cannot be taken by a stale holder");
+        Assert.That(machine.Allocator.AllocPages(0, AllocFlags.Movable), Is.EqualTo(pfn), "and the frame is still allocatable");
+    }
+
+    [Test]
     public void Freeing_a_page_that_is_still_mapped_is_refused_and_leaves_the_reference()
     {
         using var machine = new Machine(Small);

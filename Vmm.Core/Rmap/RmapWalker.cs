@@ -1,0 +1,229 @@
+// RmapWalker: from a frame to every PTE that maps it (Linux's mm/rmap.c: rmap_walk and its users).
+//
+// An anonymous page names its anon_vma; each VMA on that anon_vma's list may map it, at the address its
+// index gives. A shared (shmem) page names its object; each VMA of the object may map it. The walk
+// visits each candidate mapping under the anon_vma (or object) lock, which keeps every visited VMA and
+// its page tables alive: munmap and exit unlink a VMA under that lock before they free its tables.
+//
+// On top of the walk: PageReferenced (test and clear accessed bits), TryToUnmap (replace every mapping
+// with a non-present entry: a migration entry, later a swap entry) and RemoveMigrationPtes (map the
+// page, or its replacement, back where the migration entries are).
+//
+// Lock order: page lock -> anon_vma lock (or shmem lock) -> pte lock.
+using Vmm.Memory;
+using Vmm.Mm;
+
+namespace Vmm.Rmap;
+
+/// <summary>How an rmap walk visits the mappings of a page (Linux's struct rmap_walk_control).</summary>
+internal sealed class RmapWalkControl
+{
+    /// <summary>Called for each VMA that may map the page, with the address there. Return false to stop the walk.</summary>
+    public required Func<long, Vma, ulong, bool> RmapOne { get; init; }
+
+    /// <summary>Called after each mapping; return true when the walk can stop (for example: no mappings left).</summary>
+    public Func<long, bool>? Done { get; init; }
+
+    /// <summary>Replaces the default anon_vma lookup and lock; returns the locked anon_vma or null to skip the walk.</summary>
+    public Func<long, AnonVma?>? AnonLock { get; init; }
+
+    /// <summary>Return true to skip a VMA.</summary>
+    public Func<Vma, bool>? InvalidVma { get; init; }
+
+    /// <summary>Only try the anon_vma lock; on contention, set Contended and give up.</summary>
+    public bool TryLock { get; init; }
+
+    /// <summary>Set when TryLock found the lock taken.</summary>
+    public bool Contended { get; set; }
+}
+
+/// <summary>The reverse-map walks of a machine.</summary>
+internal sealed unsafe class RmapWalker
+{
+    private readonly Machine _machine;
+
+    public RmapWalker(Machine machine) => _machine = machine;
+
+    /// <summary>
+    /// rmap_walk: visits every VMA that may map <paramref name="pfn"/>. Preconditions: the caller holds
+    /// the page lock (or a reference and TryLock), so the page's mapping cannot change under the walk.
+    /// </summary>
+    public void Walk(long pfn, RmapWalkControl control)
+    {
+        ref PageDescriptor page = ref _machine.MemMap[_machine.MemMap.CompoundHead(pfn)];
+        ulong mapping = Volatile.Read(ref page.Mapping);
+        ulong tag = mapping & PageDescriptor.MappingTagMask;
+        long handle = (long)(mapping >> 2);
+        if (mapping == 0 || tag == PageDescriptor.MappingMovable)
+            return;
+        ulong index = page.Index;
+        if (tag == PageDescriptor.MappingAnon)
+        {
+            AnonVma? anonVma;
+            if (control.AnonLock is { } customLock)
+            {
+                anonVma = customLock(pfn);
+                if (anonVma is null)
+                    return;
+            }
+            else
+            {
+                anonVma = _machine.Mappings.Find<AnonVma>(handle);
+                if (anonVma is null)
+                    return;
+                if (control.TryLock)
+                {
+                    if (!Monitor.TryEnter(anonVma.Lock))
+                    {
+                        control.Contended = true;
+                        return;
+                    }
+                }
+                else
+                {
+                    Monitor.Enter(anonVma.Lock);
+                }
+            }
+            try
+            {
+                foreach (AnonVmaChain chain in anonVma.Chains.ToArray())
+                {
+                    if (!Visit(pfn, chain.Vma, index, control))
+                        return;
+                }
+            }
+            finally
+            {
+                Monitor.Exit(anonVma.Lock);
+            }
+            return;
+        }
+        if (tag == PageDescriptor.MappingKsm)
+            return; // KSM pages are walked through their stable node (the KSM issue)
+        ShmemObject? shmem = _machine.Mappings.Find<ShmemObject>(handle);
+        if (shmem is null)
+            return;
+        lock (shmem.Lock)
+        {
+            foreach (Vma vma in shmem.Vmas.ToArray())
+            {
+                if (!Visit(pfn, vma, index, control))
+                    return;
+            }
+        }
+    }
+
+    private static bool Visit(long pfn, Vma vma, ulong index, RmapWalkControl control)
+    {
+        if (vma.AddressOf(index) is not ulong address)
+            return true;
+        if (control.InvalidVma?.Invoke(vma) == true)
+            return true;
+        if (!control.RmapOne(pfn, vma, address))
+            return false;
+        return control.Done?.Invoke(pfn) != true;
+    }
+
+    /// <summary>
+    /// folio_referenced: test-and-clears the accessed bit of every PTE that maps the page. Returns how
+    /// many mappings had been referenced. Like x86 Linux, it does not flush: a translation cached in a
+    /// software TLB keeps working and is counted again only after its next refill.
+    /// </summary>
+    public int PageReferenced(long pfn)
+    {
+        int referenced = 0;
+        Walk(pfn, new RmapWalkControl
+        {
+            RmapOne = (page, vma, address) =>
+            {
+                AddressSpace mm = vma.Mm;
+                ulong* slot = mm.FindPte(address, out long ptePfn);
+                if (slot == null)
+                    return true;
+                mm.LockPte(ptePfn);
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (pte.IsPresent && !pte.IsSpecial && pte.Pfn == page && pte.IsAccessed)
+                {
+                    Volatile.Write(ref *slot, pte.WithoutFlags(Pte.AccessedBit).Value);
+                    referenced++;
+                }
+                mm.UnlockPte(ptePfn);
+                return true;
+            },
+        });
+        return referenced;
+    }
+
+    /// <summary>
+    /// try_to_migrate / try_to_unmap: replaces every PTE that maps <paramref name="pfn"/> with a
+    /// migration entry naming it, dropping each mapping's reference, then flushes once. Returns true if
+    /// no mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    public bool TryToMigrate(long pfn)
+    {
+        MemMap memMap = _machine.MemMap;
+        var touched = new HashSet<AddressSpace>();
+        Walk(pfn, new RmapWalkControl
+        {
+            RmapOne = (page, vma, address) =>
+            {
+                AddressSpace mm = vma.Mm;
+                ulong* slot = mm.FindPte(address, out long ptePfn);
+                if (slot == null)
+                    return true;
+                mm.LockPte(ptePfn);
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (pte.IsPresent && !pte.IsSpecial && pte.Pfn == page)
+                {
+                    int type = pte.IsWrite ? Pte.MigrationWriteType : Pte.MigrationReadType;
+                    Volatile.Write(ref *slot, Pte.SwapEntry(type, page).Value);
+                    Interlocked.Decrement(ref memMap[page].MapCount);
+                    touched.Add(mm);
+                    // The migration entry holds no reference (RSS still counts it, as in Linux).
+                    if (memMap.PutPageTestZero(page))
+                        throw new VmBugException($"try_to_migrate dropped the last reference of frame {page}");
+                }
+                mm.UnlockPte(ptePfn);
+                return true;
+            },
+            Done = page => memMap.MapCount(page) == 0,
+        });
+        foreach (AddressSpace mm in touched)
+            mm.BumpGeneration();
+        if (touched.Count > 0)
+            _machine.FlushTlb();
+        return memMap.MapCount(pfn) == 0;
+    }
+
+    /// <summary>
+    /// remove_migration_ptes: every migration entry naming <paramref name="oldPfn"/> in the mappings of
+    /// <paramref name="newPfn"/> (which carries the old page's mapping and index) becomes a present PTE
+    /// of <paramref name="newPfn"/> again, with a reference and a mapcount each.
+    /// Preconditions: both pages locked (or the new one not yet visible to anyone else).
+    /// </summary>
+    public void RemoveMigrationPtes(long oldPfn, long newPfn)
+    {
+        MemMap memMap = _machine.MemMap;
+        Walk(newPfn, new RmapWalkControl
+        {
+            RmapOne = (page, vma, address) =>
+            {
+                AddressSpace mm = vma.Mm;
+                ulong* slot = mm.FindPte(address, out long ptePfn);
+                if (slot == null)
+                    return true;
+                mm.LockPte(ptePfn);
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (pte.IsMigrationEntry && pte.SwapOffset == oldPfn)
+                {
+                    bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
+                    memMap.GetPage(newPfn);
+                    Interlocked.Increment(ref memMap[newPfn].MapCount);
+                    Volatile.Write(ref *slot, Pte.Make(newPfn, write, dirty: write, accessed: true).Value);
+                }
+                mm.UnlockPte(ptePfn);
+                return true;
+            },
+        });
+    }
+}
