@@ -38,6 +38,7 @@ public sealed unsafe class Machine : IDisposable
             _memMap = new MemMap(Topology.TotalFrames);
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
+            Rmap = new RmapWalker(this);
         }
         catch
         {
@@ -110,8 +111,11 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>Copy-on-write faults that copied a page. Atomic.</summary>
     internal long CowFaults;
 
-    /// <summary>Pages moved to a new frame under running threads (TryReplacePage). Atomic.</summary>
-    internal long PagesReplaced;
+    /// <summary>pgmigrate_success: pages moved to a new frame under running threads. Atomic.</summary>
+    internal long PagesMigrated;
+
+    /// <summary>The reverse-map walks.</summary>
+    internal RmapWalker Rmap { get; }
 
     private readonly ConcurrentDictionary<int, Process> _processes = new();
     private int _nextPid;

@@ -76,6 +76,44 @@ internal sealed unsafe partial class AddressSpace
         child.Teardown();
     }
 
+    /// <summary>
+    /// copy_nonpresent_pte for a migration entry: the child gets the entry too (the migrator restores
+    /// it through the reverse map); a private writable one becomes read-only in both, as the page is now
+    /// shared copy-on-write.
+    /// </summary>
+    private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child)
+    {
+        LockPte(ptePfn);
+        try
+        {
+            var pte = new Pte(Volatile.Read(ref *slot));
+            if (pte.IsPresent || pte.IsNone)
+                return false;
+            if (!pte.IsMigrationEntry)
+                throw new VmBugException($"fork met a swap entry ({pte}): swap is not built yet");
+            if (!parentVma.IsShared)
+            {
+                _machine.MemMap.ClearFlag(pte.SwapOffset, PageFlags.AnonExclusive);
+                if (pte.SwapType == Pte.MigrationWriteType)
+                {
+                    pte = Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset);
+                    Volatile.Write(ref *slot, pte.Value);
+                }
+                Interlocked.Increment(ref child.RssAnon);
+            }
+            else
+            {
+                Interlocked.Increment(ref child.RssShmem);
+            }
+            *childSlot = pte.Value;
+            return true;
+        }
+        finally
+        {
+            UnlockPte(ptePfn);
+        }
+    }
+
     /// <summary>copy_page_range for one VMA. Preconditions: this mm's mmap_lock held for write.</summary>
     private bool CopyPageRange(Vma parentVma, Vma childVma, AddressSpace child, ref bool writeProtected)
     {
@@ -88,16 +126,28 @@ internal sealed unsafe partial class AddressSpace
                 va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
                 continue;
             }
-            var pte = new Pte(Volatile.Read(ref *slot));
-            if (pte.IsNone)
+            if (Volatile.Read(ref *slot) == 0)
                 continue;
-            if (!pte.IsPresent)
-                throw new VmBugException($"fork met a non-present entry ({pte}): no mechanism installs those yet");
             ulong* childSlot = child.AllocPte(va, out long childPtePfn);
             if (childSlot == null)
                 return false;
+            if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child))
+                continue;
+
+            // Everything below runs under the parent's pte lock: the page migrator changes PTEs
+            // without the mmap_lock, and must see either the parent's PTE alone or both mappings.
+            LockPte(ptePfn);
+            var pte = new Pte(Volatile.Read(ref *slot));
+            if (!pte.IsPresent)
+            {
+                UnlockPte(ptePfn);
+                if (!pte.IsNone)
+                    va -= PageSize; // it just became a migration entry: look at this PTE again
+                continue;
+            }
             if (pte.IsSpecial)
             {
+                UnlockPte(ptePfn);
                 *childSlot = pte.Value;
                 continue;
             }
@@ -106,21 +156,25 @@ internal sealed unsafe partial class AddressSpace
             {
                 memMap.GetPage(pfn);
                 Interlocked.Increment(ref memMap[pfn].MapCount);
+                UnlockPte(ptePfn);
                 *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
                 Interlocked.Increment(ref child.RssShmem);
                 continue;
             }
-
-            LockPte(ptePfn);
-            pte = new Pte(Volatile.Read(ref *slot));
             if (memMap[pfn].PinCount > 0 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
             {
+                // The pin must keep seeing the parent's writes: the child gets its own copy now. The
+                // reference keeps the frame while we copy without the lock.
+                memMap.GetPage(pfn);
                 UnlockPte(ptePfn);
-                // The pin must keep seeing the parent's writes: the child gets its own copy now.
                 long copyPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, child.HomeNode);
                 if (copyPfn == PageAllocator.NoPfn)
+                {
+                    _machine.PutPage(pfn);
                     return false;
+                }
                 PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
+                _machine.PutPage(pfn);
                 child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
                 *childSlot = Pte.Make(copyPfn, write: pte.IsWrite, dirty: true).Value;
                 Interlocked.Increment(ref child.RssAnon);
@@ -135,8 +189,8 @@ internal sealed unsafe partial class AddressSpace
                 Volatile.Write(ref *slot, pte.Value);
                 writeProtected = true;
             }
-            UnlockPte(ptePfn);
             *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
+            UnlockPte(ptePfn);
             Interlocked.Increment(ref child.RssAnon);
         }
         return true;

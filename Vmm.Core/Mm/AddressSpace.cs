@@ -383,7 +383,17 @@ internal sealed unsafe partial class AddressSpace
             var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
             UnlockPte(ptePfn);
             if (!old.IsPresent)
-                continue; // swap and migration entries: later issues
+            {
+                // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
+                if (old.IsMigrationEntry)
+                {
+                    if (vma.IsShared)
+                        Interlocked.Decrement(ref RssShmem);
+                    else
+                        Interlocked.Decrement(ref RssAnon);
+                }
+                continue;
+            }
             if (old.IsSpecial)
                 continue; // the zero page is not refcounted per mapping
             PageRemoveRmap(old.Pfn, vma);
@@ -470,7 +480,12 @@ internal sealed unsafe partial class AddressSpace
             }
             LockPte(ptePfn);
             var pte = new Pte(Volatile.Read(ref *slot));
-            if (pte.IsPresent && (pte.IsWrite || removeAccess))
+            if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
+            {
+                // The page comes back read-only when its migration ends.
+                Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset).Value);
+            }
+            else if (pte.IsPresent && (pte.IsWrite || removeAccess))
             {
                 Pte narrowed = removeAccess ? pte.WithoutFlags(Pte.WriteBit | Pte.UserBit) : pte.WithoutWrite();
                 Volatile.Write(ref *slot, narrowed.Value);

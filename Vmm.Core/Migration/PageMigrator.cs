@@ -1,0 +1,100 @@
+// PageMigrator: moves one page to a new frame while the processes that map it keep running (Linux's
+// unmap_and_move: migrate_folio_unmap, then migrate_folio_move). The engine of migrate_pages, KSM
+// page migration and hot-remove is built on it; here it moves anonymous and shared-anonymous pages
+// wherever they are mapped, through the reverse map.
+//
+// Freeze, verify, commit:
+//   1. trylock the page (a mechanism never sleeps on a page lock another one holds);
+//   2. replace every PTE that maps it with a migration entry (TryToMigrate), which flushes: from here
+//      no thread touches the old frame, and a thread that faults on an entry sleeps on the page lock;
+//   3. verify: the only references left are the caller's (and the page cache's, for shared memory).
+//      Anything more is a pin or a racing user: map the old page back and report EBUSY;
+//   4. copy the contents and the descriptor's identity (mapping, index, flags) to the new frame;
+//   5. commit, the point of no return: the page cache and every migration entry now name the new frame;
+//   6. unlock; the old frame is freed when the caller drops its reference.
+using Vmm.Memory;
+using Vmm.Native;
+using Vmm.Rmap;
+
+namespace Vmm.Migration;
+
+internal static class PageMigrator
+{
+    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.AnonExclusive | PageFlags.Dirty |
+                                      PageFlags.Referenced | PageFlags.Uptodate;
+
+    /// <summary>
+    /// Moves the page in <paramref name="pfn"/> to a new frame on <paramref name="targetNode"/>.
+    /// Preconditions: the caller holds a reference to the page (and drops it afterwards).
+    /// </summary>
+    /// <returns>None; EBUSY (locked by another mechanism, pinned, or in use elsewhere); EAGAIN (its
+    /// mappings changed under us: try again); EINVAL (not an anonymous or shared-anonymous page);
+    /// ENOMEM (no frame on the target node).</returns>
+    public static unsafe Errno MovePage(Machine machine, long pfn, int targetNode)
+    {
+        MemMap memMap = machine.MemMap;
+        if (!machine.PageLock.TryLock(pfn))
+            return Errno.EBUSY;
+        try
+        {
+            ref PageDescriptor oldPage = ref memMap[pfn];
+            ulong mapping = oldPage.Mapping;
+            ulong tag = mapping & PageDescriptor.MappingTagMask;
+            if (mapping == 0 || tag is PageDescriptor.MappingMovable or PageDescriptor.MappingKsm || memMap.IsCompound(pfn) ||
+                (oldPage.Flags & (ulong)PageFlags.Reserved) != 0)
+                return Errno.EINVAL;
+            ShmemObject? shmem = tag == 0 ? machine.Mappings.Find<ShmemObject>((long)(mapping >> 2)) : null;
+            if (tag == 0 && shmem is null)
+                return Errno.EAGAIN; // the object went away: the page is being freed
+
+            long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, targetNode);
+            if (newPfn == PageAllocator.NoPfn)
+                return Errno.ENOMEM;
+
+            // 2. Freeze.
+            if (!machine.Rmap.TryToMigrate(pfn))
+            {
+                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+                machine.PutPage(newPfn);
+                return Errno.EAGAIN;
+            }
+
+            // 3. Verify: one reference is the caller's, one the page cache's for shared memory.
+            int expected = 1 + (shmem is null ? 0 : 1);
+            if (memMap.RefCount(pfn) != expected || oldPage.PinCount != 0)
+            {
+                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+                machine.PutPage(newPfn);
+                return Errno.EBUSY;
+            }
+
+            // 4. Copy.
+            PageOps.Copy(machine.Arena.FrameAddress(newPfn), machine.Arena.FrameAddress(pfn));
+            ref PageDescriptor newPage = ref memMap[newPfn];
+            newPage.Mapping = oldPage.Mapping;
+            newPage.Index = oldPage.Index;
+            Interlocked.Or(ref newPage.Flags, oldPage.Flags & (ulong)Carried);
+
+            // 5. Commit: past this line the page lives in the new frame.
+            if (shmem is not null)
+            {
+                lock (shmem.Lock)
+                {
+                    // The new frame's first reference becomes the page cache's; the old one's goes.
+                    shmem.Pages[(long)oldPage.Index] = newPfn;
+                }
+                machine.PutPage(pfn);
+            }
+            machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+            if (shmem is null)
+                machine.PutPage(newPfn); // the allocation's reference: the mappings hold their own now
+            Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
+            Interlocked.Increment(ref machine.PagesMigrated);
+            return Errno.None;
+        }
+        finally
+        {
+            machine.PageLock.Unlock(pfn);
+        }
+    }
+}
