@@ -92,6 +92,17 @@ public sealed class Process
     /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
     public void Fill(ulong address, ulong length, byte value) => Mm.Fill(address, length, value);
 
+    /// <summary>
+    /// pin_user_pages: pins the pages of a range for zero-copy host access through per-page spans. A
+    /// pinned page holds an extra reference, so migration, KSM and hot-remove leave it alone; dispose
+    /// the result to unpin.
+    /// </summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access (nothing stays pinned).</exception>
+    public PinnedMemory Pin(ulong address, ulong length, bool write) => Mm.Pin(address, length, write);
+
+    /// <summary>What /proc/pid/pagemap says about the page at <paramref name="address"/>.</summary>
+    public PagemapEntry GetPagemap(ulong address) => Mm.GetPagemap(address);
+
     /// <summary>Forks: a child with a copy-on-write copy of this address space.</summary>
     /// <exception cref="InsufficientMemoryException">no frames for the child's page tables (nothing changed).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>

@@ -30,7 +30,14 @@ internal enum FaultResult
 internal sealed unsafe partial class AddressSpace
 {
     /// <summary>Handles a fault at <paramref name="va"/>; the caller retries the access on Done.</summary>
-    public FaultResult TryHandleFault(ulong va, bool write)
+    public FaultResult TryHandleFault(ulong va, bool write) => TryHandleFault(va, write, unshare: false);
+
+    /// <summary>
+    /// Handles a fault. <paramref name="unshare"/> (FAULT_FLAG_UNSHARE, for read pins): a private page that
+    /// is not exclusive to this process is copied, and the copy mapped read-only, so that a pin of it can
+    /// never be separated from the process by a later copy-on-write.
+    /// </summary>
+    public FaultResult TryHandleFault(ulong va, bool write, bool unshare)
     {
         MmapLock.EnterReadLock();
         try
@@ -47,7 +54,7 @@ internal sealed unsafe partial class AddressSpace
                 return FaultResult.OutOfMemory;
             var pte = new Pte(Volatile.Read(ref *slot));
             if (pte.IsNone)
-                return vma.IsShared ? SharedFault(vma, va, slot, ptePfn, write) : AnonymousFault(vma, va, slot, ptePfn, write);
+                return vma.IsShared ? SharedFault(vma, va, slot, ptePfn, write) : AnonymousFault(vma, va, slot, ptePfn, write || unshare, mapWritable: !unshare || write);
             if (pte.IsMigrationEntry)
             {
                 MigrationEntryWait(slot, ptePfn, pte);
@@ -62,7 +69,9 @@ internal sealed unsafe partial class AddressSpace
                 return FaultResult.Done;
             }
             if (write && !pte.IsWrite)
-                return WriteProtectFault(vma, va, slot, ptePfn, pte);
+                return WriteProtectFault(vma, va, slot, ptePfn, pte, unshare: false);
+            if (unshare && !vma.IsShared && (pte.IsSpecial || !_machine.MemMap.TestFlag(pte.Pfn, PageFlags.AnonExclusive)))
+                return WriteProtectFault(vma, va, slot, ptePfn, pte, unshare: true);
             return FaultResult.Done; // spurious: another thread fixed it, or the TLB fill will set A/D
         }
         finally
@@ -101,7 +110,7 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>do_anonymous_page.</summary>
-    private FaultResult AnonymousFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write)
+    private FaultResult AnonymousFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write, bool mapWritable = true)
     {
         if (!write)
         {
@@ -124,7 +133,7 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         PageAddNewAnonRmap(pfn, vma, va, anonVma);
-        Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite, dirty: true, accessed: true).Value);
+        Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite && mapWritable, dirty: true, accessed: true).Value);
         UnlockPte(ptePfn);
         Interlocked.Increment(ref RssAnon);
         return FaultResult.Done;
@@ -152,7 +161,7 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>do_wp_page: a write to a present, read-only PTE in a writable VMA.</summary>
-    private FaultResult WriteProtectFault(Vma vma, ulong va, ulong* slot, long ptePfn, Pte pte)
+    private FaultResult WriteProtectFault(Vma vma, ulong va, ulong* slot, long ptePfn, Pte pte, bool unshare)
     {
         if (vma.IsShared)
         {
@@ -179,7 +188,8 @@ internal sealed unsafe partial class AddressSpace
             }
             if (exclusive)
             {
-                Volatile.Write(ref *slot, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit).Value);
+                if (!unshare)
+                    Volatile.Write(ref *slot, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit).Value);
                 UnlockPte(ptePfn);
                 return FaultResult.Done;
             }
@@ -209,7 +219,7 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         PageAddNewAnonRmap(newPfn, vma, va, anonVma);
-        Volatile.Write(ref *slot, Pte.Make(newPfn, write: true, dirty: true, accessed: true).Value);
+        Volatile.Write(ref *slot, Pte.Make(newPfn, write: !unshare, dirty: true, accessed: true).Value);
         UnlockPte(ptePfn);
         // Other threads' cached read-only translations of the old frame are now stale.
         BumpGeneration();

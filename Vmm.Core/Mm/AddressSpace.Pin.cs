@@ -1,0 +1,138 @@
+// pin_user_pages and the pagemap (see PinnedMemory.cs).
+using Vmm.Memory;
+
+namespace Vmm.Mm;
+
+/// <summary>What /proc/pid/pagemap (with kpageflags) says about one virtual page.</summary>
+/// <param name="Present">a frame is mapped.</param>
+/// <param name="Pfn">the frame, or -1.</param>
+/// <param name="Node">the frame's node, or -1.</param>
+/// <param name="Writable">the PTE allows writes.</param>
+/// <param name="Dirty">the PTE is dirty.</param>
+/// <param name="Anonymous">a private anonymous page.</param>
+/// <param name="Exclusive">the page is mapped exclusively (PG_anon_exclusive).</param>
+/// <param name="ZeroPage">the shared zero page.</param>
+/// <param name="Ksm">a KSM page.</param>
+/// <param name="Swapped">swapped out (or being migrated).</param>
+/// <param name="MapCount">mappings of the frame.</param>
+/// <param name="Pinned">FOLL_PIN pins of the frame.</param>
+public readonly record struct PagemapEntry(
+    bool Present, long Pfn, int Node, bool Writable, bool Dirty, bool Anonymous, bool Exclusive,
+    bool ZeroPage, bool Ksm, bool Swapped, int MapCount, int Pinned);
+
+internal sealed unsafe partial class AddressSpace
+{
+    /// <summary>pin_user_pages: pins every page of the range. Throws SegmentationFault like an access would; pins nothing then.</summary>
+    public PinnedMemory Pin(ulong address, ulong length, bool write)
+    {
+        ArgumentOutOfRangeException.ThrowIfZero(length);
+        if (address + length < address)
+            throw new ArgumentOutOfRangeException(nameof(length), "the range wraps around");
+        ulong first = address & ~PageMask;
+        ulong last = (address + length - 1) & ~PageMask;
+        var frames = new long[(int)((last - first) / PageSize) + 1];
+        int pinned = 0;
+        try
+        {
+            for (ulong va = first; va <= last; va += PageSize)
+            {
+                frames[pinned] = PinOne(va, write);
+                pinned++;
+            }
+        }
+        catch
+        {
+            for (int i = 0; i < pinned; i++)
+                Unpin(frames[i]);
+            throw;
+        }
+        return new PinnedMemory(_machine, address, length, frames, write);
+    }
+
+    private void Unpin(long pfn)
+    {
+        Interlocked.Decrement(ref _machine.MemMap[pfn].PinCount);
+        _machine.PutPage(pfn);
+    }
+
+    private long PinOne(ulong va, bool write)
+    {
+        while (true)
+        {
+            FaultResult result = TryHandleFault(va, write, unshare: !write);
+            if (result != FaultResult.Done)
+            {
+                throw new SegmentationFault(va, write ? AccessKind.Write : AccessKind.Read, result switch
+                {
+                    FaultResult.MapError => SegvReason.MapError,
+                    FaultResult.AccessError => SegvReason.AccessError,
+                    FaultResult.Exited => SegvReason.Exited,
+                    _ => SegvReason.OutOfMemory,
+                });
+            }
+            MmapLock.EnterReadLock();
+            try
+            {
+                ulong* slot = FindPte(va, out long ptePfn);
+                if (slot == null)
+                    continue;
+                LockPte(ptePfn);
+                try
+                {
+                    var pte = new Pte(Volatile.Read(ref *slot));
+                    bool ready = pte.IsPresent && !pte.IsSpecial && (pte.Value & Pte.UserBit) != 0 && (!write || pte.IsWrite);
+                    if (!ready)
+                        continue; // migrated, zapped or write-protected meanwhile: fault again
+                    VmaFlags flags = VmaAt(va)?.Flags ?? VmaFlags.None;
+                    bool exclusiveOrShared = (flags & VmaFlags.Shared) != 0 || _machine.MemMap.TestFlag(pte.Pfn, PageFlags.AnonExclusive);
+                    if (!exclusiveOrShared)
+                        continue;
+                    // Under the pte lock, as the copy-on-write reuse check and the migrator's verify expect.
+                    _machine.MemMap.GetPage(pte.Pfn);
+                    Interlocked.Increment(ref _machine.MemMap[pte.Pfn].PinCount);
+                    if (write)
+                        Volatile.Write(ref *slot, pte.WithFlags(Pte.DirtyBit | Pte.AccessedBit).Value);
+                    return pte.Pfn;
+                }
+                finally
+                {
+                    UnlockPte(ptePfn);
+                }
+            }
+            finally
+            {
+                MmapLock.ExitReadLock();
+            }
+        }
+    }
+
+    /// <summary>The pagemap entry of one virtual page.</summary>
+    public PagemapEntry GetPagemap(ulong va)
+    {
+        MmapLock.EnterReadLock();
+        try
+        {
+            ulong* slot = Exited ? null : FindPte(va & ~PageMask, out _);
+            var pte = slot == null ? Pte.None : new Pte(Volatile.Read(ref *slot));
+            if (pte.IsSwapFormat)
+                return new PagemapEntry(false, -1, -1, false, false, !(VmaAt(va)?.IsShared ?? false), false, false, false, true, 0, 0);
+            if (!pte.IsPresent)
+                return new PagemapEntry(false, -1, -1, false, false, false, false, false, false, false, 0, 0);
+            long pfn = pte.Pfn;
+            MemMap memMap = _machine.MemMap;
+            ulong tag = memMap[pfn].Mapping & PageDescriptor.MappingTagMask;
+            return new PagemapEntry(true, pfn, _machine.Topology.NodeOf(pfn), pte.IsWrite, pte.IsDirty,
+                Anonymous: tag is PageDescriptor.MappingAnon or PageDescriptor.MappingKsm,
+                Exclusive: memMap.TestFlag(pfn, PageFlags.AnonExclusive),
+                ZeroPage: pte.IsSpecial,
+                Ksm: tag == PageDescriptor.MappingKsm,
+                Swapped: false,
+                MapCount: pte.IsSpecial ? 0 : memMap.MapCount(pfn),
+                Pinned: memMap[pfn].PinCount);
+        }
+        finally
+        {
+            MmapLock.ExitReadLock();
+        }
+    }
+}
