@@ -49,6 +49,10 @@ internal static class ScenarioRunner
     [
         new PageOpsScenario(),
         new AllocScenario(),
+        new FaultScenario(),
+        new CowScenario(),
+        new AccessScenario(),
+        new ForkScenario(),
     ];
 
     public static int Run(string[] args)
