@@ -142,6 +142,9 @@ public static unsafe class PageOps
     /// <param name="a">The first page.</param>
     /// <param name="b">The second page.</param>
     /// <returns><see langword="true"/> iff all 4096 bytes are equal; returns early at the first differing block.</returns>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static bool PageEquals(byte* a, byte* b)
     {
         Debug.Assert(a != null && b != null);
@@ -158,6 +161,9 @@ public static unsafe class PageOps
     /// -1 if at the first differing byte <paramref name="a"/>'s byte is smaller (compared as unsigned), 1 if it
     /// is larger, 0 if the pages are equal. Always exactly -1, 0 or 1.
     /// </returns>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static int Compare(byte* a, byte* b)
     {
         Debug.Assert(a != null && b != null);
@@ -170,6 +176,9 @@ public static unsafe class PageOps
     /// <summary>Returns whether all 4096 bytes of the page at <paramref name="p"/> are zero.</summary>
     /// <param name="p">The page.</param>
     /// <returns><see langword="true"/> iff every byte is zero; tests 256 bytes at a time (128 with Vector128, 64 scalar) and returns at the first non-zero block.</returns>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static bool IsZero(byte* p)
     {
         Debug.Assert(p != null);
@@ -213,6 +222,9 @@ public static unsafe class PageOps
     /// </remarks>
     /// <param name="p">The page.</param>
     /// <returns>The checksum defined above.</returns>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static uint Checksum(byte* p)
     {
         Debug.Assert(p != null);
@@ -225,6 +237,9 @@ public static unsafe class PageOps
     /// <remarks>Uses ordinary stores, so the destination is in cache afterwards.</remarks>
     /// <param name="dst">The destination page; must not overlap <paramref name="src"/>.</param>
     /// <param name="src">The source page.</param>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Copy(byte* dst, byte* src)
     {
         Debug.Assert(dst != null && src != null);
@@ -237,6 +252,9 @@ public static unsafe class PageOps
 
     /// <summary>Sets the 4096 bytes at <paramref name="p"/> to zero.</summary>
     /// <param name="p">The page.</param>
+    // Why AggressiveOptimization: the kernels sit on every fault, copy and scan; tiered compilation
+    // could leave them in unoptimized tier-0 code (no vector inlining) for a long time.
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Zero(byte* p)
     {
         Debug.Assert(p != null);
