@@ -28,42 +28,71 @@ internal static class MachineView
     private static void Demo(Machine machine, long touchBytes, IAnsiConsole console)
     {
         long rssBoot = HostMemory.ReadRssBytes();
-        long frames = Math.Min(touchBytes / Topology.PageSize, machine.Topology.TotalFrames / 2);
-        var pages = new List<long>((int)frames);
-        var random = new Random(42);
-        // A mix like a running system's: mostly movable user pages spread over both nodes, some
-        // unmovable ones (page tables to come), and a few 2 MiB blocks.
-        for (long i = 0; i < frames; i++)
-        {
-            AllocFlags flags = random.Next(8) == 0 ? AllocFlags.None : AllocFlags.Movable;
-            long pfn = machine.Allocator.AllocPages(0, flags, (int)(i % machine.Topology.NodeCount));
-            if (pfn == PageAllocator.NoPfn)
-                break;
-            machine.GetFrameSpan(pfn).Fill((byte)(i | 1));
-            pages.Add(pfn);
-        }
+        ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~4095UL;
+        ulong pages = bytes / 4096;
+
+        // A parent writes its memory, then forks two children: all three share every page copy-on-write.
+        Process parent = machine.CreateProcess(homeNode: 0);
+        ulong va = parent.Mmap(bytes);
+        for (ulong page = 0; page < pages; page++)
+            parent.Write(va + page * 4096, (page * 2654435761UL) | 1);
+        Process left = parent.Fork();
+        Process right = parent.Fork();
+        ShowProcesses(machine, console, [parent, left, right], va, pages,
+            $"A parent wrote {bytes >> 20} MiB, then forked twice: every page is shared copy-on-write");
+
+        // Each child writes to part of its memory: each write to a shared page copies it.
+        for (ulong page = 0; page < pages / 2; page++)
+            left.Write<byte>(va + page * 4096, 0xAA);
+        for (ulong page = 0; page < pages / 4; page++)
+            right.Write<byte>(va + page * 4096 + 8, 0xBB);
+        ShowProcesses(machine, console, [parent, left, right], va, pages,
+            "The left child wrote half of its pages, the right child a quarter: copy-on-write gave them their own");
+        console.MarkupLineInterpolated($"copy-on-write copies: {machine.GetVmStats().CowFaults:N0}; the parent still reads its own data: {parent.Read<ulong>(va) == 1}");
+
         long rssTouched = HostMemory.ReadRssBytes();
-        ShowStats(machine, console, $"After allocating and writing {pages.Count:N0} pages ({Mib(pages.Count * (long)Topology.PageSize)})");
-
-        int nodes = machine.Topology.NodeCount;
-        for (int i = 0; i < pages.Count; i++)
-            if ((i / nodes) % 2 == 0)
-                machine.Allocator.FreePages(pages[i]);
-        ShowStats(machine, console, "After freeing every other page (fragmented: few high-order blocks)");
-
-        for (int i = 0; i < pages.Count; i++)
-            if ((i / nodes) % 2 == 1)
-                machine.Allocator.FreePages(pages[i]);
-        machine.Allocator.DrainAllPages();
+        foreach (Process p in new[] { parent, left, right })
+            p.Exit();
         long released = machine.Allocator.ReleaseFreeMemory();
         long rssReleased = HostMemory.ReadRssBytes();
-        ShowStats(machine, console, "After freeing the rest (buddies coalesced again)");
+        ShowStats(machine, console, "After every process exited (every frame free again)");
 
         var rss = new Table().AddColumns("host RSS", "bytes");
         rss.AddRow("at boot", Mib(rssBoot));
-        rss.AddRow("after writing the pages", Mib(rssTouched));
+        rss.AddRow("with the three processes", Mib(rssTouched));
         rss.AddRow($"after giving {Mib(released)} of free blocks back", Mib(rssReleased));
         console.Write(rss);
+        IReadOnlyList<string> audit = machine.Audit();
+        console.MarkupLineInterpolated($"Audit: {(audit.Count == 0 ? "every counter, mapcount and refcount recounted from the page tables: clean" : string.Join("; ", audit.Take(3)))}");
+    }
+
+    private static void ShowProcesses(Machine machine, IAnsiConsole console, Process[] processes, ulong va, ulong pages, string title)
+    {
+        console.Write(new Rule(title).LeftJustified());
+        var table = new Table().AddColumns("pid", "RSS anon", "shared pages", "private pages", "page tables", "node 0 / node 1 pages");
+        foreach (Process p in processes)
+        {
+            long shared = 0, exclusive = 0, node0 = 0, node1 = 0;
+            for (ulong page = 0; page < pages; page++)
+            {
+                Vmm.Mm.PagemapEntry entry = p.GetPagemap(va + page * 4096);
+                if (!entry.Present)
+                    continue;
+                if (entry.MapCount > 1)
+                    shared++;
+                else
+                    exclusive++;
+                if (entry.Node == 0)
+                    node0++;
+                else
+                    node1++;
+            }
+            table.AddRow(p.Pid.ToString(), Mib(p.RssAnonPages * Topology.PageSize), shared.ToString("N0"), exclusive.ToString("N0"),
+                p.PageTablePages.ToString(), $"{node0:N0} / {node1:N0}");
+        }
+        console.Write(table);
+        MachineStats stats = machine.GetStats();
+        console.MarkupLineInterpolated($"machine: {Mib(stats.MemTotalBytes - stats.MemFreeBytes)} of {Mib(stats.MemTotalBytes)} in use; the three processes map {Mib(processes.Sum(p => p.RssAnonPages) * Topology.PageSize)}");
     }
 
     private static void ShowStats(Machine machine, IAnsiConsole console, string title)

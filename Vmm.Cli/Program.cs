@@ -1,7 +1,8 @@
 // vmm: the command-line face of Vmm. With no arguments it builds a machine on built-in defaults
 // (2 NUMA nodes x 512 MiB in 128 MiB blocks) and shows it: nodes, zones, memory blocks, free memory
-// and /proc/buddyinfo, then allocates a mix of memory and shows how the buddy lists and the host's
-// RSS respond. Later mechanisms (processes, KSM, migration) grow it into the full demo.
+// and /proc/buddyinfo. Then processes: one writes its memory and forks twice, the children write and
+// copy-on-write gives them their own pages; memory per process, the host's RSS, and an Audit.
+// Later mechanisms (KSM, migration) grow it into the full demo.
 using System.CommandLine;
 using Spectre.Console;
 
@@ -14,7 +15,7 @@ internal static class Program
         var nodes = new Option<int>("--nodes") { Description = "NUMA nodes", DefaultValueFactory = _ => 2 };
         var nodeSize = new Option<int>("--node-size-mib") { Description = "MiB per node", DefaultValueFactory = _ => 512 };
         var blockSize = new Option<int>("--block-size-mib") { Description = "MiB per memory block (hotplug unit)", DefaultValueFactory = _ => 128 };
-        var touch = new Option<int>("--touch-mib") { Description = "MiB to allocate and write in the demo", DefaultValueFactory = _ => 256 };
+        var touch = new Option<int>("--touch-mib") { Description = "MiB the demo's first process writes (0: only show the machine)", DefaultValueFactory = _ => 64 };
 
         var root = new RootCommand("Vmm: an in-process virtual memory manager over real unmanaged memory.")
         {

@@ -264,6 +264,14 @@ public sealed unsafe class Machine : IDisposable
         return Diagnostics.Auditor.Run(this);
     }
 
+    /// <summary>Event counters, as /proc/vmstat shows them.</summary>
+    public VmStats GetVmStats()
+    {
+        ThrowIfDisposed();
+        return new VmStats(Volatile.Read(ref CowFaults), Volatile.Read(ref PagesMigrated),
+            Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes);
+    }
+
     /// <summary>What the descriptor of <paramref name="pfn"/> says.</summary>
     /// <exception cref="ArgumentOutOfRangeException">no such frame.</exception>
     public PageInfo GetPageInfo(long pfn)

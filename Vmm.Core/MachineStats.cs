@@ -83,3 +83,10 @@ public readonly record struct PageInfo(
 /// <param name="FreeFrames">frames on allocatable buddy lists (frames cached per CPU count as used).</param>
 /// <param name="IsolatedFreeFrames">free frames in isolated pageblocks.</param>
 public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone, long StartPfn, long Frames, long FreeFrames, long IsolatedFreeFrames);
+
+/// <summary>Event counters of a machine (a subset of /proc/vmstat).</summary>
+/// <param name="CowFaults">copy-on-write faults that copied a page.</param>
+/// <param name="PgMigrateSuccess">pages moved to another frame (pgmigrate_success).</param>
+/// <param name="PageTablePages">page-table frames of all processes (nr_page_table_pages).</param>
+/// <param name="TlbFlushes">TLB shootdowns run in this host process (every machine counts here).</param>
+public sealed record VmStats(long CowFaults, long PgMigrateSuccess, long PageTablePages, long TlbFlushes);
