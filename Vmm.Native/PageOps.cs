@@ -73,6 +73,33 @@ internal enum PageOpsCrc
 /// </remarks>
 public static unsafe class PageOps
 {
+    /// <summary>
+    /// Copies <paramref name="length"/> bytes (a multiple of 64) to a 32-byte aligned destination with
+    /// non-temporal stores, then fences. For large writes into memory that will not be read soon: the
+    /// stores skip the read-for-ownership of every destination line, as memcpy does above its
+    /// non-temporal threshold. Falls back to an ordinary copy where AVX is missing.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void CopyNonTemporal(byte* dst, byte* src, nuint length)
+    {
+        Debug.Assert(((nuint)dst & 31) == 0 && (length & 63) == 0);
+        if (!Avx.IsSupported)
+        {
+            Buffer.MemoryCopy(src, dst, length, length);
+            return;
+        }
+        for (nuint i = 0; i < length; i += 64)
+        {
+            Vector256<byte> v0 = Vector256.Load(src + i);
+            Vector256<byte> v1 = Vector256.Load(src + i + 32);
+            Avx.StoreAlignedNonTemporal(dst + i, v0);
+            Avx.StoreAlignedNonTemporal(dst + i + 32, v1);
+        }
+        // Why the fence: non-temporal stores are weakly ordered; they must be visible before the
+        // caller's access section ends and anyone else can look at the frame.
+        Sse.StoreFence();
+    }
+
     /// <summary>The size of a page in bytes: 4096.</summary>
     public const int PageSize = 4096;
 

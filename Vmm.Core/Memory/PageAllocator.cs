@@ -266,8 +266,13 @@ public sealed unsafe class PageAllocator
     /// <summary>rmqueue_bulk: moves up to Batch order-0 frames from the buddy lists to a pcp list. Preconditions: pcp lock held.</summary>
     private void RefillPcpLocked(Zone zone, PerCpuPages pcp, ref uint head, MigrateType mt)
     {
+        Debug.Assert(head == PageDescriptor.NoLink, "refilled only when empty");
         lock (zone.Lock)
         {
+            // Keep the frames in the order the buddy lists hand them out (ascending within a split
+            // block), so that pages faulted in one after another get neighbouring frames: copies that
+            // cross page boundaries then stream through memory instead of jumping around.
+            uint tail = PageDescriptor.NoLink;
             for (int i = 0; i < pcp.Batch; i++)
             {
                 long pfn = RmqueueSmallestLocked(zone, 0, mt);
@@ -275,8 +280,11 @@ public sealed unsafe class PageAllocator
                     pfn = RmqueueFallbackLocked(zone, 0, mt);
                 if (pfn == NoPfn)
                     break;
-                _memMap[pfn].LruNext = head;
-                head = (uint)pfn;
+                if (tail == PageDescriptor.NoLink)
+                    head = (uint)pfn;
+                else
+                    _memMap[tail].LruNext = (uint)pfn;
+                tail = (uint)pfn;
                 pcp.Count++;
             }
         }

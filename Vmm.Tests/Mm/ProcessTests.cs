@@ -29,6 +29,33 @@ public sealed class ProcessTests
     }
 
     [Test]
+    public void Large_writes_and_reads_stream_across_neighbouring_frames_and_keep_every_byte()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        const int size = 1 << 20;
+        ulong va = p.Mmap(size + 8192);
+        p.Fill(va, size + 8192, 0); // fault in order: neighbouring frames, so copies coalesce into runs
+        Assert.That(p.GetPagemap(va + 4096).Pfn, Is.EqualTo(p.GetPagemap(va).Pfn + 1), "sequential faults get neighbouring frames");
+        byte[] data = new byte[size];
+        new Random(5).NextBytes(data);
+        p.Write(va + 4096, data); // large enough for non-temporal stores
+        p.Write(va + 100, data.AsSpan(0, 10_000)); // unaligned, small
+        byte[] back = new byte[size];
+        p.Read(va + 4096, back);
+        byte[] expected = (byte[])data.Clone();
+        data.AsSpan(3996, 6004).CopyTo(expected); // the small write (bytes 100..10099) overlapped the start of the large one
+        Assert.That(back, Is.EqualTo(expected));
+        Process child = p.Fork();
+        child.Write<byte>(va + 4096 * 10, 1); // one page of the run becomes a copy: the run breaks there
+        byte[] childBack = new byte[size];
+        child.Read(va + 4096, childBack);
+        expected[4096 * 9] = 1;
+        Assert.That(childBack, Is.EqualTo(expected));
+        AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Reading_untouched_memory_maps_the_zero_page_and_allocates_nothing()
     {
         using Machine machine = NewMachine();
