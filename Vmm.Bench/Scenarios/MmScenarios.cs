@@ -19,6 +19,19 @@ internal static class MmScenario
         warm.Exit();
     }
 
+    /// <summary>
+    /// Runs <paramref name="action"/> until tiered compilation has settled (a scenario touches new code
+    /// all the time, which keeps postponing tier-up): a few rounds and a pause for the background JIT.
+    /// </summary>
+    public static void WarmUp(Action action, int rounds = 4)
+    {
+        for (int i = 0; i < rounds; i++)
+        {
+            action();
+            Thread.Sleep(150);
+        }
+    }
+
     public static double Median(IEnumerable<double> values)
     {
         double[] sorted = [.. values.Order()];
@@ -39,6 +52,7 @@ internal sealed class FaultScenario : IScenario
         int reps = args.GetInt("reps", 5);
         using Machine machine = MmScenario.NewMachine();
         double cold = Measure(machine, bytes);
+        MmScenario.WarmUp(() => Measure(machine, bytes));
         var warm = new List<double>();
         for (int r = 0; r < reps; r++)
             warm.Add(Measure(machine, bytes));
@@ -76,6 +90,13 @@ internal sealed class CowScenario : IScenario
         Process parent = machine.CreateProcess();
         ulong va = parent.Mmap(bytes);
         parent.Fill(va, bytes, 0x5A);
+        MmScenario.WarmUp(() =>
+        {
+            Process warm = parent.Fork();
+            for (ulong off = 0; off < bytes; off += 4096)
+                warm.Write<byte>(va + off, 1);
+            warm.Exit();
+        });
         var results = new List<double>();
         for (int r = 0; r <= reps; r++)
         {
@@ -217,6 +238,7 @@ internal sealed class ForkScenario : IScenario
         Process parent = machine.CreateProcess();
         ulong va = parent.Mmap(bytes);
         parent.Fill(va, bytes, 7);
+        MmScenario.WarmUp(() => parent.Fork().Exit());
         var results = new List<double>();
         for (int r = 0; r <= reps; r++)
         {

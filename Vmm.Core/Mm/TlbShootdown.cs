@@ -37,7 +37,8 @@ internal static class TlbShootdown
         [FieldOffset(8)] public int InUse;    // 1 while a live thread owns the slot
     }
 
-    private static readonly Slot[] Slots = new Slot[MaxSlots];
+    // Pinned, so that each thread's context can keep a raw pointer to its slot (no bounds check on the hot path).
+    private static readonly Slot[] Slots = GC.AllocateArray<Slot>(MaxSlots, pinned: true);
     private static int _highWater;           // slots [0, _highWater) have ever been handed out
     private static long _globalEpoch = 1;
     private static long _flushes;
@@ -47,16 +48,18 @@ internal static class TlbShootdown
 
     /// <summary>Enters an access section. Preconditions: not already inside one.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Enter(AccessContext context)
+    public static unsafe void Enter(AccessContext context)
     {
         // A plain store: ordering against the loads that follow is provided by the flusher's
         // process-wide barrier (see the overview).
-        Volatile.Write(ref Slots[context.Slot].Epoch, Volatile.Read(ref _globalEpoch));
+        Volatile.Write(ref *context.Epoch, Volatile.Read(ref _globalEpoch));
     }
 
     /// <summary>Leaves the access section.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static void Exit(AccessContext context) => Volatile.Write(ref Slots[context.Slot].Epoch, 0);
+    public static unsafe void Exit(AccessContext context) => Volatile.Write(ref *context.Epoch, 0);
+
+    internal static unsafe long* EpochSlot(int slot) => (long*)Unsafe.AsPointer(ref Slots[slot].Epoch);
 
     /// <summary>
     /// The shootdown: returns once no thread can still be using a translation that existed before the
@@ -126,16 +129,21 @@ internal struct TlbEntry
 }
 
 /// <summary>Per-thread state of the access path: the epoch slot and the software TLB.</summary>
-internal sealed class AccessContext
+internal sealed unsafe class AccessContext
 {
     public const int TlbEntries = 64;
 
     [ThreadStatic] private static AccessContext? t_current;
 
     public readonly int Slot;
+    public readonly long* Epoch; // this thread's slot in the pinned slot array
     public readonly TlbEntry[] Tlb = new TlbEntry[TlbEntries];
 
-    private AccessContext() => Slot = TlbShootdown.AllocateSlot();
+    private AccessContext()
+    {
+        Slot = TlbShootdown.AllocateSlot();
+        Epoch = TlbShootdown.EpochSlot(Slot);
+    }
 
     /// <summary>The calling thread's context, created on first use.</summary>
     public static AccessContext Current
