@@ -209,18 +209,17 @@ internal sealed unsafe partial class AddressSpace
     {
         if ((va & PageMask) <= PageSize - (ulong)sizeof(T))
         {
+            // No try/finally: nothing between Enter and Exit can throw (the walk only reads).
             AccessContext context = AccessContext.Current;
             TlbShootdown.Enter(context);
-            try
+            byte* frame = Translate(context, va, write: false);
+            if (frame != null)
             {
-                byte* frame = Translate(context, va, write: false);
-                if (frame != null)
-                    return Unsafe.ReadUnaligned<T>(frame + (va & PageMask));
-            }
-            finally
-            {
+                T read = Unsafe.ReadUnaligned<T>(frame + (va & PageMask));
                 TlbShootdown.Exit(context);
+                return read;
             }
+            TlbShootdown.Exit(context);
         }
         T value = default;
         Read(va, new Span<byte>(&value, sizeof(T)));
@@ -235,19 +234,14 @@ internal sealed unsafe partial class AddressSpace
         {
             AccessContext context = AccessContext.Current;
             TlbShootdown.Enter(context);
-            try
+            byte* frame = Translate(context, va, write: true);
+            if (frame != null)
             {
-                byte* frame = Translate(context, va, write: true);
-                if (frame != null)
-                {
-                    Unsafe.WriteUnaligned(frame + (va & PageMask), value);
-                    return;
-                }
-            }
-            finally
-            {
+                Unsafe.WriteUnaligned(frame + (va & PageMask), value);
                 TlbShootdown.Exit(context);
+                return;
             }
+            TlbShootdown.Exit(context);
         }
         Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
     }
