@@ -69,15 +69,27 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private int ExtendRun(AccessContext context, byte* frame, ulong address, int chunk, int remaining, bool write)
     {
+        if (chunk >= remaining)
+            return chunk;
+        // Follow the PTEs of the next pages directly (the same PTE table, one slot after another)
+        // instead of a TLB lookup and a four-level walk per page.
+        ulong next = address + (ulong)chunk;
+        ulong* slot = FindPte(next, out _);
         int run = chunk;
         byte* expected = frame + PageSize;
-        while (run < remaining && run < MaxRunBytes)
+        ulong need = UserPresent | (write ? Pte.WriteBit : 0);
+        while (slot != null && run < remaining && run < MaxRunBytes)
         {
-            byte* next = Translate(context, address + (ulong)run, write);
-            if (next != expected)
+            ulong value = Volatile.Read(ref *slot);
+            if ((value & need) != need || _machine.Arena.FrameAddress((long)((value & Pte.PfnMask) >> PageShift)) != expected)
                 break;
+            ulong wanted = value | Pte.AccessedBit | (write ? Pte.DirtyBit : 0);
+            if (wanted != value && Interlocked.CompareExchange(ref *slot, wanted, value) != value)
+                break; // changing under us: let the next round translate it properly
             run += (int)Math.Min(PageSize, (ulong)(remaining - run));
             expected += PageSize;
+            next += PageSize;
+            slot = (next & ((PageSize << 9) - 1)) == 0 ? FindPte(next, out _) : slot + 1;
         }
         return run;
     }
