@@ -155,11 +155,23 @@ internal sealed unsafe class RmapWalker
     }
 
     /// <summary>
-    /// try_to_migrate / try_to_unmap: replaces every PTE that maps <paramref name="pfn"/> with a
-    /// migration entry naming it, dropping each mapping's reference, then flushes once. Returns true if
-    /// no mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
+    /// try_to_migrate: replaces every PTE that maps <paramref name="pfn"/> with a migration entry
+    /// naming it (write or read, as the PTE was), then flushes once. RSS keeps counting the entries, as
+    /// in Linux. Returns true if no mapping is left.
+    /// Preconditions: the page lock is held; the caller holds its own reference.
     /// </summary>
-    public bool TryToMigrate(long pfn)
+    public bool TryToMigrate(long pfn) =>
+        TryToUnmap(pfn, pte => Pte.SwapEntry(pte.IsWrite ? Pte.MigrationWriteType : Pte.MigrationReadType, pte.Pfn), null);
+
+    /// <summary>
+    /// try_to_unmap: replaces every PTE that maps <paramref name="pfn"/> with the non-present entry
+    /// <paramref name="entryFor"/> makes of it (a migration entry; a swap entry once swap exists),
+    /// dropping each mapping's mapcount and reference, then flushes once, so that no thread still
+    /// reaches the frame through a stale translation. <paramref name="invalidVma"/> may exclude VMAs
+    /// (whose mappings then stay). Returns true if no mapping is left.
+    /// Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    public bool TryToUnmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma)
     {
         MemMap memMap = _machine.MemMap;
         var touched = new HashSet<AddressSpace>();
@@ -175,18 +187,18 @@ internal sealed unsafe class RmapWalker
                 var pte = new Pte(Volatile.Read(ref *slot));
                 if (pte.IsPresent && !pte.IsSpecial && pte.Pfn == page)
                 {
-                    int type = pte.IsWrite ? Pte.MigrationWriteType : Pte.MigrationReadType;
-                    Volatile.Write(ref *slot, Pte.SwapEntry(type, page).Value);
+                    Volatile.Write(ref *slot, entryFor(pte).Value);
                     Interlocked.Decrement(ref memMap[page].MapCount);
                     touched.Add(mm);
-                    // The migration entry holds no reference (RSS still counts it, as in Linux).
+                    // The entry holds no reference.
                     if (memMap.PutPageTestZero(page))
-                        throw new VmBugException($"try_to_migrate dropped the last reference of frame {page}");
+                        throw new VmBugException($"try_to_unmap dropped the last reference of frame {page}");
                 }
                 mm.UnlockPte(ptePfn);
                 return true;
             },
             Done = page => memMap.MapCount(page) == 0,
+            InvalidVma = invalidVma,
         });
         foreach (AddressSpace mm in touched)
             mm.BumpGeneration();

@@ -42,6 +42,33 @@ public sealed class RmapAndPinTests
     }
 
     [Test]
+    public void TryToUnmap_replaces_every_mapping_and_reports_the_ones_it_had_to_leave()
+    {
+        using Machine machine = NewMachine();
+        Process a = machine.CreateProcess();
+        ulong va = a.Mmap(4096);
+        a.Write<int>(va, 9);
+        Process b = a.Fork();
+        long pfn = a.GetPagemap(va).Pfn;
+        machine.MemMap.GetPage(pfn);
+        machine.PageLock.Lock(pfn);
+        static Pte Migration(Pte pte) => Pte.SwapEntry(Pte.MigrationReadType, pte.Pfn);
+        bool all = machine.Rmap.TryToUnmap(pfn, Migration, vma => vma.Mm == b.Mm);
+        Assert.That(all, Is.False, "b's mapping was excluded, so one mapping is left");
+        Assert.That(machine.MemMap.MapCount(pfn), Is.EqualTo(1));
+        Assert.That(a.GetPagemap(va).Swapped, Is.True, "a's PTE is now a migration entry");
+        Assert.That(b.GetPagemap(va).Pfn, Is.EqualTo(pfn));
+        Assert.That(machine.Rmap.TryToUnmap(pfn, Migration, null), Is.True);
+        Assert.That(machine.MemMap.RefCount(pfn), Is.EqualTo(1), "only our reference is left");
+        machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+        machine.PageLock.Unlock(pfn);
+        machine.PutPage(pfn);
+        Assert.That(a.Read<int>(va), Is.EqualTo(9));
+        Assert.That(b.Read<int>(va), Is.EqualTo(9));
+        Assert.That(machine.Audit(), Is.Empty, "the mappings are back, counted as before");
+    }
+
+    [Test]
     public void PageReferenced_counts_and_clears_accessed_bits()
     {
         using Machine machine = NewMachine();
