@@ -34,6 +34,14 @@ public sealed record MachineOptions
     /// <summary>Linux's node_distance: [from, to], 10 on the diagonal. Null: 10 local, 20 remote.</summary>
     public int[,]? NodeDistances { get; init; }
 
+    /// <summary>
+    /// Page poisoning (Linux's page_poison), for tests: every freed frame is filled with
+    /// PageAllocator.PoisonByte, and checked when it is allocated again; a frame written while free
+    /// (through a stale translation, or after free) throws VmBugException. Costs a fill per free and a
+    /// scan per allocation. Default off.
+    /// </summary>
+    public bool PoisonFreedFrames { get; init; }
+
     /// <summary>Use the portable heap arena even on Linux (its decommit cannot lower RSS).</summary>
     public bool ForcePortableArena { get; init; }
 

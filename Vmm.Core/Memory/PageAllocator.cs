@@ -61,6 +61,7 @@ public sealed unsafe class PageAllocator
     private readonly byte[] _pageblockType;      // [pfn >> PageblockOrder]; written under the zone lock
     private readonly byte[] _pageblockSavedType; // type before isolation; protected by the zone lock
     private readonly int _pcpMask;
+    private readonly bool _poison; // MachineOptions.PoisonFreedFrames; immutable
 
     internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options)
     {
@@ -71,6 +72,7 @@ public sealed unsafe class PageAllocator
         int zoneMaxOrder = Math.Min(MaxOrder, blockOrder);
         int slots = (int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1, Environment.ProcessorCount));
         _pcpMask = slots - 1;
+        _poison = options.PoisonFreedFrames;
 
         _nodeZones = new Zone[topology.NodeCount][];
         for (int node = 0; node < topology.NodeCount; node++)
@@ -393,6 +395,8 @@ public sealed unsafe class PageAllocator
 #if DEBUG
             CheckNewPage(pfn + i);
 #endif
+            if (_poison && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
+                CheckPoison(pfn + i);
             if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 PageOps.Zero(_arena.FrameAddress(pfn + i));
             if (compound)
@@ -483,7 +487,21 @@ public sealed unsafe class PageAllocator
             page.CompoundOrder = 0;
             page.LruNext = PageDescriptor.NoLink;
             page.LruPrev = PageDescriptor.NoLink;
+            if (_poison)
+                new Span<byte>(_arena.FrameAddress(pfn + i), Topology.PageSize).Fill(PoisonByte);
         }
+    }
+
+    /// <summary>The byte free frames are filled with when <see cref="MachineOptions.PoisonFreedFrames"/> is on.</summary>
+    public const byte PoisonByte = 0x6B;
+
+    /// <summary>Page poisoning: a freed frame must come back exactly as it was poisoned, or someone wrote to it while it was free.</summary>
+    private void CheckPoison(long pfn)
+    {
+        var frame = new ReadOnlySpan<byte>(_arena.FrameAddress(pfn), Topology.PageSize);
+        int at = frame.IndexOfAnyExcept(PoisonByte);
+        if (at >= 0)
+            throw new VmBugException($"frame {pfn} was written while free (byte {at} is 0x{frame[at]:x2}, poison 0x{PoisonByte:x2}): a stale translation or a use after free");
     }
 
     private void FreeToPcp(long pfn)

@@ -163,6 +163,21 @@ public sealed class AllocatorTests
     }
 
     [Test]
+    public void With_poisoning_a_write_to_a_freed_frame_is_caught_when_it_is_allocated_again()
+    {
+        using var machine = new Machine(Small with { PoisonFreedFrames = true, NodeCount = 1 });
+        long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
+        machine.GetFrameSpan(pfn).Fill(1);
+        machine.Allocator.FreePages(pfn);
+        Assert.That(machine.GetFrameSpan(pfn).IndexOfAnyExcept(PageAllocator.PoisonByte), Is.EqualTo(-1), "freed frames are poisoned");
+        Assert.That(machine.Allocator.AllocPages(0, AllocFlags.Movable), Is.EqualTo(pfn), "an intact poisoned frame is handed out again");
+        machine.Allocator.FreePages(pfn);
+        machine.GetFrameSpan(pfn)[100] = 0; // a stale writer
+        var bug = Assert.Throws<VmBugException>(() => machine.Allocator.AllocPages(0, AllocFlags.Movable));
+        Assert.That(bug!.Message, Does.Contain("written while free"));
+    }
+
+    [Test]
     public void GetPage_on_a_free_frame_is_refused_and_cannot_resurrect_it()
     {
         using var machine = new Machine(Small);

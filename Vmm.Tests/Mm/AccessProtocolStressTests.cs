@@ -20,7 +20,8 @@ public sealed class AccessProtocolStressTests
     [Test]
     public void No_write_is_lost_or_misplaced_while_frames_are_replaced_and_processes_fork()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
+        // Poisoning turns a write into a freed frame into an exception at its next allocation.
+        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = true });
         Process[] processes = [machine.CreateProcess(homeNode: 0), machine.CreateProcess(homeNode: 1)];
         const int writersPerProcess = 2;
         int writesPerWriter = 20_000 * TestEnvironment.StressScale;
