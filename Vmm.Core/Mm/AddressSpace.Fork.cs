@@ -123,7 +123,7 @@ internal sealed unsafe partial class AddressSpace
             ulong* slot = FindPte(va, out long ptePfn);
             if (slot == null)
             {
-                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
                 continue;
             }
             if (Volatile.Read(ref *slot) == 0)

@@ -30,6 +30,10 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Page-table frames this mm uses (pgtables_bytes / 4096). Atomic.</summary>
     public long PageTablePages;
 
+    /// <summary>The last page of the 2 MiB that one PTE table covers: a loop that steps a page at a time
+    /// and finds no table jumps here, so its next step lands on the next table.</summary>
+    private static ulong LastPageOfPteTable(ulong va) => (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static int Index(ulong va, int level) => (int)((va >> (PageShift + 9 * level)) & (EntriesPerTable - 1));
 

@@ -374,7 +374,7 @@ internal sealed unsafe partial class AddressSpace
             if (slot == null)
             {
                 // Skip to the next PTE table.
-                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
                 continue;
             }
             if (Volatile.Read(ref *slot) == 0)
@@ -475,7 +475,7 @@ internal sealed unsafe partial class AddressSpace
             ulong* slot = FindPte(va, out long ptePfn);
             if (slot == null)
             {
-                va = (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
                 continue;
             }
             LockPte(ptePfn);

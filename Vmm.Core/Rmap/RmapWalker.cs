@@ -113,6 +113,31 @@ internal sealed unsafe class RmapWalker
         }
     }
 
+    /// <summary>
+    /// Runs <paramref name="change"/> on the PTE that maps <paramref name="address"/> in the VMA's mm,
+    /// under its pte lock; <paramref name="change"/> returns the new value, or null to leave it.
+    /// Returns whether the PTE was changed.
+    /// </summary>
+    private static bool ChangePte(Vma vma, ulong address, Func<Pte, Pte?> change)
+    {
+        AddressSpace mm = vma.Mm;
+        ulong* slot = mm.FindPte(address, out long ptePfn);
+        if (slot == null)
+            return false;
+        mm.LockPte(ptePfn);
+        try
+        {
+            Pte? value = change(new Pte(Volatile.Read(ref *slot)));
+            if (value is { } changed)
+                Volatile.Write(ref *slot, changed.Value);
+            return value is not null;
+        }
+        finally
+        {
+            mm.UnlockPte(ptePfn);
+        }
+    }
+
     private static bool Visit(long pfn, Vma vma, ulong index, RmapWalkControl control)
     {
         if (vma.AddressOf(index) is not ulong address)
@@ -136,18 +161,8 @@ internal sealed unsafe class RmapWalker
         {
             RmapOne = (page, vma, address) =>
             {
-                AddressSpace mm = vma.Mm;
-                ulong* slot = mm.FindPte(address, out long ptePfn);
-                if (slot == null)
-                    return true;
-                mm.LockPte(ptePfn);
-                var pte = new Pte(Volatile.Read(ref *slot));
-                if (pte.IsPresent && !pte.IsSpecial && pte.Pfn == page && pte.IsAccessed)
-                {
-                    Volatile.Write(ref *slot, pte.WithoutFlags(Pte.AccessedBit).Value);
+                if (ChangePte(vma, address, pte => pte.IsPresent && !pte.IsSpecial && pte.Pfn == page && pte.IsAccessed ? pte.WithoutFlags(Pte.AccessedBit) : null))
                     referenced++;
-                }
-                mm.UnlockPte(ptePfn);
                 return true;
             },
         });
@@ -179,22 +194,18 @@ internal sealed unsafe class RmapWalker
         {
             RmapOne = (page, vma, address) =>
             {
-                AddressSpace mm = vma.Mm;
-                ulong* slot = mm.FindPte(address, out long ptePfn);
-                if (slot == null)
-                    return true;
-                mm.LockPte(ptePfn);
-                var pte = new Pte(Volatile.Read(ref *slot));
-                if (pte.IsPresent && !pte.IsSpecial && pte.Pfn == page)
+                bool unmapped = ChangePte(vma, address, pte =>
                 {
-                    Volatile.Write(ref *slot, entryFor(pte).Value);
+                    if (!pte.IsPresent || pte.IsSpecial || pte.Pfn != page)
+                        return null;
                     Interlocked.Decrement(ref memMap[page].MapCount);
-                    touched.Add(mm);
                     // The entry holds no reference.
                     if (memMap.PutPageTestZero(page))
                         throw new VmBugException($"try_to_unmap dropped the last reference of frame {page}");
-                }
-                mm.UnlockPte(ptePfn);
+                    return entryFor(pte);
+                });
+                if (unmapped)
+                    touched.Add(vma.Mm);
                 return true;
             },
             Done = page => memMap.MapCount(page) == 0,
@@ -220,20 +231,15 @@ internal sealed unsafe class RmapWalker
         {
             RmapOne = (page, vma, address) =>
             {
-                AddressSpace mm = vma.Mm;
-                ulong* slot = mm.FindPte(address, out long ptePfn);
-                if (slot == null)
-                    return true;
-                mm.LockPte(ptePfn);
-                var pte = new Pte(Volatile.Read(ref *slot));
-                if (pte.IsMigrationEntry && pte.SwapOffset == oldPfn)
+                ChangePte(vma, address, pte =>
                 {
+                    if (!pte.IsMigrationEntry || pte.SwapOffset != oldPfn)
+                        return null;
                     bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
                     memMap.GetPage(newPfn);
                     Interlocked.Increment(ref memMap[newPfn].MapCount);
-                    Volatile.Write(ref *slot, Pte.Make(newPfn, write, dirty: write, accessed: true).Value);
-                }
-                mm.UnlockPte(ptePfn);
+                    return Pte.Make(newPfn, write, dirty: write, accessed: true);
+                });
                 return true;
             },
         });
