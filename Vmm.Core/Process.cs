@@ -110,7 +110,13 @@ public sealed class Process
     {
         if (Mm.Exited)
             throw new InvalidOperationException($"process {Pid} has exited");
-        AddressSpace mm = Mm.Fork(Mm.HomeNode) ?? throw new InsufficientMemoryException($"fork of process {Pid}: out of memory");
+        AddressSpace? mm = Mm.Fork(Mm.HomeNode);
+        if (mm is null)
+        {
+            if (Mm.Exited)
+                throw new InvalidOperationException($"process {Pid} has exited");
+            throw new InsufficientMemoryException($"fork of process {Pid}: out of memory");
+        }
         return Machine.RegisterFork(this, mm);
     }
 

@@ -63,10 +63,20 @@ internal static unsafe class Auditor
                     long pfn = pte.Pfn;
                     mapcount[pfn] = mapcount.GetValueOrDefault(pfn) + 1;
                     references[pfn] = references.GetValueOrDefault(pfn) + 1;
+                    if ((pte.Value & Pte.UserBit) != 0 && !vma.CanRead)
+                        problems.Add($"{process}: PTE at 0x{va:x} allows access in a PROT_NONE VMA");
+                    if (pte.IsWrite && !vma.CanWrite)
+                        problems.Add($"{process}: PTE at 0x{va:x} is writable in a read-only VMA");
                     if (vma.IsShared)
                     {
                         shmem++;
                         shmems.Add(vma.Shmem!);
+                        lock (vma.Shmem!.Lock)
+                        {
+                            long index = (long)vma.PageIndex(va);
+                            if (!vma.Shmem.Pages.TryGetValue(index, out long cached) || cached != pfn)
+                                problems.Add($"{process}: shared PTE at 0x{va:x} maps frame {pfn}, but the page cache holds {(vma.Shmem.Pages.TryGetValue(index, out long c) ? c : -1)} at index {index}");
+                        }
                         continue;
                     }
                     anon++;
@@ -104,6 +114,8 @@ internal static unsafe class Auditor
 
         foreach ((long pfn, int expected) in mapcount)
         {
+            if (expected > 1 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
+                problems.Add($"frame {pfn} is PG_anon_exclusive but mapped {expected} times");
             int pins = memMap[pfn].PinCount;
             int actualMap = memMap.MapCount(pfn);
             int actualRef = memMap.RefCount(pfn);

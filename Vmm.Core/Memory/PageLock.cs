@@ -88,6 +88,38 @@ internal sealed class PageLock
         }
     }
 
+    /// <summary>
+    /// migration_entry_wait_on_locked: sleeps once until the page is unlocked, without a reference.
+    /// The caller holds a lock (the pte lock) under which the page is known to be locked and alive;
+    /// PG_waiters is set while that holds, then <paramref name="releaseBeforeSleep"/> drops the
+    /// caller's lock. After waking, the page is not touched again (it may be freed by then), so the
+    /// caller must look again at whatever it was waiting for.
+    /// </summary>
+    public void WaitUnlockedOnce(long pfn, Action releaseBeforeSleep)
+    {
+        ref ulong flags = ref FlagsOf(pfn);
+        object queue = QueueOf(pfn);
+        bool released = false;
+        try
+        {
+            lock (queue)
+            {
+                ulong old = Interlocked.Or(ref flags, WaitersBit);
+                releaseBeforeSleep();
+                released = true;
+                // Why this is safe: an unlock after our Or sees PG_waiters and must take the queue's
+                // monitor to wake us, which it gets only once Monitor.Wait has released it.
+                if ((old & LockedBit) != 0)
+                    Monitor.Wait(queue);
+            }
+        }
+        finally
+        {
+            if (!released)
+                releaseBeforeSleep();
+        }
+    }
+
     private bool LockSlow(long pfn, CancellationToken cancellationToken)
     {
         ref ulong flags = ref FlagsOf(pfn);

@@ -20,8 +20,21 @@ namespace Vmm.Migration;
 
 internal static class PageMigrator
 {
-    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.AnonExclusive | PageFlags.Dirty |
-                                      PageFlags.Referenced | PageFlags.Uptodate;
+    // PG_anon_exclusive is not carried: while the page is unmapped it lives in the migration entries,
+    // and RemoveMigrationPtes sets it on the new frame from them.
+    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.Dirty | PageFlags.Referenced | PageFlags.Uptodate;
+
+    /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
+    internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)
+    {
+        MemMap memMap = machine.MemMap;
+        PageOps.Copy(machine.Arena.FrameAddress(newPfn), machine.Arena.FrameAddress(pfn));
+        ref PageDescriptor oldPage = ref memMap[pfn];
+        ref PageDescriptor newPage = ref memMap[newPfn];
+        newPage.Mapping = oldPage.Mapping;
+        newPage.Index = oldPage.Index;
+        Interlocked.Or(ref newPage.Flags, oldPage.Flags & (ulong)Carried);
+    }
 
     /// <summary>
     /// Moves the page in <paramref name="pfn"/> to a new frame on <paramref name="targetNode"/>.
@@ -59,32 +72,41 @@ internal static class PageMigrator
                 return Errno.EAGAIN;
             }
 
-            // 3. Verify: one reference is the caller's, one the page cache's for shared memory.
-            int expected = 1 + (shmem is null ? 0 : 1);
-            if (memMap.RefCount(pfn) != expected || oldPage.PinCount != 0)
-            {
-                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
-                machine.PutPage(newPfn);
-                return Errno.EBUSY;
-            }
-
-            // 4. Copy.
-            PageOps.Copy(machine.Arena.FrameAddress(newPfn), machine.Arena.FrameAddress(pfn));
-            ref PageDescriptor newPage = ref memMap[newPfn];
-            newPage.Mapping = oldPage.Mapping;
-            newPage.Index = oldPage.Index;
-            Interlocked.Or(ref newPage.Flags, oldPage.Flags & (ulong)Carried);
-
-            // 5. Commit: past this line the page lives in the new frame.
+            // 3. Verify, 4. copy and 5. commit. For shared memory all three run under the object's lock:
+            // a fault takes its reference under that lock (ShmemGetPage), so none can appear between the
+            // check and the switch of the page cache, and an object that lost its last mapping meanwhile
+            // (its cache emptied) is noticed.
+            Errno verdict;
             if (shmem is not null)
             {
                 lock (shmem.Lock)
                 {
-                    // The new frame's first reference becomes the page cache's; the old one's goes.
-                    shmem.Pages[(long)oldPage.Index] = newPfn;
+                    verdict = !shmem.Pages.TryGetValue((long)oldPage.Index, out long cached) || cached != pfn ? Errno.EAGAIN
+                        : memMap.RefCount(pfn) != 2 || oldPage.PinCount != 0 ? Errno.EBUSY
+                        : Errno.None;
+                    if (verdict == Errno.None)
+                    {
+                        CopyPage(machine, pfn, newPfn);
+                        shmem.Pages[(long)oldPage.Index] = newPfn; // the new frame's first reference becomes the cache's
+                    }
                 }
-                machine.PutPage(pfn);
             }
+            else
+            {
+                verdict = memMap.RefCount(pfn) != 1 || oldPage.PinCount != 0 ? Errno.EBUSY : Errno.None;
+                if (verdict == Errno.None)
+                    CopyPage(machine, pfn, newPfn);
+            }
+            if (verdict != Errno.None)
+            {
+                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+                machine.PutPage(newPfn);
+                return verdict;
+            }
+
+            // Past this line the page lives in the new frame.
+            if (shmem is not null)
+                machine.PutPage(pfn); // the old frame's page-cache reference
             machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
             if (shmem is null)
                 machine.PutPage(newPfn); // the allocation's reference: the mappings hold their own now

@@ -81,21 +81,21 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>
-    /// migration_entry_wait: the page is being moved under its page lock. Wait for the lock (the
-    /// migrator never waits for us), then let the caller retry. The reference, taken while the pte lock
-    /// shows the entry still in place, keeps the frame from being freed (and its flags from being
-    /// reused) while we sleep on it.
+    /// migration_entry_wait: the page is being moved under its page lock. Sleep until the lock is
+    /// released (the migrator never waits for us), then let the caller retry. No reference is taken
+    /// (one would make the migrator's reference check fail, and a page touched all the time could then
+    /// never move): while the pte lock shows the entry in place, the migrator still holds the page
+    /// locked and referenced, so PG_waiters can be set safely; after waking we do not touch the page.
     /// </summary>
     private void MigrationEntryWait(ulong* slot, long ptePfn, Pte entry)
     {
-        long pfn = entry.SwapOffset;
         LockPte(ptePfn);
-        bool pinned = Volatile.Read(ref *slot) == entry.Value && _machine.MemMap.TryGetPageUnlessZero(pfn);
-        UnlockPte(ptePfn);
-        if (!pinned)
+        if (Volatile.Read(ref *slot) != entry.Value)
+        {
+            UnlockPte(ptePfn);
             return;
-        _machine.PageLock.WaitUnlocked(pfn);
-        _machine.PutPage(pfn);
+        }
+        _machine.PageLock.WaitUnlockedOnce(entry.SwapOffset, () => UnlockPte(ptePfn));
     }
 
     /// <summary>Replaces a PTE if it still holds <paramref name="expected"/>. Returns false if it changed meanwhile.</summary>
@@ -248,8 +248,9 @@ internal sealed unsafe partial class AddressSpace
         page.MapCount = 0;
         page.Mapping = ((ulong)anonVma.Handle << 2) | PageDescriptor.MappingAnon;
         page.Index = vma.PageIndex(va);
-        _machine.MemMap.SetFlag(pfn, PageFlags.SwapBacked);
-        _machine.MemMap.SetFlag(pfn, PageFlags.AnonExclusive);
+        // One atomic for both bits: the page is order-0 (no compound redirection) and not yet mapped,
+        // but a pfn scanner holding a speculative reference may be setting PG_locked concurrently.
+        Interlocked.Or(ref page.Flags, (ulong)(PageFlags.SwapBacked | PageFlags.AnonExclusive));
     }
 
     /// <summary>folio_remove_rmap_pte: one mapping less; the counters follow.</summary>

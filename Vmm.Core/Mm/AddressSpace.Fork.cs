@@ -93,8 +93,8 @@ internal sealed unsafe partial class AddressSpace
                 throw new VmBugException($"fork met a swap entry ({pte}): swap is not built yet");
             if (!parentVma.IsShared)
             {
-                _machine.MemMap.ClearFlag(pte.SwapOffset, PageFlags.AnonExclusive);
-                if (pte.SwapType == Pte.MigrationWriteType)
+                // The page becomes shared copy-on-write: neither side may keep it writable or exclusive.
+                if (pte.IsExclusiveMigrationEntry)
                 {
                     pte = Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset);
                     Volatile.Write(ref *slot, pte.Value);
@@ -176,7 +176,7 @@ internal sealed unsafe partial class AddressSpace
                 PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
                 _machine.PutPage(pfn);
                 child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
-                *childSlot = Pte.Make(copyPfn, write: pte.IsWrite, dirty: true).Value;
+                *childSlot = pte.WithPfn(copyPfn).WithFlags(Pte.DirtyBit).WithoutFlags(Pte.AccessedBit).Value; // same protection, PROT_NONE included
                 Interlocked.Increment(ref child.RssAnon);
                 continue;
             }
@@ -185,8 +185,8 @@ internal sealed unsafe partial class AddressSpace
             Interlocked.Increment(ref memMap[pfn].MapCount);
             if (pte.IsWrite)
             {
-                pte = pte.WithoutWrite();
-                Volatile.Write(ref *slot, pte.Value);
+                // An atomic clear: the access path may be setting the accessed or dirty bit right now.
+                pte = new Pte(Interlocked.And(ref *slot, ~Pte.WriteBit)).WithoutWrite();
                 writeProtected = true;
             }
             *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;

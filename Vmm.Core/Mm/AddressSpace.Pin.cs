@@ -91,7 +91,7 @@ internal sealed unsafe partial class AddressSpace
                     _machine.MemMap.GetPage(pte.Pfn);
                     Interlocked.Increment(ref _machine.MemMap[pte.Pfn].PinCount);
                     if (write)
-                        Volatile.Write(ref *slot, pte.WithFlags(Pte.DirtyBit | Pte.AccessedBit).Value);
+                        Interlocked.Or(ref *slot, Pte.DirtyBit | Pte.AccessedBit); // the host writes through the pin
                     return pte.Pfn;
                 }
                 finally

@@ -27,7 +27,7 @@ internal sealed unsafe partial class AddressSpace
             if (!pte.IsPresent || pte.IsSpecial)
             {
                 UnlockPte(ptePfn);
-                return pte.IsSpecial ? Errno.ENOENT : Errno.EFAULT;
+                return pte.IsSpecial ? Errno.ENOENT : pte.IsMigrationEntry ? Errno.EBUSY : Errno.EFAULT;
             }
             pfn = pte.Pfn;
             _machine.MemMap.GetPage(pfn); // the PTE still maps it under the pte lock: it cannot be free

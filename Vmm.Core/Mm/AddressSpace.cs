@@ -342,8 +342,9 @@ internal sealed unsafe partial class AddressSpace
                 removed.Add(vma);
 
         var pages = new List<long>();
+        bool cleared = false;
         foreach (Vma vma in removed)
-            ZapRange(vma, vma.Start, vma.End, pages);
+            cleared |= ZapRange(vma, vma.Start, vma.End, pages);
         foreach (Vma vma in removed)
         {
             RemoveVmaLinks(vma);
@@ -358,7 +359,7 @@ internal sealed unsafe partial class AddressSpace
         var tables = new List<long>();
         FreePageTables(floor, ceiling, tables);
 
-        FlushAndRelease(pages, tables);
+        FlushAndRelease(pages, tables, cleared);
         return Errno.None;
     }
 
@@ -366,8 +367,9 @@ internal sealed unsafe partial class AddressSpace
     /// zap_pte_range: clears every PTE of [start, end) in one VMA, dropping the mappings' rmap and
     /// collecting the frames to release after the flush. Preconditions: mmap_lock held.
     /// </summary>
-    private void ZapRange(Vma vma, ulong start, ulong end, List<long> pagesToPut)
+    private bool ZapRange(Vma vma, ulong start, ulong end, List<long> pagesToPut)
     {
+        bool cleared = false;
         for (ulong va = start; va < end; va += PageSize)
         {
             ulong* slot = FindPte(va, out long ptePfn);
@@ -382,6 +384,8 @@ internal sealed unsafe partial class AddressSpace
             LockPte(ptePfn);
             var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
             UnlockPte(ptePfn);
+            // Any present PTE, the zero page's included, may sit in some thread's software TLB.
+            cleared |= old.IsPresent;
             if (!old.IsPresent)
             {
                 // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
@@ -399,12 +403,13 @@ internal sealed unsafe partial class AddressSpace
             PageRemoveRmap(old.Pfn, vma);
             pagesToPut.Add(old.Pfn);
         }
+        return cleared;
     }
 
     /// <summary>Bumps the generation, flushes, then drops the collected references and frees the tables.</summary>
-    private void FlushAndRelease(List<long> pages, List<long> tables)
+    private void FlushAndRelease(List<long> pages, List<long> tables, bool cleared = true)
     {
-        if (pages.Count == 0 && tables.Count == 0)
+        if (pages.Count == 0 && tables.Count == 0 && !cleared)
             return;
         BumpGeneration();
         _machine.FlushTlb();
@@ -482,13 +487,14 @@ internal sealed unsafe partial class AddressSpace
             var pte = new Pte(Volatile.Read(ref *slot));
             if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
             {
-                // The page comes back read-only when its migration ends.
-                Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset).Value);
+                // The page comes back read-only (still exclusive) when its migration ends; the restore
+                // takes the user bit from the VMA.
+                Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
             }
             else if (pte.IsPresent && (pte.IsWrite || removeAccess))
             {
-                Pte narrowed = removeAccess ? pte.WithoutFlags(Pte.WriteBit | Pte.UserBit) : pte.WithoutWrite();
-                Volatile.Write(ref *slot, narrowed.Value);
+                // An atomic clear: the access path may be setting the accessed or dirty bit right now.
+                Interlocked.And(ref *slot, ~(removeAccess ? Pte.WriteBit | Pte.UserBit : Pte.WriteBit));
                 changed = true;
             }
             UnlockPte(ptePfn);
@@ -518,6 +524,7 @@ internal sealed unsafe partial class AddressSpace
             Errno result = Errno.None;
             ulong cursor = address;
             var pages = new List<long>();
+            bool cleared = false;
             while (cursor < end)
             {
                 Vma? vma = FindVma(cursor);
@@ -538,7 +545,7 @@ internal sealed unsafe partial class AddressSpace
                             cursor = end;
                             continue;
                         }
-                        ZapRange(vma, from, to, pages);
+                        cleared |= ZapRange(vma, from, to, pages);
                         break;
                     case Advice.Mergeable or Advice.Unmergeable:
                         Vma target = vma;
@@ -555,7 +562,7 @@ internal sealed unsafe partial class AddressSpace
                 }
                 cursor = to;
             }
-            FlushAndRelease(pages, []);
+            FlushAndRelease(pages, [], cleared);
             return result;
         }
         finally

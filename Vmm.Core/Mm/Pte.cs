@@ -23,7 +23,11 @@ internal readonly record struct Pte(ulong Value)
     private const int TypeShift = 1;
     private const ulong TypeMask = 0x1FUL << TypeShift;
 
-    /// <summary>Swap type of a migration entry for a page that was mapped read-only.</summary>
+    /// <summary>Swap type of a migration entry for a read-only mapping of a page exclusive to its process
+    /// (PG_anon_exclusive lives in the entry while the page is unmapped, as in Linux).</summary>
+    public const int MigrationReadExclusiveType = 29;
+
+    /// <summary>Swap type of a migration entry for a page that was mapped read-only (and shared).</summary>
     public const int MigrationReadType = 30;
 
     /// <summary>Swap type of a migration entry for a page that was mapped writable.</summary>
@@ -31,10 +35,13 @@ internal readonly record struct Pte(ulong Value)
 
     public static readonly Pte None = new(0);
 
-    /// <summary>A present user mapping of <paramref name="pfn"/>.</summary>
-    public static Pte Make(long pfn, bool write, bool dirty = false, bool accessed = false, bool special = false) =>
-        new(((ulong)pfn << 12) | PresentBit | UserBit | (write ? WriteBit : 0) | (dirty ? DirtyBit : 0) |
+    /// <summary>A present mapping of <paramref name="pfn"/>; without <paramref name="user"/> it is PROT_NONE.</summary>
+    public static Pte Make(long pfn, bool write, bool dirty = false, bool accessed = false, bool special = false, bool user = true) =>
+        new(((ulong)pfn << 12) | PresentBit | (user ? UserBit : 0) | (write ? WriteBit : 0) | (dirty ? DirtyBit : 0) |
             (accessed ? AccessedBit : 0) | (special ? SpecialBit : 0));
+
+    /// <summary>The same entry pointing at another frame.</summary>
+    public Pte WithPfn(long pfn) => new((Value & ~PfnMask) | ((ulong)pfn << 12));
 
     /// <summary>An upper-level entry pointing at the next table.</summary>
     public static Pte Table(long pfn) => new(((ulong)pfn << 12) | PresentBit | WriteBit | UserBit);
@@ -77,7 +84,10 @@ internal readonly record struct Pte(ulong Value)
 
     public long SwapOffset => (long)((Value & PfnMask) >> 12);
 
-    public bool IsMigrationEntry => IsSwapFormat && SwapType >= MigrationReadType;
+    public bool IsMigrationEntry => IsSwapFormat && SwapType >= MigrationReadExclusiveType;
+
+    /// <summary>A migration entry that remembers the page was exclusive to this process.</summary>
+    public bool IsExclusiveMigrationEntry => IsMigrationEntry && SwapType != MigrationReadType;
 
     public Pte WithoutWrite() => new(Value & ~WriteBit);
 
@@ -90,6 +100,6 @@ internal readonly record struct Pte(ulong Value)
     public override string ToString() =>
         IsNone ? "none"
         : IsPresent ? $"pfn {Pfn}{(IsWrite ? " W" : " RO")}{(IsDirty ? " D" : "")}{(IsAccessed ? " A" : "")}{(IsSpecial ? " special" : "")}"
-        : IsMigrationEntry ? $"migration {(SwapType == MigrationWriteType ? "write" : "read")} pfn {SwapOffset}"
+        : IsMigrationEntry ? $"migration {(SwapType == MigrationWriteType ? "write" : SwapType == MigrationReadExclusiveType ? "read-exclusive" : "read")} pfn {SwapOffset}"
         : $"swap type {SwapType} offset {SwapOffset}";
 }

@@ -114,11 +114,12 @@ internal sealed unsafe class RmapWalker
     }
 
     /// <summary>
-    /// Runs <paramref name="change"/> on the PTE that maps <paramref name="address"/> in the VMA's mm,
-    /// under its pte lock; <paramref name="change"/> returns the new value, or null to leave it.
-    /// Returns whether the PTE was changed.
+    /// Replaces the PTE that maps <paramref name="address"/> in the VMA's mm, under its pte lock, with
+    /// what <paramref name="change"/> makes of it (null: leave it), then runs <paramref name="onChanged"/>
+    /// with the old value. The replacement is a compare-and-swap: the access path sets accessed and
+    /// dirty bits without the pte lock, and none of them may be lost. Returns whether the PTE changed.
     /// </summary>
-    private static bool ChangePte(Vma vma, ulong address, Func<Pte, Pte?> change)
+    private static bool ChangePte(Vma vma, ulong address, Func<Pte, Pte?> change, Action<Pte>? onChanged = null)
     {
         AddressSpace mm = vma.Mm;
         ulong* slot = mm.FindPte(address, out long ptePfn);
@@ -127,10 +128,16 @@ internal sealed unsafe class RmapWalker
         mm.LockPte(ptePfn);
         try
         {
-            Pte? value = change(new Pte(Volatile.Read(ref *slot)));
-            if (value is { } changed)
-                Volatile.Write(ref *slot, changed.Value);
-            return value is not null;
+            while (true)
+            {
+                ulong old = Volatile.Read(ref *slot);
+                if (change(new Pte(old)) is not { } replacement)
+                    return false;
+                if (Interlocked.CompareExchange(ref *slot, replacement.Value, old) != old)
+                    continue; // an accessed or dirty bit arrived meanwhile: decide again
+                onChanged?.Invoke(new Pte(old));
+                return true;
+            }
         }
         finally
         {
@@ -171,20 +178,30 @@ internal sealed unsafe class RmapWalker
 
     /// <summary>
     /// try_to_migrate: replaces every PTE that maps <paramref name="pfn"/> with a migration entry
-    /// naming it (write or read, as the PTE was), then flushes once. RSS keeps counting the entries, as
-    /// in Linux. Returns true if no mapping is left.
+    /// naming it, then flushes once. The entry records how the page was mapped: writable, read-only but
+    /// exclusive to its process, or read-only and shared; while it is unmapped, PG_anon_exclusive lives
+    /// in the entries (as in Linux), so that a fork meanwhile can make it shared. RSS keeps counting the
+    /// entries. Returns true if no mapping is left.
     /// Preconditions: the page lock is held; the caller holds its own reference.
     /// </summary>
-    public bool TryToMigrate(long pfn) =>
-        TryToUnmap(pfn, pte => Pte.SwapEntry(pte.IsWrite ? Pte.MigrationWriteType : Pte.MigrationReadType, pte.Pfn), null);
+    public bool TryToMigrate(long pfn)
+    {
+        MemMap memMap = _machine.MemMap;
+        bool exclusive = memMap.TestFlag(pfn, PageFlags.AnonExclusive);
+        bool unmapped = TryToUnmap(pfn, pte => Pte.SwapEntry(
+            pte.IsWrite ? Pte.MigrationWriteType : exclusive ? Pte.MigrationReadExclusiveType : Pte.MigrationReadType, pte.Pfn), null);
+        if (exclusive && unmapped)
+            memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
+        return unmapped;
+    }
 
     /// <summary>
     /// try_to_unmap: replaces every PTE that maps <paramref name="pfn"/> with the non-present entry
     /// <paramref name="entryFor"/> makes of it (a migration entry; a swap entry once swap exists),
-    /// dropping each mapping's mapcount and reference, then flushes once, so that no thread still
-    /// reaches the frame through a stale translation. <paramref name="invalidVma"/> may exclude VMAs
-    /// (whose mappings then stay). Returns true if no mapping is left.
-    /// Preconditions: the page lock is held; the caller holds its own reference.
+    /// dropping each mapping's mapcount and reference and moving a dirty bit to PG_dirty, then flushes
+    /// once, so that no thread still reaches the frame through a stale translation.
+    /// <paramref name="invalidVma"/> may exclude VMAs (whose mappings then stay). Returns true if no
+    /// mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
     /// </summary>
     public bool TryToUnmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma)
     {
@@ -194,16 +211,17 @@ internal sealed unsafe class RmapWalker
         {
             RmapOne = (page, vma, address) =>
             {
-                bool unmapped = ChangePte(vma, address, pte =>
-                {
-                    if (!pte.IsPresent || pte.IsSpecial || pte.Pfn != page)
-                        return null;
-                    Interlocked.Decrement(ref memMap[page].MapCount);
-                    // The entry holds no reference.
-                    if (memMap.PutPageTestZero(page))
-                        throw new VmBugException($"try_to_unmap dropped the last reference of frame {page}");
-                    return entryFor(pte);
-                });
+                bool unmapped = ChangePte(vma, address,
+                    pte => pte.IsPresent && !pte.IsSpecial && pte.Pfn == page ? entryFor(pte) : null,
+                    old =>
+                    {
+                        if (old.IsDirty)
+                            memMap.SetFlag(page, PageFlags.Dirty);
+                        Interlocked.Decrement(ref memMap[page].MapCount);
+                        // The entry holds no reference.
+                        if (memMap.PutPageTestZero(page))
+                            throw new VmBugException($"try_to_unmap dropped the last reference of frame {page}");
+                    });
                 if (unmapped)
                     touched.Add(vma.Mm);
                 return true;
@@ -221,7 +239,9 @@ internal sealed unsafe class RmapWalker
     /// <summary>
     /// remove_migration_ptes: every migration entry naming <paramref name="oldPfn"/> in the mappings of
     /// <paramref name="newPfn"/> (which carries the old page's mapping and index) becomes a present PTE
-    /// of <paramref name="newPfn"/> again, with a reference and a mapcount each.
+    /// of <paramref name="newPfn"/> again, with a reference and a mapcount each. Protection comes from
+    /// the VMA as it is now (an mprotect may have run meanwhile), writability from the entry; an
+    /// exclusive entry makes the page PG_anon_exclusive again.
     /// Preconditions: both pages locked (or the new one not yet visible to anyone else).
     /// </summary>
     public void RemoveMigrationPtes(long oldPfn, long newPfn)
@@ -231,15 +251,21 @@ internal sealed unsafe class RmapWalker
         {
             RmapOne = (page, vma, address) =>
             {
-                ChangePte(vma, address, pte =>
-                {
-                    if (!pte.IsMigrationEntry || pte.SwapOffset != oldPfn)
-                        return null;
-                    bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
-                    memMap.GetPage(newPfn);
-                    Interlocked.Increment(ref memMap[newPfn].MapCount);
-                    return Pte.Make(newPfn, write, dirty: write, accessed: true);
-                });
+                ChangePte(vma, address,
+                    pte =>
+                    {
+                        if (!pte.IsMigrationEntry || pte.SwapOffset != oldPfn)
+                            return null;
+                        bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
+                        return Pte.Make(newPfn, write, dirty: write, accessed: true, user: vma.CanRead);
+                    },
+                    old =>
+                    {
+                        memMap.GetPage(newPfn);
+                        Interlocked.Increment(ref memMap[newPfn].MapCount);
+                        if (old.IsExclusiveMigrationEntry && !vma.IsShared)
+                            memMap.SetFlag(newPfn, PageFlags.AnonExclusive);
+                    });
                 return true;
             },
         });

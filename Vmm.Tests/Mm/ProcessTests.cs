@@ -120,6 +120,47 @@ public sealed class ProcessTests
     }
 
     [Test]
+    public void Unmapping_zero_page_mappings_invalidates_other_threads_translations()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(4096);
+        using var read = new AutoResetEvent(false);
+        using var go = new AutoResetEvent(false);
+        object? seen = null;
+        var reader = new Thread(() =>
+        {
+            _ = p.Read<int>(va); // caches the zero page's translation in this thread's TLB
+            read.Set();
+            go.WaitOne();
+            try
+            {
+                seen = p.Read<int>(va);
+            }
+            catch (SegmentationFault fault)
+            {
+                seen = fault;
+            }
+            read.Set();
+            go.WaitOne();
+            seen = p.Read<int>(va);
+            read.Set();
+        });
+        reader.Start();
+        read.WaitOne();
+        Assert.That(p.Munmap(va, 4096), Is.EqualTo(Errno.None));
+        go.Set();
+        read.WaitOne();
+        Assert.That(seen, Is.InstanceOf<SegmentationFault>(), "after munmap the other thread's read faults");
+        Assert.That(p.Mmap(va, 4096, Protection.ReadWrite, MapFlags.Private | MapFlags.Fixed, out _), Is.EqualTo(Errno.None));
+        p.Write<int>(va, 0x42);
+        go.Set();
+        read.WaitOne();
+        reader.Join();
+        Assert.That(seen, Is.EqualTo(0x42), "and sees the new mapping's data, not the zero page");
+    }
+
+    [Test]
     public void Exit_of_every_process_frees_every_frame()
     {
         using Machine machine = NewMachine();

@@ -128,6 +128,66 @@ public sealed class RmapAndPinTests
     }
 
     [Test]
+    public void A_PROT_NONE_page_stays_inaccessible_after_it_moves()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(4096);
+        p.Write<int>(va, 0x1111);
+        Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
+        Assert.That(p.Mm.TryReplacePage(va, 1), Is.EqualTo(Errno.None));
+        Assert.Throws<SegmentationFault>(() => p.Read<int>(va), "the restored PTE takes its protection from the VMA");
+        Assert.That(machine.Audit(), Is.Empty);
+        Assert.That(p.Mprotect(va, 4096, Protection.Read), Is.EqualTo(Errno.None));
+        Assert.That(p.Read<int>(va), Is.EqualTo(0x1111));
+    }
+
+    [Test]
+    public void A_fork_while_a_page_is_under_migration_leaves_it_shared_copy_on_write()
+    {
+        using Machine machine = NewMachine();
+        Process parent = machine.CreateProcess();
+        ulong va = parent.Mmap(4096);
+        parent.Write<int>(va, 0x11);
+        long pfn = parent.GetPagemap(va).Pfn;
+        Assert.That(parent.GetPagemap(va).Exclusive, Is.True);
+
+        // The migrator's steps, with a fork between the freeze and the commit.
+        machine.MemMap.GetPage(pfn);
+        machine.PageLock.Lock(pfn);
+        Assert.That(machine.Rmap.TryToMigrate(pfn), Is.True);
+        Process child = parent.Fork();
+        Assert.That(child.GetPagemap(va).Swapped, Is.True, "the child copied the migration entry");
+        long newPfn = machine.Allocator.AllocPages(0, Vmm.Memory.AllocFlags.Movable | Vmm.Memory.AllocFlags.NoZero, 1);
+        PageMigrator.CopyPage(machine, pfn, newPfn);
+        machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+        machine.PutPage(newPfn);
+        machine.PageLock.Unlock(pfn);
+        machine.PutPage(pfn);
+        Assert.That(child.GetPagemap(va).Pfn, Is.EqualTo(newPfn), "both processes map the new frame");
+
+        Assert.That(parent.GetPagemap(va).MapCount, Is.EqualTo(2));
+        Assert.That(parent.GetPagemap(va).Exclusive, Is.False, "fork turned the exclusive entry into a shared one");
+        parent.Write<int>(va, 0x22);
+        Assert.That(child.Read<int>(va), Is.EqualTo(0x11), "copy-on-write keeps the child's view");
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void A_pinned_PROT_NONE_page_copied_at_fork_stays_PROT_NONE_in_the_child()
+    {
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(4096);
+        p.Write<int>(va, 0x2222);
+        using PinnedMemory pin = p.Pin(va, 4096, write: true);
+        Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
+        Process child = p.Fork();
+        Assert.Throws<SegmentationFault>(() => child.Read<int>(va));
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
     public void A_pinned_page_is_never_moved_and_sees_the_process_writes()
     {
         using Machine machine = NewMachine();
