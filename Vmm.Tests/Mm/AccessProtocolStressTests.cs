@@ -22,7 +22,10 @@ public sealed class AccessProtocolStressTests
     {
         // Poisoning turns a write into a freed frame into an exception at its next allocation.
         using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = true });
-        Process[] processes = [machine.CreateProcess(homeNode: 0), machine.CreateProcess(homeNode: 1)];
+        // A shared mapping made before the fork: both processes map the same frames, through the page cache.
+        Process first = machine.CreateProcess(homeNode: 0);
+        Assert.That(first.Mmap(0, PagesPerWriter * 4096UL, Protection.ReadWrite, MapFlags.Shared, out ulong sharedBase), Is.EqualTo(Errno.None));
+        Process[] processes = [first, first.Fork()];
         const int writersPerProcess = 2;
         int writesPerWriter = 20_000 * TestEnvironment.StressScale;
         long minReplacements = 2_000L * TestEnvironment.StressScale, minForks = 40L * TestEnvironment.StressScale;
@@ -39,7 +42,7 @@ public sealed class AccessProtocolStressTests
         }
 
         var failures = new System.Collections.Concurrent.ConcurrentQueue<string>();
-        int writersRunning = regions.Count;
+        int writersRunning = regions.Count + 1;
         long replaced = 0, forks = 0, busy = 0;
         using var start = new ManualResetEventSlim();
 
@@ -85,13 +88,49 @@ public sealed class AccessProtocolStressTests
             Interlocked.Decrement(ref writersRunning);
         }
 
+        // The shared writer writes through one process and checks through the other, which keeps
+        // dropping its PTEs (DONTNEED keeps shared contents) so that it faults the pages in again while
+        // the replacer moves them.
+        void SharedWriter()
+        {
+            start.Wait();
+            var random = new Random(1234);
+            var shadow = new ulong[PagesPerWriter * SlotsPerPage];
+            var buffer = new byte[4096];
+            ulong tag = 0xFFUL << 48;
+            bool More(long i) => duration is { } d
+                ? stopwatch.Elapsed < d
+                : (i < writesPerWriter || Volatile.Read(ref replaced) < minReplacements || Volatile.Read(ref forks) < minForks) && stopwatch.Elapsed < safety;
+            for (long i = 0; More(i); i++)
+            {
+                int slot = random.Next(shadow.Length);
+                ulong value = tag | (ulong)(i + 1);
+                processes[0].Write(sharedBase + (ulong)slot * 8, value);
+                shadow[slot] = value;
+                if (i % 256 == 0)
+                    processes[1].Madvise(sharedBase, PagesPerWriter * 4096UL, Advice.DontNeed);
+                if (i % 16 == 0)
+                {
+                    int page = random.Next(PagesPerWriter);
+                    processes[1].Read(sharedBase + (ulong)page * 4096, buffer);
+                    for (int s = 0; s < SlotsPerPage; s++)
+                    {
+                        ulong seen = BitConverter.ToUInt64(buffer, s * 8);
+                        if (seen != shadow[page * SlotsPerPage + s])
+                            failures.Enqueue($"shared page {page}: slot {s} reads {seen:x} through the other process, wrote {shadow[page * SlotsPerPage + s]:x}");
+                    }
+                }
+            }
+            Interlocked.Decrement(ref writersRunning);
+        }
+
         void Replacer()
         {
             start.Wait();
             var random = new Random(99);
             while (Volatile.Read(ref writersRunning) > 0)
             {
-                (Process p, ulong baseVa, _) = regions[random.Next(regions.Count)];
+                (Process p, ulong baseVa, _) = random.Next(regions.Count + 1) is int r && r < regions.Count ? regions[r] : (processes[random.Next(2)], sharedBase, 0);
                 ulong va = baseVa + (ulong)random.Next(PagesPerWriter) * 4096;
                 Errno result = p.Mm.TryReplacePage(va, random.Next(2));
                 if (result == Errno.None)
@@ -135,6 +174,7 @@ public sealed class AccessProtocolStressTests
         Thread[] threads =
         [
             .. regions.Select(r => new Thread(() => Writer(r))),
+            new Thread(SharedWriter),
             new Thread(Replacer),
             new Thread(Forker),
         ];
