@@ -36,4 +36,6 @@ public enum Errno
     EINVAL = 22,
     /// <summary>No space left (swap full).</summary>
     ENOSPC = 28,
+    /// <summary>Operation not supported (an unknown flag with MAP_SHARED_VALIDATE).</summary>
+    EOPNOTSUPP = 95,
 }

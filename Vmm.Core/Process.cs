@@ -43,9 +43,11 @@ public sealed class Process
     public long PageTablePages => Volatile.Read(ref Mm.PageTablePages);
 
     /// <summary>
-    /// mmap of anonymous memory. EINVAL: zero length, neither or both of Private and Shared, unknown
-    /// flags or protection bits, a misaligned fixed address; ENOMEM: a length that overflows when
-    /// rounded to pages, no room, or a fixed range outside user space; EEXIST: FixedNoReplace over a mapping.
+    /// mmap of anonymous memory. EINVAL: zero length, neither Private nor Shared, unknown protection
+    /// bits, a misaligned fixed address; EPERM: a fixed address below mmap_min_addr (64 KiB); ENOMEM: a
+    /// length that overflows when rounded to pages, no room, or a fixed range outside user space;
+    /// EEXIST: FixedNoReplace over a mapping; EOPNOTSUPP: an unknown flag with SharedValidate (without
+    /// it, unknown flags are ignored, as in Linux). A hint is rounded up to a page and used if free.
     /// </summary>
     /// <param name="address">with Fixed / FixedNoReplace, the address; otherwise a hint (0: anywhere).</param>
     /// <param name="length">bytes; rounded up to whole pages.</param>

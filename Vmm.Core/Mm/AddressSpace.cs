@@ -232,18 +232,33 @@ internal sealed unsafe partial class AddressSpace
         mapped = 0;
         if (length == 0)
             return Errno.EINVAL;
-        bool shared = (flags & MapFlags.Shared) != 0, priv = (flags & MapFlags.Private) != 0;
-        if (shared == priv)
+        // The mapping type: MAP_SHARED, MAP_PRIVATE, or MAP_SHARED_VALIDATE (both bits).
+        MapFlags type = flags & MapFlags.SharedValidate;
+        if (type == MapFlags.None)
             return Errno.EINVAL;
-        const MapFlags known = MapFlags.Shared | MapFlags.Private | MapFlags.Fixed | MapFlags.Anonymous | MapFlags.Populate | MapFlags.FixedNoReplace;
-        if ((flags & ~known) != 0 || (prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
+        bool shared = type != MapFlags.Private;
+        const MapFlags known = MapFlags.SharedValidate | MapFlags.Fixed | MapFlags.Anonymous | MapFlags.Populate | MapFlags.FixedNoReplace;
+        if ((flags & ~known) != 0 && type == MapFlags.SharedValidate)
+            return Errno.EOPNOTSUPP; // otherwise unknown flags are ignored, as Linux does
+        if ((prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
             return Errno.EINVAL;
         ulong aligned = (length + PageMask) & ~PageMask;
         if (aligned < length || aligned > TaskSize)
             return Errno.ENOMEM;
         bool fixedAddress = (flags & (MapFlags.Fixed | MapFlags.FixedNoReplace)) != 0;
-        if (fixedAddress && ((address & PageMask) != 0 || address < MmapMinAddr || address > TaskSize - aligned))
-            return (address & PageMask) != 0 ? Errno.EINVAL : Errno.ENOMEM;
+        if (fixedAddress)
+        {
+            if ((address & PageMask) != 0)
+                return Errno.EINVAL;
+            if (address < MmapMinAddr)
+                return Errno.EPERM; // below mmap_min_addr
+            if (address > TaskSize - aligned)
+                return Errno.ENOMEM;
+        }
+        else
+        {
+            address = (address + PageMask) & ~PageMask; // a hint is rounded up to a page
+        }
 
         MmapLock.EnterWriteLock();
         try
@@ -265,7 +280,7 @@ internal sealed unsafe partial class AddressSpace
             else
             {
                 // A hint is honoured when the range there is free, as in Linux.
-                bool hintFits = address != 0 && (address & PageMask) == 0 && address >= MmapMinAddr && address <= TaskSize - aligned &&
+                bool hintFits = address != 0 && address >= MmapMinAddr && address <= TaskSize - aligned &&
                                 (FindVma(address) is not { } next || next.Start >= address + aligned);
                 if (!hintFits)
                 {
@@ -422,7 +437,8 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part (the part before it is changed, as in Linux).</summary>
     public Errno Mprotect(ulong address, ulong length, Protection prot)
     {
-        if ((address & PageMask) != 0 || (prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
+        // Linux's order: alignment, then an empty range (success), then overflow, then the bits.
+        if ((address & PageMask) != 0)
             return Errno.EINVAL;
         if (length == 0)
             return Errno.None;
@@ -430,6 +446,8 @@ internal sealed unsafe partial class AddressSpace
         ulong end = address + aligned;
         if (aligned < length || end <= address)
             return Errno.ENOMEM; // beyond TASK_SIZE there is no VMA: the loop reports the hole
+        if ((prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
+            return Errno.EINVAL;
         MmapLock.EnterWriteLock();
         try
         {
@@ -516,7 +534,7 @@ internal sealed unsafe partial class AddressSpace
             return Errno.None;
         ulong end = address + aligned;
         if (advice == Advice.WillNeed)
-            return PopulateAdvised(address, end);
+            return CheckMapped(address, end); // anonymous memory: only swap readahead would happen here
 
         MmapLock.EnterWriteLock();
         try
@@ -553,9 +571,10 @@ internal sealed unsafe partial class AddressSpace
                             target = SplitVma(target, from);
                         if (target.End > to)
                             SplitVma(target, to);
-                        if (advice == Advice.Mergeable)
+                        // ksm_madvise: shared mappings are accepted but never marked (KSM merges private anonymous memory only).
+                        if (advice == Advice.Mergeable && !target.IsShared)
                             target.Flags |= VmaFlags.Mergeable;
-                        else
+                        else if (advice == Advice.Unmergeable)
                             target.Flags &= ~VmaFlags.Mergeable;
                         TryMergeAround(target);
                         break;
@@ -571,40 +590,29 @@ internal sealed unsafe partial class AddressSpace
         }
     }
 
-    private Errno PopulateAdvised(ulong address, ulong end)
+    /// <summary>ENOMEM if part of [address, end) is not mapped, as madvise reports holes.</summary>
+    private Errno CheckMapped(ulong address, ulong end)
     {
-        Errno result = Errno.None;
         MmapLock.EnterReadLock();
-        List<(ulong, ulong, bool)> ranges = [];
         try
         {
             ulong cursor = address;
             while (cursor < end)
             {
                 Vma? vma = FindVma(cursor);
-                if (vma is null || vma.Start >= end)
-                {
-                    result = Errno.ENOMEM;
-                    break;
-                }
-                if (vma.Start > cursor)
-                    result = Errno.ENOMEM;
-                ulong from = Math.Max(cursor, vma.Start), to = Math.Min(end, vma.End);
-                if (vma.CanRead)
-                    ranges.Add((from, to, false));
-                cursor = to;
+                if (vma is null || vma.Start > cursor)
+                    return Errno.ENOMEM;
+                cursor = vma.End;
             }
+            return Errno.None;
         }
         finally
         {
             MmapLock.ExitReadLock();
         }
-        foreach ((ulong from, ulong to, bool write) in ranges)
-            Populate(from, to - from, write);
-        return result;
     }
 
-    /// <summary>Faults every page of a range in (MAP_POPULATE, MADV_WILLNEED). Stops quietly at the first page that cannot be faulted.</summary>
+    /// <summary>Faults every page of a range in (MAP_POPULATE). Stops quietly at the first page that cannot be faulted.</summary>
     private void Populate(ulong address, ulong length, bool write)
     {
         for (ulong va = address; va < address + length; va += PageSize)

@@ -26,6 +26,8 @@ public enum MapFlags
     Shared = 0x01,
     /// <summary>MAP_PRIVATE: copy-on-write after fork.</summary>
     Private = 0x02,
+    /// <summary>MAP_SHARED_VALIDATE: shared, and unknown flags fail with EOPNOTSUPP instead of being ignored.</summary>
+    SharedValidate = Shared | Private,
     /// <summary>MAP_FIXED: map exactly at the address, replacing what is there.</summary>
     Fixed = 0x10,
     /// <summary>MAP_ANONYMOUS (implied: Vmm has no files).</summary>

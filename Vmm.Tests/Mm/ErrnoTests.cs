@@ -32,15 +32,28 @@ public sealed class ErrnoTests
     {
         Assert.That(_p.Mmap(0, 0, Protection.ReadWrite, MapFlags.Private, out _), Is.EqualTo(Errno.EINVAL), "zero length");
         Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.None, out _), Is.EqualTo(Errno.EINVAL), "neither private nor shared");
-        Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.Private | MapFlags.Shared, out _), Is.EqualTo(Errno.EINVAL), "both");
         Assert.That(_p.Mmap(0, 4096, (Protection)0x40, MapFlags.Private, out _), Is.EqualTo(Errno.EINVAL), "unknown protection bits");
-        Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.Private | (MapFlags)0x4000_0000, out _), Is.EqualTo(Errno.EINVAL), "unknown flags");
+        Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.SharedValidate | (MapFlags)0x4000_0000, out _), Is.EqualTo(Errno.EOPNOTSUPP), "unknown flags with MAP_SHARED_VALIDATE");
         Assert.That(_p.Mmap(0x1_0000_0001, 4096, Protection.ReadWrite, MapFlags.Private | MapFlags.Fixed, out _), Is.EqualTo(Errno.EINVAL), "misaligned fixed address");
+        Assert.That(_p.Mmap(0x1000, 4096, Protection.ReadWrite, MapFlags.Private | MapFlags.Fixed, out _), Is.EqualTo(Errno.EPERM), "fixed below mmap_min_addr");
         Assert.That(_p.Mmap(0, ulong.MaxValue - 100, Protection.ReadWrite, MapFlags.Private, out _), Is.EqualTo(Errno.ENOMEM), "length overflows when rounded up");
         Assert.That(_p.Mmap(0, 1UL << 50, Protection.ReadWrite, MapFlags.Private, out _), Is.EqualTo(Errno.ENOMEM), "larger than user space");
         Assert.That(_p.Mmap(0x7FFF_FFFF_0000, 1UL << 20, Protection.ReadWrite, MapFlags.Private | MapFlags.Fixed, out _), Is.EqualTo(Errno.ENOMEM), "fixed range beyond TASK_SIZE");
         Assert.That(_p.Mmap(_va, 4096, Protection.ReadWrite, MapFlags.Private | MapFlags.FixedNoReplace, out _), Is.EqualTo(Errno.EEXIST), "FIXED_NOREPLACE over a mapping");
         Assert.That(_p.Read<byte>(_va), Is.EqualTo(1), "the mapping survived");
+    }
+
+    [Test]
+    public void Mmap_accepts_what_Linux_accepts()
+    {
+        Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.Private | (MapFlags)0x4000_0000, out _), Is.EqualTo(Errno.None), "unknown flags are ignored without SHARED_VALIDATE");
+        Assert.That(_p.Mmap(0, 4096, Protection.ReadWrite, MapFlags.SharedValidate, out ulong shared), Is.EqualTo(Errno.None), "MAP_SHARED_VALIDATE maps shared");
+        Assert.That(_p.Mm.VmaAt(shared)!.IsShared, Is.True);
+        Assert.That(_p.Mmap(0x3000_0123, 4096, Protection.ReadWrite, MapFlags.Private, out ulong hinted), Is.EqualTo(Errno.None));
+        Assert.That(hinted, Is.EqualTo(0x3000_1000UL), "an unaligned hint is rounded up to a page");
+        Assert.That(_p.Mprotect(_va, 0, (Protection)0x80), Is.EqualTo(Errno.None), "an empty mprotect succeeds before the bits are looked at");
+        Assert.That(_p.Madvise(shared, 4096, Advice.Mergeable), Is.EqualTo(Errno.None));
+        Assert.That(_p.Mm.VmaAt(shared)!.Flags.HasFlag(VmaFlags.Mergeable), Is.False, "shared mappings are accepted but never marked mergeable");
     }
 
     [Test]
@@ -91,6 +104,7 @@ public sealed class ErrnoTests
         Assert.That(_p.Mm.VmaAt(_va + 4096)!.Flags.HasFlag(VmaFlags.Mergeable), Is.False, "UNMERGEABLE clears it on its range only");
         Assert.That(_p.Mm.VmaAt(_va + 2 * 4096)!.Flags.HasFlag(VmaFlags.Mergeable), Is.True);
         Assert.That(_p.Madvise(_va, 4 * 4096, Advice.WillNeed), Is.EqualTo(Errno.None));
+        Assert.That(_p.Madvise(_va + 3 * 4096, 2 * 4096, Advice.WillNeed), Is.EqualTo(Errno.ENOMEM), "WILLNEED reports holes too");
     }
 
     [Test]
