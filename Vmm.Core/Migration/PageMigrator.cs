@@ -63,60 +63,75 @@ internal static class PageMigrator
             long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, targetNode);
             if (newPfn == PageAllocator.NoPfn)
                 return Errno.ENOMEM;
-
-            // 2. Freeze.
-            if (!machine.Rmap.TryToMigrate(pfn))
+            // The new frame is locked too, as in Linux: once the page cache or a PTE names it, another
+            // mechanism could find it, and must not work on it before the migration is done.
+            machine.PageLock.Lock(newPfn);
+            try
             {
-                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
-                machine.PutPage(newPfn);
-                return Errno.EAGAIN;
+                return MoveLocked(machine, pfn, newPfn, shmem);
             }
-
-            // 3. Verify, 4. copy and 5. commit. For shared memory all three run under the object's lock:
-            // a fault takes its reference under that lock (ShmemGetPage), so none can appear between the
-            // check and the switch of the page cache, and an object that lost its last mapping meanwhile
-            // (its cache emptied) is noticed.
-            Errno verdict;
-            if (shmem is not null)
+            finally
             {
-                lock (shmem.Lock)
-                {
-                    verdict = !shmem.Pages.TryGetValue((long)oldPage.Index, out long cached) || cached != pfn ? Errno.EAGAIN
-                        : memMap.RefCount(pfn) != 2 || oldPage.PinCount != 0 ? Errno.EBUSY
-                        : Errno.None;
-                    if (verdict == Errno.None)
-                    {
-                        CopyPage(machine, pfn, newPfn);
-                        shmem.Pages[(long)oldPage.Index] = newPfn; // the new frame's first reference becomes the cache's
-                    }
-                }
+                machine.PageLock.Unlock(newPfn);
+                machine.PutPage(newPfn); // the allocation's reference: the mappings (or the cache) hold their own now
             }
-            else
-            {
-                verdict = memMap.RefCount(pfn) != 1 || oldPage.PinCount != 0 ? Errno.EBUSY : Errno.None;
-                if (verdict == Errno.None)
-                    CopyPage(machine, pfn, newPfn);
-            }
-            if (verdict != Errno.None)
-            {
-                machine.Rmap.RemoveMigrationPtes(pfn, pfn);
-                machine.PutPage(newPfn);
-                return verdict;
-            }
-
-            // Past this line the page lives in the new frame.
-            if (shmem is not null)
-                machine.PutPage(pfn); // the old frame's page-cache reference
-            machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
-            if (shmem is null)
-                machine.PutPage(newPfn); // the allocation's reference: the mappings hold their own now
-            Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
-            Interlocked.Increment(ref machine.PagesMigrated);
-            return Errno.None;
         }
         finally
         {
             machine.PageLock.Unlock(pfn);
         }
+    }
+
+    /// <summary>Steps 2 to 5. Preconditions: both pages locked; the caller holds a reference to each.</summary>
+    private static Errno MoveLocked(Machine machine, long pfn, long newPfn, ShmemObject? shmem)
+    {
+        MemMap memMap = machine.MemMap;
+        ref PageDescriptor oldPage = ref memMap[pfn];
+        // 2. Freeze.
+        if (!machine.Rmap.TryToMigrate(pfn))
+        {
+            machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+            return Errno.EAGAIN;
+        }
+
+        // 3. Verify, 4. copy and 5. commit. For shared memory all three run under the object's lock:
+        // a fault takes its reference under that lock (ShmemGetPage), so none can appear between the
+        // check and the switch of the page cache, and an object that lost its last mapping meanwhile
+        // (its cache emptied) is noticed.
+        Errno verdict;
+        if (shmem is not null)
+        {
+            lock (shmem.Lock)
+            {
+                verdict = !shmem.Pages.TryGetValue((long)oldPage.Index, out long cached) || cached != pfn ? Errno.EAGAIN
+                    : memMap.RefCount(pfn) != 2 || oldPage.PinCount != 0 ? Errno.EBUSY
+                    : Errno.None;
+                if (verdict == Errno.None)
+                {
+                    CopyPage(machine, pfn, newPfn);
+                    memMap.GetPage(newPfn); // the page cache's reference
+                    shmem.Pages[(long)oldPage.Index] = newPfn;
+                }
+            }
+        }
+        else
+        {
+            verdict = memMap.RefCount(pfn) != 1 || oldPage.PinCount != 0 ? Errno.EBUSY : Errno.None;
+            if (verdict == Errno.None)
+                CopyPage(machine, pfn, newPfn);
+        }
+        if (verdict != Errno.None)
+        {
+            machine.Rmap.RemoveMigrationPtes(pfn, pfn);
+            return verdict;
+        }
+
+        // Past this line the page lives in the new frame.
+        if (shmem is not null)
+            machine.PutPage(pfn); // the old frame's page-cache reference
+        machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+        Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
+        Interlocked.Increment(ref machine.PagesMigrated);
+        return Errno.None;
     }
 }
