@@ -46,6 +46,18 @@ public sealed class AccessProtocolStressTests
         long replaced = 0, forks = 0, busy = 0;
         using var start = new ManualResetEventSlim();
 
+        // Reads one page through a process and reports every slot that differs from the shadow.
+        void CheckPage(Process process, ulong pageVa, ulong[] shadow, int page, byte[] buffer, string who)
+        {
+            process.Read(pageVa, buffer);
+            for (int s = 0; s < SlotsPerPage; s++)
+            {
+                ulong seen = BitConverter.ToUInt64(buffer, s * 8);
+                if (seen != shadow[page * SlotsPerPage + s])
+                    failures.Enqueue($"{who}: page {page} slot {s} reads {seen:x}, wrote {shadow[page * SlotsPerPage + s]:x}");
+            }
+        }
+
         void Writer((Process Process, ulong Base, int Writer) region)
         {
             start.Wait();
@@ -65,26 +77,12 @@ public sealed class AccessProtocolStressTests
                 if (i % 64 == 0)
                 {
                     int page = random.Next(PagesPerWriter);
-                    region.Process.Read(region.Base + (ulong)page * 4096, buffer);
-                    for (int s = 0; s < SlotsPerPage; s++)
-                    {
-                        ulong seen = BitConverter.ToUInt64(buffer, s * 8);
-                        if (seen != shadow[page * SlotsPerPage + s])
-                            failures.Enqueue($"writer {region.Writer}: slot {page * SlotsPerPage + s} reads {seen:x}, wrote {shadow[page * SlotsPerPage + s]:x}");
-                    }
+                    CheckPage(region.Process, region.Base + (ulong)page * 4096, shadow, page, buffer, $"writer {region.Writer}");
                 }
             }
             // Every byte, one last time.
             for (int page = 0; page < PagesPerWriter; page++)
-            {
-                region.Process.Read(region.Base + (ulong)page * 4096, buffer);
-                for (int s = 0; s < SlotsPerPage; s++)
-                {
-                    ulong seen = BitConverter.ToUInt64(buffer, s * 8);
-                    if (seen != shadow[page * SlotsPerPage + s])
-                        failures.Enqueue($"writer {region.Writer} at the end: slot {page * SlotsPerPage + s} reads {seen:x}, wrote {shadow[page * SlotsPerPage + s]:x}");
-                }
-            }
+                CheckPage(region.Process, region.Base + (ulong)page * 4096, shadow, page, buffer, $"writer {region.Writer} at the end");
             Interlocked.Decrement(ref writersRunning);
         }
 
@@ -112,13 +110,7 @@ public sealed class AccessProtocolStressTests
                 if (i % 16 == 0)
                 {
                     int page = random.Next(PagesPerWriter);
-                    processes[1].Read(sharedBase + (ulong)page * 4096, buffer);
-                    for (int s = 0; s < SlotsPerPage; s++)
-                    {
-                        ulong seen = BitConverter.ToUInt64(buffer, s * 8);
-                        if (seen != shadow[page * SlotsPerPage + s])
-                            failures.Enqueue($"shared page {page}: slot {s} reads {seen:x} through the other process, wrote {shadow[page * SlotsPerPage + s]:x}");
-                    }
+                    CheckPage(processes[1], sharedBase + (ulong)page * 4096, shadow, page, buffer, "the shared writer, through the other process");
                 }
             }
             Interlocked.Decrement(ref writersRunning);
