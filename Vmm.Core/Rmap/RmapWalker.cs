@@ -187,10 +187,14 @@ internal sealed unsafe class RmapWalker
     public bool TryToMigrate(long pfn)
     {
         MemMap memMap = _machine.MemMap;
-        bool exclusive = memMap.TestFlag(pfn, PageFlags.AnonExclusive);
+        // Exclusivity is read for each PTE under its pte lock, not once before the walk: a fork that
+        // runs meanwhile clears PG_anon_exclusive (under the parent's pte lock) before it shares the
+        // page, and an entry made from a stale "exclusive" would let both processes write one frame.
         bool unmapped = TryToUnmap(pfn, pte => Pte.SwapEntry(
-            pte.IsWrite ? Pte.MigrationWriteType : exclusive ? Pte.MigrationReadExclusiveType : Pte.MigrationReadType, pte.Pfn), null);
-        if (exclusive && unmapped)
+            pte.IsWrite ? Pte.MigrationWriteType
+            : memMap.TestFlag(pte.Pfn, PageFlags.AnonExclusive) ? Pte.MigrationReadExclusiveType
+            : Pte.MigrationReadType, pte.Pfn), null);
+        if (unmapped)
             memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
         return unmapped;
     }
