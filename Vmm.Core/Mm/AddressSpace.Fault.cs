@@ -98,6 +98,21 @@ internal sealed unsafe partial class AddressSpace
         _machine.PageLock.WaitUnlockedOnce(entry.SwapOffset, () => UnlockPte(ptePfn));
     }
 
+    /// <summary>
+    /// Takes the pte lock for installing <paramref name="pfn"/> in an empty PTE. If another thread filled
+    /// the PTE meanwhile, unlocks, drops the page and returns false (the fault is done: retry the access);
+    /// otherwise returns true with the pte lock held.
+    /// </summary>
+    private bool LockEmptyPte(ulong* slot, long ptePfn, long pfn)
+    {
+        LockPte(ptePfn);
+        if (Volatile.Read(ref *slot) == 0)
+            return true;
+        UnlockPte(ptePfn);
+        _machine.PutPage(pfn);
+        return false;
+    }
+
     /// <summary>Replaces a PTE if it still holds <paramref name="expected"/>. Returns false if it changed meanwhile.</summary>
     private bool UpdatePte(ulong* slot, long ptePfn, Pte expected, Pte value)
     {
@@ -125,13 +140,8 @@ internal sealed unsafe partial class AddressSpace
         long pfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable, HomeNode);
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
-        LockPte(ptePfn);
-        if (Volatile.Read(ref *slot) != 0)
-        {
-            UnlockPte(ptePfn);
-            _machine.PutPage(pfn);
+        if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
-        }
         PageAddNewAnonRmap(pfn, vma, va, anonVma);
         Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite && mapWritable, dirty: true, accessed: true).Value);
         UnlockPte(ptePfn);
@@ -146,13 +156,8 @@ internal sealed unsafe partial class AddressSpace
         long pfn = _machine.ShmemGetPage(shmem, (long)vma.PageIndex(va), HomeNode);
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
-        LockPte(ptePfn);
-        if (Volatile.Read(ref *slot) != 0)
-        {
-            UnlockPte(ptePfn);
-            _machine.PutPage(pfn);
+        if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
-        }
         Interlocked.Increment(ref _machine.MemMap[pfn].MapCount); // page_add_file_rmap; the reference came with ShmemGetPage
         Volatile.Write(ref *slot, Pte.Make(pfn, write: write && vma.CanWrite, dirty: write, accessed: true).Value);
         UnlockPte(ptePfn);
