@@ -118,80 +118,87 @@ internal sealed unsafe partial class AddressSpace
     private bool CopyPageRange(Vma parentVma, Vma childVma, AddressSpace child, ref bool writeProtected)
     {
         MemMap memMap = _machine.MemMap;
-        for (ulong va = parentVma.Start; va < parentVma.End; va += PageSize)
+        for (ulong va = parentVma.Start; ;)
         {
-            ulong* slot = FindPte(va, out long ptePfn);
-            if (slot == null)
+            ulong* table = NextPteTable(ref va, parentVma.End, out long ptePfn);
+            if (table == null)
+                break;
+            ulong* childTable = null; // the child's table for the same 2 MiB, allocated on first need
+            for (ulong tableEnd = Math.Min(parentVma.End, PteTableEnd(va)); va < tableEnd; va += PageSize)
             {
-                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
-                continue;
-            }
-            if (Volatile.Read(ref *slot) == 0)
-                continue;
-            ulong* childSlot = child.AllocPte(va, out long childPtePfn);
-            if (childSlot == null)
-                return false;
-            if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child))
-                continue;
+                ulong* slot = table + Index(va, 0);
+                if (Volatile.Read(ref *slot) == 0)
+                    continue;
+                if (childTable == null)
+                {
+                    ulong* first = child.AllocPte(va, out _);
+                    if (first == null)
+                        return false;
+                    childTable = first - Index(va, 0);
+                }
+                ulong* childSlot = childTable + Index(va, 0);
+                if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child))
+                    continue;
 
-            // Everything below runs under the parent's pte lock: the page migrator changes PTEs
-            // without the mmap_lock, and must see either the parent's PTE alone or both mappings.
-            LockPte(ptePfn);
-            var pte = new Pte(Volatile.Read(ref *slot));
-            if (!pte.IsPresent)
-            {
-                UnlockPte(ptePfn);
-                if (!pte.IsNone)
-                    va -= PageSize; // it just became a migration entry: look at this PTE again
-                continue;
-            }
-            if (pte.IsSpecial)
-            {
-                UnlockPte(ptePfn);
-                *childSlot = pte.Value;
-                continue;
-            }
-            long pfn = pte.Pfn;
-            if (parentVma.IsShared)
-            {
+                // Everything below runs under the parent's pte lock: the page migrator changes PTEs
+                // without the mmap_lock, and must see either the parent's PTE alone or both mappings.
+                LockPte(ptePfn);
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (!pte.IsPresent)
+                {
+                    UnlockPte(ptePfn);
+                    if (!pte.IsNone)
+                        va -= PageSize; // it just became a migration entry: look at this PTE again
+                    continue;
+                }
+                if (pte.IsSpecial)
+                {
+                    UnlockPte(ptePfn);
+                    *childSlot = pte.Value;
+                    continue;
+                }
+                long pfn = pte.Pfn;
+                if (parentVma.IsShared)
+                {
+                    memMap.GetPage(pfn);
+                    Interlocked.Increment(ref memMap[pfn].MapCount);
+                    UnlockPte(ptePfn);
+                    *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
+                    Interlocked.Increment(ref child.RssShmem);
+                    continue;
+                }
+                if (memMap[pfn].PinCount > 0 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
+                {
+                    // The pin must keep seeing the parent's writes: the child gets its own copy now. The
+                    // reference keeps the frame while we copy without the lock.
+                    memMap.GetPage(pfn);
+                    UnlockPte(ptePfn);
+                    long copyPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, child.HomeNode);
+                    if (copyPfn == PageAllocator.NoPfn)
+                    {
+                        _machine.PutPage(pfn);
+                        return false;
+                    }
+                    PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
+                    _machine.PutPage(pfn);
+                    child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
+                    *childSlot = pte.WithPfn(copyPfn).WithFlags(Pte.DirtyBit).WithoutFlags(Pte.AccessedBit).Value; // same protection, PROT_NONE included
+                    Interlocked.Increment(ref child.RssAnon);
+                    continue;
+                }
+                memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
                 memMap.GetPage(pfn);
                 Interlocked.Increment(ref memMap[pfn].MapCount);
-                UnlockPte(ptePfn);
-                *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
-                Interlocked.Increment(ref child.RssShmem);
-                continue;
-            }
-            if (memMap[pfn].PinCount > 0 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
-            {
-                // The pin must keep seeing the parent's writes: the child gets its own copy now. The
-                // reference keeps the frame while we copy without the lock.
-                memMap.GetPage(pfn);
-                UnlockPte(ptePfn);
-                long copyPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, child.HomeNode);
-                if (copyPfn == PageAllocator.NoPfn)
+                if (pte.IsWrite)
                 {
-                    _machine.PutPage(pfn);
-                    return false;
+                    // An atomic clear: the access path may be setting the accessed or dirty bit right now.
+                    pte = new Pte(Interlocked.And(ref *slot, ~Pte.WriteBit)).WithoutWrite();
+                    writeProtected = true;
                 }
-                PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
-                _machine.PutPage(pfn);
-                child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
-                *childSlot = pte.WithPfn(copyPfn).WithFlags(Pte.DirtyBit).WithoutFlags(Pte.AccessedBit).Value; // same protection, PROT_NONE included
+                *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
+                UnlockPte(ptePfn);
                 Interlocked.Increment(ref child.RssAnon);
-                continue;
             }
-            memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
-            memMap.GetPage(pfn);
-            Interlocked.Increment(ref memMap[pfn].MapCount);
-            if (pte.IsWrite)
-            {
-                // An atomic clear: the access path may be setting the accessed or dirty bit right now.
-                pte = new Pte(Interlocked.And(ref *slot, ~Pte.WriteBit)).WithoutWrite();
-                writeProtected = true;
-            }
-            *childSlot = pte.WithoutFlags(Pte.AccessedBit).Value;
-            UnlockPte(ptePfn);
-            Interlocked.Increment(ref child.RssAnon);
         }
         return true;
     }

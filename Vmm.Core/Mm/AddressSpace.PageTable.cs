@@ -30,9 +30,8 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Page-table frames this mm uses (pgtables_bytes / 4096). Atomic.</summary>
     public long PageTablePages;
 
-    /// <summary>The last page of the 2 MiB that one PTE table covers: a loop that steps a page at a time
-    /// and finds no table jumps here, so its next step lands on the next table.</summary>
-    private static ulong LastPageOfPteTable(ulong va) => (va | ((PageSize << 9) - 1)) + 1 - PageSize;
+    /// <summary>The end of the 2 MiB that the PTE table covering <paramref name="va"/> spans.</summary>
+    private static ulong PteTableEnd(ulong va) => (va | ((PageSize << 9) - 1)) + 1;
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static int Index(ulong va, int level) => (int)((va >> (PageShift + 9 * level)) & (EntriesPerTable - 1));
@@ -60,6 +59,45 @@ internal sealed unsafe partial class AddressSpace
         }
         ptePfn = pfn;
         return Table(pfn) + Index(va, 0);
+    }
+
+    /// <summary>
+    /// The skeleton of every range walk (zap, fork, mprotect, and later the KSM scanner and unmerge):
+    /// returns the first PTE table that covers an address in [<paramref name="va"/>, <paramref name="end"/>)
+    /// and moves <paramref name="va"/> to the first such address, or returns null if there is none. A
+    /// missing upper-level entry is skipped whole (1 GiB or 512 GiB for one probe), so walking a sparse
+    /// range costs what its tables hold, not its length. The caller steps through the table's slots up to
+    /// <c>min(end, PteTableEnd(va))</c>. Preconditions: mmap_lock held (tables are freed only under it
+    /// for write).
+    /// </summary>
+    private ulong* NextPteTable(ref ulong va, ulong end, out long ptePfn)
+    {
+        ptePfn = -1;
+        long pgd = Volatile.Read(ref _pgdPfn);
+        while (pgd >= 0 && va < end)
+        {
+            long pfn = pgd;
+            int level = 3;
+            for (; level >= 1; level--)
+            {
+                ulong entry = Volatile.Read(ref Table(pfn)[Index(va, level)]);
+                if ((entry & Pte.PresentBit) == 0)
+                    break;
+                pfn = (long)((entry & Pte.PfnMask) >> PageShift);
+            }
+            if (level == 0)
+            {
+                ptePfn = pfn;
+                return Table(pfn);
+            }
+            // No table at this level: skip everything the missing entry would have covered.
+            ulong span = 1UL << (PageShift + 9 * level);
+            ulong next = (va & ~(span - 1)) + span;
+            if (next <= va)
+                break; // the top of the address space
+            va = next;
+        }
+        return null;
     }
 
     /// <summary>

@@ -385,38 +385,38 @@ internal sealed unsafe partial class AddressSpace
     private bool ZapRange(Vma vma, ulong start, ulong end, List<long> pagesToPut)
     {
         bool cleared = false;
-        for (ulong va = start; va < end; va += PageSize)
+        for (ulong va = start; ;)
         {
-            ulong* slot = FindPte(va, out long ptePfn);
-            if (slot == null)
+            ulong* table = NextPteTable(ref va, end, out long ptePfn);
+            if (table == null)
+                break;
+            for (ulong tableEnd = Math.Min(end, PteTableEnd(va)); va < tableEnd; va += PageSize)
             {
-                // Skip to the next PTE table.
-                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
-                continue;
-            }
-            if (Volatile.Read(ref *slot) == 0)
-                continue;
-            LockPte(ptePfn);
-            var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
-            UnlockPte(ptePfn);
-            // Any present PTE, the zero page's included, may sit in some thread's software TLB.
-            cleared |= old.IsPresent;
-            if (!old.IsPresent)
-            {
-                // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
-                if (old.IsMigrationEntry)
+                ulong* slot = table + Index(va, 0);
+                if (Volatile.Read(ref *slot) == 0)
+                    continue;
+                LockPte(ptePfn);
+                var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
+                UnlockPte(ptePfn);
+                // Any present PTE, the zero page's included, may sit in some thread's software TLB.
+                cleared |= old.IsPresent;
+                if (!old.IsPresent)
                 {
-                    if (vma.IsShared)
-                        Interlocked.Decrement(ref RssShmem);
-                    else
-                        Interlocked.Decrement(ref RssAnon);
+                    // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
+                    if (old.IsMigrationEntry)
+                    {
+                        if (vma.IsShared)
+                            Interlocked.Decrement(ref RssShmem);
+                        else
+                            Interlocked.Decrement(ref RssAnon);
+                    }
+                    continue;
                 }
-                continue;
+                if (old.IsSpecial)
+                    continue; // the zero page is not refcounted per mapping
+                PageRemoveRmap(old.Pfn, vma);
+                pagesToPut.Add(old.Pfn);
             }
-            if (old.IsSpecial)
-                continue; // the zero page is not refcounted per mapping
-            PageRemoveRmap(old.Pfn, vma);
-            pagesToPut.Add(old.Pfn);
         }
         return cleared;
     }
@@ -493,29 +493,30 @@ internal sealed unsafe partial class AddressSpace
     private bool ChangeProtection(Vma vma, bool removeAccess)
     {
         bool changed = false;
-        for (ulong va = vma.Start; va < vma.End; va += PageSize)
+        for (ulong va = vma.Start; ;)
         {
-            ulong* slot = FindPte(va, out long ptePfn);
-            if (slot == null)
+            ulong* table = NextPteTable(ref va, vma.End, out long ptePfn);
+            if (table == null)
+                break;
+            for (ulong tableEnd = Math.Min(vma.End, PteTableEnd(va)); va < tableEnd; va += PageSize)
             {
-                va = LastPageOfPteTable(va); // no PTE table here: skip its 2 MiB
-                continue;
+                ulong* slot = table + Index(va, 0);
+                LockPte(ptePfn);
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
+                {
+                    // The page comes back read-only (still exclusive) when its migration ends; the restore
+                    // takes the user bit from the VMA.
+                    Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
+                }
+                else if (pte.IsPresent && (pte.IsWrite || removeAccess))
+                {
+                    // An atomic clear: the access path may be setting the accessed or dirty bit right now.
+                    Interlocked.And(ref *slot, ~(removeAccess ? Pte.WriteBit | Pte.UserBit : Pte.WriteBit));
+                    changed = true;
+                }
+                UnlockPte(ptePfn);
             }
-            LockPte(ptePfn);
-            var pte = new Pte(Volatile.Read(ref *slot));
-            if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
-            {
-                // The page comes back read-only (still exclusive) when its migration ends; the restore
-                // takes the user bit from the VMA.
-                Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
-            }
-            else if (pte.IsPresent && (pte.IsWrite || removeAccess))
-            {
-                // An atomic clear: the access path may be setting the accessed or dirty bit right now.
-                Interlocked.And(ref *slot, ~(removeAccess ? Pte.WriteBit | Pte.UserBit : Pte.WriteBit));
-                changed = true;
-            }
-            UnlockPte(ptePfn);
         }
         return changed;
     }

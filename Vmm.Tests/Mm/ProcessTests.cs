@@ -203,6 +203,40 @@ public sealed class ProcessTests
     }
 
     [Test]
+    public void Range_walks_cross_missing_upper_level_tables_and_find_every_page()
+    {
+        // One 2 TiB mapping touched at a few pages that live under different PGD and PUD entries:
+        // mprotect, fork and munmap each walk it in one pass and must skip the holes at every level.
+        using Machine machine = NewMachine();
+        Process p = machine.CreateProcess();
+        const ulong GiB = 1UL << 30;
+        const ulong start = 512 * GiB - 3 * 4096; // the first pages sit at the very end of PGD entry 0
+        const ulong length = 2048 * GiB;
+        Assert.That(p.Mmap(start, length, Protection.ReadWrite, MapFlags.Private | MapFlags.Fixed, out ulong va), Is.EqualTo(Errno.None));
+        long free = machine.GetStats().AllFreePages;
+        ulong[] touched = [va, va + 2 * 4096, va + 3 * 4096, va + 7 * GiB + 5 * 4096, va + 1000 * GiB, va + length - 4096];
+        for (int i = 0; i < touched.Length; i++)
+            p.Write<long>(touched[i], 1000 + i);
+
+        Assert.That(p.Mprotect(va, length, Protection.Read), Is.EqualTo(Errno.None));
+        foreach (ulong a in touched)
+            Assert.Throws<SegmentationFault>(() => p.Write<long>(a, -1), $"{a:x} is write-protected");
+
+        Process child = p.Fork();
+        for (int i = 0; i < touched.Length; i++)
+            Assert.That(child.Read<long>(touched[i]), Is.EqualTo(1000 + i), $"the child sees {touched[i]:x}");
+        Assert.That(child.RssAnonPages, Is.EqualTo(touched.Length));
+        AssertAuditClean(machine);
+
+        child.Exit();
+        Assert.That(p.Munmap(va, length), Is.EqualTo(Errno.None));
+        Assert.That(p.RssAnonPages, Is.Zero);
+        Assert.That(p.PageTablePages, Is.EqualTo(1), "only the PGD stays");
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(free - 1), "every page and table but the PGD came back");
+        AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Partial_munmap_splits_the_mapping()
     {
         using Machine machine = NewMachine();
