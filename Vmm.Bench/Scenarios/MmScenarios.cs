@@ -254,3 +254,58 @@ internal sealed class ForkScenario : IScenario
         return [new("fork_ms", median), new("size_mib", (int)(bytes >> 20))];
     }
 }
+
+/// <summary>
+/// scenario flush: the cost of one TLB shootdown (<c>TlbShootdown.Flush</c>), the price every PTE
+/// change that must be flushed pays, alone and while another thread keeps reading Vmm memory.
+/// Mechanisms that change many PTEs (KSM, migration, zap) batch against this number.
+/// </summary>
+internal sealed class FlushScenario : IScenario
+{
+    public string Name => "flush";
+
+    public string Description => "ns per TLB shootdown, idle and with one thread reading (--count N)";
+
+    public IReadOnlyList<KeyValuePair<string, object>> Run(ScenarioArgs args)
+    {
+        int count = args.GetInt("count", 20_000);
+        using Machine machine = MmScenario.NewMachine(128);
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap(16 * 4096);
+        p.Fill(va, 16 * 4096, 1);
+
+        MmScenario.WarmUp(() => Measure(count / 10), rounds: 2);
+        double idle = Measure(count);
+
+        using var stop = new CancellationTokenSource();
+        long reads = 0;
+        var reader = new Thread(() =>
+        {
+            long n = 0;
+            while (!stop.IsCancellationRequested)
+            {
+                for (int i = 0; i < 1024; i++)
+                    n += p.Read<long>(va + (ulong)(i & 15) * 4096);
+                Interlocked.Add(ref reads, 1024);
+            }
+            GC.KeepAlive(n);
+        }) { IsBackground = true };
+        reader.Start();
+        while (Volatile.Read(ref reads) == 0)
+            Thread.Yield();
+        double busy = Measure(count);
+        stop.Cancel();
+        reader.Join();
+
+        Console.WriteLine($"TLB shootdown: {idle:F0} ns alone, {busy:F0} ns with one thread reading Vmm memory");
+        return [new("flush_ns", idle), new("flush_busy_ns", busy)];
+    }
+
+    private static double Measure(int count)
+    {
+        long start = Stopwatch.GetTimestamp();
+        for (int i = 0; i < count; i++)
+            TlbShootdown.Flush();
+        return Stopwatch.GetElapsedTime(start).TotalNanoseconds / count;
+    }
+}

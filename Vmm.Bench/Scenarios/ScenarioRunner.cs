@@ -53,6 +53,7 @@ internal static class ScenarioRunner
         new CowScenario(),
         new AccessScenario(),
         new ForkScenario(),
+        new FlushScenario(),
     ];
 
     public static int Run(string[] args)
