@@ -229,6 +229,18 @@ public sealed class ProcessTests
         AssertAuditClean(machine);
 
         child.Exit();
+        // A walk that starts inside a missing PUD entry, at an offset past the next touched page's
+        // offset in its table: skipping must realign, or it lands beyond that page.
+        ulong from = va + 4 * GiB + 8 * 4096;
+        Assert.That(p.Mprotect(from, va + length - from, Protection.ReadWrite), Is.EqualTo(Errno.None));
+        for (int i = 0; i < touched.Length; i++)
+        {
+            if (touched[i] < from)
+                Assert.Throws<SegmentationFault>(() => p.Write<long>(touched[i], -1), $"{touched[i]:x} stays read-only");
+            else
+                Assert.DoesNotThrow(() => p.Write<long>(touched[i], -1), $"{touched[i]:x} is writable again");
+        }
+
         Assert.That(p.Munmap(va, length), Is.EqualTo(Errno.None));
         Assert.That(p.RssAnonPages, Is.Zero);
         Assert.That(p.PageTablePages, Is.EqualTo(1), "only the PGD stays");
