@@ -647,12 +647,7 @@ internal sealed unsafe partial class AddressSpace
             long pgd = Interlocked.Exchange(ref _pgdPfn, -1);
             if (pgd >= 0)
                 tables.Add(pgd);
-            BumpGeneration();
-            _machine.FlushTlb();
-            foreach (long pfn in pages)
-                _machine.PutPage(pfn);
-            foreach (long pfn in tables)
-                FreeTablePage(pfn);
+            FlushAndRelease(pages, tables);
         }
         finally
         {
