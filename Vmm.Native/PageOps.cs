@@ -260,6 +260,33 @@ public static unsafe class PageOps
         return ChecksumPortable(p);
     }
 
+    /// <summary>
+    /// A 64-bit content checksum from the same single pass as <see cref="Checksum(byte*)"/>: the four
+    /// stream values are folded in pairs, <c>hi = update(0xFFFFFFFF, le64(s[0] | s[1] &lt;&lt; 32))</c> and
+    /// <c>lo = update(0xFFFFFFFF, le64(s[2] | s[3] &lt;&lt; 32))</c>, and the result is
+    /// <c>~((ulong)hi &lt;&lt; 32 | lo)</c>. The KSM scanner uses it both as the change filter and as the
+    /// key of its content index; two different pages share it by accident with probability about 2^-64.
+    /// It is not a cryptographic hash: equality of content is always confirmed by a full compare.
+    /// </summary>
+    /// <param name="p">The page.</param>
+    /// <returns>The checksum defined above.</returns>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static ulong Checksum64(byte* p)
+    {
+        Debug.Assert(p != null);
+        if (Sse42.X64.IsSupported) return Checksum64Sse42(p);
+        if (Crc32.Arm64.IsSupported) return Checksum64Arm64(p);
+        return Checksum64Portable(p);
+    }
+
+    /// <summary><see cref="Checksum64(byte*)"/> with an explicit CRC32C implementation.</summary>
+    internal static ulong Checksum64(byte* p, PageOpsCrc crc) => crc switch
+    {
+        PageOpsCrc.Sse42X64 => Checksum64Sse42(p),
+        PageOpsCrc.Arm64 => Checksum64Arm64(p),
+        _ => Checksum64Portable(p),
+    };
+
     /// <summary>Copies the 4096 bytes at <paramref name="src"/> to <paramref name="dst"/>.</summary>
     /// <remarks>Uses ordinary stores, so the destination is in cache afterwards.</remarks>
     /// <param name="dst">The destination page; must not overlap <paramref name="src"/>.</param>
@@ -689,10 +716,10 @@ public static unsafe class PageOps
     // ------------------------------------------------------------------------------------------------
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint ChecksumSse42(byte* p)
+    private static void StreamsSse42(byte* p, out ulong s0, out ulong s1, out ulong s2, out ulong s3)
     {
         ulong* w = (ulong*)p;
-        ulong s0 = ChecksumSeed, s1 = ChecksumSeed, s2 = ChecksumSeed, s3 = ChecksumSeed;
+        s0 = ChecksumSeed; s1 = ChecksumSeed; s2 = ChecksumSeed; s3 = ChecksumSeed;
         for (nuint i = 0; i < PageSize / sizeof(ulong); i += 8)
         {
             s0 = Sse42.X64.Crc32(s0, Unsafe.ReadUnaligned<ulong>(w + i));
@@ -704,16 +731,31 @@ public static unsafe class PageOps
             s2 = Sse42.X64.Crc32(s2, Unsafe.ReadUnaligned<ulong>(w + i + 6));
             s3 = Sse42.X64.Crc32(s3, Unsafe.ReadUnaligned<ulong>(w + i + 7));
         }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint ChecksumSse42(byte* p)
+    {
+        StreamsSse42(p, out ulong s0, out ulong s1, out ulong s2, out ulong s3);
         ulong f = Sse42.X64.Crc32(ChecksumSeed, s0 | s1 << 32);
         f = Sse42.X64.Crc32(f, s2 | s3 << 32);
         return ~(uint)f;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint ChecksumArm64(byte* p)
+    private static ulong Checksum64Sse42(byte* p)
+    {
+        StreamsSse42(p, out ulong s0, out ulong s1, out ulong s2, out ulong s3);
+        ulong hi = Sse42.X64.Crc32(ChecksumSeed, s0 | s1 << 32);
+        ulong lo = Sse42.X64.Crc32(ChecksumSeed, s2 | s3 << 32);
+        return ~(hi << 32 | lo);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StreamsArm64(byte* p, out uint s0, out uint s1, out uint s2, out uint s3)
     {
         ulong* w = (ulong*)p;
-        uint s0 = ChecksumSeed, s1 = ChecksumSeed, s2 = ChecksumSeed, s3 = ChecksumSeed;
+        s0 = ChecksumSeed; s1 = ChecksumSeed; s2 = ChecksumSeed; s3 = ChecksumSeed;
         for (nuint i = 0; i < PageSize / sizeof(ulong); i += 8)
         {
             s0 = Crc32.Arm64.ComputeCrc32C(s0, Unsafe.ReadUnaligned<ulong>(w + i));
@@ -725,18 +767,33 @@ public static unsafe class PageOps
             s2 = Crc32.Arm64.ComputeCrc32C(s2, Unsafe.ReadUnaligned<ulong>(w + i + 6));
             s3 = Crc32.Arm64.ComputeCrc32C(s3, Unsafe.ReadUnaligned<ulong>(w + i + 7));
         }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint ChecksumArm64(byte* p)
+    {
+        StreamsArm64(p, out uint s0, out uint s1, out uint s2, out uint s3);
         uint f = Crc32.Arm64.ComputeCrc32C(ChecksumSeed, s0 | (ulong)s1 << 32);
         f = Crc32.Arm64.ComputeCrc32C(f, s2 | (ulong)s3 << 32);
         return ~f;
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static uint ChecksumPortable(byte* p)
+    private static ulong Checksum64Arm64(byte* p)
+    {
+        StreamsArm64(p, out uint s0, out uint s1, out uint s2, out uint s3);
+        ulong hi = Crc32.Arm64.ComputeCrc32C(ChecksumSeed, s0 | (ulong)s1 << 32);
+        ulong lo = Crc32.Arm64.ComputeCrc32C(ChecksumSeed, s2 | (ulong)s3 << 32);
+        return ~(hi << 32 | lo);
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void StreamsPortable(byte* p, out uint s0, out uint s1, out uint s2, out uint s3)
     {
         // BitOperations consumes a ulong as its little-endian bytes; on a big-endian machine the word read
         // from memory must be byte-swapped to keep the bytes in address order.
         ulong* w = (ulong*)p;
-        uint s0 = ChecksumSeed, s1 = ChecksumSeed, s2 = ChecksumSeed, s3 = ChecksumSeed;
+        s0 = ChecksumSeed; s1 = ChecksumSeed; s2 = ChecksumSeed; s3 = ChecksumSeed;
         for (nuint i = 0; i < PageSize / sizeof(ulong); i += 4)
         {
             s0 = BitOperations.Crc32C(s0, LittleEndianWord(w + i));
@@ -744,9 +801,24 @@ public static unsafe class PageOps
             s2 = BitOperations.Crc32C(s2, LittleEndianWord(w + i + 2));
             s3 = BitOperations.Crc32C(s3, LittleEndianWord(w + i + 3));
         }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static uint ChecksumPortable(byte* p)
+    {
+        StreamsPortable(p, out uint s0, out uint s1, out uint s2, out uint s3);
         uint f = BitOperations.Crc32C(ChecksumSeed, s0 | (ulong)s1 << 32);
         f = BitOperations.Crc32C(f, s2 | (ulong)s3 << 32);
         return ~f;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static ulong Checksum64Portable(byte* p)
+    {
+        StreamsPortable(p, out uint s0, out uint s1, out uint s2, out uint s3);
+        ulong hi = BitOperations.Crc32C(ChecksumSeed, s0 | (ulong)s1 << 32);
+        ulong lo = BitOperations.Crc32C(ChecksumSeed, s2 | (ulong)s3 << 32);
+        return ~(hi << 32 | lo);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]

@@ -241,6 +241,29 @@ public sealed unsafe class PageOpsTests
     }
 
     [TestCaseSource(nameof(Crcs))]
+    public void Checksum64_matches_its_definition_and_changes_with_every_single_bit(string crc)
+    {
+        PageOpsCrc c = Enum.Parse<PageOpsCrc>(crc);
+        var rng = new Random(16);
+        byte* p = PageA(0);
+        Page(p).Clear();
+        Assert.That(PageOps.Checksum64(p, c), Is.EqualTo(RefChecksum64(p)), "because the zero page checksums as defined");
+        for (int round = 0; round < 50; round++)
+        {
+            Randomize(rng, p);
+            Assert.That(PageOps.Checksum64(p, c), Is.EqualTo(RefChecksum64(p)), $"because a random page checksums as defined (round {round})");
+            Assert.That(PageOps.Checksum64(p), Is.EqualTo(PageOps.Checksum64(p, c)), "because the public method agrees");
+        }
+        ulong original = PageOps.Checksum64(p, c);
+        for (int bit = 0; bit < PageSize * 8; bit += 7)
+        {
+            p[bit >> 3] ^= (byte)(1 << (bit & 7));
+            Assert.That(PageOps.Checksum64(p, c), Is.Not.EqualTo(original), $"because flipping bit {bit} must change the checksum");
+            p[bit >> 3] ^= (byte)(1 << (bit & 7));
+        }
+    }
+
+    [TestCaseSource(nameof(Crcs))]
     public void Checksum_distinguishes_pages_whose_words_trade_places_between_streams(string crc)
     {
         PageOpsCrc c = Enum.Parse<PageOpsCrc>(crc);
@@ -524,6 +547,24 @@ public sealed unsafe class PageOpsTests
         foreach (byte d in data)
             crc = Crc32CTable[(crc ^ d) & 0xFF] ^ (crc >> 8);
         return crc;
+    }
+
+    /// <summary>The 64-bit checksum exactly as documented on <see cref="PageOps.Checksum64(byte*)"/>.</summary>
+    private static ulong RefChecksum64(byte* p)
+    {
+        Span<byte> stream = stackalloc byte[PageSize / 4];
+        Span<byte> fold = stackalloc byte[16];
+        for (int k = 0; k < 4; k++)
+        {
+            for (int j = 0; j < PageSize / 8 / 4; j++)
+                new ReadOnlySpan<byte>(p + 8 * (4 * j + k), 8).CopyTo(stream.Slice(8 * j, 8));
+            uint s = RefCrc32CUpdate(0xFFFF_FFFFu, stream);
+            for (int b = 0; b < 4; b++)
+                fold[k * 4 + b] = (byte)(s >> (8 * b));
+        }
+        uint hi = RefCrc32CUpdate(0xFFFF_FFFFu, fold[..8]);
+        uint lo = RefCrc32CUpdate(0xFFFF_FFFFu, fold[8..]);
+        return ~((ulong)hi << 32 | lo);
     }
 
     /// <summary>The checksum exactly as documented on <see cref="PageOps.Checksum(byte*)"/>, byte by byte.</summary>
