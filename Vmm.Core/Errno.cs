@@ -36,6 +36,8 @@ public enum Errno
     EINVAL = 22,
     /// <summary>No space left (swap full).</summary>
     ENOSPC = 28,
+    /// <summary>Result out of range (a knob value too large for its type).</summary>
+    ERANGE = 34,
     /// <summary>Operation not supported (an unknown flag with MAP_SHARED_VALIDATE).</summary>
     EOPNOTSUPP = 95,
 }

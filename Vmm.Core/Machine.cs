@@ -39,6 +39,7 @@ public sealed unsafe class Machine : IDisposable
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
             Rmap = new RmapWalker(this);
+            Ksm = Options.EnableKsm ? new Ksm(this) : null;
         }
         catch
         {
@@ -61,6 +62,9 @@ public sealed unsafe class Machine : IDisposable
     public PageAllocator Allocator { get; }
 
     internal MemMap MemMap => _memMap;
+
+    /// <summary>Kernel samepage merging: its knobs, counters and scanner; null when built without it (<see cref="MachineOptions.EnableKsm"/>).</summary>
+    public Ksm? Ksm { get; }
 
     internal PageLock PageLock { get; }
 
@@ -302,6 +306,7 @@ public sealed unsafe class Machine : IDisposable
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
+        Ksm?.Dispose(); // ksmd stops before the memory it scans goes away
         _memMap.Dispose();
         Arena.Dispose();
     }

@@ -42,6 +42,12 @@ public sealed record MachineOptions
     /// </summary>
     public bool PoisonFreedFrames { get; init; }
 
+    /// <summary>
+    /// Build KSM (kernel samepage merging) into the machine: <see cref="Machine.Ksm"/>. Without it (Linux's
+    /// CONFIG_KSM=n) madvise(MERGEABLE / UNMERGEABLE) and PR_SET_MEMORY_MERGE are EINVAL. Default on.
+    /// </summary>
+    public bool EnableKsm { get; init; } = true;
+
     /// <summary>Use the portable heap arena even on Linux (its decommit cannot lower RSS).</summary>
     public bool ForcePortableArena { get; init; }
 

@@ -74,6 +74,31 @@ public sealed class Process
     /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped.</summary>
     public Errno Madvise(ulong address, ulong length, Advice advice) => Mm.Madvise(address, length, advice);
 
+    /// <summary>
+    /// prctl(PR_SET_MEMORY_MERGE): merge every private mapping of the process, present and future (KSM's
+    /// process-wide mode; inherited by fork). Disabling unmerges everything first. EINVAL when the machine
+    /// has no KSM; ENOMEM if unmerging ran out of memory (merging then stays on).
+    /// </summary>
+    public Errno SetMemoryMerge(bool enable) => Mm.SetMemoryMerge(enable);
+
+    /// <summary>prctl(PR_GET_MEMORY_MERGE): whether process-wide merging is on.</summary>
+    public bool IsMemoryMergeEnabled => Mm.KsmMergeAny;
+
+    /// <summary>
+    /// Puts a range in a dedupe domain: KSM merges pages only within one domain (default 0 for
+    /// everything), and the index is keyed per domain, so one domain cannot learn another's contents
+    /// by merging with them. Pages merged under the old domain are unmerged first. EINVAL: misaligned
+    /// or overflowing range; ENOMEM: part of the range unmapped (the mapped part still changes).
+    /// </summary>
+    public Errno SetDedupeDomain(ulong address, ulong length, ushort domain) => Mm.SetDedupeDomain(address, length, domain, wholeProcess: false);
+
+    /// <summary>Puts the whole process, and every mapping it makes later, in dedupe domain <paramref name="domain"/>.</summary>
+    public Errno SetDedupeDomain(ushort domain) => Mm.SetDedupeDomain(0, 0, domain, wholeProcess: true);
+
+    /// <summary>The process's KSM counters (/proc/pid/ksm_stat); all zero when the machine has no KSM.</summary>
+    public ProcessKsmStats GetKsmStats() =>
+        Machine.Ksm is null ? new ProcessKsmStats(0, 0, 0, 0, false, false) : Ksm.GetProcessStats(Mm);
+
     /// <summary>Reads user memory.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not readable.</exception>
     public void Read(ulong address, Span<byte> destination) => Mm.Read(address, destination);
@@ -125,6 +150,7 @@ public sealed class Process
     /// <summary>Exits: unmaps everything and frees every page table. Idempotent.</summary>
     public void Exit()
     {
+        Machine.Ksm?.Exit(Mm); // never waits for ksmd: it lets the mm go when it next reaches it
         Mm.Teardown();
         Machine.Unregister(this);
     }

@@ -11,7 +11,20 @@ internal static unsafe class Auditor
 {
     public static List<string> Run(Machine machine)
     {
+        // No KSM batch may run while the counters are recounted.
+        if (machine.Ksm is { } ksm)
+        {
+            List<string>? result = null;
+            ksm.WithThreadMutex(() => result = RunLocked(machine));
+            return result!;
+        }
+        return RunLocked(machine);
+    }
+
+    private static List<string> RunLocked(Machine machine)
+    {
         var problems = new List<string>();
+        var ksmZeroPtes = new Dictionary<AddressSpace, long>();
         machine.FlushTlb(); // release deferred references so that refcounts are final
         MemMap memMap = machine.MemMap;
         var mapcount = new Dictionary<long, int>();
@@ -23,6 +36,7 @@ internal static unsafe class Auditor
         foreach (Process process in machine.Processes)
         {
             AddressSpace mm = process.Mm;
+            ksmZeroPtes[mm] = 0;
             mm.MmapLock.EnterReadLock();
             try
             {
@@ -58,6 +72,8 @@ internal static unsafe class Auditor
                             problems.Add($"{process}: special PTE at 0x{va:x} maps frame {pte.Pfn}, not the zero page");
                         if (pte.IsWrite)
                             problems.Add($"{process}: the zero page is mapped writable at 0x{va:x}");
+                        if (AddressSpace.IsKsmZeroPte(pte))
+                            ksmZeroPtes[mm]++;
                         continue;
                     }
                     long pfn = pte.Pfn;
@@ -143,6 +159,7 @@ internal static unsafe class Auditor
                 continue;
             problems.Add($"frame {pfn} is in use (refcount {page.RefCount}, flags {(PageFlags)page.Flags}) but nothing maps, caches or pins it");
         }
+        machine.Ksm?.Audit(problems, ksmZeroPtes);
         long free = machine.GetStats().AllFreePages;
         if (free + inUse != memMap.FrameCount)
             problems.Add($"free frames {free} + frames in use {inUse} != {memMap.FrameCount}");
@@ -152,6 +169,11 @@ internal static unsafe class Auditor
     private static void CheckAnonRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
     {
         ref PageDescriptor page = ref machine.MemMap[pfn];
+        if ((page.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm)
+        {
+            CheckKsmRmap(machine, process, vma, va, pfn, problems);
+            return;
+        }
         if ((page.Mapping & PageDescriptor.MappingTagMask) != PageDescriptor.MappingAnon)
         {
             problems.Add($"{process}: anonymous page {pfn} at 0x{va:x} has mapping {page.Mapping:x}");
@@ -170,5 +192,28 @@ internal static unsafe class Auditor
                     return;
         }
         problems.Add($"{process}: the reverse map of page {pfn} does not find it at 0x{va:x}");
+    }
+
+    /// <summary>A KSM page is named by a live stable node, mapped read-only, and found by rmap_walk_ksm.</summary>
+    private static void CheckKsmRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
+    {
+        if (machine.Ksm?.NodeOfPage(pfn) is null)
+        {
+            problems.Add($"{process}: KSM page {pfn} at 0x{va:x} is named by no live stable node");
+            return;
+        }
+        if (machine.MemMap.TestFlag(pfn, PageFlags.AnonExclusive))
+            problems.Add($"{process}: KSM page {pfn} is PG_anon_exclusive");
+        bool found = false;
+        machine.Rmap.Walk(pfn, new RmapWalkControl
+        {
+            RmapOne = (_, candidate, address) =>
+            {
+                found |= ReferenceEquals(candidate, vma) && address == va;
+                return !found;
+            },
+        });
+        if (!found)
+            problems.Add($"{process}: the reverse map of KSM page {pfn} does not find it at 0x{va:x}");
     }
 }

@@ -224,14 +224,18 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         PageAddNewAnonRmap(newPfn, vma, va, anonVma);
-        Volatile.Write(ref *slot, Pte.Make(newPfn, write: !unshare, dirty: true, accessed: true).Value);
+        Volatile.Write(ref *slot, Pte.Make(newPfn, write: !unshare, dirty: true, accessed: true, user: (pte.Value & Pte.UserBit) != 0).Value);
         UnlockPte(ptePfn);
         // Other threads' cached read-only translations of the old frame are now stale.
         BumpGeneration();
         Interlocked.Increment(ref RssAnon);
+        if (IsKsmZeroPte(pte))
+            KsmZeroPteGone();
         if (!pte.IsSpecial)
         {
             Interlocked.Increment(ref _machine.CowFaults);
+            if (IsKsmPage(oldPfn))
+                _machine.Ksm?.CountCowKsm();
             PageRemoveRmap(oldPfn, vma);
             _machine.PutPage(oldPfn);        // our temporary reference
             _machine.DeferPutPage(oldPfn);   // the mapping's: only after a flush
@@ -239,7 +243,8 @@ internal sealed unsafe partial class AddressSpace
         return FaultResult.Done;
     }
 
-    private bool IsKsmPage(long pfn) =>
+    /// <summary>PageKsm: the page's mapping word carries the KSM tag.</summary>
+    public bool IsKsmPage(long pfn) =>
         (_machine.MemMap[_machine.MemMap.CompoundHead(pfn)].Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm;
 
     // ================================================================================================

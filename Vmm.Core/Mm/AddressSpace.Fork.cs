@@ -17,7 +17,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Copies this address space into a new one. Returns null (and leaves no trace) when memory runs out.</summary>
     public AddressSpace? Fork(int childHomeNode)
     {
-        var child = new AddressSpace(_machine, childHomeNode);
+        var child = new AddressSpace(_machine, childHomeNode) { KsmMergeAny = KsmMergeAny, KsmDefaultDomain = KsmDefaultDomain };
         MmapLock.EnterWriteLock();
         bool writeProtected = false;
         try
@@ -26,7 +26,7 @@ internal sealed unsafe partial class AddressSpace
                 return null;
             foreach (Vma vma in _vmas)
             {
-                var copy = new Vma(child, vma.Start, vma.End, vma.Flags, vma.PgOff) { Shmem = vma.Shmem };
+                var copy = new Vma(child, vma.Start, vma.End, vma.Flags, vma.PgOff) { Shmem = vma.Shmem, KsmDomain = vma.KsmDomain };
                 if (vma.Shmem is { } shmem)
                 {
                     lock (shmem.Lock)
@@ -53,6 +53,10 @@ internal sealed unsafe partial class AddressSpace
                     return null;
                 }
             }
+            // ksm_fork: a child of a registered mm is registered too (its VMAs keep VM_MERGEABLE; its
+            // mappings of KSM pages are linked by ksmd later, without a compare).
+            if (KsmSlot is not null)
+                _machine.Ksm?.Enter(child);
             return child;
         }
         finally
@@ -155,6 +159,12 @@ internal sealed unsafe partial class AddressSpace
                 {
                     UnlockPte(ptePfn);
                     *childSlot = pte.Value;
+                    if (IsKsmZeroPte(pte))
+                    {
+                        // The child maps a KSM zero page too: it counts for the child and globally.
+                        Interlocked.Increment(ref child.KsmZeroPages);
+                        _machine.Ksm?.ZeroPagesChanged(1);
+                    }
                     continue;
                 }
                 long pfn = pte.Pfn;

@@ -110,6 +110,7 @@ internal sealed unsafe partial class AddressSpace
         {
             AnonVma = vma.AnonVma,
             Shmem = vma.Shmem,
+            KsmDomain = vma.KsmDomain,
         };
         CloneAnonVmaChains(vma, upper);
         if (vma.Shmem is { } shmem)
@@ -131,7 +132,7 @@ internal sealed unsafe partial class AddressSpace
     }
 
     private static bool CanMerge(Vma lower, Vma upper) =>
-        lower.End == upper.Start && lower.Flags == upper.Flags && lower.Shmem == upper.Shmem &&
+        lower.End == upper.Start && lower.Flags == upper.Flags && lower.Shmem == upper.Shmem && lower.KsmDomain == upper.KsmDomain &&
         lower.PgOff + lower.Pages == upper.PgOff &&
         (lower.AnonVma == upper.AnonVma || (upper.AnonVma is null && lower.AnonVma is null));
 
@@ -291,7 +292,9 @@ internal sealed unsafe partial class AddressSpace
             }
 
             VmaFlags vmFlags = ToVmaFlags(prot) | (shared ? VmaFlags.Shared : 0);
-            var vma = new Vma(this, address, address + aligned, vmFlags, shared ? 0 : address >> PageShift);
+            if (KsmMergeAny && !shared)
+                vmFlags |= VmaFlags.Mergeable; // ksm_vma_flags: a process that merges everything
+            var vma = new Vma(this, address, address + aligned, vmFlags, shared ? 0 : address >> PageShift) { KsmDomain = KsmDefaultDomain };
             if (shared)
             {
                 ShmemObject shmem = _machine.CreateShmem();
@@ -413,7 +416,11 @@ internal sealed unsafe partial class AddressSpace
                     continue;
                 }
                 if (old.IsSpecial)
+                {
+                    if (IsKsmZeroPte(old))
+                        KsmZeroPteGone();
                     continue; // the zero page is not refcounted per mapping
+                }
                 PageRemoveRmap(old.Pfn, vma);
                 pagesToPut.Add(old.Pfn);
             }
@@ -528,6 +535,8 @@ internal sealed unsafe partial class AddressSpace
             return Errno.EINVAL;
         if (advice is not (Advice.Normal or Advice.WillNeed or Advice.DontNeed or Advice.Mergeable or Advice.Unmergeable))
             return Errno.EINVAL;
+        if (advice is Advice.Mergeable or Advice.Unmergeable && _machine.Ksm is null)
+            return Errno.EINVAL; // built without KSM: the advice does not exist
         ulong aligned = (length + PageMask) & ~PageMask;
         if (aligned < length || address + aligned < address)
             return Errno.EINVAL;
@@ -567,18 +576,38 @@ internal sealed unsafe partial class AddressSpace
                         cleared |= ZapRange(vma, from, to, pages);
                         break;
                     case Advice.Mergeable or Advice.Unmergeable:
+                    {
+                        bool mergeable = (vma.Flags & VmaFlags.Mergeable) != 0;
+                        // ksm_madvise: already in the wanted state, or a shared mapping (KSM merges private
+                        // anonymous memory only): accepted, nothing changes.
+                        if (advice == Advice.Mergeable ? mergeable || vma.IsShared : !mergeable)
+                            break;
                         Vma target = vma;
                         if (target.Start < from)
                             target = SplitVma(target, from);
                         if (target.End > to)
                             SplitVma(target, to);
-                        // ksm_madvise: shared mappings are accepted but never marked (KSM merges private anonymous memory only).
-                        if (advice == Advice.Mergeable && !target.IsShared)
+                        if (advice == Advice.Mergeable)
+                        {
+                            _machine.Ksm!.Enter(this);
                             target.Flags |= VmaFlags.Mergeable;
-                        else if (advice == Advice.Unmergeable)
+                        }
+                        else
+                        {
+                            // Unmerge first (copies), then clear the flag; out of memory is EAGAIN, and the
+                            // range stays mergeable.
+                            if (target.AnonVma is not null && KsmUnmergeRange(target, target.Start, target.End) != Errno.None)
+                            {
+                                TryMergeAround(target);
+                                result = Errno.EAGAIN;
+                                cursor = end;
+                                continue;
+                            }
                             target.Flags &= ~VmaFlags.Mergeable;
+                        }
                         TryMergeAround(target);
                         break;
+                    }
                 }
                 cursor = to;
             }

@@ -55,6 +55,9 @@ internal sealed class Vma
     /// <summary>For a shared mapping: the object behind it.</summary>
     public ShmemObject? Shmem;
 
+    /// <summary>The dedupe domain: KSM merges pages only with pages of the same domain.</summary>
+    public ushort KsmDomain;
+
     public bool IsShared => (Flags & VmaFlags.Shared) != 0;
 
     public bool CanRead => (Flags & (VmaFlags.Read | VmaFlags.Write)) != 0;

@@ -99,7 +99,10 @@ internal sealed unsafe class RmapWalker
             return;
         }
         if (tag == PageDescriptor.MappingKsm)
-            return; // KSM pages are walked through their stable node (the KSM issue)
+        {
+            _machine.Ksm?.RmapWalk(pfn, handle, control); // through the stable node's items
+            return;
+        }
         ShmemObject? shmem = _machine.Mappings.Find<ShmemObject>(handle);
         if (shmem is null)
             return;

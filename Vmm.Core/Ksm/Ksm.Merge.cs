@@ -1,0 +1,272 @@
+// Merging, in batches (Linux's try_to_merge_one_page, try_to_merge_two_pages, stable_tree_append).
+//
+// Linux write-protects, flushes and compares one page at a time; a flush here costs microseconds (the
+// process-wide barrier of the access protocol), so the scanner queues up to BatchSize merges and
+// commits them together:
+//   1. for every queued merge: take the mmap_lock (read), check the VMA is still mergeable, trylock the
+//      page (never wait: a busy page is retried next pass), and write-protect its PTE, which refuses a
+//      page whose references are not all explained by its mappings (a pin);
+//   2. one flush: from here no thread writes any of these frames through an old translation;
+//   3. for every merge, in queue order: the full compare that decides, then replace_page, which
+//      succeeds only if the PTE is still exactly what step 1 left (any fault, zap or migration in
+//      between changed it); then link the item to its stable node;
+//   4. unlock, and drop the references. The replaced frames' mapping references are dropped after the
+//      next flush (DeferPutPage), which also batches.
+// A pair (two pages of the unstable index) turns the scanned page itself into the KSM page, as Linux
+// does: no allocation, no copy. Its stable node was indexed when the pair was queued, so later pages
+// of the same batch can already join it; if the pair fails, they fail with it and retry next pass.
+using System.Runtime.InteropServices;
+using Vmm.Memory;
+using Vmm.Mm;
+using Vmm.Native;
+using Vmm.Rmap;
+
+namespace Vmm;
+
+public sealed partial class Ksm
+{
+    /// <summary>Merges per flush. 64 pages make the flush cost a few percent of the merge.</summary>
+    internal const int BatchSize = 64;
+
+    private enum MergeKind : byte
+    {
+        /// <summary>Join an existing KSM page (Node, Kpfn).</summary>
+        Stable,
+
+        /// <summary>Merge with an unstable-index partner (TreeItem, TreePfn) into a new KSM page (Node).</summary>
+        Pair,
+
+        /// <summary>Replace a zero-filled page by the zero page (use_zero_pages).</summary>
+        Zero,
+    }
+
+    private struct MergeOp
+    {
+        public MergeKind Kind;
+        public bool Ok;
+        public int Item;
+        public long Pfn;
+        public Pte Orig;
+        public AnonVma? AnonVma;
+        public int TreeItem;
+        public long TreePfn;
+        public Pte TreeOrig;
+        public AnonVma? TreeAnonVma;
+        public KsmStableNode? Node;
+        public long Kpfn;
+        public bool KpfnReferenced; // false when Kpfn is a pending pair's page: the pair's reference covers it
+    }
+
+    private readonly List<MergeOp> _batch = [];
+    private readonly HashSet<long> _queuedPfns = [];
+    private readonly HashSet<long> _lockedInBatch = [];
+    private readonly HashSet<AddressSpace> _narrowed = [];
+    private AddressSpace? _lockedMm;
+    private long _mergedSinceRelease;
+
+    private void Queue(MergeOp op)
+    {
+        _queuedPfns.Add(op.Pfn);
+        if (op.Kind == MergeKind.Pair)
+            _queuedPfns.Add(op.TreePfn);
+        _batch.Add(op);
+    }
+
+    /// <summary>Commits every queued merge (see the overview). Preconditions: thread mutex held; no mmap_lock held.</summary>
+    private unsafe void CommitBatch()
+    {
+        if (_batch.Count == 0)
+            return;
+        Span<MergeOp> ops = CollectionsMarshal.AsSpan(_batch);
+        try
+        {
+            // 1. Lock and write-protect.
+            for (int i = 0; i < ops.Length; i++)
+            {
+                ref MergeOp op = ref ops[i];
+                switch (op.Kind)
+                {
+                    case MergeKind.Zero:
+                        op.Ok = Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma);
+                        break;
+                    case MergeKind.Stable:
+                        op.Ok = !op.Node!.Dead && (!op.Node.Pending || op.Node.PendingOk) && LockShared(op.Kpfn) &&
+                                (op.Node.Pending || Volatile.Read(ref _machine.MemMap[op.Kpfn].Mapping) == op.Node.MappingWord) &&
+                                Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma);
+                        break;
+                    case MergeKind.Pair:
+                        op.Ok = Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma) &&
+                                Protect(op.TreeItem, op.TreePfn, out op.TreeOrig, out op.TreeAnonVma);
+                        op.Node!.PendingOk = op.Ok;
+                        break;
+                }
+            }
+
+            // 2. One flush for the whole batch.
+            if (_narrowed.Count > 0)
+            {
+                foreach (AddressSpace mm in _narrowed)
+                    mm.BumpGeneration();
+                _narrowed.Clear();
+                _machine.FlushTlb();
+            }
+
+            // 3. Compare and replace, in queue order (a pair before the merges that join its new page).
+            for (int i = 0; i < ops.Length; i++)
+            {
+                ref MergeOp op = ref ops[i];
+                switch (op.Kind)
+                {
+                    case MergeKind.Pair:
+                        CommitPair(ref op);
+                        break;
+                    case MergeKind.Stable:
+                        op.Node!.Reserved--;
+                        if (op.Ok && !op.Node.Dead)
+                        {
+                            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.Kpfn)) && Replace(op.Item, op.Pfn, op.Kpfn, op.Orig);
+                            if (op.Ok)
+                                Append(op.Item, op.Node, op.AnonVma!, bypassLimit: false);
+                        }
+                        break;
+                    case MergeKind.Zero:
+                        if (op.Ok)
+                            op.Ok = PageOps.IsZero(Frame(op.Pfn)) && Replace(op.Item, op.Pfn, -1, op.Orig);
+                        break;
+                }
+                if (op.Ok)
+                    _mergedSinceRelease++;
+            }
+        }
+        finally
+        {
+            // 4. Unlock and drop references.
+            UnlockMm();
+            foreach (long pfn in _lockedInBatch)
+                _machine.PageLock.Unlock(pfn);
+            _lockedInBatch.Clear();
+            foreach (ref MergeOp op in ops)
+            {
+                _machine.PutPage(op.Pfn);
+                if (op.Kind == MergeKind.Pair)
+                    _machine.PutPage(op.TreePfn);
+                else if (op.Kind == MergeKind.Stable && op.KpfnReferenced)
+                    _machine.PutPage(op.Kpfn);
+            }
+            _batch.Clear();
+            _queuedPfns.Clear();
+        }
+    }
+
+    /// <summary>try_to_merge_two_pages: the scanned page becomes the KSM page, the partner's PTE moves to it.</summary>
+    private unsafe void CommitPair(ref MergeOp op)
+    {
+        KsmStableNode node = op.Node!;
+        node.Reserved -= 2;
+        ref PageDescriptor page = ref _machine.MemMap[op.Pfn];
+        if (op.Ok)
+        {
+            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.TreePfn));
+            if (op.Ok)
+            {
+                // The page is locked and read-only everywhere: it becomes a KSM page in place.
+                ulong anonMapping = page.Mapping;
+                Volatile.Write(ref page.Mapping, node.MappingWord);
+                op.Ok = Replace(op.TreeItem, op.TreePfn, op.Pfn, op.TreeOrig);
+                if (!op.Ok)
+                    Volatile.Write(ref page.Mapping, anonMapping); // nobody linked to it yet: undo
+            }
+        }
+        node.Pending = false;
+        if (op.Ok)
+        {
+            Append(op.TreeItem, node, op.TreeAnonVma!, bypassLimit: false);
+            Append(op.Item, node, op.AnonVma!, bypassLimit: false);
+            return;
+        }
+        // Undo the index entry. The partner goes back into the unstable index, as Linux leaves it there.
+        UnindexNode(node);
+        FreeNode(node);
+        InsertUnstable(op.TreeItem);
+    }
+
+    /// <summary>Step 1 for one page. Returns false (merge skipped) if anything is not as expected.</summary>
+    private bool Protect(int item, long pfn, out Pte orig, out AnonVma? anonVma)
+    {
+        orig = Pte.None;
+        anonVma = null;
+        AddressSpace mm = SlotOf(_items[item].Slot).Mm;
+        ulong va = _items[item].PageAddress;
+        if (!LockMm(mm))
+            return false;
+        Vma? vma = mm.FindMergeableVma(va);
+        if (vma is null || _lockedInBatch.Contains(pfn) || !_machine.PageLock.TryLock(pfn))
+            return false;
+        _lockedInBatch.Add(pfn);
+        if (!mm.KsmWriteProtect(va, pfn, out orig, out bool changed))
+            return false;
+        if (changed)
+            _narrowed.Add(mm);
+        anonVma = vma.AnonVma;
+        return true;
+    }
+
+    /// <summary>Step 3's PTE switch for one page (kpfn -1: the zero page).</summary>
+    private bool Replace(int item, long pfn, long kpfn, Pte orig)
+    {
+        AddressSpace mm = SlotOf(_items[item].Slot).Mm;
+        ulong va = _items[item].PageAddress;
+        // The VMA is checked again: an madvise(UNMERGEABLE) between the steps, which holds the mmap_lock
+        // for write, either ran before this check (and we back off) or runs after and unmerges us.
+        return LockMm(mm) && mm.FindMergeableVma(va) is not null && mm.KsmReplacePage(va, pfn, kpfn, orig);
+    }
+
+    /// <summary>Locks a KSM page for the batch, or finds it already locked by the batch (several merges join one page).</summary>
+    private bool LockShared(long pfn)
+    {
+        if (_lockedInBatch.Contains(pfn))
+            return true;
+        if (!_machine.PageLock.TryLock(pfn))
+            return false;
+        _lockedInBatch.Add(pfn);
+        return true;
+    }
+
+    /// <summary>
+    /// Holds one mm's mmap_lock for read across consecutive merges of that mm. While page locks are
+    /// held it only tries (the lock order is mmap_lock before page lock): a busy mm skips the merge.
+    /// </summary>
+    private bool LockMm(AddressSpace mm)
+    {
+        if (_lockedMm == mm)
+            return true;
+        UnlockMm();
+        if (_lockedInBatch.Count == 0)
+            mm.MmapLock.EnterReadLock();
+        else if (!mm.MmapLock.TryEnterReadLock(0))
+            return false;
+        _lockedMm = mm;
+        return true;
+    }
+
+    private void UnlockMm()
+    {
+        if (_lockedMm is null)
+            return;
+        _lockedMm.MmapLock.ExitReadLock();
+        _lockedMm = null;
+    }
+
+    /// <summary>
+    /// Real savings: the frames merging freed go back to the host. Run at the end of each full scan
+    /// that merged something; free page reporting decommits whole free pageblocks.
+    /// </summary>
+    private void ReleaseFreedMemory()
+    {
+        if (_mergedSinceRelease == 0)
+            return;
+        _mergedSinceRelease = 0;
+        _machine.FlushTlb(); // the replaced frames' last references
+        _machine.Allocator.ReleaseFreeMemory();
+    }
+}
