@@ -166,13 +166,20 @@ public sealed unsafe class Machine : IDisposable
     /// Drops a reference after the next TLB flush: for a frame other threads may still be reading
     /// through translations cached before its PTE changed. Batched: the flush runs once 64 are queued.
     /// </summary>
-    internal void DeferPutPage(long pfn)
+    internal void DeferPutPage(long pfn) => DeferPutPage(pfn, 64);
+
+    /// <summary>
+    /// DeferPutPage with a larger batch, for a caller that flushes often anyway (the KSM scanner flushes
+    /// once per merge batch, which releases these too): a flush runs only once <paramref name="flushAt"/>
+    /// references are queued.
+    /// </summary>
+    internal void DeferPutPage(long pfn, int flushAt)
     {
         bool flush;
         lock (_deferredLock)
         {
             _deferredPuts.Add(pfn);
-            flush = _deferredPuts.Count >= 64;
+            flush = _deferredPuts.Count >= flushAt;
         }
         if (flush)
             FlushTlb();

@@ -54,6 +54,8 @@ internal static class ScenarioRunner
         new AccessScenario(),
         new ForkScenario(),
         new FlushScenario(),
+        new KsmScenario(),
+        new KsmUnmergeScenario(),
     ];
 
     public static int Run(string[] args)

@@ -728,11 +728,16 @@ public sealed partial class Ksm
             chain.ChainPruneTime = now;
         KsmStableNode? chosen = null;
         long chosenPfn = -1;
-        foreach (KsmStableNode dup in chain.Dups!.ToArray())
+        List<KsmStableNode> dups = chain.Dups!;
+        for (int i = 0; i < dups.Count; i++)
         {
+            KsmStableNode dup = dups[i];
             long page = GetNodePage(dup);
             if (page < 0)
-                continue; // stale: removed from the chain
+            {
+                i--; // stale: it removed itself from the chain, the next one moved into its place
+                continue;
+            }
             bool better = chosen is null ||
                 (!IsSharingCandidate(chosen) && IsSharingCandidate(dup)) ||
                 (IsSharingCandidate(chosen) && IsSharingCandidate(dup) && dup.HlistLen + dup.Reserved > chosen.HlistLen + chosen.Reserved);
@@ -756,12 +761,12 @@ public sealed partial class Ksm
                 PutNodePage(chosen, chosenPfn);
             return null;
         }
-        if (chain.Dups.Count == 1)
+        if (dups.Count == 1)
             CollapseChain(chain);
-        else if (chain.Dups[0] != chosen && chosen.HlistLen + chosen.Reserved + 1 < _maxPageSharing)
+        else if (dups[0] != chosen && chosen.HlistLen + chosen.Reserved + 1 < _maxPageSharing)
         {
-            chain.Dups.Remove(chosen);
-            chain.Dups.Insert(0, chosen); // the next lookup stops at it
+            dups.Remove(chosen);
+            dups.Insert(0, chosen); // the next lookup stops at it
         }
         if (!IsSharingCandidate(chosen))
         {

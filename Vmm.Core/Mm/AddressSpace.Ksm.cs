@@ -305,7 +305,8 @@ internal sealed unsafe partial class AddressSpace
             UnlockPte(ptePfn);
         }
         BumpGeneration();
-        _machine.DeferPutPage(pfn);
+        // The scanner's next batch flush releases it (a flush is forced only if many pile up).
+        _machine.DeferPutPage(pfn, 1024);
         return true;
     }
 

@@ -1,0 +1,196 @@
+using System.Diagnostics;
+using Vmm.Mm;
+
+namespace Vmm.Bench.Scenarios;
+
+/// <summary>Page patterns for the KSM scenarios: what page i of a buffer holds.</summary>
+internal static class KsmPatterns
+{
+    public static readonly string[] Names = ["identical", "half", "unique", "zero"];
+
+    /// <summary>Fills <paramref name="page"/> with page <paramref name="index"/> of the pattern (random data, never only zeros, except "zero").</summary>
+    public static void Fill(string pattern, int index, int pages, Span<byte> page)
+    {
+        switch (pattern)
+        {
+            case "identical":
+                Random(page, 12345);
+                break;
+            case "half":
+                // The first half in duplicate pairs (2k and 2k+1 equal), the second half unique.
+                Random(page, index < pages / 2 ? (ulong)(index / 2) + 1 : (ulong)(pages + index));
+                break;
+            case "unique":
+                Random(page, (ulong)index + 1);
+                break;
+            case "zero":
+                page.Clear();
+                break;
+            default:
+                throw new ArgumentException($"unknown pattern '{pattern}' (identical, half, unique, zero)");
+        }
+    }
+
+    /// <summary>Pseudo-random bytes from a seed (xorshift64*): cheap enough to fill gigabytes.</summary>
+    private static void Random(Span<byte> page, ulong seed)
+    {
+        Span<ulong> words = System.Runtime.InteropServices.MemoryMarshal.Cast<byte, ulong>(page);
+        ulong x = seed * 0x9E3779B97F4A7C15UL | 1;
+        for (int i = 0; i < words.Length; i++)
+        {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            words[i] = x * 0x2545F4914F6CDD1DUL;
+        }
+    }
+
+    /// <summary>A process with <paramref name="pages"/> pages of the pattern, advised mergeable.</summary>
+    public static (Process Process, ulong Address) Map(Machine machine, string pattern, int pages)
+    {
+        Process p = machine.CreateProcess();
+        ulong va = p.Mmap((ulong)pages * 4096);
+        byte[] page = new byte[4096];
+        for (int i = 0; i < pages; i++)
+        {
+            Fill(pattern, i, pages, page);
+            p.Write(va + (ulong)i * 4096, page);
+        }
+        if (p.Madvise(va, (ulong)pages * 4096, Advice.Mergeable) != Errno.None)
+            throw new InvalidOperationException("madvise(MERGEABLE) failed");
+        return (p, va);
+    }
+
+    /// <summary>Whether the counters show the state merging should reach for the pattern.</summary>
+    public static bool Merged(string pattern, int pages, KsmStats s, bool zeroPages, int maxPageSharing = 256) => pattern switch
+    {
+        "identical" => s.PagesShared + s.PagesSharing == pages,
+        "zero" when zeroPages => s.KsmZeroPages == pages,
+        "zero" => s.PagesShared + s.PagesSharing == pages,
+        "half" => s.PagesShared == pages / 4 && s.PagesSharing == pages / 4,
+        _ => false,
+    };
+
+    public static Machine NewMachine(int sizeMib) => new(new MachineOptions
+    {
+        NodeCount = 2,
+        NodeSizeBytes = Math.Max(512L, ((sizeMib * 2L + 127) / 128) * 128) << 20,
+        BlockSizeBytes = 128L << 20,
+        MinFreeKbytes = 0,
+    });
+}
+
+/// <summary>
+/// scenario ksm: time for one scanning thread to merge a buffer, from starting the scanner to the
+/// expected merged state (or to two full scans for unique pages), as the Linux anchor measures ksmd.
+/// </summary>
+internal sealed class KsmScenario : IScenario
+{
+    public string Name => "ksm";
+
+    public string Description => "KSM merge time of a buffer (--size-mib 256, --pattern identical|half|unique|zero, --use-zero-pages, --reps 3, --pages-to-scan 100000)";
+
+    public IReadOnlyList<KeyValuePair<string, object>> Run(ScenarioArgs args)
+    {
+        int sizeMib = args.GetInt("size-mib", 256);
+        string pattern = args.GetString("pattern", "identical");
+        bool zeroPages = args.Has("use-zero-pages");
+        int reps = args.GetInt("reps", 3);
+        int pagesToScan = args.GetInt("pages-to-scan", 100000);
+        int pages = sizeMib * 256;
+        var times = new List<(double Ms, long Scans, KsmStats Stats)>();
+        for (int r = 0; r < reps + 1; r++)
+        {
+            using Machine machine = KsmPatterns.NewMachine(sizeMib);
+            MmScenario.WarmArena(machine, (ulong)pages * 4096 + (64UL << 20));
+            Vmm.Ksm ksm = machine.Ksm!;
+            if (zeroPages)
+                ksm.Write("use_zero_pages", "1");
+            KsmPatterns.Map(machine, pattern, pages);
+            long start = Stopwatch.GetTimestamp();
+            KsmStats stats;
+            while (true)
+            {
+                ksm.ScanPages(pagesToScan);
+                stats = ksm.GetStats();
+                if (KsmPatterns.Merged(pattern, pages, stats, zeroPages) || stats.FullScans >= (pattern == "unique" ? 2 : 10))
+                    break;
+            }
+            double ms = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            if (r > 0) // the first round warms the JIT
+                times.Add((ms, stats.FullScans, stats));
+            Console.WriteLine($"  round {r}: {ms:F1} ms, {stats.FullScans} full scans, shared {stats.PagesShared}, sharing {stats.PagesSharing}, zero {stats.KsmZeroPages}, scanned {stats.PagesScanned}");
+        }
+        var median = times.OrderBy(t => t.Ms).ElementAt(times.Count / 2);
+        bool reached = pattern == "unique" || KsmPatterns.Merged(pattern, pages, median.Stats, zeroPages);
+        Console.WriteLine($"ksm {pattern}{(zeroPages ? " (use_zero_pages)" : "")} {sizeMib} MiB: {median.Ms:F1} ms to {(pattern == "unique" ? "two full scans" : "the merged state")}{(reached ? "" : " (NOT reached)")}, " +
+                          $"{median.Ms * 1e6 / median.Stats.PagesScanned:F0} ns per scanned page, metadata {median.Stats.MetadataBytes / (double)pages:F1} B/page");
+        return
+        [
+            new("pattern", pattern), new("size_mib", sizeMib), new("use_zero_pages", zeroPages),
+            new("merge_ms", Math.Round(median.Ms, 2)), new("full_scans", median.Scans),
+            new("pages_shared", median.Stats.PagesShared), new("pages_sharing", median.Stats.PagesSharing),
+            new("ksm_zero_pages", median.Stats.KsmZeroPages), new("reached", reached),
+            new("scan_ns_per_page", Math.Round(median.Ms * 1e6 / median.Stats.PagesScanned, 1)),
+            new("metadata_bytes_per_page", Math.Round(median.Stats.MetadataBytes / (double)pages, 1)),
+        ];
+    }
+}
+
+/// <summary>scenario ksm-unmerge: a write to a merged page (cow_ksm), and run=2 per merged page.</summary>
+internal sealed class KsmUnmergeScenario : IScenario
+{
+    public string Name => "ksm-unmerge";
+
+    public string Description => "KSM copy-on-write and run=2 unmerge costs (--size-mib 256, --reps 3)";
+
+    public IReadOnlyList<KeyValuePair<string, object>> Run(ScenarioArgs args)
+    {
+        int sizeMib = args.GetInt("size-mib", 256);
+        int reps = args.GetInt("reps", 3);
+        int pages = sizeMib * 256;
+        var cow = new List<double>();
+        var unmerge = new List<double>();
+        for (int r = 0; r < reps + 1; r++)
+        {
+            // COW: a 1-byte write to every merged page.
+            using (Machine machine = KsmPatterns.NewMachine(sizeMib))
+            {
+                MmScenario.WarmArena(machine, (ulong)pages * 8192);
+                (Process p, ulong va) = MergeIdentical(machine, pages);
+                long start = Stopwatch.GetTimestamp();
+                for (int i = 0; i < pages; i++)
+                    p.Write<byte>(va + (ulong)i * 4096 + 100, 1);
+                double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / pages;
+                if (r > 0)
+                    cow.Add(ns);
+            }
+            // run=2: unmerge everything.
+            using (Machine machine = KsmPatterns.NewMachine(sizeMib))
+            {
+                MmScenario.WarmArena(machine, (ulong)pages * 8192);
+                MergeIdentical(machine, pages);
+                KsmStats before = machine.Ksm!.GetStats();
+                long start = Stopwatch.GetTimestamp();
+                if (machine.Ksm.Write("run", "2") != Errno.None)
+                    throw new InvalidOperationException("run=2 failed");
+                double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / (before.PagesShared + before.PagesSharing);
+                if (r > 0)
+                    unmerge.Add(ns);
+            }
+            Console.WriteLine($"  round {r}: cow {(r > 0 ? cow[^1] : 0):F0} ns, unmerge {(r > 0 ? unmerge[^1] : 0):F0} ns per page");
+        }
+        double cowNs = MmScenario.Median(cow), unmergeNs = MmScenario.Median(unmerge);
+        Console.WriteLine($"ksm-unmerge {sizeMib} MiB: write to a merged page {cowNs:F0} ns, run=2 {unmergeNs:F0} ns per merged page");
+        return [new("size_mib", sizeMib), new("cow_ns", Math.Round(cowNs, 1)), new("unmerge_ns", Math.Round(unmergeNs, 1))];
+    }
+
+    private static (Process, ulong) MergeIdentical(Machine machine, int pages)
+    {
+        (Process p, ulong va) = KsmPatterns.Map(machine, "identical", pages);
+        machine.Ksm!.RunFullScans(2);
+        if (machine.Ksm.GetStats().PagesShared + machine.Ksm.GetStats().PagesSharing != pages)
+            throw new InvalidOperationException("the buffer did not merge");
+        return (p, va);
+    }
+}
