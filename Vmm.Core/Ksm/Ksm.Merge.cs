@@ -55,6 +55,8 @@ public sealed partial class Ksm
         public KsmStableNode? Node;
         public long Kpfn;
         public bool KpfnReferenced; // false when Kpfn is a pending pair's page: the pair's reference covers it
+        public bool IsRetry;        // queued again after the pair it depended on failed
+        public bool Retry;          // failed only because its pending node's pair failed: look it up again
     }
 
     private readonly List<MergeOp> _batch = [];
@@ -122,6 +124,9 @@ public sealed partial class Ksm
                         break;
                     case MergeKind.Stable:
                         op.Node!.Reserved--;
+                        // Linux merges one page at a time: a page that would have joined a pair that then
+                        // failed would instead have met the pair's partner. Look it up once more.
+                        op.Retry = !op.Ok && op.Node.Dead && !op.IsRetry;
                         if (op.Ok && !op.Node.Dead)
                         {
                             op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.Kpfn)) && Replace(op.Item, op.Pfn, op.Kpfn, op.Orig);
@@ -140,14 +145,17 @@ public sealed partial class Ksm
         }
         finally
         {
-            // 4. Unlock and drop references.
+            // 4. Unlock and drop references (a page to retry keeps its own).
             UnlockMm();
             foreach (long pfn in _lockedInBatch)
                 _machine.PageLock.Unlock(pfn);
             _lockedInBatch.Clear();
             foreach (ref MergeOp op in ops)
             {
-                _machine.PutPage(op.Pfn);
+                if (op.Retry)
+                    _retries.Add((op.Item, op.Pfn));
+                else
+                    _machine.PutPage(op.Pfn);
                 if (op.Kind == MergeKind.Pair)
                     _machine.PutPage(op.TreePfn);
                 else if (op.Kind == MergeKind.Stable && op.KpfnReferenced)
@@ -156,7 +164,20 @@ public sealed partial class Ksm
             _batch.Clear();
             _queuedPfns.Clear();
         }
+        if (_retries.Count > 0)
+        {
+            (int Item, long Pfn)[] retries = [.. _retries];
+            _retries.Clear();
+            foreach ((int item, long pfn) in retries)
+            {
+                if (_queuedPfns.Contains(pfn) || !QueueMerge(item, pfn, retry: true))
+                    _machine.PutPage(pfn);
+            }
+            CommitBatch();
+        }
     }
+
+    private readonly List<(int Item, long Pfn)> _retries = [];
 
     /// <summary>try_to_merge_two_pages: the scanned page becomes the KSM page, the partner's PTE moves to it.</summary>
     private unsafe void CommitPair(ref MergeOp op)

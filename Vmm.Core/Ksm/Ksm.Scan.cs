@@ -378,13 +378,24 @@ public sealed partial class Ksm
             Queue(new MergeOp { Kind = MergeKind.Zero, Item = handle, Pfn = pfn });
             return true;
         }
+        return QueueMerge(handle, pfn, retry: false);
+    }
+
+    /// <summary>
+    /// The index lookups of cmp_and_merge_page for a page whose checksum held: queue a merge into a
+    /// KSM page, or with an unstable partner, or file the page. Returns true if a merge was queued
+    /// (with the page's reference).
+    /// </summary>
+    private bool QueueMerge(int handle, long pfn, bool retry)
+    {
+        ref KsmRmapItem item = ref _items[handle];
         int nid = NidOf(pfn);
-        ulong key = KeyOf(checksum, item.Domain);
+        ulong key = KeyOf(item.Checksum, item.Domain);
         KsmStableNode? stable = StableSearch(key, item.Domain, nid, out long kpfn);
         if (stable is not null)
         {
             stable.Reserved++;
-            Queue(new MergeOp { Kind = MergeKind.Stable, Item = handle, Pfn = pfn, Node = stable, Kpfn = kpfn, KpfnReferenced = !stable.Pending });
+            Queue(new MergeOp { Kind = MergeKind.Stable, Item = handle, Pfn = pfn, Node = stable, Kpfn = kpfn, KpfnReferenced = !stable.Pending, IsRetry = retry });
             return true;
         }
         int tree = UnstableSearchInsert(handle, pfn, key, nid, out long treePfn);
@@ -393,7 +404,7 @@ public sealed partial class Ksm
         // A partner: this page will become the KSM page. Its stable node is indexed now (pending), so
         // that the pages after it in this batch can join it.
         KsmStableNode pending = InsertPendingNode(key, item.Domain, nid, pfn);
-        Queue(new MergeOp { Kind = MergeKind.Pair, Item = handle, Pfn = pfn, TreeItem = tree, TreePfn = treePfn, Node = pending });
+        Queue(new MergeOp { Kind = MergeKind.Pair, Item = handle, Pfn = pfn, TreeItem = tree, TreePfn = treePfn, Node = pending, IsRetry = retry });
         return true;
     }
 

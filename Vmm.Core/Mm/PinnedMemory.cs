@@ -5,6 +5,10 @@
 // page exclusive to the process (a write fault for write pins, an unshare fault for read pins), so a
 // later copy-on-write can never separate the pinned frame from the process: fork copies a pinned page
 // for the child instead of sharing it.
+//
+// AsSequence exposes the pinned bytes as a ReadOnlySequence<byte> without copying (PinnedSequence.cs
+// in Buffers/): a pin holds its frames, so the sequence is valid exactly as long as the pin.
+using System.Buffers;
 using Vmm.Memory;
 
 namespace Vmm.Mm;
@@ -57,6 +61,18 @@ public sealed unsafe class PinnedMemory : IDisposable
         ulong to = Math.Min(pageStart + AddressSpace.PageSize, _address + _length);
         byte* frame = _machine.Arena.FrameAddress(_frames[index]);
         return new Span<byte>(frame + (from - pageStart), (int)(to - from));
+    }
+
+    /// <summary>
+    /// The pinned bytes as one sequence, without copying: each run of physically adjacent frames is one
+    /// segment. Valid until <see cref="Dispose"/>; after it, reading a segment's span throws
+    /// <see cref="ObjectDisposedException"/>. A read-only pin's memory must not be written through it.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    public ReadOnlySequence<byte> AsSequence()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        return PinnedSequence.Create(_machine.Arena, _frames, _address, _length, () => Volatile.Read(ref _disposed) != 0);
     }
 
     /// <summary>The frame of page <paramref name="index"/> (for tests and tools).</summary>
