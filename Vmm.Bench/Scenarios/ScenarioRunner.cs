@@ -56,6 +56,7 @@ internal static class ScenarioRunner
         new FlushScenario(),
         new KsmScenario(),
         new KsmUnmergeScenario(),
+        new KsmIndexScenario(),
     ];
 
     public static int Run(string[] args)

@@ -127,6 +127,13 @@ public sealed partial class Ksm
                         // Linux merges one page at a time: a page that would have joined a pair that then
                         // failed would instead have met the pair's partner. Look it up once more.
                         op.Retry = !op.Ok && op.Node.Dead && !op.IsRetry;
+                        // Fork's mappings are linked without a limit (as in Linux), so one may have
+                        // filled the page since this merge reserved its place: look it up again then.
+                        if (op.Ok && !op.Node.Dead && op.Node.HlistLen >= _maxPageSharing)
+                        {
+                            op.Ok = false;
+                            op.Retry = !op.IsRetry;
+                        }
                         if (op.Ok && !op.Node.Dead)
                         {
                             op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.Kpfn)) && Replace(op.Item, op.Pfn, op.Kpfn, op.Orig);
@@ -278,13 +285,17 @@ public sealed partial class Ksm
         _lockedMm = null;
     }
 
+    /// <summary>Merges after which a full scan gives memory back: one pageblock's worth (2 MiB).</summary>
+    private const long ReleaseThreshold = 512;
+
     /// <summary>
-    /// Real savings: the frames merging freed go back to the host. Run at the end of each full scan
-    /// that merged something; free page reporting decommits whole free pageblocks.
+    /// Real savings: the frames merging freed go back to the host. Run at the end of a full scan once
+    /// at least a pageblock's worth of pages merged since the last time (free page reporting decommits
+    /// only whole free pageblocks, so fewer could not lower the RSS anyway).
     /// </summary>
     private void ReleaseFreedMemory()
     {
-        if (_mergedSinceRelease == 0)
+        if (_mergedSinceRelease < ReleaseThreshold)
             return;
         _mergedSinceRelease = 0;
         _machine.FlushTlb(); // the replaced frames' last references
