@@ -1,31 +1,43 @@
+// MachineView: `vmm machine`, and the short fork demo at the end of `vmm`. The machine's memory as
+// Linux shows it (zones with watermarks and pgalloc/pgfree, memory blocks, /proc/buddyinfo); then a
+// parent that writes its memory and forks twice, children whose writes copy on write, the host's RSS
+// as the processes exit and free blocks go back, and an Audit.
 using Spectre.Console;
 using Vmm.Memory;
 using Vmm.Native;
 
 namespace Vmm.Cli;
 
-/// <summary>Renders a machine's memory: nodes and zones, memory blocks, buddyinfo.</summary>
+/// <summary>
+/// Renders a machine's memory: nodes and zones, memory blocks, buddyinfo; and the fork demo: a parent
+/// writes its memory and forks twice, the children write and copy-on-write gives them their own pages.
+/// </summary>
 internal static class MachineView
 {
-    public static int Run(MachineOptions options, long touchBytes, IAnsiConsole console)
+    /// <summary>Returns the exit code: 1 if the audit at the end found a problem.</summary>
+    /// <param name="options">the machine's shape.</param>
+    /// <param name="touchBytes">what the fork demo's parent writes (0: no fork demo).</param>
+    /// <param name="console">where to draw.</param>
+    /// <param name="showTables">the zone, block and buddyinfo tables (`vmm machine`), or only the fork demo.</param>
+    public static int Run(MachineOptions options, long touchBytes, IAnsiConsole console, bool showTables)
     {
         using var machine = new Machine(options);
         Topology topology = machine.Topology;
-        console.Write(new Rule("[bold]Vmm machine[/]").LeftJustified());
+        console.Write(new Rule(showTables ? "[bold]Vmm machine[/]" : "[bold]Fork and copy-on-write[/]").LeftJustified());
         console.MarkupLineInterpolated(
             $"{topology.NodeCount} nodes x {Mib(topology.FramesPerNode * Topology.PageSize)}, {topology.BlockCount} blocks of {Mib(topology.BlockSizeBytes)}, {topology.TotalFrames:N0} frames of 4 KiB; descriptors {Mib(machine.GetStats().DescriptorBytes)} ({PageDescriptorSize} B per frame)");
         console.MarkupLineInterpolated($"arena: {(machine.Arena.ReturnsMemoryToHost ? "mmap MAP_NORESERVE (decommit returns memory to the host)" : "portable heap")}");
-        ShowStats(machine, console, "At boot");
-        ShowBlocks(machine, console);
-
-        if (touchBytes > 0)
-            Demo(machine, touchBytes, console);
-        return 0;
+        if (showTables)
+        {
+            ShowStats(machine, console, "At boot");
+            ShowBlocks(machine, console);
+        }
+        return touchBytes > 0 ? Demo(machine, touchBytes, console, showTables) : 0;
     }
 
     private const int PageDescriptorSize = 64;
 
-    private static void Demo(Machine machine, long touchBytes, IAnsiConsole console)
+    private static int Demo(Machine machine, long touchBytes, IAnsiConsole console, bool showTables)
     {
         long rssBoot = HostMemory.ReadRssBytes();
         ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~4095UL;
@@ -55,7 +67,8 @@ internal static class MachineView
             p.Exit();
         long released = machine.Allocator.ReleaseFreeMemory();
         long rssReleased = HostMemory.ReadRssBytes();
-        ShowStats(machine, console, "After every process exited (every frame free again)");
+        if (showTables)
+            ShowStats(machine, console, "After every process exited (every frame free again)");
 
         var rss = new Table().AddColumns("host RSS", "bytes");
         rss.AddRow("at boot", Mib(rssBoot));
@@ -64,6 +77,7 @@ internal static class MachineView
         console.Write(rss);
         IReadOnlyList<string> audit = machine.Audit();
         console.MarkupLineInterpolated($"Audit: {(audit.Count == 0 ? "every counter, mapcount and refcount recounted from the page tables: clean" : string.Join("; ", audit.Take(3)))}");
+        return audit.Count == 0 ? 0 : 1;
     }
 
     private static void ShowProcesses(Machine machine, IAnsiConsole console, Process[] processes, ulong va, ulong pages, string title)
