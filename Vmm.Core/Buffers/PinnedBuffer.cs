@@ -1,0 +1,75 @@
+// PinnedBuffer: a VmmBuffer's pages pinned for zero-copy host access (a thin owner of PinnedMemory).
+//
+// Why pins and not raw frame pointers: a frame that is not pinned can be merged by KSM, migrated or
+// reclaimed at any moment, and its bytes would then belong to someone else. A pin holds a reference and
+// a pin count on each page, which every such mechanism checks; KSM's write-protect step refuses a page
+// whose references are not all explained by mappings, so a pinned page is never merged. The price is
+// that a long-lived pin keeps its pages out of deduplication: pin, use, dispose.
+using System.Buffers;
+using Vmm.Mm;
+
+namespace Vmm;
+
+/// <summary>
+/// The pinned pages of a <see cref="VmmBuffer"/> (<see cref="VmmBuffer.Pin"/>): the bytes as a
+/// <see cref="ReadOnlySequence{T}"/> and as one span per page, valid until <see cref="Dispose"/>.
+/// KSM never merges a pinned page, so keep pins short.
+/// </summary>
+/// <remarks>
+/// Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with their
+/// use (a span taken before Dispose points at frames the pin no longer holds).
+/// </remarks>
+public sealed class PinnedBuffer : IDisposable
+{
+    private readonly PinnedMemory _pin;
+    private readonly ReadOnlySequence<byte> _sequence;
+    private volatile bool _disposed;
+
+    internal PinnedBuffer(PinnedMemory pin, long length)
+    {
+        _pin = pin;
+        Length = length;
+        _sequence = pin.AsSequence();
+    }
+
+    /// <summary>Bytes pinned: the whole buffer.</summary>
+    public long Length { get; }
+
+    /// <summary>Pages pinned; page i holds bytes [i x 4096, (i + 1) x 4096) of the buffer.</summary>
+    public int PageCount => _pin.PageCount;
+
+    /// <summary>True if the pin allows writes through <see cref="GetSpan"/>.</summary>
+    public bool Writable => _pin.Writable;
+
+    /// <summary>
+    /// The pinned bytes in order, without copying: one segment per run of physically adjacent frames.
+    /// After <see cref="Dispose"/>, reading a segment's span throws <see cref="ObjectDisposedException"/>.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    public ReadOnlySequence<byte> AsSequence()
+    {
+        ObjectDisposedException.ThrowIf(IsDisposed, this);
+        return _sequence;
+    }
+
+    /// <summary>True once <see cref="Dispose"/> has run.</summary>
+    public bool IsDisposed => _disposed;
+
+    /// <summary>The bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    public ReadOnlySpan<byte> GetReadOnlySpan(int page) => _pin.GetReadOnlySpan(page);
+
+    /// <summary>The writable bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
+    /// <exception cref="InvalidOperationException">the buffer was pinned read-only.</exception>
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    public Span<byte> GetSpan(int page) => _pin.GetSpan(page);
+
+    /// <summary>Unpins every page; KSM may merge them again from its next visit. Idempotent.</summary>
+    public void Dispose()
+    {
+        _disposed = true;
+        _pin.Dispose();
+    }
+}
