@@ -17,8 +17,9 @@ internal static class KsmPatterns
                 Random(page, 12345);
                 break;
             case "half":
-                // The first half in duplicate pairs (2k and 2k+1 equal), the second half unique.
-                Random(page, index < pages / 2 ? (ulong)(index / 2) + 1 : (ulong)(pages + index));
+                // As the Linux anchor (linux_ksm_bench.c) lays it out: even pages pair up, page i with
+                // page i + N/2, so partners are spread over the whole region; odd pages are unique.
+                Random(page, index % 2 == 0 ? 1_000_003UL + (ulong)(index % (pages / 2)) : 7_000_000_001UL + (ulong)index);
                 break;
             case "unique":
                 Random(page, (ulong)index + 1);

@@ -320,6 +320,15 @@ public sealed partial class Ksm
         if ((_machine.MemMap[pfn].Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm)
             return false;
         ref KsmRmapItem item = ref _items[handle];
+        if ((item.Address & KsmRmapItem.StableFlag) != 0)
+        {
+            // Merged until a write copied it: it is live data again, and its former partners were
+            // copied too, likely in other passes. Restart its age so that their schedules line up and
+            // they can meet in the unstable index again (Linux keeps the age, and such twins can stay
+            // in alternating skip schedules forever).
+            item.Age = 0;
+            item.RemainingSkips = 0;
+        }
         byte age = item.Age;
         if (age != byte.MaxValue)
             item.Age++;

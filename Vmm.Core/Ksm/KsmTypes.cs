@@ -2,7 +2,7 @@
 // "64 bytes of metadata per scanned page" budget.
 //
 // Rmap items are not objects: they live in a chunked array of structs and are named by int handles, so
-// a scanned page costs one 48-byte slot and no GC object. Chunks are never moved or freed, so a reverse
+// a scanned page costs one 56-byte slot and no GC object. Chunks are never moved or freed, so a reverse
 // map walker that holds a KSM page's lock can follow hlist links while the scanner allocates elsewhere.
 // Stable nodes are objects (one per KSM page, far fewer than items), registered in the machine's
 // MappingRegistry so that a KSM page's mapping word can name one by handle.
@@ -11,7 +11,7 @@ using Vmm.Rmap;
 
 namespace Vmm;
 
-/// <summary>One scanned (mm, virtual page): Linux's ksm_rmap_item. 48 bytes.</summary>
+/// <summary>One scanned (mm, virtual page): Linux's ksm_rmap_item. 56 bytes.</summary>
 internal struct KsmRmapItem
 {
     /// <summary>Low byte of the full-scan count when the item entered the unstable index.</summary>

@@ -502,6 +502,25 @@ public sealed class KsmSemanticsTests
     }
 
     [Test]
+    public void Twins_copied_on_write_in_different_passes_merge_again_under_smart_scan()
+    {
+        using Machine machine = NewMachine();
+        Vmm.Ksm ksm = machine.Ksm!;
+        Process a = machine.CreateProcess(), b = machine.CreateProcess();
+        ulong va = MapPattern(a, 8, _ => 1), vb = MapPattern(b, 8, _ => 1);
+        ksm.RunFullScans(12); // old enough for smart_scan to skip them, had they stayed unique
+        Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(15));
+        a.Write<long>(va, 0x1234); // the same patch, one pass apart
+        ksm.RunFullScans(1);
+        b.Write<long>(vb, 0x1234);
+        ksm.RunFullScans(30);
+        Assert.That(a.GetPagemap(va).Pfn, Is.EqualTo(b.GetPagemap(vb).Pfn), "the patched twins found each other again");
+        Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(2));
+        AssertInvariants(machine);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Ksmd_merges_in_the_background_while_run_is_1()
     {
         using Machine machine = NewMachine();
