@@ -7,7 +7,7 @@
 // row end with the same counters (the first scan only takes checksums, the second merges, the third
 // confirms), and the report says what merging saved: pages_sharing (and ksm_zero_pages with
 // --use-zero-pages) x 4 KiB, as a share of the pages loaded, general_profit after KSM's metadata, and
-// the host's RSS before and after (merged frames go back to the host by whole free pageblocks).
+// the host's RSS before and after (the frames merging freed go back to the host).
 //
 // The machine is sized to the files: one node, its size rounded up to the block size. Paths that do
 // not exist or cannot be read, and inputs beyond the size limits, are bad arguments (exit code 2);
@@ -91,6 +91,7 @@ internal static class DedupeCommand
             }),
             ("scanning", pages * MinFullScans, progress => scan = ScanUntilStable(ksm, load.Pages, progress)));
         ReportSkipped(console, skipped);
+        ksm.WaitForMemoryRelease(); // the freed frames go back to the host in the background
         Report(console, options, load, scan, ksm.GetStats(), (rssStart, rssLoaded, HostRss()));
         IReadOnlyList<string> problems = machine.Audit();
         if (problems.Count > 0)
@@ -315,7 +316,5 @@ internal static class DedupeCommand
         table.AddRow("general_profit", k.GeneralProfit.ToString("N0"), $"{Units.Mib(k.GeneralProfit)} after {k.RmapItems:N0} rmap items of {Ksm.RmapItemBytes} B");
         table.AddRow("host RSS", Units.Rss(rss.Merged), $"after merging; {Units.Rss(rss.Loaded)} after loading, {Units.Rss(rss.Start)} before");
         console.Write(table);
-        if (rss.Loaded >= 0 && rss.Merged > rss.Loaded - savedBytes / 2)
-            console.MarkupLine("[grey]The host gets memory back by whole free 2 MiB pageblocks (free page reporting): merged frames scattered between unique ones are free in the machine but stay resident.[/]");
     }
 }

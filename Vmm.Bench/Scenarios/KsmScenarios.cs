@@ -100,7 +100,8 @@ internal sealed class KsmScenario : IScenario
         int pagesToScan = args.GetInt("pages-to-scan", 100000);
         int pages = sizeMib * 256;
         var times = new List<(double Ms, long Scans, KsmStats Stats)>();
-        for (int r = 0; r < reps + 1; r++)
+        const int warmupRounds = 2; // tiered compilation settles over the first two
+        for (int r = 0; r < reps + warmupRounds; r++)
         {
             using Machine machine = KsmPatterns.NewMachine(sizeMib);
             MmScenario.WarmArena(machine, (ulong)pages * 4096 + (64UL << 20));
@@ -118,7 +119,7 @@ internal sealed class KsmScenario : IScenario
                     break;
             }
             double ms = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
-            if (r > 0) // the first round warms the JIT
+            if (r >= warmupRounds)
                 times.Add((ms, stats.FullScans, stats));
             Console.WriteLine($"  round {r}: {ms:F1} ms, {stats.FullScans} full scans, shared {stats.PagesShared}, sharing {stats.PagesSharing}, zero {stats.KsmZeroPages}, scanned {stats.PagesScanned}");
         }

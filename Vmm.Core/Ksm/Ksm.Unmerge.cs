@@ -68,8 +68,7 @@ public sealed partial class Ksm
         }
         RemoveAllStableNodes();
         Volatile.Write(ref _seqnr, 0);
-        _machine.FlushTlb();
-        _machine.Allocator.ReleaseFreeMemory();
+        _machine.FlushTlb(); // the merged pages the copies replaced are free now
         return Errno.None;
     }
 

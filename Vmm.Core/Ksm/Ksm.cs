@@ -504,6 +504,7 @@ public sealed partial class Ksm : IDisposable
         }
         _wake.Set();
         thread?.Join();
+        WaitForMemoryRelease(); // the worker uses the arena, which the machine frees next
         _wake.Dispose();
     }
 

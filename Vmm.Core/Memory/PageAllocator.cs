@@ -966,18 +966,27 @@ public sealed unsafe class PageAllocator
     /// are skipped.
     /// </summary>
     /// <returns>Bytes given back by this call.</returns>
-    public long ReleaseFreeMemory()
+    public long ReleaseFreeMemory() => ReleaseFreeMemory(PageblockOrder);
+
+    /// <summary>
+    /// <see cref="ReleaseFreeMemory()"/> down to blocks of 2^<paramref name="minOrder"/> frames. KSM
+    /// uses order 0: the pages it keeps are scattered (one per 256 merged, by default), so no pageblock
+    /// of a merged range is ever wholly free, yet every frame it freed can go back to the host.
+    /// </summary>
+    /// <returns>Bytes given back by this call.</returns>
+    public long ReleaseFreeMemory(int minOrder)
     {
         ThrowIfDisposed();
+        ArgumentOutOfRangeException.ThrowIfNegative(minOrder);
         long released = 0;
         foreach (Zone zone in Zones)
         {
-            int minOrder = Math.Min(PageblockOrder, zone.MaxOrder);
+            int smallest = Math.Min(minOrder, zone.MaxOrder);
             // Why under the zone lock: the blocks stay on their lists (so counters and isolation see
             // them as free throughout), and nobody can allocate a block while its memory is dropped.
             lock (zone.Lock)
             {
-                for (int order = minOrder; order <= zone.MaxOrder; order++)
+                for (int order = smallest; order <= zone.MaxOrder; order++)
                 {
                     for (int mt = 0; mt < Zone.MigrateTypeCount; mt++)
                     {
