@@ -325,6 +325,121 @@ public sealed class KsmSemanticsTests
         AssertInvariants(machine);
     }
 
+    /// <summary>Takes every free frame of the machine into a hog process; returns it.</summary>
+    private static Process ExhaustMemory(Machine machine)
+    {
+        Process hog = machine.CreateProcess();
+        ulong size = (ulong)machine.Topology.TotalFrames * 4096;
+        ulong va = hog.Mmap(size);
+        try
+        {
+            for (ulong off = 0; off < size; off += 4096)
+                hog.Write<byte>(va + off, 1);
+        }
+        catch (SegmentationFault e) when (e.Reason == SegvReason.OutOfMemory)
+        {
+        }
+        return hog;
+    }
+
+    [Test]
+    public void Unmergeable_out_of_memory_is_EAGAIN_and_the_range_stays_mergeable_and_consistent()
+    {
+        using Machine machine = new(MachineOptions.Small);
+        Vmm.Ksm ksm = machine.Ksm!;
+        Process p = machine.CreateProcess();
+        ulong va = MapPattern(p, 100, _ => 3);
+        ksm.RunFullScans(2);
+        Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(99));
+        Process hog = ExhaustMemory(machine);
+        Assert.That(p.Madvise(va, 100 * 4096, Advice.Unmergeable), Is.EqualTo(Errno.EAGAIN), "madvise reports ENOMEM from unmerging as EAGAIN");
+        Assert.That(p.GetKsmStats().Mergeable, Is.True, "the flag is cleared only once everything is unmerged");
+        Assert.That(p.GetPagemap(va + 99 * 4096).Ksm, Is.True, "some pages are still merged");
+        for (int i = 0; i < 100; i++)
+            Assert.That(p.Read<byte>(va + (ulong)i * 4096 + 9), Is.EqualTo(3));
+        AssertAuditClean(machine);
+        hog.Exit();
+        Assert.That(p.Madvise(va, 100 * 4096, Advice.Unmergeable), Is.EqualTo(Errno.None));
+        Assert.That(p.GetPagemap(va + 99 * 4096).Ksm, Is.False);
+        ksm.RunFullScans(1);
+        AssertInvariants(machine);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Run_2_out_of_memory_reports_ENOMEM_and_stops_ksm()
+    {
+        using Machine machine = new(MachineOptions.Small);
+        Vmm.Ksm ksm = machine.Ksm!;
+        Process p = machine.CreateProcess();
+        ulong va = MapPattern(p, 100, _ => 3);
+        ksm.RunFullScans(2);
+        Process hog = ExhaustMemory(machine);
+        Assert.That(ksm.Write("run", "2"), Is.EqualTo(Errno.ENOMEM));
+        Assert.That(ksm.Read("run"), Is.EqualTo("0"), "run becomes 0 when unmerging fails");
+        Assert.That(p.Read<byte>(va + 50 * 4096), Is.EqualTo(3));
+        AssertAuditClean(machine);
+        hog.Exit();
+        Assert.That(ksm.Write("run", "2"), Is.EqualTo(Errno.None));
+        Assert.That(ksm.GetStats().PagesShared + ksm.GetStats().PagesSharing, Is.Zero);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void A_KSM_page_whose_mappings_were_all_copied_is_freed_and_its_node_removed_as_stale()
+    {
+        using Machine machine = NewMachine();
+        Vmm.Ksm ksm = machine.Ksm!;
+        Process p = machine.CreateProcess();
+        ulong va = MapPattern(p, 5, _ => 4);
+        ksm.RunFullScans(2);
+        long kpfn = p.GetPagemap(va).Pfn;
+        for (int i = 0; i < 5; i++)
+            p.Write<byte>(va + (ulong)i * 4096, (byte)(10 + i)); // every mapping copies
+        machine.Audit(); // releases the deferred references: the KSM page is free now
+        Assert.That(machine.GetPageInfo(kpfn).RefCount, Is.Zero, "the last mapping's copy freed the KSM page");
+        Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1), "counters move lazily: nothing has visited the addresses yet");
+        ksm.RunFullScans(1);
+        KsmStats s = ksm.GetStats();
+        Assert.That(s.PagesShared + s.PagesSharing, Is.Zero, "the stale node went with its items");
+        Assert.That(p.GetKsmStats().MergingPages, Is.Zero);
+        AssertInvariants(machine);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Stale_copies_of_a_chain_are_pruned_and_a_chain_with_one_copy_left_collapses()
+    {
+        using Machine machine = NewMachine();
+        Vmm.Ksm ksm = machine.Ksm!;
+        Assert.That(ksm.Write("max_page_sharing", "2"), Is.EqualTo(Errno.None));
+        Assert.That(ksm.Write("stable_node_chains_prune_millisecs", "0"), Is.EqualTo(Errno.None));
+        Process p = machine.CreateProcess();
+        ulong va = MapPattern(p, 6, _ => 8);
+        ksm.RunFullScans(2);
+        Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(3));
+        Assert.That(ksm.GetStats().StableNodeChains, Is.EqualTo(1));
+        Assert.That(ksm.GetStats().StableNodeDups, Is.EqualTo(3));
+        for (int i = 0; i < 4; i++)
+            p.Write<byte>(va + (ulong)i * 4096, (byte)(20 + i)); // two of the three copies lose all their mappings
+        ksm.RunFullScans(2);
+        KsmStats s = ksm.GetStats();
+        Assert.That(s.PagesShared, Is.EqualTo(1));
+        Assert.That(s.PagesSharing, Is.EqualTo(1));
+        Assert.That(s.StableNodeChains, Is.EqualTo(1), "as in Linux, stale copies are pruned only when a lookup walks the chain");
+        // A lookup of that content walks the chain (pruning is due: 0 ms), prunes the copies whose pages
+        // are gone, and collapses the chain left with one copy.
+        ulong extra = MapPattern(p, 1, _ => 8);
+        ksm.RunFullScans(2);
+        s = ksm.GetStats();
+        Assert.That(s.StableNodeChains, Is.Zero, "the chain collapsed into a plain node");
+        Assert.That(s.StableNodeDups, Is.Zero);
+        Assert.That(s.PagesShared, Is.EqualTo(1));
+        Assert.That(p.GetPagemap(extra).Ksm, Is.False, "the last copy is full (2 mappings): the new page waits for a partner");
+        AssertInvariants(machine);
+        AssertAuditClean(machine);
+    }
+
     // ---- NUMA -------------------------------------------------------------------------------------
 
     [Test]
