@@ -24,8 +24,11 @@ printf '%-10s %5s %12s %12s %8s\n' pattern round linux_ms vmm_ms ratio
 for round in $(seq 1 "$ROUNDS"); do
   for pattern in identical half unique; do
     # Linux: the first merge cycle's time ("merge_time" of cycle 1), pages_to_scan 100000, sleep 0.
-    linux=$("$BIN" -s "$SIZE" -m "$(linux_mode "$pattern")" -p 100000 -t 60 | awk '$1=="metric" && $2=="merge_time_ms" {print $3; exit}')
-    vmm=$($VMM scenario ksm --size-mib "$SIZE" --pattern "$pattern" --reps 3 | tail -1 | sed -E 's/.*"merge_ms":([0-9.]+).*/\1/')
+    # (The whole output first: the bench must finish its cycles and restore the knobs.)
+    out=$("$BIN" -s "$SIZE" -m "$(linux_mode "$pattern")" -p 100000 -t 60)
+    linux=$(awk '$1=="metric" && $2=="merge_time_ms" {print $3}' <<< "$out" | head -1)
+    out=$($VMM scenario ksm --size-mib "$SIZE" --pattern "$pattern" --reps 3)
+    vmm=$(tail -1 <<< "$out" | sed -E 's/.*"merge_ms":([0-9.]+).*/\1/')
     ratio=$(awk -v l="${linux:-0}" -v v="$vmm" 'BEGIN { if (v > 0) printf "%.2f", l / v; else print "-" }')
     printf '%-10s %5s %12s %12s %8s\n' "$pattern" "$round" "${linux:-?}" "$vmm" "$ratio"
   done

@@ -291,14 +291,20 @@ public sealed partial class Ksm
     private readonly Lock _releaseLock = new();
     private Task _release = Task.CompletedTask;
     private bool _releaseAgain;
+    private readonly ManualResetEventSlim _releaseNow = new(false);
+
+    /// <summary>How long freed frames stay committed before they go back to the host (Linux's page_reporting_delay).</summary>
+    internal static readonly TimeSpan ReleaseDelay = TimeSpan.FromSeconds(2);
 
     /// <summary>
     /// Real savings: the frames merging freed go back to the host. Requested at the end of a full scan
     /// once at least a pageblock's worth of pages merged since the last time, and done by a background
-    /// worker, as Linux defers free page reporting to a workqueue: the decommit is kernel work
-    /// (MADV_DONTNEED of every freed frame, about 25 ms per 256 MiB here) that the scan need not wait
-    /// for. Every free block is given back, down to single frames: the pages KSM keeps are scattered
-    /// (one per 256 merged), so whole free pageblocks would be rare.
+    /// worker after <see cref="ReleaseDelay"/>, as Linux defers free page reporting to a delayed
+    /// workqueue: the decommit is kernel work (MADV_DONTNEED of every freed frame, about 25 ms per
+    /// 256 MiB here) that the scan need not wait for, and a frame reused soon after (a write copying a
+    /// merged page) would pay a host page fault had it been given back at once. Every free block is
+    /// given back, down to single frames: the pages KSM keeps are scattered (one per 256 merged), so
+    /// whole free pageblocks would be rare.
     /// </summary>
     private void ReleaseFreedMemory()
     {
@@ -321,6 +327,7 @@ public sealed partial class Ksm
     {
         while (true)
         {
+            _releaseNow.Wait(ReleaseDelay);
             if (_stopping)
                 return;
             _machine.Allocator.DrainAllPages();  // frames cached per CPU join the free lists
@@ -328,21 +335,29 @@ public sealed partial class Ksm
             lock (_releaseLock)
             {
                 if (!_releaseAgain)
+                {
+                    _releaseNow.Reset();
                     return;
+                }
                 _releaseAgain = false;
             }
         }
     }
 
     /// <summary>
-    /// Waits until the memory merging freed so far has been given back to the host (the release runs
-    /// in the background after each full scan that merged at least 2 MiB).
+    /// Gives the memory merging freed so far back to the host now, instead of after the delay, and
+    /// waits until it is done. (Without it, the release runs in the background about two seconds after
+    /// each full scan that merged at least 2 MiB.)
     /// </summary>
     public void WaitForMemoryRelease()
     {
         Task release;
         lock (_releaseLock)
+        {
             release = _release;
+            if (!release.IsCompleted)
+                _releaseNow.Set();
+        }
         release.Wait();
     }
 }

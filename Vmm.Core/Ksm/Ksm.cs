@@ -504,8 +504,10 @@ public sealed partial class Ksm : IDisposable
         }
         _wake.Set();
         thread?.Join();
+        _releaseNow.Set();
         WaitForMemoryRelease(); // the worker uses the arena, which the machine frees next
         _wake.Dispose();
+        _releaseNow.Dispose();
     }
 
     // ================================================================================================
