@@ -280,7 +280,7 @@ public sealed unsafe class Machine : IDisposable
     {
         ThrowIfDisposed();
         return new VmStats(Volatile.Read(ref CowFaults), Volatile.Read(ref PagesMigrated),
-            Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes);
+            Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes, Ksm?.GetStats().CowKsm ?? 0);
     }
 
     /// <summary>What the descriptor of <paramref name="pfn"/> says.</summary>

@@ -89,4 +89,5 @@ public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone
 /// <param name="PgMigrateSuccess">pages moved to another frame (pgmigrate_success).</param>
 /// <param name="PageTablePages">page-table frames of all processes (nr_page_table_pages).</param>
 /// <param name="TlbFlushes">TLB shootdowns run in this host process (every machine counts here).</param>
-public sealed record VmStats(long CowFaults, long PgMigrateSuccess, long PageTablePages, long TlbFlushes);
+/// <param name="CowKsm">write faults that copied a KSM page (cow_ksm); counted in CowFaults too.</param>
+public sealed record VmStats(long CowFaults, long PgMigrateSuccess, long PageTablePages, long TlbFlushes, long CowKsm);

@@ -36,7 +36,6 @@ public sealed class KsmMergeTests
         Assert.That(ksm.GetStats().PagesShared, Is.Zero, "the first visit only records the checksum");
         ksm.RunFullScans(1);
         KsmStats stats = ksm.GetStats();
-        TestContext.Out.WriteLine(stats);
         Assert.That(stats.PagesShared, Is.EqualTo(1));
         Assert.That(stats.PagesSharing, Is.EqualTo(99));
         Assert.That(p.GetKsmStats().MergingPages, Is.EqualTo(100), "sum of ksm_merging_pages = shared + sharing");
@@ -66,6 +65,7 @@ public sealed class KsmMergeTests
         Assert.That(p.Read<byte>(va + 3 * 4096 + 1), Is.EqualTo(7));
         Assert.That(p.Read<byte>(va + 4 * 4096), Is.EqualTo(7), "the other mappings still see the shared content");
         Assert.That(ksm.GetStats().CowKsm, Is.EqualTo(1));
+        Assert.That(machine.GetVmStats().CowKsm, Is.EqualTo(1), "vmstat cow_ksm");
         Assert.That(p.GetPagemap(va + 3 * 4096).Ksm, Is.False);
         ksm.RunFullScans(1);
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(8), "the counters drop when ksmd revisits the copied address");
