@@ -1,8 +1,8 @@
 // DedupeStore: the host API for deduplicated buffers. A host application keeps its buffers in Vmm
 // memory, KSM merges their identical pages, and the frames merging frees go back to the operating
-// system: at the end of a full scan that merged enough, KSM has the allocator decommit every whole free
-// 2 MiB pageblock, so the host's RSS falls. (Only whole pageblocks: a freed frame whose pageblock still
-// holds a page in use stays committed, and counts in MemFree but not against RSS.)
+// system: after a full scan that merged at least 2 MiB, KSM has the allocator decommit every free
+// block, single frames included, about two seconds later (Linux's page_reporting_delay; frames reused
+// meanwhile stay committed), so the host's RSS falls. Ksm.WaitForMemoryRelease does it at once.
 //
 // One store is one Vmm process with process-wide merging on (PR_SET_MEMORY_MERGE) in one dedupe
 // domain; each buffer is one private anonymous mapping of it. KSM merges only within a domain, so
