@@ -313,7 +313,7 @@ public sealed unsafe class Machine : IDisposable
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        Ksm?.Dispose(); // ksmd stops before the memory it scans goes away
+        Ksm?.Shutdown(); // ksmd stops before the memory it scans goes away
         _memMap.Dispose();
         Arena.Dispose();
     }

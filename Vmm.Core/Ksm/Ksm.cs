@@ -70,7 +70,8 @@ public sealed record KsmKnobs(
 /// KsmStats stats = machine.Ksm.GetStats(); // pages_shared, pages_sharing, ...
 /// </code>
 /// </example>
-public sealed partial class Ksm : IDisposable
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "KSM lives as long as its machine, which stops it (Shutdown) when it is disposed.")]
+public sealed partial class Ksm
 {
     /// <summary>Bytes of metadata per rmap item in the profit formulas: the item and its index share.</summary>
     public static readonly int RmapItemBytes = System.Runtime.CompilerServices.Unsafe.SizeOf<KsmRmapItem>() + sizeof(int);
@@ -493,8 +494,8 @@ public sealed partial class Ksm : IDisposable
         }
     }
 
-    /// <summary>Stops ksmd (waits for the batch it is in). The machine calls it before it frees its memory.</summary>
-    public void Dispose()
+    /// <summary>Stops ksmd (waits for the batch it is in) and the memory-release worker. The machine calls it before it frees its memory.</summary>
+    internal void Shutdown()
     {
         Thread? thread;
         lock (_wake)
