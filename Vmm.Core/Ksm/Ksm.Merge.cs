@@ -186,6 +186,45 @@ public sealed partial class Ksm
 
     private readonly List<(int Item, long Pfn)> _retries = [];
 
+    /// <summary>
+    /// After an exception between queueing and committing: drops every queued merge (its references,
+    /// its reservation, a pending node), so that what is left is consistent. Preconditions: thread mutex held.
+    /// </summary>
+    private void AbortBatch()
+    {
+        UnlockMm();
+        foreach (long pfn in _lockedInBatch)
+            _machine.PageLock.Unlock(pfn);
+        _lockedInBatch.Clear();
+        foreach (MergeOp op in _batch)
+        {
+            _machine.PutPage(op.Pfn);
+            if (op.Kind == MergeKind.Pair)
+            {
+                _machine.PutPage(op.TreePfn);
+                op.Node!.Reserved -= 2;
+                if (op.Node.Pending && !op.Node.Dead)
+                {
+                    op.Node.Pending = false;
+                    UnindexNode(op.Node);
+                    FreeNode(op.Node);
+                }
+            }
+            else if (op.Kind == MergeKind.Stable)
+            {
+                op.Node!.Reserved--;
+                if (op.KpfnReferenced)
+                    _machine.PutPage(op.Kpfn);
+            }
+        }
+        _batch.Clear();
+        _queuedPfns.Clear();
+        _narrowed.Clear();
+        foreach ((_, long pfn) in _retries)
+            _machine.PutPage(pfn);
+        _retries.Clear();
+    }
+
     /// <summary>try_to_merge_two_pages: the scanned page becomes the KSM page, the partner's PTE moves to it.</summary>
     private unsafe void CommitPair(ref MergeOp op)
     {
@@ -194,7 +233,7 @@ public sealed partial class Ksm
         ref PageDescriptor page = ref _machine.MemMap[op.Pfn];
         if (op.Ok)
         {
-            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.TreePfn));
+            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.TreePfn)) && StillProtected(op.Item, op.Pfn, op.Orig);
             if (op.Ok)
             {
                 // The page is locked and read-only everywhere: it becomes a KSM page in place.
@@ -213,9 +252,20 @@ public sealed partial class Ksm
             return;
         }
         // Undo the index entry. The partner goes back into the unstable index, as Linux leaves it there.
+        KsmStableNode? chain = node.Chain;
         UnindexNode(node);
         FreeNode(node);
+        if (chain is { Dead: false, Dups.Count: 1 })
+            CollapseChain(chain); // as if the chain had never been made (Linux inserts only after the merge)
         InsertUnstable(op.TreeItem);
+    }
+
+    /// <summary>The pair's own PTE is still what step 1 left, in a VMA still mergeable in the same domain (mmap_lock kept held).</summary>
+    private bool StillProtected(int item, long pfn, Pte orig)
+    {
+        AddressSpace mm = SlotOf(_items[item].Slot).Mm;
+        ulong va = _items[item].PageAddress;
+        return LockMm(mm) && mm.FindMergeableVma(va) is { } vma && vma.KsmDomain == _items[item].Domain && mm.KsmPteIs(va, orig);
     }
 
     /// <summary>Step 1 for one page. Returns false (merge skipped) if anything is not as expected.</summary>
@@ -228,7 +278,7 @@ public sealed partial class Ksm
         if (!LockMm(mm))
             return false;
         Vma? vma = mm.FindMergeableVma(va);
-        if (vma is null || _lockedInBatch.Contains(pfn) || !_machine.PageLock.TryLock(pfn))
+        if (vma is null || vma.KsmDomain != _items[item].Domain || _lockedInBatch.Contains(pfn) || !_machine.PageLock.TryLock(pfn))
             return false;
         _lockedInBatch.Add(pfn);
         if (!mm.KsmWriteProtect(va, pfn, out orig, out bool changed))
@@ -246,7 +296,7 @@ public sealed partial class Ksm
         ulong va = _items[item].PageAddress;
         // The VMA is checked again: an madvise(UNMERGEABLE) between the steps, which holds the mmap_lock
         // for write, either ran before this check (and we back off) or runs after and unmerges us.
-        return LockMm(mm) && mm.FindMergeableVma(va) is not null && mm.KsmReplacePage(va, pfn, kpfn, orig);
+        return LockMm(mm) && mm.FindMergeableVma(va) is { } vma && vma.KsmDomain == _items[item].Domain && mm.KsmReplacePage(va, pfn, kpfn, orig);
     }
 
     /// <summary>Locks a KSM page for the batch, or finds it already locked by the batch (several merges join one page).</summary>

@@ -85,8 +85,16 @@ public sealed partial class Ksm
                 int item = ScanGetNextRmapItem(out long pfn);
                 if (item < 0)
                     break;
-                if (!CmpAndMergePage(item, pfn))
-                    _machine.PutPage(pfn);
+                bool queued = false;
+                try
+                {
+                    queued = CmpAndMergePage(item, pfn);
+                }
+                finally
+                {
+                    if (!queued)
+                        _machine.PutPage(pfn);
+                }
                 scanned++;
                 _pagesScanned++;
                 if (_batch.Count >= BatchSize)
@@ -94,6 +102,11 @@ public sealed partial class Ksm
             }
             CommitBatch();
             return scanned;
+        }
+        catch
+        {
+            AbortBatch();
+            throw;
         }
         finally
         {
@@ -126,7 +139,7 @@ public sealed partial class Ksm
             mm.MmapLock.EnterReadLock();
             try
             {
-                if (!mm.Exited)
+                if (!mm.Exited && !mm.KsmExiting)
                 {
                     IReadOnlyList<Vma> vmas = mm.Vmas;
                     ulong va = _cursorAddress;
@@ -172,16 +185,12 @@ public sealed partial class Ksm
 
             // Nothing more in this mm. Commit first: queued merges name items that may be freed below.
             CommitBatch();
-            if (mm.Exited)
-                _cursorPrev = -1; // everything goes
-            RemoveTrailingRmapItems(slot, _cursorPrev);
             KsmMmSlot next;
-            // The decision to drop the slot is made under the mmap_lock, so that a madvise(MERGEABLE)
-            // racing with it (which holds it for write) either is seen or sees the slot gone.
             mm.MmapLock.EnterReadLock();
             try
             {
-                bool keep = !mm.Exited && (mm.KsmMergeAny || mm.Vmas.Any(v => (v.Flags & VmaFlags.Mergeable) != 0));
+                bool keep = !mm.Exited && !mm.KsmExiting && (mm.KsmMergeAny || mm.Vmas.Any(v => (v.Flags & VmaFlags.Mergeable) != 0));
+                RemoveTrailingRmapItems(slot, keep ? _cursorPrev : -1);
                 lock (_mmListLock)
                 {
                     next = slot.Next;
@@ -376,10 +385,9 @@ public sealed partial class Ksm
             LinkForkedMapping(handle, pfn, node);
             return false;
         }
+        RemoveRmapItemFromTree(handle);
         if (_queuedPfns.Contains(pfn))
             return false; // another mapping of this frame is already queued in this batch
-
-        RemoveRmapItemFromTree(handle);
         ref KsmRmapItem item = ref _items[handle];
         ulong checksum = PageOps.Checksum64(Frame(pfn));
         if (checksum != item.Checksum)
@@ -544,7 +552,7 @@ public sealed partial class Ksm
         mm.MmapLock.EnterReadLock();
         try
         {
-            if (mm.FindMergeableVma(va) is null)
+            if (mm.FindMergeableVma(va) is not { } vma || vma.KsmDomain != _items[handle].Domain)
                 return -1;
             ulong from = va;
             if (!mm.KsmNextAnonPage(ref from, va + AddressSpace.PageSize, out long pfn))

@@ -33,7 +33,7 @@ public sealed partial class Ksm
             mm.MmapLock.EnterReadLock();
             try
             {
-                if (!mm.Exited)
+                if (!mm.Exited && !mm.KsmExiting)
                 {
                     foreach (Vma vma in mm.Vmas)
                     {
@@ -53,13 +53,14 @@ public sealed partial class Ksm
             {
                 lock (_mmListLock)
                     _cursorSlot = _head;
+                ClearUnstableFlags(); // the pass is abandoned: the next one reuses this seqnr with empty buckets
                 return error;
             }
             RemoveTrailingRmapItems(slot, -1);
             lock (_mmListLock)
             {
                 _cursorSlot = slot.Next;
-                if (mm.Exited)
+                if (mm.Exited || mm.KsmExiting)
                 {
                     Unlink(slot);
                     FreeSlotLocked(slot);

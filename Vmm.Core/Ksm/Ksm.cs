@@ -481,7 +481,19 @@ public sealed partial class Ksm
                 lock (_threadMutex)
                 {
                     if (ShouldRun && !_stopping)
-                        DoScan((int)Math.Min(Volatile.Read(ref _pagesToScan), int.MaxValue));
+                    {
+                        try
+                        {
+                            DoScan((int)Math.Min(Volatile.Read(ref _pagesToScan), int.MaxValue));
+                        }
+                        catch (Exception e)
+                        {
+                            // A bug (VmBugException) or a host failure: an exception escaping a background
+                            // thread would end the host process. ksmd stops instead and says why.
+                            Failure = e;
+                            _run = 0;
+                        }
+                    }
                 }
                 uint sleep = Volatile.Read(ref _sleepMillisecs);
                 if (sleep > 0)
@@ -493,6 +505,13 @@ public sealed partial class Ksm
             }
         }
     }
+
+    /// <summary>
+    /// Why ksmd stopped on its own, or null: an exception in a background batch (a VmBugException is a
+    /// bug in Vmm) stops ksmd (run becomes 0) instead of ending the host process. The step API throws
+    /// such exceptions to its caller instead.
+    /// </summary>
+    public Exception? Failure { get; private set; }
 
     /// <summary>Stops ksmd (waits for the batch it is in) and the memory-release worker. The machine calls it before it frees its memory.</summary>
     internal void Shutdown()
@@ -552,6 +571,7 @@ public sealed partial class Ksm
     /// </summary>
     internal void Exit(AddressSpace mm)
     {
+        mm.KsmExiting = true;
         lock (_mmListLock)
         {
             KsmMmSlot? slot = mm.KsmSlot;
@@ -572,6 +592,8 @@ public sealed partial class Ksm
     /// <summary>Preconditions: the mm-list lock held; the slot unlinked and without items.</summary>
     private void FreeSlotLocked(KsmMmSlot slot)
     {
+        if (slot.RmapList >= 0)
+            throw new VmBugException($"KSM slot {slot.Index} freed with rmap items still on it");
         slot.Removed = true;
         slot.Mm.KsmSlot = null;
         _slots[slot.Index] = null;

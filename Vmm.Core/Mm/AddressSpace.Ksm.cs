@@ -18,6 +18,12 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>MMF_VM_MERGE_ANY (PR_SET_MEMORY_MERGE): every compatible VMA is VM_MERGEABLE. Written under the mmap_lock for write.</summary>
     public volatile bool KsmMergeAny;
 
+    /// <summary>
+    /// Set by KSM's exit hook before exit tears the mm down (Linux's ksm_test_exit sees mm_users == 0 by
+    /// then): from here KSM treats the mm as gone, before Exited is set under the mmap_lock.
+    /// </summary>
+    public volatile bool KsmExiting;
+
     /// <summary>ksm_rmap_items of this mm. Written under the KSM thread mutex.</summary>
     public long KsmRmapItems;
 
@@ -153,7 +159,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public Vma? FindMergeableVma(ulong va)
     {
-        if (Exited)
+        if (Exited || KsmExiting)
             return null;
         Vma? vma = VmaAt(va);
         return vma is not null && (vma.Flags & VmaFlags.Mergeable) != 0 && vma.AnonVma is not null ? vma : null;
@@ -252,6 +258,13 @@ internal sealed unsafe partial class AddressSpace
         {
             UnlockPte(ptePfn);
         }
+    }
+
+    /// <summary>Whether the PTE at va is exactly orig. Preconditions: mmap_lock held.</summary>
+    public bool KsmPteIs(ulong va, Pte orig)
+    {
+        ulong* slot = FindPte(va, out _);
+        return slot != null && Volatile.Read(ref *slot) == orig.Value;
     }
 
     /// <summary>

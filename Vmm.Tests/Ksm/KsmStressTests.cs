@@ -213,6 +213,7 @@ public sealed class KsmStressTests
         start.Set();
         threads.ForEach(t => t.Join());
         Assert.That(ksm.Write("run", "0"), Is.EqualTo(Errno.None));
+        Assert.That(ksm.Failure, Is.Null, "ksmd did not stop on an exception");
         Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
 
         // Merge what is left, then every byte of every region against its shadow.
