@@ -197,11 +197,13 @@ internal static unsafe class Auditor
     /// <summary>A KSM page is named by a live stable node, mapped read-only, and found by rmap_walk_ksm.</summary>
     private static void CheckKsmRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
     {
-        if (machine.Ksm?.NodeOfPage(pfn) is null)
+        if (machine.Ksm?.NodeOfPage(pfn) is not { } node)
         {
             problems.Add($"{process}: KSM page {pfn} at 0x{va:x} is named by no live stable node");
             return;
         }
+        if (node.Domain != vma.KsmDomain)
+            problems.Add($"{process}: KSM page {pfn} of dedupe domain {node.Domain} is mapped at 0x{va:x} in domain {vma.KsmDomain}");
         if (machine.MemMap.TestFlag(pfn, PageFlags.AnonExclusive))
             problems.Add($"{process}: KSM page {pfn} is PG_anon_exclusive");
         bool found = false;

@@ -147,11 +147,29 @@ public sealed class KsmStressTests
                 {
                     (Process process, ulong baseVa, _) = regions[random.Next(regions.Count)];
                     ulong from = baseVa + (ulong)random.Next(PagesPerWriter) * 4096;
-                    switch (random.Next(3))
+                    switch (random.Next(12))
                     {
-                        case 0:
+                        case 0 or 1 or 2:
                             process.Madvise(from, 4 * 4096, Advice.Unmergeable);
                             process.Madvise(from, 4 * 4096, Advice.Mergeable);
+                            break;
+                        case 3:
+                            // A dedupe domain change (unmerges the range first); back to 0 next time round.
+                            process.SetDedupeDomain(from, 2 * 4096, (ushort)random.Next(2));
+                            break;
+                        case 4:
+                            // The whole process unmergeable for a moment: ksmd may drop its slot meanwhile.
+                            foreach (var region in regions.Where(r => r.Process == process))
+                                process.Madvise(region.Base, PagesPerWriter * 4096UL, Advice.Unmergeable);
+                            Thread.Yield();
+                            foreach (var region in regions.Where(r => r.Process == process))
+                                process.Madvise(region.Base, PagesPerWriter * 4096UL, Advice.Mergeable);
+                            break;
+                        case 5 when random.Next(8) == 0:
+                            // Unmerge everything, then merge again.
+                            if (ksm.Write("run", "2") is not (Errno.None or Errno.ENOMEM))
+                                failures.Enqueue("run=2 failed");
+                            ksm.Write("run", "1");
                             break;
                         default:
                             process.Mm.TryReplacePage(from, random.Next(2));
