@@ -1,4 +1,5 @@
 using Vmm.Mm;
+using static Vmm.Tests.Ksm.KsmTestKit;
 
 namespace Vmm.Tests.Ksm;
 
@@ -6,24 +7,6 @@ namespace Vmm.Tests.Ksm;
 [Category("Smoke")]
 public sealed class KsmMergeTests
 {
-    private static Machine NewMachine(bool ksm = true) => new(new MachineOptions
-    {
-        NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, EnableKsm = ksm,
-    });
-
-    private static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
-
-    /// <summary>Maps <paramref name="pages"/> pages and fills page i with pattern(i) (a byte value).</summary>
-    private static ulong MapPattern(Process p, int pages, Func<int, byte> pattern, bool mergeable = true)
-    {
-        ulong va = p.Mmap((ulong)pages * 4096);
-        for (int i = 0; i < pages; i++)
-            p.Fill(va + (ulong)i * 4096, 4096, pattern(i));
-        if (mergeable)
-            Assert.That(p.Madvise(va, (ulong)pages * 4096, Advice.Mergeable), Is.EqualTo(Errno.None));
-        return va;
-    }
-
     [Test]
     public void Identical_pages_merge_into_one_KSM_page_after_two_full_scans()
     {

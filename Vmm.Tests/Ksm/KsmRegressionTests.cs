@@ -1,4 +1,5 @@
 using Vmm.Mm;
+using static Vmm.Tests.Ksm.KsmTestKit;
 
 namespace Vmm.Tests.Ksm;
 
@@ -10,20 +11,6 @@ namespace Vmm.Tests.Ksm;
 [Category("Smoke")]
 public sealed class KsmRegressionTests
 {
-    private static Machine NewMachine() => new(new MachineOptions
-    {
-        NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, EnableKsm = true,
-    });
-
-    private static ulong MapPattern(Process p, int pages, Func<int, byte> pattern)
-    {
-        ulong va = p.Mmap((ulong)pages * 4096);
-        for (int i = 0; i < pages; i++)
-            p.Fill(va + (ulong)i * 4096, 4096, pattern(i));
-        Assert.That(p.Madvise(va, (ulong)pages * 4096, Advice.Mergeable), Is.EqualTo(Errno.None));
-        return va;
-    }
-
     // Finding: a slot dropped mid-mm (no mergeable VMA left) is freed with the items before the cursor still on it.
     [Test]
     public void A_slot_dropped_mid_scan_takes_all_its_items_with_it()

@@ -1,4 +1,5 @@
 using Vmm.Mm;
+using static Vmm.Tests.Ksm.KsmTestKit;
 
 namespace Vmm.Tests.Ksm;
 
@@ -11,23 +12,6 @@ namespace Vmm.Tests.Ksm;
 [Category("Smoke")]
 public sealed class KsmSemanticsTests
 {
-    private static Machine NewMachine() => new(new MachineOptions
-    {
-        NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0,
-    });
-
-    private static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
-
-    private static ulong MapPattern(Process p, int pages, Func<int, byte> pattern, bool mergeable = true)
-    {
-        ulong va = p.Mmap((ulong)pages * 4096);
-        for (int i = 0; i < pages; i++)
-            p.Fill(va + (ulong)i * 4096, 4096, pattern(i));
-        if (mergeable)
-            Assert.That(p.Madvise(va, (ulong)pages * 4096, Advice.Mergeable), Is.EqualTo(Errno.None));
-        return va;
-    }
-
     /// <summary>Σ ksm_merging_pages over processes = pages_shared + pages_sharing, and the profit formulas.</summary>
     private static void AssertInvariants(Machine machine)
     {
