@@ -63,6 +63,8 @@ public sealed partial class Ksm
     private readonly HashSet<long> _queuedPfns = [];
     private readonly HashSet<long> _lockedInBatch = [];
     private readonly HashSet<AddressSpace> _narrowed = [];
+    private readonly HashSet<AddressSpace> _replacedIn = [];
+    private readonly List<long> _replacedFrames = [];
     private AddressSpace? _lockedMm;
     private long _mergedSinceRelease;
 
@@ -152,7 +154,16 @@ public sealed partial class Ksm
         }
         finally
         {
-            // 4. Unlock and drop references (a page to retry keeps its own).
+            // 4. The replaced frames: their mms' cached translations go stale (one generation bump per
+            // mm for the batch), then the mappings' references are dropped after a flush; the next
+            // batch's flush releases them (a flush is forced only if many pile up).
+            foreach (AddressSpace mm in _replacedIn)
+                mm.BumpGeneration();
+            _replacedIn.Clear();
+            foreach (long pfn in _replacedFrames)
+                _machine.DeferPutPage(pfn, 1024);
+            _replacedFrames.Clear();
+            // Unlock and drop references (a page to retry keeps its own).
             UnlockMm();
             foreach (long pfn in _lockedInBatch)
                 _machine.PageLock.Unlock(pfn);
@@ -296,7 +307,11 @@ public sealed partial class Ksm
         ulong va = _items[item].PageAddress;
         // The VMA is checked again: an madvise(UNMERGEABLE) between the steps, which holds the mmap_lock
         // for write, either ran before this check (and we back off) or runs after and unmerges us.
-        return LockMm(mm) && mm.FindMergeableVma(va) is { } vma && vma.KsmDomain == _items[item].Domain && mm.KsmReplacePage(va, pfn, kpfn, orig);
+        if (!LockMm(mm) || mm.FindMergeableVma(va) is not { } vma || vma.KsmDomain != _items[item].Domain || !mm.KsmReplacePage(va, pfn, kpfn, orig))
+            return false;
+        _replacedIn.Add(mm);
+        _replacedFrames.Add(pfn);
+        return true;
     }
 
     /// <summary>Locks a KSM page for the batch, or finds it already locked by the batch (several merges join one page).</summary>

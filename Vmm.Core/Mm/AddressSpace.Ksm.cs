@@ -270,10 +270,12 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>
     /// replace_page: if the PTE at <paramref name="va"/> still holds <paramref name="orig"/>, maps
     /// <paramref name="kpfn"/> (a KSM page, read-only) there instead, or the zero page as a KSM zero PTE
-    /// when <paramref name="kpfn"/> is -1. The old page loses the mapping; its reference is dropped after
-    /// the next flush (a thread may still read it through a translation cached before). Returns false if
-    /// the PTE changed since it was write-protected. Preconditions: mmap_lock held; both pages locked;
-    /// the caller holds a reference to each.
+    /// when <paramref name="kpfn"/> is -1. The old page loses the mapping but not yet its reference: the
+    /// caller must bump this mm's generation and then drop the mapping's reference after a flush
+    /// (DeferPutPage), since a thread may still read the old frame through a translation cached before.
+    /// (The scanner does both once per batch, not per page.) Returns false if the PTE changed since it
+    /// was write-protected. Preconditions: mmap_lock held; both pages locked; the caller holds a
+    /// reference to each.
     /// </summary>
     public bool KsmReplacePage(ulong va, long pfn, long kpfn, Pte orig)
     {
@@ -317,9 +319,6 @@ internal sealed unsafe partial class AddressSpace
         {
             UnlockPte(ptePfn);
         }
-        BumpGeneration();
-        // The scanner's next batch flush releases it (a flush is forced only if many pile up).
-        _machine.DeferPutPage(pfn, 1024);
         return true;
     }
 
