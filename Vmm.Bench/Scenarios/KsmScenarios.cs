@@ -100,7 +100,7 @@ internal sealed class KsmScenario : IScenario
         int pagesToScan = args.GetInt("pages-to-scan", 100000);
         int pages = sizeMib * 256;
         var times = new List<(double Ms, long Scans, KsmStats Stats)>();
-        const int warmupRounds = 2; // tiered compilation settles over the first two
+        const int warmupRounds = 3; // tiered compilation settles over the first three
         for (int r = 0; r < reps + warmupRounds; r++)
         {
             using Machine machine = KsmPatterns.NewMachine(sizeMib);

@@ -74,6 +74,9 @@ public sealed partial class Ksm
     // ================================================================================================
 
     /// <summary>One batch: up to <paramref name="budget"/> pages, ending early at a full-scan boundary. Preconditions: thread mutex held.</summary>
+    // Why AggressiveOptimization: one call runs a loop over tens of thousands of pages, so tiered
+    // compilation would only ever reach it through on-stack replacement, late and less optimized.
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     private int DoScan(int budget)
     {
         _busy.Start();
