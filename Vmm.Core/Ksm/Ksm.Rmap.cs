@@ -31,18 +31,8 @@ public sealed partial class Ksm
                     continue;
                 AddressSpace own = SlotOf(_items[h].Slot).Mm;
                 ulong address = _items[h].PageAddress;
-                if (control.TryLock)
-                {
-                    if (!Monitor.TryEnter(anonVma.Lock))
-                    {
-                        control.Contended = true;
-                        return;
-                    }
-                }
-                else
-                {
-                    Monitor.Enter(anonVma.Lock);
-                }
+                if (!RmapWalker.LockAnonVma(anonVma, control))
+                    return;
                 try
                 {
                     foreach (AnonVmaChain chain in anonVma.Chains.ToArray())

@@ -69,20 +69,8 @@ internal sealed unsafe class RmapWalker
             else
             {
                 anonVma = _machine.Mappings.Find<AnonVma>(handle);
-                if (anonVma is null)
+                if (anonVma is null || !LockAnonVma(anonVma, control))
                     return;
-                if (control.TryLock)
-                {
-                    if (!Monitor.TryEnter(anonVma.Lock))
-                    {
-                        control.Contended = true;
-                        return;
-                    }
-                }
-                else
-                {
-                    Monitor.Enter(anonVma.Lock);
-                }
             }
             try
             {
@@ -114,6 +102,23 @@ internal sealed unsafe class RmapWalker
                     return;
             }
         }
+    }
+
+    /// <summary>
+    /// anon_vma_lock_read, or its trylock for a control with TryLock: false (Contended set) if the lock
+    /// was taken by someone else. The caller unlocks with Monitor.Exit(anonVma.Lock).
+    /// </summary>
+    internal static bool LockAnonVma(AnonVma anonVma, RmapWalkControl control)
+    {
+        if (!control.TryLock)
+        {
+            Monitor.Enter(anonVma.Lock);
+            return true;
+        }
+        if (Monitor.TryEnter(anonVma.Lock))
+            return true;
+        control.Contended = true;
+        return false;
     }
 
     /// <summary>
