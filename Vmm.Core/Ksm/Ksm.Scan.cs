@@ -619,7 +619,10 @@ public sealed partial class Ksm
         }
     }
 
-    /// <summary>Takes an item off its stable node's list. Preconditions: the KSM page locked.</summary>
+    /// <summary>
+    /// Takes an item off its stable node's list: the last item to leave was the "shared" one, the others
+    /// "sharing". Preconditions: the KSM page locked (or gone: a stale node's page can be found by nobody).
+    /// </summary>
     private void UnlinkFromNode(int handle, KsmStableNode node)
     {
         ref KsmRmapItem item = ref _items[handle];
@@ -670,16 +673,13 @@ public sealed partial class Ksm
     {
         NoLock,
         Lock,
-        TryLock,
     }
-
-    private const long KsmPageBusy = -2;
 
     /// <summary>
     /// ksm_get_folio, the keyhole check: the node's page with a reference (and, by mode, its lock) if the
     /// frame still names this node; otherwise the node is stale and is removed (-1). A frame that moved
-    /// meanwhile (kpfn changed under us) is followed. TryLock returns <see cref="KsmPageBusy"/> when
-    /// the page is locked.
+    /// meanwhile (kpfn changed under us) is followed. (The merge batch takes page locks itself, by
+    /// trylock, so Linux's TRYLOCK mode has no caller here.)
     /// </summary>
     private long GetKsmPage(KsmStableNode node, KsmLockMode mode)
     {
@@ -694,13 +694,7 @@ public sealed partial class Ksm
                 {
                     if (mode == KsmLockMode.NoLock)
                         return kpfn;
-                    if (mode == KsmLockMode.TryLock && !_machine.PageLock.TryLock(kpfn))
-                    {
-                        _machine.PutPage(kpfn);
-                        return KsmPageBusy;
-                    }
-                    if (mode == KsmLockMode.Lock)
-                        _machine.PageLock.Lock(kpfn);
+                    _machine.PageLock.Lock(kpfn);
                     if (Volatile.Read(ref memMap[kpfn].Mapping) == expected)
                         return kpfn;
                     _machine.PageLock.Unlock(kpfn);
@@ -898,22 +892,8 @@ public sealed partial class Ksm
     /// </summary>
     private void RemoveNodeFromStableTree(KsmStableNode node)
     {
-        for (int handle = node.Hlist; handle >= 0;)
-        {
-            ref KsmRmapItem item = ref _items[handle];
-            int next = item.HashNext;
-            if (next >= 0)
-                _pagesSharing--;
-            else
-                _pagesShared--;
-            SlotOf(item.Slot).Mm.KsmMergingPages--;
-            item.HashNext = item.HashPrev = item.Node = -1;
-            item.AnonVma = null;
-            item.Address = item.PageAddress;
-            handle = next;
-        }
-        node.Hlist = -1;
-        node.HlistLen = 0;
+        while (node.Hlist >= 0)
+            UnlinkFromNode(node.Hlist, node);
         UnindexNode(node);
         FreeNode(node);
     }

@@ -594,7 +594,6 @@ public sealed partial class Ksm
     {
         if (slot.RmapList >= 0)
             throw new VmBugException($"KSM slot {slot.Index} freed with rmap items still on it");
-        slot.Removed = true;
         slot.Mm.KsmSlot = null;
         _slots[slot.Index] = null;
         _freeSlotIndexes.Push(slot.Index);

@@ -221,9 +221,6 @@ internal sealed class KsmMmSlot
 
     /// <summary>The scan list (circular, through the head sentinel). Protected by the mm-list lock.</summary>
     public KsmMmSlot Next, Prev;
-
-    /// <summary>Unlinked from the list; the scanner must let it go.</summary>
-    public bool Removed;
 }
 
 /// <summary>The KSM counters of the whole machine, as /sys/kernel/mm/ksm shows them.</summary>
