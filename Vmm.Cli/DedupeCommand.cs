@@ -75,7 +75,7 @@ internal static class DedupeCommand
         Ksm ksm = machine.Ksm!;
         if (ksm.Write("use_zero_pages", options.UseZeroPages ? "1" : "0") != Errno.None)
             throw new InvalidOperationException("use_zero_pages could not be set");
-        Process process = machine.CreateProcess();
+        VmProcess process = machine.CreateProcess();
 
         console.Write(new Rule("[bold]vmm dedupe[/]").LeftJustified());
         console.MarkupLineInterpolated(
@@ -191,7 +191,7 @@ internal static class DedupeCommand
 
     private readonly record struct LoadResult(int Files, long Bytes, long Pages);
 
-    private static LoadResult LoadFiles(Process process, List<InputFile> files, List<string> skipped, IProgressSink progress)
+    private static LoadResult LoadFiles(VmProcess process, List<InputFile> files, List<string> skipped, IProgressSink progress)
     {
         byte[] chunk = new byte[1 << 20];
         int loaded = 0;
@@ -211,7 +211,7 @@ internal static class DedupeCommand
     }
 
     /// <summary>One file into a fresh mergeable mapping; the bytes read, or -1 (skipped) if it cannot be read.</summary>
-    private static long TryLoadFile(Process process, InputFile file, byte[] chunk, List<string> skipped)
+    private static long TryLoadFile(VmProcess process, InputFile file, byte[] chunk, List<string> skipped)
     {
         FileStream stream;
         try

@@ -49,7 +49,7 @@ internal sealed class KsmDemo
     private readonly KsmDemoOptions _options;
     private readonly IAnsiConsole _console;
     private readonly DemoBuffer _layout;
-    private readonly List<Process> _processes = [];
+    private readonly List<VmProcess> _processes = [];
     private readonly List<ulong> _buffers = [];
 
     private KsmDemo(Machine machine, KsmDemoOptions options, IAnsiConsole console)
@@ -123,7 +123,7 @@ internal sealed class KsmDemo
         byte[] page = new byte[DemoBuffer.PageSize];
         for (int i = 0; i < _options.Processes; i++)
         {
-            Process process = _machine.CreateProcess(homeNode: i % _machine.Topology.NodeCount);
+            VmProcess process = _machine.CreateProcess(homeNode: i % _machine.Topology.NodeCount);
             ulong va = process.Mmap(bytes);
             for (int p = 0; p < _layout.Pages; p++)
             {
@@ -138,7 +138,7 @@ internal sealed class KsmDemo
             $"P1..P{_options.Processes - 1} advised their buffers MADV_MERGEABLE; P{_options.Processes} turned on PR_SET_MEMORY_MERGE (all its memory). Home nodes alternate; merge_across_nodes = 1.");
     }
 
-    private static void OptIn(Process process, ulong va, ulong bytes, bool processWide)
+    private static void OptIn(VmProcess process, ulong va, ulong bytes, bool processWide)
     {
         Errno error = processWide ? process.SetMemoryMerge(true) : process.Madvise(va, bytes, Advice.Mergeable);
         if (error != Errno.None)

@@ -17,7 +17,7 @@ namespace Vmm.Cli;
 /// <param name="Processes">each watched process's ksm_stat, in order.</param>
 internal sealed record KsmSnapshot(TimeSpan Elapsed, KsmStats Ksm, long HostRssBytes, IReadOnlyList<ProcessKsmStats> Processes)
 {
-    public static KsmSnapshot Take(Machine machine, IReadOnlyList<Process> processes, TimeSpan elapsed) =>
+    public static KsmSnapshot Take(Machine machine, IReadOnlyList<VmProcess> processes, TimeSpan elapsed) =>
         new(elapsed, machine.Ksm!.GetStats(), machine.GetStats().HostRssBytes, [.. processes.Select(p => p.GetKsmStats())]);
 }
 
@@ -54,14 +54,14 @@ internal sealed class KsmView
 
     private readonly IAnsiConsole _console;
     private readonly Machine _machine;
-    private readonly IReadOnlyList<Process> _processes;
+    private readonly IReadOnlyList<VmProcess> _processes;
     private readonly long _saveablePages;
 
     /// <param name="console">where to draw.</param>
     /// <param name="machine">the machine whose ksmd runs.</param>
     /// <param name="processes">the processes to show a row for.</param>
     /// <param name="saveablePages">what full merging would save, for the "saved so far" row.</param>
-    public KsmView(IAnsiConsole console, Machine machine, IReadOnlyList<Process> processes, long saveablePages)
+    public KsmView(IAnsiConsole console, Machine machine, IReadOnlyList<VmProcess> processes, long saveablePages)
     {
         _console = console;
         _machine = machine;

@@ -26,7 +26,7 @@ internal static class MachineView
         console.Write(new Rule(showTables ? "[bold]Vmm machine[/]" : "[bold]Fork and copy-on-write[/]").LeftJustified());
         console.MarkupLineInterpolated(
             $"{topology.NodeCount} nodes x {Mib(topology.FramesPerNode * Topology.PageSize)}, {topology.BlockCount} blocks of {Mib(topology.BlockSizeBytes)}, {topology.TotalFrames:N0} frames of 4 KiB; descriptors {Mib(machine.GetStats().DescriptorBytes)} ({PageDescriptorSize} B per frame)");
-        console.MarkupLineInterpolated($"arena: {(machine.Arena.ReturnsMemoryToHost ? "mmap MAP_NORESERVE (decommit returns memory to the host)" : "portable heap")}");
+        console.MarkupLineInterpolated($"arena: {(machine.ReturnsMemoryToHost ? "mmap MAP_NORESERVE (decommit returns memory to the host)" : "portable heap")}");
         if (showTables)
         {
             ShowStats(machine, console, "At boot");
@@ -44,12 +44,12 @@ internal static class MachineView
         ulong pages = bytes / 4096;
 
         // A parent writes its memory, then forks two children: all three share every page copy-on-write.
-        Process parent = machine.CreateProcess(homeNode: 0);
+        VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(bytes);
         for (ulong page = 0; page < pages; page++)
             parent.Write(va + page * 4096, (page * 2654435761UL) | 1);
-        Process left = parent.Fork();
-        Process right = parent.Fork();
+        VmProcess left = parent.Fork();
+        VmProcess right = parent.Fork();
         ShowProcesses(machine, console, [parent, left, right], va, pages,
             $"A parent wrote {bytes >> 20} MiB, then forked twice: every page is shared copy-on-write");
 
@@ -63,9 +63,9 @@ internal static class MachineView
         console.MarkupLineInterpolated($"copy-on-write copies: {machine.GetVmStats().CowFaults:N0}; the parent still reads its own data: {parent.Read<ulong>(va) == 1}");
 
         long rssTouched = HostMemory.ReadRssBytes();
-        foreach (Process p in new[] { parent, left, right })
+        foreach (VmProcess p in new[] { parent, left, right })
             p.Exit();
-        long released = machine.Allocator.ReleaseFreeMemory();
+        long released = machine.ReleaseFreeMemory();
         long rssReleased = HostMemory.ReadRssBytes();
         if (showTables)
             ShowStats(machine, console, "After every process exited (every frame free again)");
@@ -80,11 +80,11 @@ internal static class MachineView
         return audit.Count == 0 ? 0 : 1;
     }
 
-    private static void ShowProcesses(Machine machine, IAnsiConsole console, Process[] processes, ulong va, ulong pages, string title)
+    private static void ShowProcesses(Machine machine, IAnsiConsole console, VmProcess[] processes, ulong va, ulong pages, string title)
     {
         console.Write(new Rule(title).LeftJustified());
         var table = new Table().AddColumns("pid", "RSS anon", "shared pages", "private pages", "page tables", "node 0 / node 1 pages");
-        foreach (Process p in processes)
+        foreach (VmProcess p in processes)
         {
             long shared = 0, exclusive = 0, node0 = 0, node1 = 0;
             for (ulong page = 0; page < pages; page++)
@@ -125,24 +125,26 @@ internal static class MachineView
 
         // /proc/buddyinfo: free blocks per order.
         var buddy = new Table().AddColumn("buddyinfo (free blocks of order)");
-        for (int order = 0; order <= PageAllocator.MaxOrder; order++)
+        for (int order = 0; order <= MaxBuddyOrder; order++)
             buddy.AddColumn(new TableColumn(order.ToString()).RightAligned());
         foreach (ZoneStats zone in stats.Nodes.SelectMany(n => n.Zones))
         {
             var cells = new List<string> { $"Node {zone.Node} {zone.Zone}" };
-            for (int order = 0; order <= PageAllocator.MaxOrder; order++)
+            for (int order = 0; order <= MaxBuddyOrder; order++)
                 cells.Add(order < zone.BuddyInfo.Count ? zone.BuddyInfo[order].ToString() : "-");
             buddy.AddRow([.. cells]);
         }
         console.Write(buddy);
     }
 
+    private const int MaxBuddyOrder = 10; // Linux x86-64 MAX_PAGE_ORDER: the widest buddyinfo row
+
     private static void ShowBlocks(Machine machine, IAnsiConsole console)
     {
         var table = new Table().AddColumns("block", "node", "zone", "pfns", "free", "used");
         for (int block = 0; block < machine.Topology.BlockCount; block++)
         {
-            MemoryBlockInfo info = machine.Allocator.GetBlockInfo(block);
+            MemoryBlockInfo info = machine.GetMemoryBlock(block);
             double used = 1 - (double)(info.FreeFrames + info.IsolatedFreeFrames) / info.Frames;
             table.AddRow($"memory{info.Block}", info.Node.ToString(), info.Zone.ToString(),
                 $"{info.StartPfn:N0}-{info.StartPfn + info.Frames - 1:N0}", Mib(info.FreeFrames * Topology.PageSize), $"{used:P0}");

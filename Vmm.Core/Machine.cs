@@ -15,8 +15,9 @@ namespace Vmm;
 /// <example>
 /// <code>
 /// using var machine = new Machine(MachineOptions.Small);
-/// long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable, preferredNode: 1);
-/// machine.Allocator.FreePages(pfn);
+/// VmProcess process = machine.CreateProcess();
+/// ulong va = process.Mmap(1 &lt;&lt; 20);
+/// process.Write&lt;long&gt;(va, 42);
 /// </code>
 /// </example>
 public sealed unsafe class Machine : IDisposable
@@ -55,11 +56,38 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>Nodes, blocks, frames and the pfn arithmetic.</summary>
     public Topology Topology { get; }
 
-    /// <summary>The native memory behind the frames.</summary>
-    public Arena Arena { get; }
+    /// <summary>The native memory behind the frames. Machinery: hosts use the calls below.</summary>
+    internal Arena Arena { get; }
 
-    /// <summary>The buddy allocator.</summary>
-    public PageAllocator Allocator { get; }
+    /// <summary>The buddy allocator. Machinery: hosts use <see cref="ReleaseFreeMemory"/> and <see cref="GetMemoryBlock"/>.</summary>
+    internal PageAllocator Allocator { get; }
+
+    /// <summary>
+    /// True when the arena is an mmap'd region whose decommitted frames really leave the host's RSS;
+    /// false for the portable heap arena (<see cref="MachineOptions.ForcePortableArena"/>), whose decommit only zeroes.
+    /// </summary>
+    public bool ReturnsMemoryToHost => Arena.ReturnsMemoryToHost;
+
+    /// <summary>
+    /// Gives every free block of 2 MiB or more that was not given back yet to the host (Linux's free
+    /// page reporting): the host's RSS falls, and the frames read zero when next used.
+    /// </summary>
+    /// <returns>the bytes given back by this call.</returns>
+    public long ReleaseFreeMemory()
+    {
+        ThrowIfDisposed();
+        return Allocator.ReleaseFreeMemory();
+    }
+
+    /// <summary>What memory block <paramref name="block"/> (the hotplug unit) holds: its node, zone, frames and free frames.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">no such block.</exception>
+    public MemoryBlockInfo GetMemoryBlock(int block)
+    {
+        ThrowIfDisposed();
+        ArgumentOutOfRangeException.ThrowIfNegative(block);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(block, Topology.BlockCount);
+        return Allocator.GetBlockInfo(block);
+    }
 
     internal MemMap MemMap => _memMap;
 
@@ -121,39 +149,39 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>The reverse-map walks.</summary>
     internal RmapWalker Rmap { get; }
 
-    private readonly ConcurrentDictionary<int, Process> _processes = new();
+    private readonly ConcurrentDictionary<int, VmProcess> _processes = new();
     private int _nextPid;
     private readonly Lock _deferredLock = new();
     private List<long> _deferredPuts = [];
 
     /// <summary>The processes that have not exited.</summary>
-    public IReadOnlyCollection<Process> Processes => [.. _processes.Values.OrderBy(p => p.Pid)];
+    public IReadOnlyCollection<VmProcess> Processes => [.. _processes.Values.OrderBy(p => p.Pid)];
 
     /// <summary>Creates a process with an empty address space.</summary>
     /// <param name="credentials">who it runs as; null for root.</param>
     /// <param name="homeNode">the node its memory is allocated on first.</param>
     /// <exception cref="ArgumentOutOfRangeException">no such node.</exception>
-    public Process CreateProcess(Credentials? credentials = null, int homeNode = 0)
+    public VmProcess CreateProcess(Credentials? credentials = null, int homeNode = 0)
     {
         ThrowIfDisposed();
         if ((uint)homeNode >= (uint)Topology.NodeCount)
             throw new ArgumentOutOfRangeException(nameof(homeNode), homeNode, "no such node");
-        var process = new Process(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
+        var process = new VmProcess(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
         _processes[process.Pid] = process;
         return process;
     }
 
     /// <summary>The process with <paramref name="pid"/>, or null (ESRCH).</summary>
-    public Process? FindProcess(int pid) => _processes.TryGetValue(pid, out Process? p) ? p : null;
+    public VmProcess? FindProcess(int pid) => _processes.TryGetValue(pid, out VmProcess? p) ? p : null;
 
-    internal Process RegisterFork(Process parent, AddressSpace mm)
+    internal VmProcess RegisterFork(VmProcess parent, AddressSpace mm)
     {
-        var child = new Process(this, Interlocked.Increment(ref _nextPid), parent.Credentials, mm);
+        var child = new VmProcess(this, Interlocked.Increment(ref _nextPid), parent.Credentials, mm);
         _processes[child.Pid] = child;
         return child;
     }
 
-    internal void Unregister(Process process) => _processes.TryRemove(process.Pid, out _);
+    internal void Unregister(VmProcess process) => _processes.TryRemove(process.Pid, out _);
 
     /// <summary>put_page: drops a reference; frees the frame when it was the last.</summary>
     internal void PutPage(long pfn)
@@ -298,7 +326,7 @@ public sealed unsafe class Machine : IDisposable
     }
 
     /// <summary>The bytes of one frame. Valid until the machine is disposed; the caller must own the frame.</summary>
-    public Span<byte> GetFrameSpan(long pfn)
+    internal Span<byte> GetFrameSpan(long pfn)
     {
         ThrowIfDisposed();
         if (!Topology.IsValidPfn(pfn))

@@ -9,7 +9,7 @@ using Vmm.Native.Interop;
 namespace Vmm.Native;
 
 /// <summary>The native memory behind every frame. Owns it; <see cref="Dispose"/> releases it.</summary>
-public sealed unsafe class Arena : IDisposable
+internal sealed unsafe class Arena : IDisposable
 {
     private readonly ArenaHandle _handle;
     private readonly byte* _base;

@@ -47,9 +47,9 @@ internal static class KsmPatterns
     }
 
     /// <summary>A process with <paramref name="pages"/> pages of the pattern, advised mergeable.</summary>
-    public static (Process Process, ulong Address) Map(Machine machine, string pattern, int pages)
+    public static (VmProcess Process, ulong Address) Map(Machine machine, string pattern, int pages)
     {
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap((ulong)pages * 4096);
         byte[] page = new byte[4096];
         for (int i = 0; i < pages; i++)
@@ -165,7 +165,7 @@ internal sealed class KsmUnmergeScenario : IScenario
             using (Machine machine = KsmPatterns.NewMachine(sizeMib))
             {
                 MmScenario.WarmArena(machine, (ulong)pages * 8192 + (64UL << 20));
-                (Process p, ulong va) = MergeIdentical(machine, pages);
+                (VmProcess p, ulong va) = MergeIdentical(machine, pages);
                 long start = Stopwatch.GetTimestamp();
                 for (int i = 0; i < pages; i++)
                     p.Write<byte>(va + (ulong)i * 4096 + 100, 1);
@@ -194,9 +194,9 @@ internal sealed class KsmUnmergeScenario : IScenario
         return [new("size_mib", sizeMib), new("cow_ns", Math.Round(cowNs, 1)), new("unmerge_ns", Math.Round(unmergeNs, 1))];
     }
 
-    private static (Process, ulong) MergeIdentical(Machine machine, int pages)
+    private static (VmProcess, ulong) MergeIdentical(Machine machine, int pages)
     {
-        (Process p, ulong va) = KsmPatterns.Map(machine, "identical", pages);
+        (VmProcess p, ulong va) = KsmPatterns.Map(machine, "identical", pages);
         machine.Ksm!.RunFullScans(2);
         if (machine.Ksm.GetStats().PagesShared + machine.Ksm.GetStats().PagesSharing != pages)
             throw new InvalidOperationException("the buffer did not merge");

@@ -12,7 +12,7 @@ internal static class MmScenario
     /// <summary>Touches every page of the arena once and frees it again, so host page faults are out of the measurement.</summary>
     public static void WarmArena(Machine machine, ulong bytes)
     {
-        Process warm = machine.CreateProcess();
+        VmProcess warm = machine.CreateProcess();
         ulong va = warm.Mmap(bytes);
         for (ulong off = 0; off < bytes; off += 4096)
             warm.Write<byte>(va + off, 1);
@@ -63,7 +63,7 @@ internal sealed class FaultScenario : IScenario
 
     private static double Measure(Machine machine, ulong bytes)
     {
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(bytes);
         long start = Stopwatch.GetTimestamp();
         for (ulong off = 0; off < bytes; off += 4096)
@@ -87,12 +87,12 @@ internal sealed class CowScenario : IScenario
         int reps = args.GetInt("reps", 5);
         using Machine machine = MmScenario.NewMachine();
         MmScenario.WarmArena(machine, bytes * 2);
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         ulong va = parent.Mmap(bytes);
         parent.Fill(va, bytes, 0x5A);
         MmScenario.WarmUp(() =>
         {
-            Process warm = parent.Fork();
+            VmProcess warm = parent.Fork();
             for (ulong off = 0; off < bytes; off += 4096)
                 warm.Write<byte>(va + off, 1);
             warm.Exit();
@@ -100,7 +100,7 @@ internal sealed class CowScenario : IScenario
         var results = new List<double>();
         for (int r = 0; r <= reps; r++)
         {
-            Process child = parent.Fork();
+            VmProcess child = parent.Fork();
             long start = Stopwatch.GetTimestamp();
             for (ulong off = 0; off < bytes; off += 4096)
                 child.Write<byte>(va + off, 1);
@@ -126,7 +126,7 @@ internal sealed class AccessScenario : IScenario
     {
         int reps = args.GetInt("reps", 9);
         using Machine machine = MmScenario.NewMachine(256);
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         const int hotPages = 16; // fits the 64-entry software TLB
         ulong hot = p.Mmap(hotPages * 4096);
         p.Fill(hot, hotPages * 4096, 1);
@@ -235,7 +235,7 @@ internal sealed class ForkScenario : IScenario
         ulong bytes = (ulong)args.GetInt("size-mib", 256) << 20;
         int reps = args.GetInt("reps", 5);
         using Machine machine = MmScenario.NewMachine();
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         ulong va = parent.Mmap(bytes);
         parent.Fill(va, bytes, 7);
         MmScenario.WarmUp(() => parent.Fork().Exit());
@@ -243,7 +243,7 @@ internal sealed class ForkScenario : IScenario
         for (int r = 0; r <= reps; r++)
         {
             long start = Stopwatch.GetTimestamp();
-            Process child = parent.Fork();
+            VmProcess child = parent.Fork();
             double ms = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
             child.Exit();
             if (r > 0)
@@ -270,7 +270,7 @@ internal sealed class FlushScenario : IScenario
     {
         int count = args.GetInt("count", 20_000);
         using Machine machine = MmScenario.NewMachine(128);
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(16 * 4096);
         p.Fill(va, 16 * 4096, 1);
 

@@ -103,7 +103,7 @@ public sealed class DedupeStore : IDisposable
     /// The store's process (for its pagemap and counters). Its mappings belong to the buffers: unmapping
     /// or protecting them through it breaks the buffers.
     /// </summary>
-    public Process Process { get; }
+    public VmProcess Process { get; }
 
     /// <summary>A snapshot of the buffers not yet disposed, in address order.</summary>
     public IReadOnlyCollection<VmmBuffer> Buffers
@@ -267,14 +267,14 @@ public sealed class DedupeStore : IDisposable
     {
         private const int PagesPerChunk = 64; // 256 KiB copy chunks: no large-object-heap churn per page
 
-        private readonly Process _process;
+        private readonly VmProcess _process;
         private readonly bool _separateNodes;
         private readonly Dictionary<(ulong Checksum, int Node), int> _heads = [];
         private readonly List<Content> _contents = [];
         private readonly List<byte[]> _chunks = [];
         private readonly byte[] _reread = new byte[PageSize];
 
-        public ContentIndex(Process process, bool separateNodes)
+        public ContentIndex(VmProcess process, bool separateNodes)
         {
             _process = process;
             _separateNodes = separateNodes;

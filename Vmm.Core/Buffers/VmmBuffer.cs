@@ -47,7 +47,7 @@ public sealed class VmmBuffer : IDisposable
     /// <summary>Bytes in the buffer (its mapping is rounded up to whole 4 KiB pages).</summary>
     public long Length { get; }
 
-    /// <summary>The buffer's first byte in the store's process (page-aligned); for <see cref="Process.GetPagemap"/> and tools.</summary>
+    /// <summary>The buffer's first byte in the store's process (page-aligned); for <see cref="VmProcess.GetPagemap"/> and tools.</summary>
     public ulong Address { get; }
 
     /// <summary>Pages the buffer spans.</summary>

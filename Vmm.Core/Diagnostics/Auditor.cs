@@ -33,7 +33,7 @@ internal static unsafe class Auditor
         var shmems = new HashSet<ShmemObject>();
         long tableTotal = 0;
 
-        foreach (Process process in machine.Processes)
+        foreach (VmProcess process in machine.Processes)
         {
             AddressSpace mm = process.Mm;
             ksmZeroPtes[mm] = 0;
@@ -166,7 +166,7 @@ internal static unsafe class Auditor
         return problems;
     }
 
-    private static void CheckAnonRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
+    private static void CheckAnonRmap(Machine machine, VmProcess process, Vma vma, ulong va, long pfn, List<string> problems)
     {
         ref PageDescriptor page = ref machine.MemMap[pfn];
         if ((page.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm)
@@ -195,7 +195,7 @@ internal static unsafe class Auditor
     }
 
     /// <summary>A KSM page is named by a live stable node, mapped read-only, and found by rmap_walk_ksm.</summary>
-    private static void CheckKsmRmap(Machine machine, Process process, Vma vma, ulong va, long pfn, List<string> problems)
+    private static void CheckKsmRmap(Machine machine, VmProcess process, Vma vma, ulong va, long pfn, List<string> problems)
     {
         if (machine.Ksm?.NodeOfPage(pfn) is not { } node)
         {

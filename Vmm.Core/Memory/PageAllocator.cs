@@ -32,7 +32,7 @@ using Vmm.Native;
 namespace Vmm.Memory;
 
 /// <summary>The machine's page allocator: buddy lists per node and zone, per-CPU caches, isolation.</summary>
-public sealed unsafe class PageAllocator
+internal sealed unsafe class PageAllocator
 {
     /// <summary>The largest order (Linux's MAX_PAGE_ORDER): 2^10 frames, 4 MiB.</summary>
     public const int MaxOrder = 10;

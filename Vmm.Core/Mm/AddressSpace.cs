@@ -13,7 +13,7 @@ using Vmm.Rmap;
 
 namespace Vmm.Mm;
 
-/// <summary>A process's address space. Internal: hosts use <see cref="Process"/>.</summary>
+/// <summary>A process's address space. Internal: hosts use <see cref="VmProcess"/>.</summary>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Design", "CA1001", Justification = "The mmap_lock lives as long as the address space; a racing fault may still touch it after exit, so it is never disposed.")]
 internal sealed unsafe partial class AddressSpace
 {
@@ -227,7 +227,7 @@ internal sealed unsafe partial class AddressSpace
     // mmap / munmap / mprotect / madvise
     // ================================================================================================
 
-    /// <summary>mmap of anonymous memory. See Process.Mmap for the errno rules.</summary>
+    /// <summary>mmap of anonymous memory. See VmProcess.Mmap for the errno rules.</summary>
     public Errno Mmap(ulong address, ulong length, Protection prot, MapFlags flags, out ulong mapped)
     {
         mapped = 0;

@@ -159,7 +159,7 @@ public sealed class DedupeStoreTests
         var store = new DedupeStore(machine);
         VmmBuffer a = CreatePages(store, 2, i => i);
         VmmBuffer b = CreatePages(store, 2, i => i);
-        Process process = store.Process;
+        VmProcess process = store.Process;
         store.Dispose();
         store.Dispose(); // idempotent
         Assert.That(process.HasExited, Is.True);

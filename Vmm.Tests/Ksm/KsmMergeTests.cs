@@ -12,7 +12,7 @@ public sealed class KsmMergeTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 0x5A);
 
         ksm.RunFullScans(1);
@@ -39,7 +39,7 @@ public sealed class KsmMergeTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 10, _ => 7);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(9));
@@ -60,7 +60,7 @@ public sealed class KsmMergeTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         MapPattern(p, 50, i => (byte)(i + 1));
         ksm.RunFullScans(3);
         KsmStats stats = ksm.GetStats();
@@ -75,7 +75,7 @@ public sealed class KsmMergeTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 20, i => (byte)(i % 2));
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(2));
@@ -96,7 +96,7 @@ public sealed class KsmMergeTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 30, _ => 3);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(29));
@@ -114,7 +114,7 @@ public sealed class KsmMergeTests
     public void Madvise_mergeable_is_einval_without_ksm()
     {
         using Machine machine = NewMachine(ksm: false);
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096);
         Assert.That(p.Madvise(va, 4096, Advice.Mergeable), Is.EqualTo(Errno.EINVAL));
         Assert.That(p.Madvise(va, 4096, Advice.Unmergeable), Is.EqualTo(Errno.EINVAL));

@@ -17,8 +17,8 @@ public sealed class KsmRegressionTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
-        Process q = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
+        VmProcess q = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 0x5A);
         ulong vq = MapPattern(q, 4, i => (byte)(0x10 + i));
         ksm.RunFullScans(2);
@@ -77,8 +77,8 @@ public sealed class KsmRegressionTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
-        Process q = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
+        VmProcess q = machine.CreateProcess();
         ulong vp = MapPattern(p, 1, _ => 0x77);
         ulong vq = MapPattern(q, 1, _ => 0x77);
         ksm.RunFullScans(1);                       // checksums recorded
@@ -111,9 +111,9 @@ public sealed class KsmRegressionTests
     {
         using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0 });
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p1 = machine.CreateProcess();
-        Process p2 = machine.CreateProcess();
-        Process p3 = machine.CreateProcess();
+        VmProcess p1 = machine.CreateProcess();
+        VmProcess p2 = machine.CreateProcess();
+        VmProcess p3 = machine.CreateProcess();
         ulong v1 = MapPattern(p1, 1500, _ => 0x33);                         // merges into one KSM page
         ulong v2 = MapPattern(p2, 8, i => (byte)(0x40 + i));                // unique: filed in the unstable index
         ulong v3 = MapPattern(p3, 200, i => (byte)(0x80 + (i % 60)));       // many pages: the batch stops inside p3
@@ -122,7 +122,7 @@ public sealed class KsmRegressionTests
         ksm.ScanPages(1500 + 8 + 20);                                      // a new pass: p1, p2 (filed this pass), part of p3
         TestContext.Out.WriteLine("mid pass: " + ksm.GetStats());
         // Use up the free memory with a process KSM does not know.
-        Process hog = machine.CreateProcess();
+        VmProcess hog = machine.CreateProcess();
         ulong hv = hog.Mmap(16L << 20 is var x ? (ulong)x : 0);
         int hogged = 0;
         try { for (; ; hogged++) hog.Write<byte>(hv + (ulong)hogged * 4096, 1); } catch (SegmentationFault) { }
@@ -143,8 +143,8 @@ public sealed class KsmRegressionTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
-        Process q = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
+        VmProcess q = machine.CreateProcess();
         ulong vp = MapPattern(p, 3, i => i < 2 ? (byte)0x11 : (byte)0x22);   // X X Y
         ulong vq = MapPattern(q, 2, i => i == 0 ? (byte)0x11 : (byte)0x22);   // X Y
         ksm.RunFullScans(1);
@@ -173,8 +173,8 @@ public sealed class KsmRegressionTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
-        Process q = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
+        VmProcess q = machine.CreateProcess();
         ulong vp = MapPattern(p, 1, _ => 0x5C);
         ulong vq = MapPattern(q, 1, _ => 0x5C);
         ksm.RunFullScans(1);
@@ -193,8 +193,8 @@ public sealed class KsmRegressionTests
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", "2"), Is.EqualTo(Errno.None));
-        Process p = machine.CreateProcess();
-        Process q = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
+        VmProcess q = machine.CreateProcess();
         MapPattern(p, 2, _ => 0x44);
         ulong vq = MapPattern(q, 2, _ => 0x44);
         using var pin = q.Pin(vq, 4096, write: false);   // q's first page can never merge
@@ -212,10 +212,10 @@ public sealed class KsmRegressionTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 3, i => i switch { 0 => (byte)0xB0, 1 => (byte)0xA0, _ => (byte)0xC0 }); // W=B, X=A, Q=C
         ksm.ScanPages(2);                       // pass 1: W, X recorded; cursor still in p
-        Process c = p.Fork();                    // child slot goes just behind the cursor: before p
+        VmProcess c = p.Fork();                    // child slot goes just behind the cursor: before p
         ksm.RunFullScans(1);                     // finish pass 1 (Q)
         TestContext.Out.WriteLine("order: " + string.Join(",", ksm.ScanOrder().Select(m => m.Id)));
         p.Fill(va, 4096, 0xA0);                  // W := A (volatile in pass 2)

@@ -19,7 +19,7 @@ public sealed class KsmSemanticsTests
         long merging = machine.Processes.Sum(p => p.GetKsmStats().MergingPages);
         Assert.That(merging, Is.EqualTo(s.PagesShared + s.PagesSharing), "sum of ksm_merging_pages = pages_shared + pages_sharing");
         Assert.That(s.GeneralProfit, Is.EqualTo((s.PagesSharing + s.KsmZeroPages) * 4096 - s.RmapItems * Vmm.Ksm.RmapItemBytes), "general_profit");
-        foreach (Process p in machine.Processes)
+        foreach (VmProcess p in machine.Processes)
         {
             ProcessKsmStats ps = p.GetKsmStats();
             Assert.That(ps.ProcessProfit, Is.EqualTo((ps.MergingPages + ps.ZeroPages) * 4096 - ps.RmapItems * Vmm.Ksm.RmapItemBytes), "ksm_process_profit");
@@ -106,7 +106,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         MapPattern(p, 64, i => (byte)i);
         Assert.That(ksm.Write("advisor_target_scan_time", "1"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("advisor_mode", "scan-time"), Is.EqualTo(Errno.None));
@@ -126,7 +126,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         MapPattern(p, 8, _ => 1);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1));
@@ -151,7 +151,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 40, i => (byte)(i / 2 + 1));
         ksm.RunFullScans(2);
         KsmStats s = ksm.GetStats();
@@ -169,7 +169,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         long before = machine.GetStats().AllFreePages;
         MapPattern(p, 200, _ => 9);
         long written = machine.GetStats().AllFreePages;
@@ -191,7 +191,7 @@ public sealed class KsmSemanticsTests
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", maxSharing.ToString(System.Globalization.CultureInfo.InvariantCulture)), Is.EqualTo(Errno.None));
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, pages, _ => 0x42);
         ksm.RunFullScans(2);
         int q = pages / maxSharing, r = pages % maxSharing;
@@ -217,7 +217,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 30, _ => 0);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1));
@@ -232,7 +232,7 @@ public sealed class KsmSemanticsTests
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("use_zero_pages", "1"), Is.EqualTo(Errno.None));
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 30, i => i < 20 ? (byte)0 : (byte)5);
         long rss = p.RssAnonPages;
         ksm.RunFullScans(2);
@@ -265,7 +265,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(64 * 4096);
         Assert.That(p.Read<long>(va), Is.Zero); // maps the shared zero page
         p.Madvise(va, 64 * 4096, Advice.Mergeable);
@@ -279,7 +279,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 4, _ => 8);
         using (PinnedMemory pin = p.Pin(va + 4096, 4096, write: false))
         {
@@ -299,7 +299,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 3, _ => 4);
         for (int scan = 0; scan < 4; scan++)
         {
@@ -314,9 +314,9 @@ public sealed class KsmSemanticsTests
     }
 
     /// <summary>Takes every free frame of the machine into a hog process; returns it.</summary>
-    private static Process ExhaustMemory(Machine machine)
+    private static VmProcess ExhaustMemory(Machine machine)
     {
-        Process hog = machine.CreateProcess();
+        VmProcess hog = machine.CreateProcess();
         ulong size = (ulong)machine.Topology.TotalFrames * 4096;
         ulong va = hog.Mmap(size);
         try
@@ -335,11 +335,11 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = new(MachineOptions.Small);
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 3);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(99));
-        Process hog = ExhaustMemory(machine);
+        VmProcess hog = ExhaustMemory(machine);
         Assert.That(p.Madvise(va, 100 * 4096, Advice.Unmergeable), Is.EqualTo(Errno.EAGAIN), "madvise reports ENOMEM from unmerging as EAGAIN");
         Assert.That(p.GetKsmStats().Mergeable, Is.True, "the flag is cleared only once everything is unmerged");
         Assert.That(p.GetPagemap(va + 99 * 4096).Ksm, Is.True, "some pages are still merged");
@@ -359,10 +359,10 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = new(MachineOptions.Small);
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 3);
         ksm.RunFullScans(2);
-        Process hog = ExhaustMemory(machine);
+        VmProcess hog = ExhaustMemory(machine);
         Assert.That(ksm.Write("run", "2"), Is.EqualTo(Errno.ENOMEM));
         Assert.That(ksm.Read("run"), Is.EqualTo("0"), "run becomes 0 when unmerging fails");
         Assert.That(p.Read<byte>(va + 50 * 4096), Is.EqualTo(3));
@@ -378,7 +378,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 5, _ => 4);
         ksm.RunFullScans(2);
         long kpfn = p.GetPagemap(va).Pfn;
@@ -402,7 +402,7 @@ public sealed class KsmSemanticsTests
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", "2"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("stable_node_chains_prune_millisecs", "0"), Is.EqualTo(Errno.None));
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 6, _ => 8);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(3));
@@ -438,7 +438,7 @@ public sealed class KsmSemanticsTests
             using Machine machine = NewMachine();
             Vmm.Ksm ksm = machine.Ksm!;
             Assert.That(ksm.Write("merge_across_nodes", across ? "1" : "0"), Is.EqualTo(Errno.None));
-            Process a = machine.CreateProcess(homeNode: 0), b = machine.CreateProcess(homeNode: 1);
+            VmProcess a = machine.CreateProcess(homeNode: 0), b = machine.CreateProcess(homeNode: 1);
             ulong va = MapPattern(a, 5, _ => 3), vb = MapPattern(b, 5, _ => 3);
             Assert.That(a.GetPagemap(va).Node, Is.EqualTo(0));
             Assert.That(b.GetPagemap(vb).Node, Is.EqualTo(1));
@@ -463,11 +463,11 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         ulong va = MapPattern(parent, 10, _ => 6);
         ksm.RunFullScans(2);
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(9));
-        Process child = parent.Fork();
+        VmProcess child = parent.Fork();
         Assert.That(child.GetPagemap(va).Ksm, Is.True, "fork copies the KSM mappings");
         Assert.That(child.GetKsmStats().MergingPages, Is.Zero, "not linked yet: ksm_fork starts the child's counters at 0");
         AssertInvariants(machine);
@@ -489,7 +489,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         Assert.That(p.SetMemoryMerge(true), Is.EqualTo(Errno.None));
         Assert.That(p.IsMemoryMergeEnabled, Is.True);
         ulong va = MapPattern(p, 6, _ => 2, mergeable: false);
@@ -499,7 +499,7 @@ public sealed class KsmSemanticsTests
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(5), "the private pages merge; the shared mapping is never mergeable");
         Assert.That(p.GetPagemap(shared).Ksm, Is.False);
         Assert.That(p.GetKsmStats(), Is.EqualTo(new ProcessKsmStats(6, 0, 6, 6 * 4096 - 6 * Vmm.Ksm.RmapItemBytes, true, true)));
-        Process child = p.Fork();
+        VmProcess child = p.Fork();
         Assert.That(child.IsMemoryMergeEnabled, Is.True, "PR_SET_MEMORY_MERGE is inherited");
         Assert.That(p.SetMemoryMerge(false), Is.EqualTo(Errno.None));
         Assert.That(p.GetPagemap(va).Ksm, Is.False, "disabling unmerges");
@@ -515,7 +515,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process a = machine.CreateProcess(), b = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         MapPattern(a, 20, _ => 1);
         MapPattern(b, 20, _ => 1);
         ksm.RunFullScans(2);
@@ -537,15 +537,15 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process a = machine.CreateProcess(), b = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         MapPattern(a, 4, _ => 1);
         MapPattern(b, 4, _ => 2);
         ksm.ScanPages(5); // cursor in b
-        Process c = machine.CreateProcess();
+        VmProcess c = machine.CreateProcess();
         MapPattern(c, 4, _ => 3);
         Assert.That(ksm.ScanOrder(), Is.EqualTo(new[] { a.Mm, c.Mm, b.Mm }), "just behind the cursor's slot: a full lap before its first scan");
         Assert.That(ksm.Write("run", "2"), Is.EqualTo(Errno.None));
-        Process d = machine.CreateProcess();
+        VmProcess d = machine.CreateProcess();
         MapPattern(d, 4, _ => 4);
         Assert.That(ksm.ScanOrder()[^1], Is.EqualTo(d.Mm), "while run is 2, at the tail");
     }
@@ -554,7 +554,7 @@ public sealed class KsmSemanticsTests
     public void Madvise_reports_holes_with_ENOMEM_and_still_advises_the_mapped_parts()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 6, _ => 7, mergeable: false);
         Assert.That(p.Munmap(va + 2 * 4096, 4096), Is.EqualTo(Errno.None));
         Assert.That(p.Madvise(va, 6 * 4096, Advice.Mergeable), Is.EqualTo(Errno.ENOMEM));
@@ -572,7 +572,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process a = machine.CreateProcess(), b = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         Assert.That(b.SetDedupeDomain(7), Is.EqualTo(Errno.None));
         ulong va = MapPattern(a, 3, _ => 5), vb = MapPattern(b, 3, _ => 5);
         ksm.RunFullScans(2);
@@ -592,7 +592,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         MapPattern(p, 1, _ => 9);
         // Visits 1-4 are scanned (4 arms one skip), 5 skipped, 6 scanned (arms 2), 7-8 skipped, 9 scanned.
         ksm.RunFullScans(9);
@@ -609,7 +609,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process a = machine.CreateProcess(), b = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         ulong va = MapPattern(a, 8, _ => 1), vb = MapPattern(b, 8, _ => 1);
         ksm.RunFullScans(12); // old enough for smart_scan to skip them, had they stayed unique
         Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(15));
@@ -628,7 +628,7 @@ public sealed class KsmSemanticsTests
     {
         using Machine machine = NewMachine();
         Vmm.Ksm ksm = machine.Ksm!;
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         MapPattern(p, 50, _ => 3);
         Assert.That(ksm.Write("sleep_millisecs", "1"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("pages_to_scan", "1000"), Is.EqualTo(Errno.None));

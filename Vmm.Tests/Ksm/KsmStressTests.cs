@@ -31,7 +31,7 @@ public sealed class KsmStressTests
         Assert.That(ksm.Write("max_page_sharing", "3"), Is.EqualTo(Errno.None)); // chains and dups too
         Assert.That(ksm.Write("use_zero_pages", "1"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("stable_node_chains_prune_millisecs", "5"), Is.EqualTo(Errno.None));
-        Process[] processes = [machine.CreateProcess(homeNode: 0), machine.CreateProcess(homeNode: 1)];
+        VmProcess[] processes = [machine.CreateProcess(homeNode: 0), machine.CreateProcess(homeNode: 1)];
         const int writersPerProcess = 2;
         int opsPerWriter = 20_000 * TestEnvironment.StressScale;
         TimeSpan? duration = TestEnvironment.StressDuration;
@@ -39,9 +39,9 @@ public sealed class KsmStressTests
         var stopwatch = Stopwatch.StartNew();
         var failures = new ConcurrentQueue<string>();
 
-        var regions = new List<(Process Process, ulong Base, int Writer)>();
+        var regions = new List<(VmProcess Process, ulong Base, int Writer)>();
         int id = 0;
-        foreach (Process p in processes)
+        foreach (VmProcess p in processes)
         {
             for (int w = 0; w < writersPerProcess; w++)
             {
@@ -67,7 +67,7 @@ public sealed class KsmStressTests
 
         static ulong PatternWord(int pattern, int word) => pattern == 0 ? 0 : 0x0101_0101_0101_0101UL * (ulong)pattern ^ (ulong)word;
 
-        void CheckPage(Process process, ulong pageVa, ulong[] shadow, int page, byte[] buffer, string who)
+        void CheckPage(VmProcess process, ulong pageVa, ulong[] shadow, int page, byte[] buffer, string who)
         {
             process.Read(pageVa, buffer);
             for (int s = 0; s < Words; s++)
@@ -84,7 +84,7 @@ public sealed class KsmStressTests
 
         void Writer(int index)
         {
-            (Process process, ulong baseVa, int writer) = regions[index];
+            (VmProcess process, ulong baseVa, int writer) = regions[index];
             ulong[] shadow = shadows[index];
             start.Wait();
             var random = new Random(TestEnvironment.Seed(writer));
@@ -145,7 +145,7 @@ public sealed class KsmStressTests
             {
                 while (Volatile.Read(ref writersRunning) > 0 && failures.IsEmpty)
                 {
-                    (Process process, ulong baseVa, _) = regions[random.Next(regions.Count)];
+                    (VmProcess process, ulong baseVa, _) = regions[random.Next(regions.Count)];
                     ulong from = baseVa + (ulong)random.Next(PagesPerWriter) * 4096;
                     switch (random.Next(12))
                     {
@@ -196,7 +196,7 @@ public sealed class KsmStressTests
                 {
                     int[] mine = [.. Enumerable.Range(0, regions.Count).Where(r => regions[r].Process == processes[0])];
                     ulong[][] snapshot;
-                    Process child;
+                    VmProcess child;
                     foreach (int r in mine)
                         Monitor.Enter(shadowLocks[r]);
                     try

@@ -14,7 +14,7 @@ internal static class KsmTestKit
     public static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
 
     /// <summary>Maps <paramref name="pages"/> pages, fills page i with the byte pattern(i), and advises them mergeable.</summary>
-    public static ulong MapPattern(Process p, int pages, Func<int, byte> pattern, bool mergeable = true)
+    public static ulong MapPattern(VmProcess p, int pages, Func<int, byte> pattern, bool mergeable = true)
     {
         ulong va = p.Mmap((ulong)pages * 4096);
         for (int i = 0; i < pages; i++)

@@ -23,9 +23,9 @@ public sealed class AccessProtocolStressTests
         // Poisoning turns a write into a freed frame into an exception at its next allocation.
         using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = true });
         // A shared mapping made before the fork: both processes map the same frames, through the page cache.
-        Process first = machine.CreateProcess(homeNode: 0);
+        VmProcess first = machine.CreateProcess(homeNode: 0);
         Assert.That(first.Mmap(0, PagesPerWriter * 4096UL, Protection.ReadWrite, MapFlags.Shared, out ulong sharedBase), Is.EqualTo(Errno.None));
-        Process[] processes = [first, first.Fork()];
+        VmProcess[] processes = [first, first.Fork()];
         const int writersPerProcess = 2;
         int writesPerWriter = 20_000 * TestEnvironment.StressScale;
         long minReplacements = 2_000L * TestEnvironment.StressScale, minForks = 40L * TestEnvironment.StressScale;
@@ -33,9 +33,9 @@ public sealed class AccessProtocolStressTests
         TimeSpan? duration = TestEnvironment.StressDuration;
         var stopwatch = Stopwatch.StartNew();
 
-        var regions = new List<(Process Process, ulong Base, int Writer)>();
+        var regions = new List<(VmProcess Process, ulong Base, int Writer)>();
         int writerId = 0;
-        foreach (Process p in processes)
+        foreach (VmProcess p in processes)
         {
             for (int w = 0; w < writersPerProcess; w++)
                 regions.Add((p, p.Mmap(PagesPerWriter * 4096UL), ++writerId));
@@ -47,7 +47,7 @@ public sealed class AccessProtocolStressTests
         using var start = new ManualResetEventSlim();
 
         // Reads one page through a process and reports every slot that differs from the shadow.
-        void CheckPage(Process process, ulong pageVa, ulong[] shadow, int page, byte[] buffer, string who)
+        void CheckPage(VmProcess process, ulong pageVa, ulong[] shadow, int page, byte[] buffer, string who)
         {
             process.Read(pageVa, buffer);
             for (int s = 0; s < SlotsPerPage; s++)
@@ -58,7 +58,7 @@ public sealed class AccessProtocolStressTests
             }
         }
 
-        void Writer((Process Process, ulong Base, int Writer) region)
+        void Writer((VmProcess Process, ulong Base, int Writer) region)
         {
             start.Wait();
             var random = new Random(region.Writer);
@@ -122,7 +122,7 @@ public sealed class AccessProtocolStressTests
             var random = new Random(99);
             while (Volatile.Read(ref writersRunning) > 0)
             {
-                (Process p, ulong baseVa, _) = random.Next(regions.Count + 1) is int r && r < regions.Count ? regions[r] : (processes[random.Next(2)], sharedBase, 0);
+                (VmProcess p, ulong baseVa, _) = random.Next(regions.Count + 1) is int r && r < regions.Count ? regions[r] : (processes[random.Next(2)], sharedBase, 0);
                 ulong va = baseVa + (ulong)random.Next(PagesPerWriter) * 4096;
                 Errno result = p.Mm.TryReplacePage(va, random.Next(2));
                 if (result == Errno.None)
@@ -142,10 +142,10 @@ public sealed class AccessProtocolStressTests
             while (Volatile.Read(ref writersRunning) > 0)
             {
                 int index = random.Next(processes.Length);
-                Process child = processes[index].Fork();
+                VmProcess child = processes[index].Fork();
                 Interlocked.Increment(ref forks);
                 // The child's copy holds only values its parent's writers wrote (or zero).
-                foreach ((Process owner, ulong baseVa, int writer) in regions)
+                foreach ((VmProcess owner, ulong baseVa, int writer) in regions)
                 {
                     if (owner != processes[index])
                         continue;
@@ -180,7 +180,7 @@ public sealed class AccessProtocolStressTests
         Assert.That(replaced, Is.GreaterThanOrEqualTo(duration is null ? minReplacements : 1), $"frames were really replaced under the writers ({busy} attempts backed off)");
         Assert.That(forks, Is.GreaterThanOrEqualTo(duration is null ? minForks : 1));
         Assert.That(machine.Audit(), Is.Empty);
-        foreach (Process p in processes)
+        foreach (VmProcess p in processes)
             p.Exit();
         Assert.That(machine.Audit(), Is.Empty);
         TestContext.Out.WriteLine($"replaced {replaced} frames ({busy} backed off), {forks} forks, {TlbShootdown.Flushes} flushes");

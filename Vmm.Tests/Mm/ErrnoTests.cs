@@ -8,7 +8,7 @@ namespace Vmm.Tests.Mm;
 public sealed class ErrnoTests
 {
     private Machine _machine = null!;
-    private Process _p = null!;
+    private VmProcess _p = null!;
     private ulong _va;
 
     [SetUp]

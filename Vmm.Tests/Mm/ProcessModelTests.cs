@@ -21,7 +21,7 @@ public sealed class ProcessModelTests
 
     private sealed class ShadowProcess
     {
-        public required Process Process;
+        public required VmProcess Process;
         // page address -> (protection, contents, shared?)
         public Dictionary<ulong, (Protection Prot, ShadowPage Contents, bool Shared)> Pages = [];
     }
@@ -42,7 +42,7 @@ public sealed class ProcessModelTests
         for (int step = 0; step < steps; step++)
         {
             ShadowProcess sp = procs[random.Next(procs.Count)];
-            Process p = sp.Process;
+            VmProcess p = sp.Process;
             int action = random.Next(100);
             string what;
             if (action < 10 && sp.Pages.Count < 400)

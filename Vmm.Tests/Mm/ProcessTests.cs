@@ -14,7 +14,7 @@ public sealed class ProcessTests
     public void Written_bytes_read_back_across_page_boundaries()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(5 * 4096);
         byte[] data = new byte[3 * 4096 + 123];
         new Random(1).NextBytes(data);
@@ -32,7 +32,7 @@ public sealed class ProcessTests
     public void Large_writes_and_reads_stream_across_neighbouring_frames_and_keep_every_byte()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         const int size = 1 << 20;
         ulong va = p.Mmap(size + 8192);
         p.Fill(va, size + 8192, 0); // fault in order: neighbouring frames, so copies coalesce into runs
@@ -46,7 +46,7 @@ public sealed class ProcessTests
         byte[] expected = (byte[])data.Clone();
         data.AsSpan(3996, 6004).CopyTo(expected); // the small write (bytes 100..10099) overlapped the start of the large one
         Assert.That(back, Is.EqualTo(expected));
-        Process child = p.Fork();
+        VmProcess child = p.Fork();
         child.Write<byte>(va + 4096 * 10, 1); // one page of the run becomes a copy: the run breaks there
         byte[] childBack = new byte[size];
         child.Read(va + 4096, childBack);
@@ -59,7 +59,7 @@ public sealed class ProcessTests
     public void Reading_untouched_memory_maps_the_zero_page_and_allocates_nothing()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         long freeBefore = machine.GetStats().AllFreePages;
         ulong va = p.Mmap(64 * 4096);
         byte[] page = new byte[4096];
@@ -78,10 +78,10 @@ public sealed class ProcessTests
     public void Fork_shares_pages_copy_on_write()
     {
         using Machine machine = NewMachine();
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         ulong va = parent.Mmap(16 * 4096);
         parent.Fill(va, 16 * 4096, 0xAA);
-        Process child = parent.Fork();
+        VmProcess child = parent.Fork();
         AssertAuditClean(machine);
         long freeAfterFork = machine.GetStats().AllFreePages;
         Assert.That(child.Read<byte>(va + 5), Is.EqualTo(0xAA), "the child sees the parent's memory");
@@ -105,10 +105,10 @@ public sealed class ProcessTests
     public void Shared_mappings_stay_shared_across_fork()
     {
         using Machine machine = NewMachine();
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         Assert.That(parent.Mmap(0, 8 * 4096, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
         parent.Write<int>(va, 1);
-        Process child = parent.Fork();
+        VmProcess child = parent.Fork();
         child.Write<int>(va, 2);
         Assert.That(parent.Read<int>(va), Is.EqualTo(2), "a shared page is the same frame in both");
         child.Write<int>(va + 4096 * 3, 7); // never touched before the fork
@@ -123,7 +123,7 @@ public sealed class ProcessTests
     public void Unmapping_zero_page_mappings_invalidates_other_threads_translations()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096);
         using var read = new AutoResetEvent(false);
         using var go = new AutoResetEvent(false);
@@ -165,13 +165,13 @@ public sealed class ProcessTests
     {
         using Machine machine = NewMachine();
         long free = machine.GetStats().AllFreePages;
-        Process a = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess();
         ulong va = a.Mmap(100 * 4096);
         a.Fill(va, 100 * 4096, 3);
         Assert.That(a.Mmap(0, 10 * 4096, Protection.ReadWrite, MapFlags.Shared, out ulong shared), Is.EqualTo(Errno.None));
         a.Fill(shared, 10 * 4096, 4);
-        Process b = a.Fork();
-        Process c = b.Fork();
+        VmProcess b = a.Fork();
+        VmProcess c = b.Fork();
         c.Fill(va, 50 * 4096, 9);
         AssertAuditClean(machine);
         a.Exit();
@@ -188,7 +188,7 @@ public sealed class ProcessTests
     public void Munmap_frees_pages_and_page_tables_and_later_access_faults()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         long free = machine.GetStats().AllFreePages;
         ulong va = p.Mmap(1024 * 4096);
         p.Fill(va, 1024 * 4096, 1);
@@ -208,7 +208,7 @@ public sealed class ProcessTests
         // One 2 TiB mapping touched at a few pages that live under different PGD and PUD entries:
         // mprotect, fork and munmap each walk it in one pass and must skip the holes at every level.
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         const ulong GiB = 1UL << 30;
         const ulong start = 512 * GiB - 3 * 4096; // the first pages sit at the very end of PGD entry 0
         const ulong length = 2048 * GiB;
@@ -222,7 +222,7 @@ public sealed class ProcessTests
         foreach (ulong a in touched)
             Assert.Throws<SegmentationFault>(() => p.Write<long>(a, -1), $"{a:x} is write-protected");
 
-        Process child = p.Fork();
+        VmProcess child = p.Fork();
         for (int i = 0; i < touched.Length; i++)
             Assert.That(child.Read<long>(touched[i]), Is.EqualTo(1000 + i), $"the child sees {touched[i]:x}");
         Assert.That(child.RssAnonPages, Is.EqualTo(touched.Length));
@@ -252,7 +252,7 @@ public sealed class ProcessTests
     public void Partial_munmap_splits_the_mapping()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(10 * 4096);
         p.Fill(va, 10 * 4096, 5);
         Assert.That(p.Munmap(va + 3 * 4096, 2 * 4096), Is.EqualTo(Errno.None));
@@ -267,7 +267,7 @@ public sealed class ProcessTests
     public void Mprotect_read_only_makes_writes_fault_and_restoring_write_works()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4 * 4096);
         p.Fill(va, 4 * 4096, 1);
         Assert.That(p.Mprotect(va + 4096, 4096, Protection.Read), Is.EqualTo(Errno.None));
@@ -287,7 +287,7 @@ public sealed class ProcessTests
     public void Madvise_dontneed_drops_private_pages_which_then_read_zero()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(8 * 4096);
         p.Fill(va, 8 * 4096, 7);
         Assert.That(p.Madvise(va, 4 * 4096, Advice.DontNeed), Is.EqualTo(Errno.None));
@@ -301,7 +301,7 @@ public sealed class ProcessTests
     public void Running_out_of_frames_is_a_fault_that_changes_nothing()
     {
         using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096UL * 4096);
         ulong touched = 0;
         var fault = Assert.Throws<SegmentationFault>(() =>

@@ -13,11 +13,11 @@ public sealed class RmapAndPinTests
     public void The_reverse_map_finds_every_process_that_maps_a_page_shared_by_fork()
     {
         using Machine machine = NewMachine();
-        Process a = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess();
         ulong va = a.Mmap(4 * 4096);
         a.Write<int>(va + 8192, 42);
-        Process b = a.Fork();
-        Process c = b.Fork();
+        VmProcess b = a.Fork();
+        VmProcess c = b.Fork();
         long pfn = a.GetPagemap(va + 8192).Pfn;
         Assert.That(c.GetPagemap(va + 8192).Pfn, Is.EqualTo(pfn));
         Assert.That(a.GetPagemap(va + 8192).MapCount, Is.EqualTo(3));
@@ -45,10 +45,10 @@ public sealed class RmapAndPinTests
     public void TryToUnmap_replaces_every_mapping_and_reports_the_ones_it_had_to_leave()
     {
         using Machine machine = NewMachine();
-        Process a = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess();
         ulong va = a.Mmap(4096);
         a.Write<int>(va, 9);
-        Process b = a.Fork();
+        VmProcess b = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;
         machine.MemMap.GetPage(pfn);
         machine.PageLock.Lock(pfn);
@@ -72,10 +72,10 @@ public sealed class RmapAndPinTests
     public void PageReferenced_counts_and_clears_accessed_bits()
     {
         using Machine machine = NewMachine();
-        Process a = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess();
         ulong va = a.Mmap(4096);
         a.Write<int>(va, 1);
-        Process b = a.Fork();
+        VmProcess b = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;
         _ = a.Read<int>(va + 4); // a TLB hit or a walk: the fill set the accessed bit
         machine.PageLock.Lock(pfn);
@@ -91,11 +91,11 @@ public sealed class RmapAndPinTests
     public void A_page_shared_by_three_processes_moves_to_another_node_and_stays_shared()
     {
         using Machine machine = NewMachine();
-        Process a = machine.CreateProcess(homeNode: 0);
+        VmProcess a = machine.CreateProcess(homeNode: 0);
         ulong va = a.Mmap(2 * 4096);
         a.Fill(va, 8192, 0x5C);
-        Process b = a.Fork();
-        Process c = a.Fork();
+        VmProcess b = a.Fork();
+        VmProcess c = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;
         Assert.That(machine.Topology.NodeOf(pfn), Is.Zero);
         machine.MemMap.GetPage(pfn);
@@ -116,10 +116,10 @@ public sealed class RmapAndPinTests
     public void A_shared_anonymous_page_moves_with_its_page_cache_entry()
     {
         using Machine machine = NewMachine();
-        Process a = machine.CreateProcess();
+        VmProcess a = machine.CreateProcess();
         Assert.That(a.Mmap(0, 4096, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
         a.Write<int>(va, 5);
-        Process b = a.Fork();
+        VmProcess b = a.Fork();
         Assert.That(a.Mm.TryReplacePage(va, 1), Is.EqualTo(Errno.None));
         Assert.That(machine.Topology.NodeOf(b.GetPagemap(va).Pfn), Is.EqualTo(1));
         b.Write<int>(va, 6);
@@ -131,7 +131,7 @@ public sealed class RmapAndPinTests
     public void A_PROT_NONE_page_stays_inaccessible_after_it_moves()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096);
         p.Write<int>(va, 0x1111);
         Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
@@ -146,7 +146,7 @@ public sealed class RmapAndPinTests
     public void A_fork_while_a_page_is_under_migration_leaves_it_shared_copy_on_write()
     {
         using Machine machine = NewMachine();
-        Process parent = machine.CreateProcess();
+        VmProcess parent = machine.CreateProcess();
         ulong va = parent.Mmap(4096);
         parent.Write<int>(va, 0x11);
         long pfn = parent.GetPagemap(va).Pfn;
@@ -156,7 +156,7 @@ public sealed class RmapAndPinTests
         machine.MemMap.GetPage(pfn);
         machine.PageLock.Lock(pfn);
         Assert.That(machine.Rmap.TryToMigrate(pfn), Is.True);
-        Process child = parent.Fork();
+        VmProcess child = parent.Fork();
         Assert.That(child.GetPagemap(va).Swapped, Is.True, "the child copied the migration entry");
         long newPfn = machine.Allocator.AllocPages(0, Vmm.Memory.AllocFlags.Movable | Vmm.Memory.AllocFlags.NoZero, 1);
         PageMigrator.CopyPage(machine, pfn, newPfn);
@@ -177,12 +177,12 @@ public sealed class RmapAndPinTests
     public void A_pinned_PROT_NONE_page_copied_at_fork_stays_PROT_NONE_in_the_child()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096);
         p.Write<int>(va, 0x2222);
         using PinnedMemory pin = p.Pin(va, 4096, write: true);
         Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
-        Process child = p.Fork();
+        VmProcess child = p.Fork();
         Assert.Throws<SegmentationFault>(() => child.Read<int>(va));
         Assert.That(machine.Audit(), Is.Empty);
     }
@@ -191,7 +191,7 @@ public sealed class RmapAndPinTests
     public void A_pinned_page_is_never_moved_and_sees_the_process_writes()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(3 * 4096);
         using (PinnedMemory pin = p.Pin(va + 100, 5000, write: true))
         {
@@ -206,7 +206,7 @@ public sealed class RmapAndPinTests
             Assert.That(p.GetPagemap(va).Pinned, Is.EqualTo(1));
             Assert.That(machine.Audit(), Is.Empty, "Audit explains the pin's reference");
 
-            Process child = p.Fork();
+            VmProcess child = p.Fork();
             p.Write<byte>(va + 102, 0x79);
             Assert.That(pin.GetSpan(0)[2], Is.EqualTo(0x79), "after fork the parent still writes the pinned frame");
             Assert.That(child.Read<byte>(va + 102), Is.Zero, "the child got its own copy at fork");
@@ -222,10 +222,10 @@ public sealed class RmapAndPinTests
     public void A_read_pin_unshares_a_page_shared_by_fork()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(4096);
         p.Write<int>(va, 3);
-        Process child = p.Fork();
+        VmProcess child = p.Fork();
         using PinnedMemory pin = p.Pin(va, 4, write: false);
         Assert.That(p.GetPagemap(va).Pfn, Is.Not.EqualTo(child.GetPagemap(va).Pfn), "the pin made the page the parent's own");
         Assert.That(p.GetPagemap(va).Writable, Is.False, "still read-only");
@@ -240,7 +240,7 @@ public sealed class RmapAndPinTests
     public void Pinning_an_unmapped_range_faults_and_pins_nothing()
     {
         using Machine machine = NewMachine();
-        Process p = machine.CreateProcess();
+        VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(2 * 4096);
         var fault = Assert.Throws<SegmentationFault>(() => p.Pin(va, 3 * 4096, write: true));
         Assert.That(fault!.Address, Is.EqualTo(va + 2 * 4096));

@@ -6,9 +6,9 @@ using Vmm.Mm;
 namespace Vmm;
 
 /// <summary>A process of a <see cref="Machine"/>: credentials, a home node and an address space.</summary>
-public sealed class Process
+public sealed class VmProcess
 {
-    internal Process(Machine machine, int pid, Credentials credentials, AddressSpace mm)
+    internal VmProcess(Machine machine, int pid, Credentials credentials, AddressSpace mm)
     {
         Machine = machine;
         Pid = pid;
@@ -19,7 +19,7 @@ public sealed class Process
     /// <summary>The machine it runs on.</summary>
     public Machine Machine { get; }
 
-    /// <summary>Process id, unique per machine.</summary>
+    /// <summary>VmProcess id, unique per machine.</summary>
     public int Pid { get; }
 
     /// <summary>Who it runs as.</summary>
@@ -133,7 +133,7 @@ public sealed class Process
     /// <summary>Forks: a child with a copy-on-write copy of this address space.</summary>
     /// <exception cref="InsufficientMemoryException">no frames for the child's page tables (nothing changed).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
-    public Process Fork()
+    public VmProcess Fork()
     {
         if (Mm.Exited)
             throw new InvalidOperationException($"process {Pid} has exited");
