@@ -46,7 +46,8 @@ public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
 /// <summary>A snapshot of the machine's memory.</summary>
 /// <param name="Nodes">each node.</param>
 /// <param name="TotalFrames">frames in the arena.</param>
-/// <param name="DescriptorBytes">bytes of native memory taken by frame descriptors.</param>
+/// <param name="DescriptorBytes">bytes of host memory committed to frame descriptors: 64 per frame of
+/// every memmap section initialised so far (sections are initialised as their memory is first used).</param>
 /// <param name="HostRssBytes">the host process's resident set (VmRSS), or -1 where unknown.</param>
 public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFrames, long DescriptorBytes, long HostRssBytes)
 {
