@@ -5,14 +5,16 @@ namespace Vmm;
 /// <summary>
 /// The shape of a <see cref="Machine"/>. The defaults make a laptop-friendly machine: 2 NUMA nodes of
 /// 512 MiB in 128 MiB blocks, half of each node's blocks in ZONE_MOVABLE. Nothing is committed until
-/// it is used, so a large arena costs only what is touched.
+/// it is used (neither the arena nor the frame descriptors), so a large machine costs only what is
+/// touched. <see cref="Validate"/> says which settings cannot work; the <see cref="Machine"/>
+/// constructor runs it first.
 /// </summary>
 public sealed record MachineOptions
 {
     /// <summary>NUMA nodes (1 to 64). Default 2.</summary>
     public int NodeCount { get; init; } = 2;
 
-    /// <summary>Bytes per node: a whole number of blocks. Default 512 MiB.</summary>
+    /// <summary>Bytes per node: a whole number of blocks; NodeCount x NodeSizeBytes at most <see cref="MaxTotalBytes"/>. Default 512 MiB.</summary>
     public long NodeSizeBytes { get; init; } = 512L << 20;
 
     /// <summary>Bytes per memory block (the hotplug unit): a power of two, at least 2 MiB. Default 128 MiB.</summary>
@@ -20,18 +22,23 @@ public sealed record MachineOptions
 
     /// <summary>
     /// How many of each node's blocks (the highest ones) belong to ZONE_MOVABLE; the rest are
-    /// ZONE_NORMAL, which also holds unmovable memory such as page tables. Null: half, rounded down.
+    /// ZONE_NORMAL, which also holds unmovable memory such as page tables. 0 to blocks per node minus
+    /// one (ZONE_NORMAL keeps at least one block). Null: half, rounded down.
     /// </summary>
     public int? MovableBlocksPerNode { get; init; }
 
     /// <summary>
     /// Linux's min_free_kbytes: memory kept free for emergencies. Null: Linux's formula
     /// (sqrt(16 x lowmem KiB), clamped to 128 KiB .. 256 MiB). 0: no reserve at all (tests that want to
-    /// allocate the last frame).
+    /// allocate the last frame). Less than the machine's ZONE_NORMAL memory, in KiB.
     /// </summary>
     public long? MinFreeKbytes { get; init; }
 
-    /// <summary>Linux's node_distance: [from, to], 10 on the diagonal. Null: 10 local, 20 remote.</summary>
+    /// <summary>
+    /// Linux's node_distance: [from, to], NodeCount x NodeCount, <see cref="LocalDistance"/> (10) on the
+    /// diagonal and 11 to 255 elsewhere (the ACPI SLIT rules Linux checks); need not be symmetric.
+    /// Null: 10 local, 20 remote.
+    /// </summary>
     public int[,]? NodeDistances { get; init; }
 
     /// <summary>
