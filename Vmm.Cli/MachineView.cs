@@ -25,7 +25,7 @@ internal static class MachineView
         Topology topology = machine.Topology;
         console.Write(new Rule(showTables ? "[bold]Vmm machine[/]" : "[bold]Fork and copy-on-write[/]").LeftJustified());
         console.MarkupLineInterpolated(
-            $"{topology.NodeCount} nodes x {Mib(topology.FramesPerNode * Topology.PageSize)}, {topology.BlockCount} blocks of {Mib(topology.BlockSizeBytes)}, {topology.TotalFrames:N0} frames of 4 KiB; descriptors {Mib(machine.GetStats().DescriptorBytes)} ({PageDescriptorSize} B per frame)");
+            $"{topology.NodeCount} nodes x {Mib(topology.FramesPerNode * Topology.PageSize)}, {topology.BlockCount} blocks of {Mib(topology.BlockSizeBytes)}, {topology.TotalFrames:N0} frames of 4 KiB; descriptors committed {Mib(machine.GetStats().DescriptorBytes)} of {Mib(topology.TotalFrames * PageDescriptorSize)} ({PageDescriptorSize} B per frame, a section at a time as memory is used)");
         console.MarkupLineInterpolated($"arena: {(machine.ReturnsMemoryToHost ? "mmap MAP_NORESERVE (decommit returns memory to the host)" : "portable heap")}");
         if (showTables)
         {

@@ -25,18 +25,24 @@ public sealed unsafe class Machine : IDisposable
     private readonly MemMap _memMap;
     private int _disposed;
 
-    /// <summary>Builds a machine. Nothing is committed until used.</summary>
+    /// <summary>
+    /// Builds a machine. Nothing is committed until used: the arena and the frame descriptors are
+    /// reserved address space, and a memmap section's descriptors are written when its memory is first
+    /// allocated, so a machine costs the host what it touches.
+    /// </summary>
     /// <param name="options">its shape; null for the defaults.</param>
-    /// <exception cref="ArgumentException">the options are inconsistent.</exception>
-    /// <exception cref="ArenaException">the host refused the memory.</exception>
+    /// <exception cref="ArgumentException">an option is out of range or inconsistent, or the host cannot
+    /// reserve the address space for the arena or its descriptors (<see cref="ArgumentException.ParamName"/>
+    /// names the option; <see cref="MachineOptions.Validate"/> lists the rules). Nothing is left allocated.</exception>
     public Machine(MachineOptions? options = null)
     {
         Options = options ?? new MachineOptions();
+        Options.Validate();
         Topology = Options.CreateTopology();
-        Arena = new Arena(Topology, Options.ForcePortableArena);
+        Arena = ReserveOrExplain(() => new Arena(Topology, Options.ForcePortableArena), "arena");
         try
         {
-            _memMap = new MemMap(Topology.TotalFrames);
+            _memMap = ReserveOrExplain(() => new MemMap(Topology.TotalFrames, MemMap.SectionShiftFor(Topology), Options.ForcePortableArena), "frame descriptors");
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
             Rmap = new RmapWalker(this);
@@ -47,6 +53,24 @@ public sealed unsafe class Machine : IDisposable
             _memMap?.Dispose();
             Arena.Dispose();
             throw;
+        }
+    }
+
+    /// <summary>A reservation the host refused becomes an ArgumentException naming the size option.</summary>
+    private T ReserveOrExplain<T>(Func<T> reserve, string what)
+    {
+        try
+        {
+            return reserve();
+        }
+        catch (ArenaException e)
+        {
+            // The argument at fault is the option (a host-facing name), not a parameter of this helper.
+#pragma warning disable CA2208
+            throw new ArgumentException(
+                $"the host cannot reserve the {what} of a machine of {Options.NodeCount} x {Options.NodeSizeBytes} bytes " +
+                $"(NodeCount x NodeSizeBytes too large for this host: {e.Message})", nameof(MachineOptions.NodeSizeBytes), e);
+#pragma warning restore CA2208
         }
     }
 
@@ -289,7 +313,7 @@ public sealed unsafe class Machine : IDisposable
                 PageAllocator.GetZoneStats(Allocator.GetZone(node, ZoneType.Movable)),
             ]);
         }
-        return new MachineStats(nodes, Topology.TotalFrames, _memMap.SizeBytes, HostMemory.ReadRssBytes());
+        return new MachineStats(nodes, Topology.TotalFrames, _memMap.CommittedBytes, HostMemory.ReadRssBytes());
     }
 
     /// <summary>
@@ -311,13 +335,25 @@ public sealed unsafe class Machine : IDisposable
             Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes, Ksm?.GetStats().CowKsm ?? 0);
     }
 
-    /// <summary>What the descriptor of <paramref name="pfn"/> says.</summary>
+    /// <summary>
+    /// What the descriptor of <paramref name="pfn"/> says. A frame whose descriptors were never
+    /// initialised (its memory never used) is reported as it will be once initialised: free and
+    /// known zero (PG_zeroed), the first frame of its section heading a free max-order block
+    /// (PG_buddy, PG_reported); nothing is initialised or committed by asking.
+    /// </summary>
     /// <exception cref="ArgumentOutOfRangeException">no such frame.</exception>
     public PageInfo GetPageInfo(long pfn)
     {
         ThrowIfDisposed();
         if (!Topology.IsValidPfn(pfn))
             throw new ArgumentOutOfRangeException(nameof(pfn), pfn, "no such frame");
+        if (!_memMap.IsInitialised(pfn))
+        {
+            bool head = (pfn & (_memMap.FramesPerSection - 1)) == 0;
+            return new PageInfo(pfn, Topology.NodeOf(pfn), Allocator.ZoneTypeOf(pfn), Allocator.GetPageblockMigratetype(pfn),
+                head ? PageFlags.Buddy | PageFlags.Zeroed | PageFlags.Reported : PageFlags.Zeroed,
+                0, 0, head ? _memMap.SectionShift : -1, pfn);
+        }
         ref PageDescriptor page = ref _memMap[pfn];
         var flags = (PageFlags)Volatile.Read(ref page.Flags);
         return new PageInfo(pfn, Topology.NodeOf(pfn), Allocator.ZoneTypeOf(pfn), Allocator.GetPageblockMigratetype(pfn),

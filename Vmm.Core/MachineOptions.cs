@@ -5,14 +5,16 @@ namespace Vmm;
 /// <summary>
 /// The shape of a <see cref="Machine"/>. The defaults make a laptop-friendly machine: 2 NUMA nodes of
 /// 512 MiB in 128 MiB blocks, half of each node's blocks in ZONE_MOVABLE. Nothing is committed until
-/// it is used, so a large arena costs only what is touched.
+/// it is used (neither the arena nor the frame descriptors), so a large machine costs only what is
+/// touched. <see cref="Validate"/> says which settings cannot work; the <see cref="Machine"/>
+/// constructor runs it first.
 /// </summary>
 public sealed record MachineOptions
 {
     /// <summary>NUMA nodes (1 to 64). Default 2.</summary>
     public int NodeCount { get; init; } = 2;
 
-    /// <summary>Bytes per node: a whole number of blocks. Default 512 MiB.</summary>
+    /// <summary>Bytes per node: a whole number of blocks; NodeCount x NodeSizeBytes at most <see cref="MaxTotalBytes"/>. Default 512 MiB.</summary>
     public long NodeSizeBytes { get; init; } = 512L << 20;
 
     /// <summary>Bytes per memory block (the hotplug unit): a power of two, at least 2 MiB. Default 128 MiB.</summary>
@@ -20,18 +22,23 @@ public sealed record MachineOptions
 
     /// <summary>
     /// How many of each node's blocks (the highest ones) belong to ZONE_MOVABLE; the rest are
-    /// ZONE_NORMAL, which also holds unmovable memory such as page tables. Null: half, rounded down.
+    /// ZONE_NORMAL, which also holds unmovable memory such as page tables. 0 to blocks per node minus
+    /// one (ZONE_NORMAL keeps at least one block). Null: half, rounded down.
     /// </summary>
     public int? MovableBlocksPerNode { get; init; }
 
     /// <summary>
     /// Linux's min_free_kbytes: memory kept free for emergencies. Null: Linux's formula
     /// (sqrt(16 x lowmem KiB), clamped to 128 KiB .. 256 MiB). 0: no reserve at all (tests that want to
-    /// allocate the last frame).
+    /// allocate the last frame). Less than the machine's ZONE_NORMAL memory, in KiB.
     /// </summary>
     public long? MinFreeKbytes { get; init; }
 
-    /// <summary>Linux's node_distance: [from, to], 10 on the diagonal. Null: 10 local, 20 remote.</summary>
+    /// <summary>
+    /// Linux's node_distance: [from, to], NodeCount x NodeCount, <see cref="LocalDistance"/> (10) on the
+    /// diagonal and 11 to 255 elsewhere (the ACPI SLIT rules Linux checks); need not be symmetric.
+    /// Null: 10 local, 20 remote.
+    /// </summary>
     public int[,]? NodeDistances { get; init; }
 
     /// <summary>
@@ -60,45 +67,124 @@ public sealed record MachineOptions
         MinFreeKbytes = 0,
     };
 
-    internal Topology CreateTopology()
+    /// <summary>Linux's LOCAL_DISTANCE: a node's distance to itself.</summary>
+    public const int LocalDistance = 10;
+
+    /// <summary>The largest distance a SLIT entry can hold (one byte).</summary>
+    public const int MaxDistance = 255;
+
+    /// <summary>
+    /// The largest machine Vmm builds: 16 TiB less one 2 MiB block, so that every pfn stays below
+    /// 2^32 - 1 (a 32-bit pfn link names a frame in the free lists and compound heads; 2^32 - 1 means
+    /// "none"). The host may refuse less (overcommit policy, address-space limits); the machine's
+    /// constructor then says so, naming <see cref="NodeSizeBytes"/>.
+    /// </summary>
+    public const long MaxTotalBytes = (1L << 44) - Topology.MinBlockSizeBytes;
+
+    /// <summary>
+    /// Checks every rule a machine needs, without building one (the <see cref="Machine"/> constructor
+    /// runs it first). Each failure names the option in the message and in
+    /// <see cref="ArgumentException.ParamName"/>:
+    /// <list type="bullet">
+    /// <item><see cref="NodeCount"/> 1 to 64.</item>
+    /// <item><see cref="BlockSizeBytes"/> a power of two of at least 2 MiB (one pageblock).</item>
+    /// <item><see cref="NodeSizeBytes"/> positive, a whole number of blocks (ArgumentException), and
+    /// NodeCount x NodeSizeBytes at most <see cref="MaxTotalBytes"/>.</item>
+    /// <item><see cref="MovableBlocksPerNode"/> 0 to blocks per node minus one: ZONE_NORMAL must keep a
+    /// block, since page tables and the zero page are unmovable and only live there.</item>
+    /// <item><see cref="MinFreeKbytes"/> not negative, and less than the machine's ZONE_NORMAL memory
+    /// (the reserve is shared among NORMAL zones; at that size no ordinary allocation could succeed).</item>
+    /// <item><see cref="NodeDistances"/> NodeCount x NodeCount, <see cref="LocalDistance"/> on the
+    /// diagonal, 11 to <see cref="MaxDistance"/> elsewhere (Linux's SLIT rules; ArgumentException).</item>
+    /// </list>
+    /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException">a value is out of its range.</exception>
+    /// <exception cref="ArgumentException">values are inconsistent with each other (a node that is not a
+    /// whole number of blocks, a distance table of the wrong shape or with a wrong entry).</exception>
+    public void Validate()
     {
-        ArgumentOutOfRangeException.ThrowIfLessThan(BlockSizeBytes, Topology.MinBlockSizeBytes, nameof(BlockSizeBytes));
-        if (NodeSizeBytes < BlockSizeBytes || NodeSizeBytes % BlockSizeBytes != 0)
-            throw new ArgumentException($"NodeSizeBytes ({NodeSizeBytes}) must be a positive multiple of BlockSizeBytes ({BlockSizeBytes})");
-        return new Topology(NodeCount, checked((int)(NodeSizeBytes / BlockSizeBytes)), BlockSizeBytes);
+        if (NodeCount is < 1 or > 64)
+            throw new ArgumentOutOfRangeException(nameof(NodeCount), NodeCount, $"{nameof(NodeCount)} must be 1 to 64 (NUMA nodes)");
+        if (BlockSizeBytes < Topology.MinBlockSizeBytes)
+            throw new ArgumentOutOfRangeException(nameof(BlockSizeBytes), BlockSizeBytes,
+                $"{nameof(BlockSizeBytes)} must be at least {Topology.MinBlockSizeBytes} bytes (2 MiB, one pageblock)");
+        if ((BlockSizeBytes & (BlockSizeBytes - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(BlockSizeBytes), BlockSizeBytes, $"{nameof(BlockSizeBytes)} must be a power of two");
+        if (NodeSizeBytes <= 0)
+            throw new ArgumentOutOfRangeException(nameof(NodeSizeBytes), NodeSizeBytes, $"{nameof(NodeSizeBytes)} must be positive");
+        if (NodeSizeBytes % BlockSizeBytes != 0)
+            throw new ArgumentException(
+                $"{nameof(NodeSizeBytes)} ({NodeSizeBytes}) must be a whole number of blocks of {nameof(BlockSizeBytes)} ({BlockSizeBytes})",
+                nameof(NodeSizeBytes));
+        if (NodeSizeBytes > MaxTotalBytes / NodeCount)
+            throw new ArgumentOutOfRangeException(nameof(NodeSizeBytes), NodeSizeBytes,
+                $"{nameof(NodeCount)} x {nameof(NodeSizeBytes)} ({NodeCount} x {NodeSizeBytes}) exceeds {MaxTotalBytes} bytes (16 TiB less 2 MiB: a pfn must fit 32 bits)");
+
+        int blocksPerNode = (int)(NodeSizeBytes / BlockSizeBytes);
+        if (MovableBlocksPerNode is int movable && (movable < 0 || movable >= blocksPerNode))
+            throw new ArgumentOutOfRangeException(nameof(MovableBlocksPerNode), movable,
+                $"{nameof(MovableBlocksPerNode)} must be 0 to {blocksPerNode - 1} (blocks per node minus one): " +
+                "ZONE_NORMAL needs a block on every node, since page tables and the zero page cannot live in ZONE_MOVABLE");
+
+        if (MinFreeKbytes is long minFree)
+        {
+            if (minFree < 0)
+                throw new ArgumentOutOfRangeException(nameof(MinFreeKbytes), minFree, $"{nameof(MinFreeKbytes)} must not be negative");
+            long normalKb = (long)NodeCount * (blocksPerNode - EffectiveMovableBlocksPerNode(blocksPerNode)) * (BlockSizeBytes / 1024);
+            if (minFree >= normalKb)
+                throw new ArgumentOutOfRangeException(nameof(MinFreeKbytes), minFree,
+                    $"{nameof(MinFreeKbytes)} must be less than the machine's ZONE_NORMAL memory ({normalKb} KiB): the reserve is shared among the NORMAL zones, and no zone can keep free more than it has");
+        }
+
+        if (NodeDistances is { } distances)
+        {
+            if (distances.GetLength(0) != NodeCount || distances.GetLength(1) != NodeCount)
+                throw new ArgumentException(
+                    $"{nameof(NodeDistances)} is {distances.GetLength(0)} x {distances.GetLength(1)}; it must be {nameof(NodeCount)} x {nameof(NodeCount)} ({NodeCount} x {NodeCount})",
+                    nameof(NodeDistances));
+            for (int from = 0; from < NodeCount; from++)
+            {
+                for (int to = 0; to < NodeCount; to++)
+                {
+                    int d = distances[from, to];
+                    if (from == to && d != LocalDistance)
+                        throw new ArgumentException(
+                            $"{nameof(NodeDistances)}[{from}, {to}] is {d}; a node's distance to itself must be {LocalDistance} (LOCAL_DISTANCE)",
+                            nameof(NodeDistances));
+                    if (from != to && (d <= LocalDistance || d > MaxDistance))
+                        throw new ArgumentException(
+                            $"{nameof(NodeDistances)}[{from}, {to}] is {d}; a distance between two nodes must be {LocalDistance + 1} to {MaxDistance} (Linux's SLIT rules: more than LOCAL_DISTANCE, one byte)",
+                            nameof(NodeDistances));
+                }
+            }
+        }
     }
 
-    internal int EffectiveMovableBlocksPerNode(int blocksPerNode)
-    {
-        int movable = MovableBlocksPerNode ?? blocksPerNode / 2;
-        if (movable < 0 || movable > blocksPerNode)
-            throw new ArgumentException($"MovableBlocksPerNode ({movable}) must be 0 to {blocksPerNode}");
-        return movable;
-    }
+    /// <summary>The topology of a validated machine.</summary>
+    internal Topology CreateTopology() =>
+        new(NodeCount, (int)(NodeSizeBytes / BlockSizeBytes), BlockSizeBytes);
 
+    /// <summary>How many blocks of each node are MOVABLE (validated: 0 to blocks per node minus one).</summary>
+    internal int EffectiveMovableBlocksPerNode(int blocksPerNode) => MovableBlocksPerNode ?? blocksPerNode / 2;
+
+    /// <summary>min_free_kbytes: as set (validated), or Linux's formula over the NORMAL pages.</summary>
     internal long EffectiveMinFreeKbytes(long normalPages)
     {
         if (MinFreeKbytes is long set)
-        {
-            ArgumentOutOfRangeException.ThrowIfNegative(set, nameof(MinFreeKbytes));
             return set;
-        }
         long lowmemKb = normalPages * (Topology.PageSize / 1024);
         return Math.Clamp((long)Math.Sqrt(lowmemKb * 16.0), 128, 262144);
     }
 
+    /// <summary>node_distance: as set (validated), or 10 local and 20 remote.</summary>
     internal int[,] EffectiveNodeDistances(int nodeCount)
     {
         if (NodeDistances is { } given)
-        {
-            if (given.GetLength(0) != nodeCount || given.GetLength(1) != nodeCount)
-                throw new ArgumentException($"NodeDistances must be {nodeCount} x {nodeCount}");
             return (int[,])given.Clone();
-        }
         var distance = new int[nodeCount, nodeCount];
         for (int i = 0; i < nodeCount; i++)
             for (int j = 0; j < nodeCount; j++)
-                distance[i, j] = i == j ? 10 : 20;
+                distance[i, j] = i == j ? LocalDistance : 20;
         return distance;
     }
 }

@@ -6,11 +6,14 @@ namespace Vmm;
 /// <param name="Node">the node.</param>
 /// <param name="Zone">NORMAL or MOVABLE.</param>
 /// <param name="ManagedPages">frames given to the allocator.</param>
-/// <param name="FreePages">allocatable free frames on the buddy lists (Linux's NR_FREE_PAGES).</param>
+/// <param name="FreePages">allocatable free frames on the buddy lists (Linux's NR_FREE_PAGES), including
+/// the frames of memmap sections not initialised yet (never used; Linux leaves its deferred pages out
+/// until its boot-time init finishes, Vmm's stay deferred until needed and count as free).</param>
 /// <param name="PcpPages">free frames cached on per-CPU lists.</param>
 /// <param name="IsolatedFreePages">free frames in isolated pageblocks: free, but never handed out.</param>
 /// <param name="Watermarks">min / low / high in pages.</param>
-/// <param name="BuddyInfo">free blocks of each order, as a line of /proc/buddyinfo.</param>
+/// <param name="BuddyInfo">free blocks of each order, as a line of /proc/buddyinfo (a section not
+/// initialised yet counts as the max-order block it becomes).</param>
 /// <param name="PgAlloc">allocations served (pgalloc).</param>
 /// <param name="PgFree">frees received (pgfree).</param>
 /// <param name="AllocFailures">times this zone could not serve a request and the allocator moved on.</param>
@@ -46,7 +49,8 @@ public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
 /// <summary>A snapshot of the machine's memory.</summary>
 /// <param name="Nodes">each node.</param>
 /// <param name="TotalFrames">frames in the arena.</param>
-/// <param name="DescriptorBytes">bytes of native memory taken by frame descriptors.</param>
+/// <param name="DescriptorBytes">bytes of host memory committed to frame descriptors: 64 per frame of
+/// every memmap section initialised so far (sections are initialised as their memory is first used).</param>
 /// <param name="HostRssBytes">the host process's resident set (VmRSS), or -1 where unknown.</param>
 public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFrames, long DescriptorBytes, long HostRssBytes)
 {
@@ -80,7 +84,8 @@ public readonly record struct PageInfo(
 /// <param name="Zone">the zone it was onlined to.</param>
 /// <param name="StartPfn">its first frame.</param>
 /// <param name="Frames">frames in it.</param>
-/// <param name="FreeFrames">frames on allocatable buddy lists (frames cached per CPU count as used).</param>
+/// <param name="FreeFrames">frames on allocatable buddy lists or in sections never initialised (frames
+/// cached per CPU count as used).</param>
 /// <param name="IsolatedFreeFrames">free frames in isolated pageblocks.</param>
 public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone, long StartPfn, long Frames, long FreeFrames, long IsolatedFreeFrames);
 

@@ -26,8 +26,12 @@ internal sealed class ArenaHandle : SafeHandle
     public override bool IsInvalid => handle == 0;
 
     /// <summary>Reserves <paramref name="length"/> bytes without committing them.</summary>
+    /// <param name="length">bytes to reserve.</param>
+    /// <param name="forcePortable">use the heap fallback even on Linux.</param>
+    /// <param name="clearPortable">zero the heap fallback (the arena needs frames that read zero; the
+    /// memmap initialises each section before its first use and does not).</param>
     /// <exception cref="ArenaException">the reservation failed.</exception>
-    public static unsafe ArenaHandle Reserve(nuint length, bool forcePortable)
+    public static unsafe ArenaHandle Reserve(nuint length, bool forcePortable, bool clearPortable = true)
     {
         if (!forcePortable && OperatingSystem.IsLinux())
         {
@@ -41,10 +45,19 @@ internal sealed class ArenaHandle : SafeHandle
         }
 
         // Portable fallback: committed heap memory, zeroed so every frame starts known-zero.
-        void* block = NativeMemory.AlignedAlloc(length, 4096);
+        void* block;
+        try
+        {
+            block = NativeMemory.AlignedAlloc(length, 4096);
+        }
+        catch (OutOfMemoryException e)
+        {
+            throw new ArenaException($"allocation of {length} bytes failed", e);
+        }
         if (block == null)
             throw new ArenaException($"allocation of {length} bytes failed");
-        NativeMemory.Clear(block, length);
+        if (clearPortable)
+            NativeMemory.Clear(block, length);
         return new ArenaHandle((nint)block, length, mapped: false);
     }
 

@@ -145,10 +145,20 @@ internal static unsafe class Auditor
         if (Volatile.Read(ref machine.PageTablePagesTotal) != tableTotal)
             problems.Add($"NR_PAGETABLE {machine.PageTablePagesTotal}, tables found {tableTotal}");
 
-        // Every frame is free, or in use by something found above.
+        // Every frame is free, or in use by something found above. A section whose descriptors were
+        // never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
+        // audit commits no descriptor.
         long inUse = 0;
+        var deferred = new Dictionary<Zone, long>();
         for (long pfn = 0; pfn < memMap.FrameCount; pfn++)
         {
+            if ((pfn & (memMap.FramesPerSection - 1)) == 0 && !memMap.IsInitialised(pfn))
+            {
+                Zone zone = machine.Allocator.ZoneOf(pfn);
+                deferred[zone] = deferred.GetValueOrDefault(zone) + memMap.FramesPerSection;
+                pfn += memMap.FramesPerSection - 1;
+                continue;
+            }
             ref PageDescriptor page = ref memMap[pfn];
             if (page.RefCount == 0)
                 continue;
@@ -158,6 +168,13 @@ internal static unsafe class Auditor
             if (page.PinCount > 0)
                 continue;
             problems.Add($"frame {pfn} is in use (refcount {page.RefCount}, flags {(PageFlags)page.Flags}) but nothing maps, caches or pins it");
+        }
+        foreach (Zone zone in machine.Allocator.Zones)
+        {
+            long expected = deferred.GetValueOrDefault(zone);
+            long counted = Volatile.Read(ref zone.DeferredPages);
+            if (counted != expected)
+                problems.Add($"{zone}: DeferredPages {counted}, frames of sections never initialised {expected}");
         }
         machine.Ksm?.Audit(problems, ksmZeroPtes);
         long free = machine.GetStats().AllFreePages;

@@ -1,44 +1,123 @@
 // MemMap: the array of frame descriptors (Linux's mem_map / vmemmap) and the operations on them.
 //
-// The array is unmanaged, 64-byte aligned, one PageDescriptor per frame of the arena, including frames
-// of offline blocks. Flag operations follow each flag's compound policy (PageFlags.cs); the atomic ones
-// use Interlocked on the descriptor in place, so any thread that holds a reference to a frame (or the
-// frame's zone lock, for free frames) may use them.
+// The array is unmanaged, one 64-byte PageDescriptor per frame of the arena, indexed by pfn. Like
+// Linux's sparse memmap (SPARSEMEM_VMEMMAP) it is *reserved* for the whole arena at once, with
+// mmap(MAP_NORESERVE), so an untouched descriptor costs no host memory, and it is initialised one
+// section at a time on first use (Linux's deferred struct page init): a section is 2^MaxOrder frames
+// (one max-order buddy block, 4 MiB of arena, 64 KiB of descriptors; smaller when memory blocks are
+// smaller). Until its section is initialised a descriptor must not be read: its bytes are zero on
+// Linux and garbage on the portable fallback, and reading would commit nothing useful. Whoever walks
+// pfns asks IsInitialised first (PageAllocator.GetBlockInfo, Machine.GetPageInfo, Audit); the
+// allocator hands out only frames of initialised sections, so every pfn reached through a page table,
+// a free list or a reference is initialised. A never-initialised frame is free, never touched (reads
+// zero), and belongs to its zone's deferred pages.
+//
+// Flag operations follow each flag's compound policy (PageFlags.cs); the atomic ones use Interlocked on
+// the descriptor in place, so any thread that holds a reference to a frame (or the frame's zone lock,
+// for free frames) may use them.
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
+using Vmm.Native;
 
 namespace Vmm.Memory;
 
 /// <summary>The frame descriptors of a machine and the flag, reference and compound operations on them.</summary>
 internal sealed unsafe class MemMap : IDisposable
 {
+    private readonly ArenaHandle _reservation;
     private PageDescriptor* _pages;
+    private readonly ulong[] _sectionInitialised; // one bit per section; set once, under the section's zone lock
+    private long _initialisedSections;            // atomic
 
-    /// <summary>Allocates zeroed descriptors for <paramref name="frameCount"/> frames.</summary>
-    public MemMap(long frameCount)
+    /// <summary>Reserves (commits nothing) descriptors for <paramref name="frameCount"/> frames, in sections of 2^<paramref name="sectionShift"/> frames.</summary>
+    /// <param name="frameCount">frames of the arena.</param>
+    /// <param name="sectionShift">log2 of the frames per section (see <see cref="SectionShiftFor"/>).</param>
+    /// <param name="forcePortable">use the committed heap fallback even on Linux (as the arena does).</param>
+    /// <exception cref="ArgumentOutOfRangeException">no frames, or frames not a whole number of sections.</exception>
+    /// <exception cref="ArenaException">the host refused the reservation.</exception>
+    public MemMap(long frameCount, int sectionShift, bool forcePortable = false)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(frameCount, 1);
+        ArgumentOutOfRangeException.ThrowIfNegative(sectionShift);
+        if ((frameCount & ((1L << sectionShift) - 1)) != 0)
+            throw new ArgumentOutOfRangeException(nameof(frameCount), frameCount, $"not a whole number of sections of {1L << sectionShift} frames");
         FrameCount = frameCount;
-        nuint bytes = (nuint)(frameCount * PageDescriptor.Size);
-        _pages = (PageDescriptor*)NativeMemory.AlignedAlloc(bytes, 64);
-        NativeMemory.Clear(_pages, bytes);
-        for (long pfn = 0; pfn < frameCount; pfn++)
-        {
-            _pages[pfn].MapCount = -1;
-            _pages[pfn].LruNext = PageDescriptor.NoLink;
-            _pages[pfn].LruPrev = PageDescriptor.NoLink;
-        }
+        SectionShift = sectionShift;
+        SectionCount = frameCount >> sectionShift;
+        _sectionInitialised = new ulong[(SectionCount + 63) >> 6];
+        _reservation = ArenaHandle.Reserve((nuint)(frameCount * PageDescriptor.Size), forcePortable, clearPortable: false);
+        _pages = (PageDescriptor*)_reservation.DangerousGetHandle();
     }
+
+    /// <summary>The section shift for a topology: 2^MaxOrder frames, or one memory block if that is smaller.</summary>
+    public static int SectionShiftFor(Topology topology) =>
+        Math.Min(PageAllocator.MaxOrder, System.Numerics.BitOperations.Log2((ulong)topology.FramesPerBlock));
 
     /// <summary>Frames described.</summary>
     public long FrameCount { get; }
 
+    /// <summary>log2 of the frames per section.</summary>
+    public int SectionShift { get; }
+
+    /// <summary>Frames per section.</summary>
+    public long FramesPerSection => 1L << SectionShift;
+
+    /// <summary>Sections of the memmap.</summary>
+    public long SectionCount { get; }
+
     /// <summary>True once the descriptors have been released.</summary>
     public bool IsDisposed => _pages == null;
 
-    /// <summary>Bytes of native memory the descriptors take.</summary>
-    public long SizeBytes => FrameCount * PageDescriptor.Size;
+    /// <summary>Bytes of address space reserved for the descriptors (all frames).</summary>
+    public long ReservedBytes => FrameCount * PageDescriptor.Size;
+
+    /// <summary>Bytes of descriptors initialised, and so committed (host memory): initialised sections x their descriptors.</summary>
+    public long CommittedBytes => Volatile.Read(ref _initialisedSections) * (FramesPerSection * PageDescriptor.Size);
+
+    /// <summary>Sections whose descriptors have been initialised.</summary>
+    public long InitialisedSections => Volatile.Read(ref _initialisedSections);
+
+    /// <summary>The section that holds <paramref name="pfn"/>.</summary>
+    public long SectionOf(long pfn) => pfn >> SectionShift;
+
+    /// <summary>True if the descriptors of <paramref name="section"/> have been initialised (and may be read).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public bool IsSectionInitialised(long section) =>
+        (Volatile.Read(ref _sectionInitialised[section >> 6]) & (1UL << (int)(section & 63))) != 0;
+
+    /// <summary>True if the descriptor of <paramref name="pfn"/> has been initialised (and may be read).</summary>
+    public bool IsInitialised(long pfn) => IsSectionInitialised(pfn >> SectionShift);
+
+    /// <summary>
+    /// sparse_init_one_section / memmap_init_range: writes the descriptors of one section as those of
+    /// free, never-touched frames (PG_zeroed: a fresh anonymous mapping reads zeros; no references, no
+    /// mappings, no links), committing their host memory, then marks the section initialised. The
+    /// caller then hands the frames to the buddy lists (PageAllocator.InitSectionLocked). Called by the
+    /// allocator when a zone grows into a deferred section and, when memory hot-add exists, by hot-add
+    /// for each section of an added block: it is the one place descriptors come to life.
+    /// Preconditions: the zone lock of the section's zone held; the section not initialised.
+    /// </summary>
+    /// <exception cref="VmBugException">the section was already initialised.</exception>
+    public void InitSection(long section)
+    {
+        if (IsSectionInitialised(section))
+            throw new VmBugException($"memmap section {section} initialised twice");
+        long start = section << SectionShift;
+        long end = start + FramesPerSection;
+        for (long pfn = start; pfn < end; pfn++)
+        {
+            ref PageDescriptor page = ref _pages[pfn];
+            page = default; // the portable reservation is not cleared
+            page.Flags = (ulong)PageFlags.Zeroed;
+            page.MapCount = -1;
+            page.LruNext = PageDescriptor.NoLink;
+            page.LruPrev = PageDescriptor.NoLink;
+        }
+        // Publish after the descriptors are written (Interlocked is a full fence): a reader that sees
+        // the bit reads initialised descriptors. Sections of different zones share a word, so Or.
+        Interlocked.Or(ref _sectionInitialised[section >> 6], 1UL << (int)(section & 63));
+        Interlocked.Increment(ref _initialisedSections);
+    }
 
     /// <summary>The descriptor of a frame, by reference.</summary>
     public ref PageDescriptor this[long pfn]
@@ -46,7 +125,7 @@ internal sealed unsafe class MemMap : IDisposable
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         get
         {
-            Debug.Assert((ulong)pfn < (ulong)FrameCount, "pfn out of range");
+            Debug.Assert((ulong)pfn < (ulong)FrameCount && IsInitialised(pfn), "pfn out of range or in a section never initialised");
             return ref _pages[pfn];
         }
     }
@@ -203,13 +282,13 @@ internal sealed unsafe class MemMap : IDisposable
         return now == 0;
     }
 
-    /// <summary>Releases the descriptors.</summary>
+    /// <summary>Releases the descriptors (unmaps the reservation).</summary>
     public void Dispose()
     {
         if (_pages != null)
         {
-            NativeMemory.AlignedFree(_pages);
             _pages = null;
+            _reservation.Dispose();
         }
     }
 }

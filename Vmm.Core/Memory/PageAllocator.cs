@@ -23,6 +23,16 @@
 // of one owner ever reaches another. Frames known to be zero (never touched, or decommitted) carry
 // PG_zeroed and are not zeroed again.
 //
+// Deferred init (Linux's deferred struct page init and sparse memmap): at boot a zone receives its
+// memory as deferred sections (Zone.DeferredPages, counted free) without touching a descriptor. When an
+// allocation would take from the max-order MOVABLE free list of a zone and finds it empty, the zone
+// first initialises its next deferred section (GrowZoneLocked), whose frames join that list as one
+// max-order block. So the allocator hands frames out in the same order as if every section had been
+// initialised at boot, a machine commits descriptors only for the memory it uses, and the per-CPU fast
+// path has no new check (growth happens only under the zone lock, on the refill and buddy paths).
+// Isolation initialises the sections of its range first; GetBlockInfo, GetPageInfo and Audit read
+// never-initialised sections as free, never-touched frames.
+//
 // Locking: pcp spin word -> zone lock. Never take a zone lock, then a pcp lock.
 using System.Diagnostics;
 using System.Numerics;
@@ -68,8 +78,8 @@ internal sealed unsafe class PageAllocator
         _topology = topology;
         _arena = arena;
         _memMap = memMap;
-        int blockOrder = BitOperations.Log2((ulong)topology.FramesPerBlock);
-        int zoneMaxOrder = Math.Min(MaxOrder, blockOrder);
+        int zoneMaxOrder = MemMap.SectionShiftFor(topology);
+        Debug.Assert(memMap.SectionShift == zoneMaxOrder, "a memmap section is one max-order block");
         int slots = (int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1, Environment.ProcessorCount));
         _pcpMask = slots - 1;
         _poison = options.PoisonFreedFrames;
@@ -114,7 +124,7 @@ internal sealed unsafe class PageAllocator
         NodeDistances = distance;
 
         for (int block = 0; block < topology.BlockCount; block++)
-            OnlineBlockAtBoot(block);
+            OnlineBlock(block);
         SetWatermarks(options.EffectiveMinFreeKbytes(NormalManagedPages()));
     }
 
@@ -238,7 +248,8 @@ internal sealed unsafe class PageAllocator
                 Volatile.Read(ref zone.NrFree[Zone.ListIndex(o, Fallback(mt))]) > 0)
                 return true;
         }
-        return false;
+        // Deferred sections are max-order MOVABLE blocks; mt or its fallback is MOVABLE.
+        return Volatile.Read(ref zone.DeferredPages) != 0;
     }
 
     private long RmqueuePcp(Zone zone, MigrateType mt)
@@ -305,12 +316,27 @@ internal sealed unsafe class PageAllocator
         }
     }
 
+    /// <summary>
+    /// The head of the free list of order <paramref name="o"/> and type <paramref name="mt"/>. The
+    /// zone's deferred sections sit, in effect, at the tail of the max-order MOVABLE list: when that
+    /// list is empty and sections are deferred, the next one is initialised and its block returned.
+    /// Preconditions: zone lock held.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private uint FreeListHeadLocked(Zone zone, int o, MigrateType mt)
+    {
+        uint head = zone.FreeHead[Zone.ListIndex(o, mt)];
+        if (head == PageDescriptor.NoLink && o == zone.MaxOrder && mt == MigrateType.Movable && zone.DeferredPages != 0 && GrowZoneLocked(zone))
+            head = zone.FreeHead[Zone.ListIndex(o, mt)];
+        return head;
+    }
+
     /// <summary>__rmqueue_smallest: the smallest free block of the type that fits, split down. Preconditions: zone lock held.</summary>
     private long RmqueueSmallestLocked(Zone zone, int order, MigrateType mt)
     {
         for (int o = order; o <= zone.MaxOrder; o++)
         {
-            uint head = zone.FreeHead[Zone.ListIndex(o, mt)];
+            uint head = FreeListHeadLocked(zone, o, mt);
             if (head == PageDescriptor.NoLink)
                 continue;
             bool reported = (_memMap[head].Flags & (ulong)PageFlags.Reported) != 0;
@@ -331,7 +357,7 @@ internal sealed unsafe class PageAllocator
         MigrateType fallback = Fallback(startType);
         for (int o = zone.MaxOrder; o >= order; o--)
         {
-            uint head = zone.FreeHead[Zone.ListIndex(o, fallback)];
+            uint head = FreeListHeadLocked(zone, o, fallback);
             if (head == PageDescriptor.NoLink)
                 continue;
             bool canClaim = o >= PageblockOrder / 2 || startType == MigrateType.Unmovable;
@@ -435,6 +461,8 @@ internal sealed unsafe class PageAllocator
     public void FreePages(long pfn, int order = 0)
     {
         CheckPfn(pfn);
+        if (!_memMap.IsInitialised(pfn))
+            throw new VmBugException($"free of frame {pfn}, which was never allocated (its memmap section is not initialised)");
         if ((uint)order > (uint)ZoneOf(pfn).MaxOrder || (pfn & ((1L << order) - 1)) != 0)
             throw new ArgumentOutOfRangeException(nameof(order), order, $"frame {pfn} is not the start of an order-{order} block");
         ref PageDescriptor head = ref _memMap[pfn];
@@ -791,6 +819,8 @@ internal sealed unsafe class PageAllocator
     {
         CheckPageblockRange(startPfn, endPfn);
         unmovablePfn = NoPfn;
+        // Isolation moves free blocks between lists and counters: the range's frames must be on them.
+        InitSectionsOfRange(startPfn, endPfn);
         for (long pb = startPfn; pb < endPfn; pb += PageblockFrames)
         {
             Zone zone = ZoneOf(pb);
@@ -1028,6 +1058,12 @@ internal sealed unsafe class PageAllocator
         {
             for (long pfn = start; pfn < end;)
             {
+                if (!_memMap.IsInitialised(pfn))
+                {
+                    free += _memMap.FramesPerSection; // a deferred section: free, never touched
+                    pfn += _memMap.FramesPerSection;
+                    continue;
+                }
                 ref PageDescriptor page = ref _memMap[pfn];
                 if ((page.Flags & (ulong)PageFlags.Buddy) == 0)
                 {
@@ -1049,7 +1085,14 @@ internal sealed unsafe class PageAllocator
     // Boot, watermarks, statistics
     // ================================================================================================
 
-    private void OnlineBlockAtBoot(int block)
+    /// <summary>
+    /// online_pages, deferred: gives memory block <paramref name="block"/> to its zone as deferred
+    /// sections. It touches no descriptor: the zone counts the frames as managed and free, and
+    /// initialises a section when it first needs its frames (<see cref="GrowZoneLocked"/>). Boot calls it
+    /// for every block; memory hot-add (to come) will call it for an added block, after which its
+    /// descriptors too are committed on first use.
+    /// </summary>
+    private void OnlineBlock(int block)
     {
         Zone zone = _blockZone[block];
         long start = _topology.FirstPfnOfBlock(block);
@@ -1059,12 +1102,68 @@ internal sealed unsafe class PageAllocator
             zone.StartPfn = Math.Min(zone.StartPfn, start);
             zone.EndPfn = Math.Max(zone.EndPfn, end);
             zone.ManagedPages += end - start;
-            for (long pfn = start; pfn < end; pfn++)
-                _memMap[pfn].Flags = (ulong)PageFlags.Zeroed; // a fresh anonymous mapping reads zeros
-            for (long pfn = start; pfn < end; pfn += 1L << zone.MaxOrder)
+            zone.FreePages += end - start;
+            zone.DeferredPages += end - start;
+            zone.DeferredCursor = Math.Max(zone.DeferredCursor, _memMap.SectionOf(end));
+        }
+    }
+
+    /// <summary>
+    /// deferred_grow_zone: initialises the zone's next deferred section (the highest one not yet
+    /// initialised) and puts its frames on the free lists. Returns false when nothing is deferred.
+    /// Preconditions: zone lock held.
+    /// </summary>
+    private bool GrowZoneLocked(Zone zone)
+    {
+        long first = _memMap.SectionOf(zone.StartPfn);
+        while (zone.DeferredCursor > first)
+        {
+            long section = --zone.DeferredCursor;
+            if (_memMap.IsSectionInitialised(section) || ZoneOf(section << _memMap.SectionShift) != zone)
+                continue;
+            InitSectionLocked(zone, section);
+            return true;
+        }
+        Debug.Assert(zone.DeferredPages == 0, "deferred pages without a deferred section");
+        return false;
+    }
+
+    /// <summary>
+    /// deferred_init_memmap_chunk: initialises the descriptors of one deferred section of
+    /// <paramref name="zone"/> (<see cref="MemMap.InitSection"/>, the call hot-add will share) and frees
+    /// its frames to the buddy lists as one max-order block of never-touched memory: PG_zeroed on every
+    /// frame, and reported (nothing was ever committed, so ReleaseFreeMemory has nothing to give back).
+    /// The frames were counted free already; they move from DeferredPages to the lists.
+    /// Preconditions: zone lock held; the section belongs to the zone and is not initialised.
+    /// </summary>
+    private void InitSectionLocked(Zone zone, long section)
+    {
+        long pfn = section << _memMap.SectionShift;
+        long frames = _memMap.FramesPerSection;
+        Debug.Assert(ZoneOf(pfn) == zone, "section of another zone");
+        _memMap.InitSection(section);
+        // Never initialised pageblocks keep their boot type (MOVABLE): only free blocks and isolation
+        // (which initialises first) change a pageblock's type.
+        FreeOneLocked(zone, pfn, zone.MaxOrder, PageblockType(pfn));
+        _memMap[pfn].Flags |= (ulong)PageFlags.Reported;
+        // FreeOneLocked counted the block again: it was free (deferred) already. Subtract after adding,
+        // so a racy watermark reader sees too much free memory for a moment rather than too little.
+        zone.FreePages -= frames;
+        zone.DeferredPages -= frames;
+    }
+
+    /// <summary>Initialises every deferred section that overlaps [start, end) (for isolation, which changes free lists there).</summary>
+    private void InitSectionsOfRange(long startPfn, long endPfn)
+    {
+        for (long section = _memMap.SectionOf(startPfn); section <= _memMap.SectionOf(endPfn - 1); section++)
+        {
+            if (_memMap.IsSectionInitialised(section))
+                continue;
+            Zone zone = ZoneOf(section << _memMap.SectionShift);
+            lock (zone.Lock)
             {
-                FreeOneLocked(zone, pfn, zone.MaxOrder, PageblockType(pfn));
-                _memMap[pfn].Flags |= (ulong)PageFlags.Reported; // never committed: nothing to give back
+                if (!_memMap.IsSectionInitialised(section))
+                    InitSectionLocked(zone, section);
             }
         }
     }
@@ -1114,6 +1213,7 @@ internal sealed unsafe class PageAllocator
             for (int order = 0; order <= zone.MaxOrder; order++)
                 for (int mt = 0; mt < Zone.MigrateTypeCount; mt++)
                     buddy[order] += zone.NrFree[Zone.ListIndex(order, (MigrateType)mt)];
+            buddy[zone.MaxOrder] += zone.DeferredPages >> zone.MaxOrder; // deferred sections are max-order blocks
             return new ZoneStats(zone.Node, zone.Type, zone.ManagedPages, zone.FreePages, zone.PcpPages,
                 zone.IsolatedFreePages, zone.Watermarks, buddy, zone.BuddyAllocs + pcpAllocs,
                 zone.BuddyFrees + pcpFrees, Volatile.Read(ref zone.AllocFailures));

@@ -9,6 +9,16 @@
 // processor slot, so the common case never takes the zone lock and never splits or merges. A frame on
 // a pcp list is free (refcount 0) but not PG_buddy; it counts in PcpPages, not in FreePages, as Linux
 // leaves it out of NR_FREE_PAGES.
+//
+// Deferred pages (Linux's CONFIG_DEFERRED_STRUCT_PAGE_INIT, kept for the machine's whole life): the
+// zone's memory is given to it at boot as deferred sections whose descriptors are not yet initialised
+// (MemMap.cs). They count in ManagedPages and FreePages (unlike Linux, which leaves them out of
+// NR_FREE_PAGES until its boot-time init threads finish: Vmm's never finish by themselves, and a frame
+// nobody has touched is free memory for MemFree, the watermarks and the accounting identity). The
+// allocator treats them as max-order MOVABLE free blocks at the tail of that free list: when it would
+// take from that list and finds it empty, it initialises the next deferred section first
+// (PageAllocator.GrowZoneLocked, Linux's deferred_grow_zone), from the top of the zone down, the order
+// in which a fully initialised zone would hand its max-order blocks out.
 using System.Runtime.CompilerServices;
 
 namespace Vmm.Memory;
@@ -94,6 +104,16 @@ internal sealed class Zone
 
     /// <summary>Free pages in the buddy lists that can be allocated (NR_FREE_PAGES). Protected by Lock; read racily.</summary>
     public long FreePages;
+
+    /// <summary>
+    /// Free frames of sections not initialised yet (a subset of FreePages; always whole sections, which
+    /// are max-order blocks of MOVABLE pageblocks). Protected by Lock; read racily by the watermark check.
+    /// </summary>
+    public long DeferredPages;
+
+    /// <summary>The next section to initialise is the highest below this one that belongs to the zone and
+    /// is not initialised (sections initialised out of turn, by isolation, are skipped). Protected by Lock.</summary>
+    public long DeferredCursor;
 
     /// <summary>Free pages on MIGRATE_ISOLATE lists: free but never handed out. Protected by Lock.</summary>
     public long IsolatedFreePages;

@@ -14,7 +14,10 @@ public sealed class AllocatorTests
     {
         Assert.That(Unsafe.SizeOf<PageDescriptor>(), Is.EqualTo(64), "the budget is one cache line per 4 KiB frame");
         using var machine = new Machine(Small);
-        Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.Topology.TotalFrames * 64));
+        Assert.That(machine.GetStats().DescriptorBytes, Is.Zero, "a new machine has initialised no memmap section");
+        long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
+        Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.FramesPerSection * 64), "the first allocation initialised one section");
+        machine.Allocator.FreePages(pfn);
     }
 
     [Test]
@@ -80,7 +83,7 @@ public sealed class AllocatorTests
     {
         var options = new MachineOptions
         {
-            NodeCount = 3, NodeSizeBytes = 2L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0, MovableBlocksPerNode = 1,
+            NodeCount = 3, NodeSizeBytes = 2L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0, MovableBlocksPerNode = 0,
             NodeDistances = new[,] { { 10, 40, 20 }, { 40, 10, 20 }, { 20, 20, 10 } },
         };
         using var machine = new Machine(options);

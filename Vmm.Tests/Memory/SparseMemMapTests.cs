@@ -1,0 +1,254 @@
+using Vmm.Memory;
+using Vmm.Native;
+
+namespace Vmm.Tests.Memory;
+
+/// <summary>
+/// The sparse memmap with deferred init: descriptors are reserved for the whole arena and initialised a
+/// section (one max-order block) at a time when the allocator first needs its frames.
+/// </summary>
+[TestFixture]
+[Category("Smoke")]
+public sealed class SparseMemMapTests
+{
+    private static MachineOptions TwoBlocksPerNode => new() { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
+
+    private static long[] InitialisedSections(Machine machine) =>
+        [.. Enumerable.Range(0, (int)machine.MemMap.SectionCount).Where(s => machine.MemMap.IsSectionInitialised(s)).Select(s => (long)s)];
+
+    [Test]
+    public void A_one_TiB_machine_costs_the_host_a_few_MiB_and_then_what_it_touches()
+    {
+        if (!OperatingSystem.IsLinux())
+            Assert.Ignore("RSS is read from /proc, and the memmap is sparse only where mmap(MAP_NORESERVE) exists");
+        using (var warm = new Machine(MachineOptions.Small))
+        {
+            VmProcess p = warm.CreateProcess();
+            p.Write<long>(p.Mmap(1 << 20), 1);
+            Assert.That(warm.Audit(), Is.Empty);
+        }
+        GC.Collect();
+        long before = HostMemory.ReadRssBytes();
+        var options = new MachineOptions { NodeCount = 2, NodeSizeBytes = 512L << 30 };
+        Machine machine;
+        try
+        {
+            machine = new Machine(options);
+        }
+        catch (ArgumentException e) when (e.InnerException is ArenaException)
+        {
+            Assert.Ignore($"this host will not reserve 1 TiB of address space: {e.Message}");
+            return;
+        }
+        using (machine)
+        {
+            GC.Collect();
+            long built = HostMemory.ReadRssBytes();
+            MachineStats stats = machine.GetStats();
+            Assert.That(stats.MemTotalBytes, Is.EqualTo(1L << 40));
+            Assert.That(stats.MemFreeBytes, Is.EqualTo(1L << 40), "never-initialised memory is free memory");
+            Assert.That(stats.DescriptorBytes, Is.Zero, "no descriptor is committed before memory is used");
+            Assert.That(built - before, Is.LessThan(16L << 20),
+                $"RSS {before >> 20} -> {built >> 20} MiB: a dense memmap would have committed {(machine.Topology.TotalFrames * 64) >> 30} GiB");
+
+            VmProcess process = machine.CreateProcess(homeNode: 1);
+            const ulong length = 16 << 20;
+            ulong va = process.Mmap(length);
+            for (ulong offset = 0; offset < length; offset += 4096)
+                process.Write(va + offset, offset);
+            for (ulong offset = 0; offset < length; offset += 4096 * 97)
+                Assert.That(process.Read<ulong>(va + offset), Is.EqualTo(offset));
+            Assert.That(machine.GetPageInfo(process.GetPagemap(va).Pfn).Node, Is.EqualTo(1));
+            GC.Collect();
+            long touched = HostMemory.ReadRssBytes();
+            long descriptors = machine.GetStats().DescriptorBytes;
+            TestContext.Out.WriteLine($"RSS before {before >> 10} KiB, built {built >> 10} KiB, touched {touched >> 10} KiB; descriptors {descriptors >> 10} KiB");
+            Assert.That(descriptors, Is.LessThanOrEqualTo(1L << 20), "16 MiB of memory needs a handful of 64 KiB sections of descriptors");
+            Assert.That(touched - before, Is.LessThan((long)length + (32L << 20)),
+                $"RSS {before >> 20} -> {touched >> 20} MiB after touching {length >> 20} MiB");
+            Assert.That(machine.Audit(), Is.Empty, "the audit walks a 1 TiB memmap without initialising it");
+            Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(descriptors), "auditing committed nothing");
+            process.Exit();
+            Assert.That(machine.Audit(), Is.Empty);
+        }
+    }
+
+    [Test]
+    public void Touching_memory_on_one_node_initialises_only_that_nodes_top_sections()
+    {
+        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 512L << 20, MinFreeKbytes = 0 });
+        VmProcess process = machine.CreateProcess(homeNode: 1);
+        ulong va = process.Mmap(6 << 20);
+        process.Fill(va, 6 << 20, 0x5A);
+
+        long[] sections = InitialisedSections(machine);
+        long frames = machine.MemMap.FramesPerSection;
+        Assert.That(sections.Select(s => machine.Topology.NodeOf(s * frames)), Is.All.EqualTo(1), "node 0 was never used");
+        Zone movable = machine.Allocator.GetZone(1, ZoneType.Movable);
+        Zone normal = machine.Allocator.GetZone(1, ZoneType.Normal);
+        long movableTop = movable.EndPfn / frames;
+        Assert.That(sections.Where(s => machine.Allocator.ZoneOf(s * frames) == movable), Is.EqualTo(new[] { movableTop - 2, movableTop - 1 }),
+            "6 MiB of movable memory took the two highest sections of ZONE_MOVABLE, as a fully initialised zone would hand them out");
+        Assert.That(sections.Where(s => machine.Allocator.ZoneOf(s * frames) == normal), Is.EqualTo(new[] { normal.EndPfn / frames - 1 }),
+            "the page tables took one section of ZONE_NORMAL");
+        Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(3 * frames * 64));
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void Deferred_frames_count_as_free_in_every_counter()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        MachineStats fresh = machine.GetStats();
+        foreach (ZoneStats zone in fresh.Nodes.SelectMany(n => n.Zones))
+        {
+            Assert.That(zone.FreePages, Is.EqualTo(zone.ManagedPages), $"{zone.Zone} {zone.Node}: free before anything is initialised");
+            Assert.That(zone.BuddyInfo[PageAllocator.MaxOrder], Is.EqualTo(zone.ManagedPages >> PageAllocator.MaxOrder), "deferred sections are max-order blocks in buddyinfo");
+        }
+        Assert.That(machine.GetMemoryBlock(0).FreeFrames, Is.EqualTo(machine.Topology.FramesPerBlock));
+
+        long pfn = machine.Allocator.AllocPages(3, AllocFlags.Movable);
+        MachineStats after = machine.GetStats();
+        Assert.That(after.AllFreePages + 8, Is.EqualTo(machine.Topology.TotalFrames), "free + in use = the arena's frames");
+        Assert.That(after.MemFreeBytes, Is.EqualTo(fresh.MemFreeBytes - 8 * 4096));
+        Assert.That(machine.GetMemoryBlock(machine.Topology.BlockOf(pfn)).FreeFrames, Is.EqualTo(machine.Topology.FramesPerBlock - 8));
+        Assert.That(machine.Audit(), Is.Not.Empty, "the block is in use but nothing maps it");
+        machine.Allocator.FreePages(pfn, 3);
+        Assert.That(machine.Audit(), Is.Empty);
+        Assert.That(machine.GetStats().MemFreeBytes, Is.EqualTo(fresh.MemFreeBytes));
+    }
+
+    [Test]
+    public void Looking_at_a_never_used_frame_reports_it_free_and_initialises_nothing()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        long head = machine.Topology.FirstPfnOfNode(1);
+        PageInfo info = machine.GetPageInfo(head);
+        Assert.That(info.RefCount, Is.Zero);
+        Assert.That(info.MapCount, Is.Zero);
+        Assert.That(info.BuddyOrder, Is.EqualTo(PageAllocator.MaxOrder), "the first frame of a section heads a max-order free block");
+        Assert.That(info.Flags, Is.EqualTo(PageFlags.Buddy | PageFlags.Zeroed | PageFlags.Reported));
+        Assert.That(info.Node, Is.EqualTo(1));
+        Assert.That(info.Migratetype, Is.EqualTo(MigrateType.Movable));
+        PageInfo tail = machine.GetPageInfo(head + 5);
+        Assert.That(tail.Flags, Is.EqualTo(PageFlags.Zeroed), "never touched: reads zero");
+        Assert.That(tail.BuddyOrder, Is.EqualTo(-1));
+        _ = machine.GetMemoryBlock(2);
+        Assert.That(machine.ReleaseFreeMemory(), Is.Zero, "nothing was ever committed");
+        Assert.That(machine.GetStats().DescriptorBytes, Is.Zero, "asking committed no descriptor");
+        Assert.That(InitialisedSections(machine), Is.Empty);
+    }
+
+    [Test]
+    public void A_section_initialised_on_demand_looks_exactly_as_reported_before()
+    {
+        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
+        long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
+        long section = machine.MemMap.SectionOf(pfn) * machine.MemMap.FramesPerSection;
+        Assert.That(pfn, Is.EqualTo(section), "a fresh zone hands out the lowest frame of its highest section first");
+        machine.Allocator.FreePages(pfn);
+        machine.Allocator.DrainAllPages();
+        PageInfo info = machine.GetPageInfo(section);
+        Assert.That(info.BuddyOrder, Is.EqualTo(machine.MemMap.SectionShift), "merged back into one max-order block");
+        Assert.That(info.Flags & ~PageFlags.Reported, Is.EqualTo(PageFlags.Buddy), "the frame that was used is no longer known zero");
+        Assert.That(machine.GetPageInfo(section + 7).Flags, Is.EqualTo(PageFlags.Zeroed));
+    }
+
+    [Test]
+    public void The_allocator_grows_through_every_section_and_every_frame_can_be_allocated()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        var pages = new List<long>();
+        long pfn;
+        while ((pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoWatermark)) != PageAllocator.NoPfn)
+            pages.Add(pfn);
+        Assert.That(pages, Has.Count.EqualTo(machine.Topology.TotalFrames), "deferred frames are all reachable");
+        Assert.That(pages.Distinct().Count(), Is.EqualTo(pages.Count));
+        Assert.That(machine.MemMap.InitialisedSections, Is.EqualTo(machine.MemMap.SectionCount));
+        Assert.That(machine.Allocator.Zones.Sum(z => z.DeferredPages), Is.Zero);
+        foreach (long p in pages)
+            machine.Allocator.FreePages(p);
+        machine.Allocator.DrainAllPages();
+        Assert.That(machine.GetStats().MemFreeBytes, Is.EqualTo(machine.GetStats().MemTotalBytes));
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void A_large_order_allocation_on_a_fresh_machine_initialises_a_section()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        long pfn = machine.Allocator.AllocPages(PageAllocator.MaxOrder, AllocFlags.Movable);
+        Assert.That(pfn, Is.Not.EqualTo(PageAllocator.NoPfn), "the watermark check sees deferred sections as max-order blocks");
+        long unmovable = machine.Allocator.AllocPages(5);
+        Assert.That(unmovable, Is.Not.EqualTo(PageAllocator.NoPfn));
+        Assert.That(machine.Allocator.ZoneTypeOf(unmovable), Is.EqualTo(ZoneType.Normal));
+        Assert.That(machine.Allocator.GetPageblockMigratetype(unmovable), Is.EqualTo(MigrateType.Unmovable),
+            "an unmovable request steals a fresh max-order block and claims its pageblocks");
+        Assert.That(machine.MemMap.InitialisedSections, Is.EqualTo(2));
+        machine.Allocator.FreePages(unmovable, 5);
+        machine.Allocator.FreePages(pfn, PageAllocator.MaxOrder);
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void Isolating_a_never_used_range_initialises_it_and_undo_gives_it_back()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        PageAllocator allocator = machine.Allocator;
+        long start = machine.Topology.FirstPfnOfBlock(1);
+        long end = start + machine.Topology.FramesPerBlock;
+        Assert.That(allocator.IsolatePageRange(start, end), Is.EqualTo(Errno.None));
+        Assert.That(allocator.TestPagesIsolated(start, end), Is.True);
+        ZoneStats zone = machine.GetStats().Nodes[0].Zones[(int)ZoneType.Movable];
+        Assert.That(zone.IsolatedFreePages, Is.EqualTo(machine.Topology.FramesPerBlock));
+        Assert.That(zone.FreePages, Is.Zero, "isolated frames are not allocatable");
+        Assert.That(machine.GetMemoryBlock(1).IsolatedFreeFrames, Is.EqualTo(machine.Topology.FramesPerBlock));
+        Assert.That(machine.Audit(), Is.Empty);
+        Assert.That(allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.ThisNode), Is.Not.InRange(start, end - 1));
+
+        allocator.UndoIsolatePageRange(start, end);
+        zone = machine.GetStats().Nodes[0].Zones[(int)ZoneType.Movable];
+        Assert.That(zone.FreePages, Is.EqualTo(zone.ManagedPages));
+        Assert.That(zone.BuddyInfo[PageAllocator.MaxOrder], Is.EqualTo(zone.ManagedPages >> PageAllocator.MaxOrder));
+        Assert.That(machine.GetStats().AllFreePages + 1, Is.EqualTo(machine.Topology.TotalFrames));
+    }
+
+    [Test]
+    public void Freeing_a_frame_that_was_never_allocated_is_a_bug_and_commits_nothing()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(machine.Topology.FirstPfnOfNode(1)));
+        Assert.That(machine.GetStats().DescriptorBytes, Is.Zero);
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void Audit_notices_deferred_pages_that_no_section_explains()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        Zone zone = machine.Allocator.GetZone(1, ZoneType.Normal);
+        zone.DeferredPages -= machine.MemMap.FramesPerSection;
+        try
+        {
+            Assert.That(machine.Audit(), Has.Some.Contains("DeferredPages"));
+        }
+        finally
+        {
+            zone.DeferredPages += machine.MemMap.FramesPerSection;
+        }
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void The_portable_memmap_initialises_sections_the_same_way()
+    {
+        using var machine = new Machine(TwoBlocksPerNode with { ForcePortableArena = true });
+        VmProcess process = machine.CreateProcess();
+        ulong va = process.Mmap(4 << 20);
+        process.Fill(va, 4 << 20, 7);
+        Assert.That(process.Read<byte>(va + 12345), Is.EqualTo(7));
+        Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.InitialisedSections * machine.MemMap.FramesPerSection * 64));
+        Assert.That(machine.MemMap.InitialisedSections, Is.LessThan(machine.MemMap.SectionCount));
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+}
