@@ -106,10 +106,12 @@ public sealed class DedupeStore : IDisposable
     public VmProcess Process { get; }
 
     /// <summary>A snapshot of the buffers not yet disposed, in address order.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public IReadOnlyCollection<VmmBuffer> Buffers
     {
         get
         {
+            using MachineCall call = Machine.EnterCall();
             lock (_lock)
                 return [.. _buffers.Values.OrderBy(b => b.Address)];
         }
@@ -121,7 +123,7 @@ public sealed class DedupeStore : IDisposable
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is not positive.</exception>
     /// <exception cref="InsufficientMemoryException">no room in the process's address space.</exception>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public VmmBuffer Allocate(long length)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(length);
@@ -138,7 +140,7 @@ public sealed class DedupeStore : IDisposable
     /// <summary>A new buffer holding a copy of <paramref name="contents"/>.</summary>
     /// <exception cref="ArgumentException"><paramref name="contents"/> is empty.</exception>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (no buffer is left behind).</exception>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public VmmBuffer Create(ReadOnlySpan<byte> contents)
     {
         if (contents.IsEmpty)
@@ -163,9 +165,10 @@ public sealed class DedupeStore : IDisposable
     /// are not considered, and pinned pages are counted as if unpinned (a pin only delays their merge).
     /// See <see cref="DedupeEstimate"/> for what each count means.
     /// </summary>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public DedupeEstimate EstimateSavings()
     {
+        using MachineCall call = Machine.EnterCall();
         VmmBuffer[] buffers;
         lock (_lock)
         {
@@ -219,11 +222,14 @@ public sealed class DedupeStore : IDisposable
     }
 
     /// <summary>The store's KSM counters (its process's /proc/pid/ksm_stat).</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public ProcessKsmStats GetKsmStats() => Process.GetKsmStats();
 
     /// <summary>
     /// Disposes every buffer (waiting for operations in flight) and exits the store's process: every
     /// page goes back to the machine. Idempotent. Pins still held keep their pages until disposed.
+    /// After the machine's Dispose it only marks the store and its buffers disposed (the memory went
+    /// with the machine).
     /// </summary>
     public void Dispose()
     {
@@ -244,6 +250,10 @@ public sealed class DedupeStore : IDisposable
     /// <summary>A buffer's Dispose, once no operation on it is in flight: unmaps it.</summary>
     internal void Release(VmmBuffer buffer)
     {
+        // A buffer disposed after its machine: nothing left to unmap.
+        if (!Machine.TryEnterCall(out MachineCall call))
+            return;
+        using MachineCall _ = call;
         lock (_lock)
         {
             // After the store's Dispose began, its exit unmaps everything.
