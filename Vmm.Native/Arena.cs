@@ -127,6 +127,12 @@ internal sealed unsafe class Arena : IDisposable
         Interlocked.Increment(ref _pins);
     }
 
+    /// <summary>Holds taken by <see cref="AddPinReference"/> and not released (for tests).</summary>
+    public int PinReferences => Volatile.Read(ref _pins);
+
+    /// <summary>True once the native memory itself is released: disposed, and no pin holds it.</summary>
+    public bool IsReleased => _handle.IsClosed && Volatile.Read(ref _pins) == 0;
+
     /// <summary>Releases a hold taken by <see cref="AddPinReference"/>; the last one after Dispose unmaps the arena.</summary>
     public void ReleasePinReference()
     {

@@ -444,6 +444,26 @@ public sealed partial class Ksm
         WaitForReleaseWorker();
     }
 
+    /// <summary>Without background threads: a release is due (for tests).</summary>
+    internal bool MemoryReleasePending
+    {
+        get
+        {
+            lock (_releaseLock)
+                return _releasePending;
+        }
+    }
+
+    /// <summary>True while a release worker is queued or running (for tests).</summary>
+    internal bool ReleaseWorkerPending
+    {
+        get
+        {
+            lock (_releaseLock)
+                return !_release.IsCompleted;
+        }
+    }
+
     /// <summary>Hurries the release worker, if one is pending, and waits for it.</summary>
     private void WaitForReleaseWorker()
     {
