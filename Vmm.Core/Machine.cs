@@ -12,6 +12,20 @@ namespace Vmm;
 /// An in-process machine: NUMA nodes of real, unmanaged memory in 4 KiB frames, and the kernel
 /// mechanisms that manage them. Dispose it to give all native memory back.
 /// </summary>
+/// <remarks>
+/// Thread safety and lifetime: every member may be called from any thread at once. A machine owns
+/// everything made from it: its processes, DedupeStores and their buffers, pins, and its Ksm. Dispose
+/// stops the machine's background threads (ksmd, the memory-release worker), waits for the calls other
+/// threads are making into the machine to return, and only then gives the native memory back. From the
+/// moment Dispose begins, every call on the machine or on any of its objects throws
+/// <see cref="ObjectDisposedException"/> naming the Machine, except the Dispose-like members (Dispose of a
+/// store, buffer or pin, <see cref="VmProcess.Exit"/>, and Dispose itself), which are no-ops. Dispose
+/// must not be called from inside a call into the same machine (it would wait for itself): that throws
+/// <see cref="InvalidOperationException"/> and disposes nothing. A span taken from a pin must not
+/// outlive the pin; if the machine is disposed while pins are still held, the arena's address range
+/// stays mapped, its memory already given back and reading zeros, until the last pin is disposed or
+/// collected, so a stale span never touches unmapped memory.
+/// </remarks>
 /// <example>
 /// <code>
 /// using var machine = new Machine(MachineOptions.Small);

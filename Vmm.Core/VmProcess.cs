@@ -6,6 +6,19 @@ using Vmm.Mm;
 namespace Vmm;
 
 /// <summary>A process of a <see cref="Machine"/>: credentials, a home node and an address space.</summary>
+/// <remarks>
+/// Thread safety and lifetime: every member may be called from any thread at once, as the threads of a
+/// Linux process share one mm: reads and writes from different threads run in parallel (concurrent
+/// writes to the same bytes race as they would in real memory), while mmap, munmap, mprotect, madvise
+/// and fork serialize on the process's mmap_lock. A process lives until Exit (idempotent) or until its
+/// machine is disposed. After Exit, the throwing API (Read, Write, Fill, Pin, GetPagemap, Fork) throws
+/// <see cref="InvalidOperationException"/> ("process N has exited"), and the syscall-shaped calls keep
+/// returning their errno (Mmap is ENOMEM: an exited mm maps nothing); a call racing with Exit on
+/// another thread may instead fail the way Exit's teardown finds it, as a SegmentationFault with
+/// SegvReason.Exited. After the machine's Dispose every member except the identity ones (Machine, Pid,
+/// Credentials, HomeNode, HasExited) throws <see cref="ObjectDisposedException"/>, and Exit is a no-op.
+/// Pins taken from a process outlive its Exit (they hold their frames) but not its machine.
+/// </remarks>
 public sealed class VmProcess
 {
     internal VmProcess(Machine machine, int pid, Credentials credentials, AddressSpace mm)
@@ -78,6 +91,7 @@ public sealed class VmProcess
     /// <param name="protection">PROT_* bits.</param>
     /// <param name="flags">Private or Shared, plus Fixed, FixedNoReplace, Populate.</param>
     /// <param name="mapped">the start of the new mapping.</param>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Mmap(ulong address, ulong length, Protection protection, MapFlags flags, out ulong mapped)
     {
         using MachineCall call = Machine.EnterCall();
@@ -86,6 +100,7 @@ public sealed class VmProcess
 
     /// <summary>Maps <paramref name="length"/> bytes of private read-write memory anywhere; throws if that fails.</summary>
     /// <exception cref="InsufficientMemoryException">no room in the address space.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public ulong Mmap(ulong length, Protection protection = Protection.ReadWrite, MapFlags flags = MapFlags.Private)
     {
         using MachineCall call = Machine.EnterCall();
@@ -94,6 +109,7 @@ public sealed class VmProcess
     }
 
     /// <summary>munmap. EINVAL: misaligned start, zero or overflowing length. Unmapped parts are fine.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Munmap(ulong address, ulong length)
     {
         using MachineCall call = Machine.EnterCall();
@@ -101,6 +117,7 @@ public sealed class VmProcess
     }
 
     /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Mprotect(ulong address, ulong length, Protection protection)
     {
         using MachineCall call = Machine.EnterCall();
@@ -108,6 +125,7 @@ public sealed class VmProcess
     }
 
     /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Madvise(ulong address, ulong length, Advice advice)
     {
         using MachineCall call = Machine.EnterCall();
@@ -119,6 +137,7 @@ public sealed class VmProcess
     /// process-wide mode; inherited by fork). Disabling unmerges everything first. EINVAL when the machine
     /// has no KSM; ENOMEM if unmerging ran out of memory (merging then stays on).
     /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno SetMemoryMerge(bool enable)
     {
         using MachineCall call = Machine.EnterCall();
@@ -142,6 +161,7 @@ public sealed class VmProcess
     /// by merging with them. Pages merged under the old domain are unmerged first. EINVAL: misaligned
     /// or overflowing range; ENOMEM: part of the range unmapped (the mapped part still changes).
     /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno SetDedupeDomain(ulong address, ulong length, ushort domain)
     {
         using MachineCall call = Machine.EnterCall();
@@ -149,6 +169,7 @@ public sealed class VmProcess
     }
 
     /// <summary>Puts the whole process, and every mapping it makes later, in dedupe domain <paramref name="domain"/>.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno SetDedupeDomain(ushort domain)
     {
         using MachineCall call = Machine.EnterCall();
@@ -156,6 +177,7 @@ public sealed class VmProcess
     }
 
     /// <summary>The process's KSM counters (/proc/pid/ksm_stat); all zero when the machine has no KSM.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public ProcessKsmStats GetKsmStats()
     {
         using MachineCall call = Machine.EnterCall();
@@ -164,6 +186,8 @@ public sealed class VmProcess
 
     /// <summary>Reads user memory.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not readable.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Read(ulong address, Span<byte> destination)
     {
         using MachineCall call = EnterLiveCall();
@@ -172,6 +196,8 @@ public sealed class VmProcess
 
     /// <summary>Writes user memory.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Write(ulong address, ReadOnlySpan<byte> source)
     {
         using MachineCall call = EnterLiveCall();
@@ -180,6 +206,8 @@ public sealed class VmProcess
 
     /// <summary>Reads one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not readable.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public T Read<T>(ulong address) where T : unmanaged
     {
         using MachineCall call = EnterLiveCall();
@@ -188,6 +216,8 @@ public sealed class VmProcess
 
     /// <summary>Writes one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not writable.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Write<T>(ulong address, T value) where T : unmanaged
     {
         using MachineCall call = EnterLiveCall();
@@ -196,6 +226,8 @@ public sealed class VmProcess
 
     /// <summary>Sets a range of user memory to one byte value.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Fill(ulong address, ulong length, byte value)
     {
         using MachineCall call = EnterLiveCall();
@@ -208,6 +240,8 @@ public sealed class VmProcess
     /// the result to unpin.
     /// </summary>
     /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access (nothing stays pinned).</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public PinnedMemory Pin(ulong address, ulong length, bool write)
     {
         using MachineCall call = EnterLiveCall();
@@ -215,6 +249,8 @@ public sealed class VmProcess
     }
 
     /// <summary>What /proc/pid/pagemap says about the page at <paramref name="address"/>.</summary>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public PagemapEntry GetPagemap(ulong address)
     {
         using MachineCall call = EnterLiveCall();
@@ -224,6 +260,7 @@ public sealed class VmProcess
     /// <summary>Forks: a child with a copy-on-write copy of this address space.</summary>
     /// <exception cref="InsufficientMemoryException">no frames for the child's page tables (nothing changed).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public VmProcess Fork()
     {
         using MachineCall call = EnterLiveCall();

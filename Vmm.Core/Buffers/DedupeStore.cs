@@ -36,6 +36,12 @@ namespace Vmm;
 /// store lock, so different buffers (or different parts of one) may be used from different threads at
 /// once. <see cref="EstimateSavings"/> may run while buffers are written; it then reports a mix of
 /// before and after.</para>
+/// <para>Lifetime: a store belongs to its machine; dispose it (and its buffers) before the machine. Disposing
+/// the store disposes every buffer, waiting for the reads and writes in flight, and exits its process.
+/// Pins taken from buffers keep their frames until they are disposed, also after the store's Dispose,
+/// but never past the machine's. After the machine's Dispose every member of the store and of its
+/// buffers throws <see cref="ObjectDisposedException"/> naming the Machine, and their Dispose is a
+/// no-op.</para>
 /// </remarks>
 /// <example>
 /// <code>

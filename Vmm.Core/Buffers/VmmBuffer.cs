@@ -122,6 +122,8 @@ public sealed class VmmBuffer : IDisposable
     /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public PinnedBuffer Pin(bool writable = false)
     {
+        // One machine call around the pin and its sequence, so the machine cannot go in between (the pin would leak).
+        using MachineCall call = _store.Machine.EnterCall();
         Enter();
         try
         {

@@ -62,6 +62,17 @@ public sealed record KsmKnobs(
 /// /sys/kernel/mm/ksm files (<see cref="Write"/>); the scanner runs as a background thread while
 /// <c>run</c> is 1, or step by step through <see cref="ScanPages"/> and <see cref="RunFullScans"/>.
 /// </summary>
+/// <remarks>
+/// Thread safety and lifetime: every member may be called from any thread. Scan batches (ksmd's and
+/// those of ScanPages / RunFullScans), run=2 and the knob writes that rebuild the indexes serialize on
+/// one mutex (Linux's ksm_thread_mutex); counters and knobs are read without it, so a snapshot taken
+/// while a batch runs may mix before and after. KSM lives exactly as long as its machine: the machine's
+/// Dispose stops ksmd and the memory-release worker (waiting for the batch in progress) before it frees
+/// any memory, and every member then throws <see cref="ObjectDisposedException"/>. With
+/// <see cref="MachineOptions.BackgroundThreads"/> false no thread of KSM's ever runs: run=1 enables merging,
+/// and the host advances it with ScanPages / RunFullScans and gives freed memory back with
+/// WaitForMemoryRelease.
+/// </remarks>
 /// <example>
 /// <code>
 /// machine.Ksm!.Write("pages_to_scan", "10000");
