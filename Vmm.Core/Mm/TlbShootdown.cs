@@ -20,6 +20,10 @@
 //
 // Sections never block: a thread that must fault, lock or allocate leaves its section first. A thread
 // must never call Flush from inside a section (it would wait for itself).
+//
+// The same slot also holds the thread's machine call markers (MachineCall.cs): which machine's public
+// call the thread is inside, so that Machine.Dispose can wait for every caller to leave with the same
+// barrier-then-scan argument. Calls, unlike sections, may block.
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
