@@ -269,6 +269,36 @@ public sealed class LifetimeTests
     }
 
     [Test]
+    public void An_endless_RunFullScans_stops_with_ObjectDisposedException_when_the_machine_is_disposed()
+    {
+        var machine = NewMachine();
+        Vmm.Ksm ksm = machine.Ksm!;
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(16 * Page);
+        p.Fill(va, 16 * Page, 3);
+        Assert.That(p.Madvise(va, 16 * Page, Advice.Mergeable), Is.EqualTo(Errno.None));
+        Exception? ended = null;
+        var scanner = new Thread(() =>
+        {
+            try
+            {
+                ksm.RunFullScans(int.MaxValue);
+            }
+            catch (Exception e)
+            {
+                ended = e;
+            }
+        });
+        scanner.Start();
+        var spin = new SpinWait();
+        while (ksm.GetStats().FullScans < 3)
+            spin.SpinOnce();
+        machine.Dispose(); // returns only once the scanner has left
+        Assert.That(scanner.Join(TimeSpan.FromSeconds(30)), Is.True);
+        Assert.That(ended, Is.TypeOf<ObjectDisposedException>(), "the run stopped between two scans");
+    }
+
+    [Test]
     public void Dispose_from_inside_a_call_of_the_same_machine_throws_instead_of_waiting_for_itself()
     {
         var machine = NewMachine();

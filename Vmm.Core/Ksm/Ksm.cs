@@ -467,7 +467,7 @@ public sealed partial class Ksm
     /// no address space registered, returns at once.
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="count"/> is negative.</exception>
-    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed (also between two scans: a Dispose on another thread stops the run).</exception>
     public void RunFullScans(int count)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(count);
@@ -475,6 +475,9 @@ public sealed partial class Ksm
         long target = Volatile.Read(ref _seqnr) + count;
         while (Volatile.Read(ref _seqnr) < target)
         {
+            // A long run of scans does not hold up the machine's Dispose for long: it stops between scans.
+            if (_machine.IsDisposed)
+                throw new ObjectDisposedException(nameof(Machine), $"the machine ({_machine}) was disposed during RunFullScans");
             lock (_threadMutex)
             {
                 if (Volatile.Read(ref _seqnr) >= target)
