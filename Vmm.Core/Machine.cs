@@ -12,6 +12,20 @@ namespace Vmm;
 /// An in-process machine: NUMA nodes of real, unmanaged memory in 4 KiB frames, and the kernel
 /// mechanisms that manage them. Dispose it to give all native memory back.
 /// </summary>
+/// <remarks>
+/// Thread safety and lifetime: every member may be called from any thread at once. A machine owns
+/// everything made from it: its processes, DedupeStores and their buffers, pins, and its Ksm. Dispose
+/// stops the machine's background threads (ksmd, the memory-release worker), waits for the calls other
+/// threads are making into the machine to return, and only then gives the native memory back. From the
+/// moment Dispose begins, every call on the machine or on any of its objects throws
+/// <see cref="ObjectDisposedException"/> naming the Machine, except the Dispose-like members (Dispose of a
+/// store, buffer or pin, <see cref="VmProcess.Exit"/>, and Dispose itself), which are no-ops. Dispose
+/// must not be called from inside a call into the same machine (it would wait for itself): that throws
+/// <see cref="InvalidOperationException"/> and disposes nothing. A span taken from a pin must not
+/// outlive the pin; if the machine is disposed while pins are still held, the arena's address range
+/// stays mapped, its memory already given back and reading zeros, until the last pin is disposed or
+/// collected, so a stale span never touches unmapped memory.
+/// </remarks>
 /// <example>
 /// <code>
 /// using var machine = new Machine(MachineOptions.Small);
@@ -22,6 +36,8 @@ namespace Vmm;
 /// </example>
 public sealed unsafe class Machine : IDisposable
 {
+    private static long s_lastId;
+
     private readonly MemMap _memMap;
     private int _disposed;
 
@@ -36,6 +52,7 @@ public sealed unsafe class Machine : IDisposable
     /// names the option; <see cref="MachineOptions.Validate"/> lists the rules). Nothing is left allocated.</exception>
     public Machine(MachineOptions? options = null)
     {
+        Id = Interlocked.Increment(ref s_lastId);
         Options = options ?? new MachineOptions();
         Options.Validate();
         Topology = Options.CreateTopology();
@@ -74,6 +91,9 @@ public sealed unsafe class Machine : IDisposable
         }
     }
 
+    /// <summary>This machine's number among the machines of the host process: what a thread's call marker names (MachineCall).</summary>
+    internal long Id { get; }
+
     /// <summary>The options it was built with.</summary>
     public MachineOptions Options { get; }
 
@@ -97,17 +117,19 @@ public sealed unsafe class Machine : IDisposable
     /// page reporting): the host's RSS falls, and the frames read zero when next used.
     /// </summary>
     /// <returns>the bytes given back by this call.</returns>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public long ReleaseFreeMemory()
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         return Allocator.ReleaseFreeMemory();
     }
 
     /// <summary>What memory block <paramref name="block"/> (the hotplug unit) holds: its node, zone, frames and free frames.</summary>
     /// <exception cref="ArgumentOutOfRangeException">no such block.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public MemoryBlockInfo GetMemoryBlock(int block)
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         ArgumentOutOfRangeException.ThrowIfNegative(block);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(block, Topology.BlockCount);
         return Allocator.GetBlockInfo(block);
@@ -179,15 +201,24 @@ public sealed unsafe class Machine : IDisposable
     private List<long> _deferredPuts = [];
 
     /// <summary>The processes that have not exited.</summary>
-    public IReadOnlyCollection<VmProcess> Processes => [.. _processes.Values.OrderBy(p => p.Pid)];
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public IReadOnlyCollection<VmProcess> Processes
+    {
+        get
+        {
+            using MachineCall call = EnterCall();
+            return [.. _processes.Values.OrderBy(p => p.Pid)];
+        }
+    }
 
     /// <summary>Creates a process with an empty address space.</summary>
     /// <param name="credentials">who it runs as; null for root.</param>
     /// <param name="homeNode">the node its memory is allocated on first.</param>
     /// <exception cref="ArgumentOutOfRangeException">no such node.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public VmProcess CreateProcess(Credentials? credentials = null, int homeNode = 0)
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         if ((uint)homeNode >= (uint)Topology.NodeCount)
             throw new ArgumentOutOfRangeException(nameof(homeNode), homeNode, "no such node");
         var process = new VmProcess(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
@@ -196,7 +227,12 @@ public sealed unsafe class Machine : IDisposable
     }
 
     /// <summary>The process with <paramref name="pid"/>, or null (ESRCH).</summary>
-    public VmProcess? FindProcess(int pid) => _processes.TryGetValue(pid, out VmProcess? p) ? p : null;
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public VmProcess? FindProcess(int pid)
+    {
+        using MachineCall call = EnterCall();
+        return _processes.TryGetValue(pid, out VmProcess? p) ? p : null;
+    }
 
     internal VmProcess RegisterFork(VmProcess parent, AddressSpace mm)
     {
@@ -301,9 +337,10 @@ public sealed unsafe class Machine : IDisposable
     }
 
     /// <summary>A snapshot of every node's memory (exact when no other thread allocates meanwhile).</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public MachineStats GetStats()
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         var nodes = new NodeStats[Topology.NodeCount];
         for (int node = 0; node < nodes.Length; node++)
         {
@@ -321,16 +358,18 @@ public sealed unsafe class Machine : IDisposable
     /// from the page tables and free lists, and returns each difference (empty when all is well).
     /// Exact only while no other thread changes memory.
     /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public IReadOnlyList<string> Audit()
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         return Diagnostics.Auditor.Run(this);
     }
 
     /// <summary>Event counters, as /proc/vmstat shows them.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public VmStats GetVmStats()
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         return new VmStats(Volatile.Read(ref CowFaults), Volatile.Read(ref PagesMigrated),
             Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes, Ksm?.GetStats().CowKsm ?? 0);
     }
@@ -342,9 +381,10 @@ public sealed unsafe class Machine : IDisposable
     /// (PG_buddy, PG_reported); nothing is initialised or committed by asking.
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException">no such frame.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public PageInfo GetPageInfo(long pfn)
     {
-        ThrowIfDisposed();
+        using MachineCall call = EnterCall();
         if (!Topology.IsValidPfn(pfn))
             throw new ArgumentOutOfRangeException(nameof(pfn), pfn, "no such frame");
         if (!_memMap.IsInitialised(pfn))
@@ -370,14 +410,54 @@ public sealed unsafe class Machine : IDisposable
         return new Span<byte>(Arena.FrameAddress(pfn), Topology.PageSize);
     }
 
-    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+    private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(IsDisposed, this);
 
-    /// <summary>Releases the arena and every descriptor. The machine is unusable afterwards.</summary>
+    /// <summary>True once <see cref="Dispose"/> has begun: every later call throws <see cref="ObjectDisposedException"/>.</summary>
+    public bool IsDisposed => Volatile.Read(ref _disposed) != 0;
+
+    /// <summary>
+    /// Opens a public call (see MachineCall.cs): from here until the result is disposed, Dispose waits
+    /// for this thread. Every public member that touches the machine's memory or structures starts with it.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed (or is being disposed).</exception>
+    internal MachineCall EnterCall()
+    {
+        if (!MachineCall.TryEnter(Id, ref _disposed, out MachineCall call))
+            ThrowDisposed();
+        return call;
+    }
+
+    /// <summary>EnterCall for the members that are no-ops after Dispose (the Dispose-like ones): false once the machine is disposed.</summary>
+    internal bool TryEnterCall(out MachineCall call) => MachineCall.TryEnter(Id, ref _disposed, out call);
+
+    [System.Diagnostics.CodeAnalysis.DoesNotReturn]
+    private void ThrowDisposed() => throw new ObjectDisposedException(nameof(Machine), $"the machine ({this}) was disposed");
+
+    /// <inheritdoc/>
+    public override string ToString() => $"machine {Id}";
+
+    /// <summary>
+    /// Stops the machine's background threads (ksmd, the memory-release worker), waits for every call
+    /// other threads are making into it to return, then releases the arena and every descriptor. Calls
+    /// that begin once Dispose has begun throw <see cref="ObjectDisposedException"/>; the Dispose-like
+    /// members of the machine's objects (VmProcess.Exit, and Dispose of stores, buffers and pins) are
+    /// no-ops. Idempotent. If pins are still held, the arena's address range stays reserved (its memory
+    /// given back to the host, reading zero) until the last pin is disposed or collected, so a span
+    /// taken from a pin never points at unmapped memory; its contents are gone, though.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">called from inside a call of this machine (it would wait for itself); nothing is disposed.</exception>
     public void Dispose()
     {
+        if (MachineCall.IsInside(Id))
+            throw new InvalidOperationException($"{this} cannot be disposed from inside one of its own calls: the disposal would wait for itself");
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        Ksm?.Shutdown(); // ksmd stops before the memory it scans goes away
+        // From here no call can begin: a thread that publishes its marker after the barrier sees the flag
+        // (MachineCall.cs). Then the machine's own threads stop, and the calls in flight drain.
+        Interlocked.MemoryBarrierProcessWide();
+        Ksm?.StopBackgroundWork(); // ksmd and the release worker stop before the memory they use goes away
+        TlbShootdown.WaitForMachineCalls(Id);
+        Ksm?.Shutdown();
         _memMap.Dispose();
         Arena.Dispose();
     }

@@ -55,6 +55,19 @@ public sealed record MachineOptions
     /// </summary>
     public bool EnableKsm { get; init; } = true;
 
+    /// <summary>
+    /// Whether the machine runs background threads: ksmd (while KSM's <c>run</c> is 1) and the worker
+    /// that gives the frames merging freed back to the host about two seconds after a full scan; and the
+    /// daemons still to come (kswapd, kcompactd) obey it too. Default true. False ("stepping by hand"):
+    /// no thread ever runs inside the machine except the host's own. <c>run</c> = 1 then means merging is
+    /// enabled, and the host advances it with <see cref="Ksm.ScanPages"/> and <see cref="Ksm.RunFullScans"/>;
+    /// freed frames go back to the host when it calls <see cref="Ksm.WaitForMemoryRelease"/> (or
+    /// <see cref="Machine.ReleaseFreeMemory"/>). Knob rules and counters are Linux's either way
+    /// (<c>run</c> = 2 unmerges before the write returns, in both modes). For deterministic tests,
+    /// single-threaded hosts, and hosts that schedule their own work.
+    /// </summary>
+    public bool BackgroundThreads { get; init; } = true;
+
     /// <summary>Use the portable heap arena even on Linux (its decommit cannot lower RSS).</summary>
     public bool ForcePortableArena { get; init; }
 

@@ -4,6 +4,13 @@
 // touched. Decommit (madvise MADV_DONTNEED) hands the host memory of a run of frames back to the
 // operating system: the host's RSS falls at once and the next touch reads zeros. Off Linux the arena
 // is an ordinary aligned heap block; decommit then only zeroes (the memory stays committed).
+//
+// Pins outlive nothing, but a host may hold a span of a pin when the machine is disposed. Each pin
+// holds a reference on the arena's handle (SafeHandle's count): Dispose with pins still held gives the
+// memory back (MADV_DONTNEED on the whole range) but leaves the range mapped, and the last pin's
+// release unmaps it. A stale span then reads zeros instead of touching unmapped memory (or memory the
+// runtime mapped there since). The portable heap arena keeps its block (zeroing it could cost more
+// than the host saves) until then.
 using Vmm.Native.Interop;
 
 namespace Vmm.Native;
@@ -13,6 +20,7 @@ internal sealed unsafe class Arena : IDisposable
 {
     private readonly ArenaHandle _handle;
     private readonly byte* _base;
+    private int _pins; // references taken by AddPinReference and not yet released. Atomic.
 
     /// <summary>Reserves an arena for <paramref name="topology"/>.</summary>
     /// <param name="topology">the shape of the memory.</param>
@@ -108,6 +116,41 @@ internal sealed unsafe class Arena : IDisposable
             throw new ArgumentOutOfRangeException(nameof(count), $"frames [{pfn}, {pfn}+{count}) leave the arena of {Topology.TotalFrames} frames");
     }
 
-    /// <summary>Releases the native memory. Every pointer into the arena is invalid afterwards.</summary>
-    public void Dispose() => _handle.Dispose();
+    /// <summary>
+    /// A pin's hold on the address range: it stays mapped until the reference is released, even after
+    /// <see cref="Dispose"/>. Preconditions: the arena is not disposed (pins are made inside machine calls).
+    /// </summary>
+    public void AddPinReference()
+    {
+        bool added = false;
+        _handle.DangerousAddRef(ref added);
+        Interlocked.Increment(ref _pins);
+    }
+
+    /// <summary>Holds taken by <see cref="AddPinReference"/> and not released (for tests).</summary>
+    public int PinReferences => Volatile.Read(ref _pins);
+
+    /// <summary>True once the native memory itself is released: disposed, and no pin holds it.</summary>
+    public bool IsReleased => _handle.IsClosed && Volatile.Read(ref _pins) == 0;
+
+    /// <summary>Releases a hold taken by <see cref="AddPinReference"/>; the last one after Dispose unmaps the arena.</summary>
+    public void ReleasePinReference()
+    {
+        Interlocked.Decrement(ref _pins);
+        _handle.DangerousRelease();
+    }
+
+    /// <summary>
+    /// Releases the native memory. Every pointer into the arena is invalid afterwards, except those of
+    /// pins still held (<see cref="AddPinReference"/>): the memory then goes back to the host at once, and
+    /// the range is unmapped when the last pin lets go.
+    /// </summary>
+    public void Dispose()
+    {
+        if (_handle.IsClosed)
+            return;
+        if (Volatile.Read(ref _pins) > 0 && _handle.IsMapped)
+            Libc.madvise((nint)_base, _handle.Length, Libc.MADV_DONTNEED); // best effort: a failure only keeps the memory until the unmap
+        _handle.Dispose();
+    }
 }

@@ -36,6 +36,12 @@ namespace Vmm;
 /// store lock, so different buffers (or different parts of one) may be used from different threads at
 /// once. <see cref="EstimateSavings"/> may run while buffers are written; it then reports a mix of
 /// before and after.</para>
+/// <para>Lifetime: a store belongs to its machine; dispose it (and its buffers) before the machine. Disposing
+/// the store disposes every buffer, waiting for the reads and writes in flight, and exits its process.
+/// Pins taken from buffers keep their frames until they are disposed, also after the store's Dispose,
+/// but never past the machine's. After the machine's Dispose every member of the store and of its
+/// buffers throws <see cref="ObjectDisposedException"/> naming the Machine, and their Dispose is a
+/// no-op.</para>
 /// </remarks>
 /// <example>
 /// <code>
@@ -106,10 +112,12 @@ public sealed class DedupeStore : IDisposable
     public VmProcess Process { get; }
 
     /// <summary>A snapshot of the buffers not yet disposed, in address order.</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public IReadOnlyCollection<VmmBuffer> Buffers
     {
         get
         {
+            using MachineCall call = Machine.EnterCall();
             lock (_lock)
                 return [.. _buffers.Values.OrderBy(b => b.Address)];
         }
@@ -121,7 +129,7 @@ public sealed class DedupeStore : IDisposable
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is not positive.</exception>
     /// <exception cref="InsufficientMemoryException">no room in the process's address space.</exception>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public VmmBuffer Allocate(long length)
     {
         ArgumentOutOfRangeException.ThrowIfNegativeOrZero(length);
@@ -138,7 +146,7 @@ public sealed class DedupeStore : IDisposable
     /// <summary>A new buffer holding a copy of <paramref name="contents"/>.</summary>
     /// <exception cref="ArgumentException"><paramref name="contents"/> is empty.</exception>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (no buffer is left behind).</exception>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public VmmBuffer Create(ReadOnlySpan<byte> contents)
     {
         if (contents.IsEmpty)
@@ -163,9 +171,10 @@ public sealed class DedupeStore : IDisposable
     /// are not considered, and pinned pages are counted as if unpinned (a pin only delays their merge).
     /// See <see cref="DedupeEstimate"/> for what each count means.
     /// </summary>
-    /// <exception cref="ObjectDisposedException">the store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the store or the machine was disposed.</exception>
     public DedupeEstimate EstimateSavings()
     {
+        using MachineCall call = Machine.EnterCall();
         VmmBuffer[] buffers;
         lock (_lock)
         {
@@ -219,11 +228,14 @@ public sealed class DedupeStore : IDisposable
     }
 
     /// <summary>The store's KSM counters (its process's /proc/pid/ksm_stat).</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public ProcessKsmStats GetKsmStats() => Process.GetKsmStats();
 
     /// <summary>
     /// Disposes every buffer (waiting for operations in flight) and exits the store's process: every
     /// page goes back to the machine. Idempotent. Pins still held keep their pages until disposed.
+    /// After the machine's Dispose it only marks the store and its buffers disposed (the memory went
+    /// with the machine).
     /// </summary>
     public void Dispose()
     {
@@ -244,6 +256,10 @@ public sealed class DedupeStore : IDisposable
     /// <summary>A buffer's Dispose, once no operation on it is in flight: unmaps it.</summary>
     internal void Release(VmmBuffer buffer)
     {
+        // A buffer disposed after its machine: nothing left to unmap.
+        if (!Machine.TryEnterCall(out MachineCall call))
+            return;
+        using MachineCall _ = call;
         lock (_lock)
         {
             // After the store's Dispose began, its exit unmaps everything.

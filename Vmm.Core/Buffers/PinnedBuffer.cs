@@ -16,8 +16,14 @@ namespace Vmm;
 /// KSM never merges a pinned page, so keep pins short.
 /// </summary>
 /// <remarks>
-/// Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with their
-/// use (a span taken before Dispose points at frames the pin no longer holds).
+/// <para>Lifetime: the sequence and the spans must not outlive this pin (nor the machine). After
+/// <see cref="Dispose"/> or the machine's, every member that hands them out throws
+/// <see cref="ObjectDisposedException"/>, and so does reading a segment of a sequence taken earlier; a
+/// span taken earlier cannot be recalled (it reads zeros once the machine is gone, never unmapped memory,
+/// and with <see cref="MachineOptions.PoisonFreedFrames"/> a write into a frame freed meanwhile is
+/// reported when the frame is reused). Dispose is idempotent, and a no-op after the machine's.</para>
+/// <para>Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with their
+/// use (a span taken before Dispose points at frames the pin no longer holds).</para>
 /// </remarks>
 public sealed class PinnedBuffer : IDisposable
 {
@@ -43,12 +49,13 @@ public sealed class PinnedBuffer : IDisposable
 
     /// <summary>
     /// The pinned bytes in order, without copying: one segment per run of physically adjacent frames.
-    /// After <see cref="Dispose"/>, reading a segment's span throws <see cref="ObjectDisposedException"/>.
+    /// After <see cref="Dispose"/> (or the machine's), reading a segment's span throws <see cref="ObjectDisposedException"/>.
     /// </summary>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public ReadOnlySequence<byte> AsSequence()
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
+        _pin.ThrowIfDisposed();
         return _sequence;
     }
 
@@ -57,16 +64,16 @@ public sealed class PinnedBuffer : IDisposable
 
     /// <summary>The bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
     /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public ReadOnlySpan<byte> GetReadOnlySpan(int page) => _pin.GetReadOnlySpan(page);
 
     /// <summary>The writable bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
     /// <exception cref="InvalidOperationException">the buffer was pinned read-only.</exception>
     /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public Span<byte> GetSpan(int page) => _pin.GetSpan(page);
 
-    /// <summary>Unpins every page; KSM may merge them again from its next visit. Idempotent.</summary>
+    /// <summary>Unpins every page; KSM may merge them again from its next visit. Idempotent; a no-op after the machine's Dispose.</summary>
     public void Dispose()
     {
         _disposed = true;

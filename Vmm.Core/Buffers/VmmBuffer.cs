@@ -59,7 +59,7 @@ public sealed class VmmBuffer : IDisposable
     /// <summary>Copies <paramref name="source"/> into the buffer at <paramref name="offset"/>.</summary>
     /// <exception cref="ArgumentOutOfRangeException">the range does not lie inside the buffer.</exception>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (what was written before stays).</exception>
-    /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public void Write(long offset, ReadOnlySpan<byte> source)
     {
         CheckRange(offset, source.Length, nameof(source));
@@ -81,7 +81,7 @@ public sealed class VmmBuffer : IDisposable
 
     /// <summary>Copies bytes of the buffer from <paramref name="offset"/> into <paramref name="destination"/> (its whole length).</summary>
     /// <exception cref="ArgumentOutOfRangeException">the range does not lie inside the buffer.</exception>
-    /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public void Read(long offset, Span<byte> destination)
     {
         CheckRange(offset, destination.Length, nameof(destination));
@@ -99,7 +99,7 @@ public sealed class VmmBuffer : IDisposable
 
     /// <summary>A copy of the whole buffer.</summary>
     /// <exception cref="InvalidOperationException">the buffer is longer than an array can be.</exception>
-    /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public byte[] ToArray()
     {
         ObjectDisposedException.ThrowIf(IsDisposed, this);
@@ -119,9 +119,11 @@ public sealed class VmmBuffer : IDisposable
     /// </summary>
     /// <param name="writable">true to write through <see cref="PinnedBuffer.GetSpan"/>.</param>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (nothing stays pinned).</exception>
-    /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
+    /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public PinnedBuffer Pin(bool writable = false)
     {
+        // One machine call around the pin and its sequence, so the machine cannot go in between (the pin would leak).
+        using MachineCall call = _store.Machine.EnterCall();
         Enter();
         try
         {
@@ -139,8 +141,8 @@ public sealed class VmmBuffer : IDisposable
 
     /// <summary>
     /// Unmaps the buffer: its pages go back to the machine (a merged page when its last mapping goes).
-    /// Waits for operations in flight on other threads. Idempotent. Pins taken before stay valid until
-    /// they are disposed (they hold their frames).
+    /// Waits for operations in flight on other threads. Idempotent; a no-op after the machine's Dispose.
+    /// Pins taken before stay valid until they are disposed (they hold their frames).
     /// </summary>
     public void Dispose()
     {
@@ -160,6 +162,8 @@ public sealed class VmmBuffer : IDisposable
     /// <summary>Starts an operation (see the file overview), or throws if the buffer is disposed.</summary>
     internal void Enter()
     {
+        if (_store.Machine.IsDisposed)
+            throw new ObjectDisposedException(nameof(Machine), $"the machine ({_store.Machine}) of {this} was disposed");
         int state = Volatile.Read(ref _state);
         while (true)
         {
@@ -174,6 +178,8 @@ public sealed class VmmBuffer : IDisposable
     /// <summary>Starts an operation unless the buffer is disposed.</summary>
     internal bool TryEnter()
     {
+        if (_store.Machine.IsDisposed)
+            return false;
         int state = Volatile.Read(ref _state);
         while (state >= 0)
         {

@@ -356,6 +356,7 @@ public sealed partial class Ksm
     private readonly Lock _releaseLock = new();
     private Task _release = Task.CompletedTask;
     private bool _releaseAgain;
+    private bool _releasePending; // without background threads: a release is due; protected by _releaseLock
     private readonly ManualResetEventSlim _releaseNow = new(false);
 
     /// <summary>How long freed frames stay committed before they go back to the host (Linux's page_reporting_delay).</summary>
@@ -379,6 +380,13 @@ public sealed partial class Ksm
         _machine.FlushTlb(); // the replaced frames' last references: they are free from here
         lock (_releaseLock)
         {
+            if (!_machine.Options.BackgroundThreads)
+            {
+                _releasePending = true; // the host gives it back: WaitForMemoryRelease or Machine.ReleaseFreeMemory
+                return;
+            }
+            if (_stopping)
+                return; // the machine is being disposed: its memory goes back with the arena
             if (!_release.IsCompleted)
             {
                 _releaseAgain = true; // the running worker goes round once more
@@ -412,9 +420,52 @@ public sealed partial class Ksm
     /// <summary>
     /// Gives the memory merging freed so far back to the host now, instead of after the delay, and
     /// waits until it is done. (Without it, the release runs in the background about two seconds after
-    /// each full scan that merged at least 2 MiB.)
+    /// each full scan that merged at least 2 MiB.) Without background threads
+    /// (<see cref="MachineOptions.BackgroundThreads"/> false) nothing is released until this call (or
+    /// <see cref="Machine.ReleaseFreeMemory"/>), and it does the release on the calling thread.
     /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void WaitForMemoryRelease()
+    {
+        using MachineCall call = _machine.EnterCall();
+        if (!_machine.Options.BackgroundThreads)
+        {
+            lock (_releaseLock)
+            {
+                if (!_releasePending)
+                    return;
+                _releasePending = false;
+            }
+            // The worker's work, on the host's thread: it needs no lock of KSM's.
+            _machine.Allocator.DrainAllPages();
+            _machine.Allocator.ReleaseFreeMemory(minOrder: 0);
+            return;
+        }
+        WaitForReleaseWorker();
+    }
+
+    /// <summary>Without background threads: a release is due (for tests).</summary>
+    internal bool MemoryReleasePending
+    {
+        get
+        {
+            lock (_releaseLock)
+                return _releasePending;
+        }
+    }
+
+    /// <summary>True while a release worker is queued or running (for tests).</summary>
+    internal bool ReleaseWorkerPending
+    {
+        get
+        {
+            lock (_releaseLock)
+                return !_release.IsCompleted;
+        }
+    }
+
+    /// <summary>Hurries the release worker, if one is pending, and waits for it.</summary>
+    private void WaitForReleaseWorker()
     {
         Task release;
         lock (_releaseLock)

@@ -62,6 +62,17 @@ public sealed record KsmKnobs(
 /// /sys/kernel/mm/ksm files (<see cref="Write"/>); the scanner runs as a background thread while
 /// <c>run</c> is 1, or step by step through <see cref="ScanPages"/> and <see cref="RunFullScans"/>.
 /// </summary>
+/// <remarks>
+/// Thread safety and lifetime: every member may be called from any thread. Scan batches (ksmd's and
+/// those of ScanPages / RunFullScans), run=2 and the knob writes that rebuild the indexes serialize on
+/// one mutex (Linux's ksm_thread_mutex); counters and knobs are read without it, so a snapshot taken
+/// while a batch runs may mix before and after. KSM lives exactly as long as its machine: the machine's
+/// Dispose stops ksmd and the memory-release worker (waiting for the batch in progress) before it frees
+/// any memory, and every member then throws <see cref="ObjectDisposedException"/>. With
+/// <see cref="MachineOptions.BackgroundThreads"/> false no thread of KSM's ever runs: run=1 enables merging,
+/// and the host advances it with ScanPages / RunFullScans and gives freed memory back with
+/// WaitForMemoryRelease.
+/// </remarks>
 /// <example>
 /// <code>
 /// machine.Ksm!.Write("pages_to_scan", "10000");
@@ -131,7 +142,14 @@ public sealed partial class Ksm
     // ================================================================================================
 
     /// <summary>Every knob's current value.</summary>
-    public KsmKnobs GetKnobs() => new(_run, Volatile.Read(ref _pagesToScan), Volatile.Read(ref _sleepMillisecs), _mergeAcrossNodes,
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public KsmKnobs GetKnobs()
+    {
+        using MachineCall call = _machine.EnterCall();
+        return Knobs;
+    }
+
+    private KsmKnobs Knobs => new(_run, Volatile.Read(ref _pagesToScan), Volatile.Read(ref _sleepMillisecs), _mergeAcrossNodes,
         _useZeroPages, _maxPageSharing, _pruneMillisecs, _smartScan, _advisorMode, _advisorMaxCpu, _advisorTargetScanTime,
         _advisorMinPagesToScan, _advisorMaxPagesToScan);
 
@@ -152,10 +170,12 @@ public sealed partial class Ksm
     /// reports ENOMEM if it ran out of memory (run is then 0). A trailing newline is accepted.
     /// </summary>
     /// <exception cref="ArgumentException">no such knob.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Write(string knob, string value)
     {
         ArgumentNullException.ThrowIfNull(knob);
         ArgumentNullException.ThrowIfNull(value);
+        using MachineCall call = _machine.EnterCall();
         string text = value.EndsWith('\n') ? value[..^1] : value;
         switch (knob)
         {
@@ -220,6 +240,7 @@ public sealed partial class Ksm
 
     /// <summary>Reads a knob as its /sys/kernel/mm/ksm file shows it (without the newline).</summary>
     /// <exception cref="ArgumentException">no such knob.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public string Read(string knob)
     {
         KsmKnobs k = GetKnobs();
@@ -242,11 +263,18 @@ public sealed partial class Ksm
         };
     }
 
-    /// <summary>run: 0 stops ksmd, 1 starts it, 2 unmerges every KSM page and frees every rmap item.</summary>
+    /// <summary>
+    /// run: 0 stops ksmd, 1 starts it, 2 unmerges every KSM page and frees every rmap item (before it
+    /// returns). EINVAL above 2; ENOMEM if run=2 ran out of memory (run is then 0). Without background
+    /// threads (<see cref="MachineOptions.BackgroundThreads"/> false) 1 starts no thread: merging is
+    /// enabled and the host advances it with <see cref="ScanPages"/> and <see cref="RunFullScans"/>.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno SetRun(int value)
     {
         if ((uint)value > 2)
             return Errno.EINVAL;
+        using MachineCall call = _machine.EnterCall();
         lock (_threadMutex)
         {
             if (_run == value)
@@ -367,8 +395,10 @@ public sealed partial class Ksm
     // ================================================================================================
 
     /// <summary>A snapshot of the counters (exact when no batch runs meanwhile).</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public KsmStats GetStats()
     {
+        using MachineCall call = _machine.EnterCall();
         long shared = Volatile.Read(ref _pagesShared), sharing = Volatile.Read(ref _pagesSharing);
         long unshared = Volatile.Read(ref _pagesUnshared), items = Volatile.Read(ref _rmapItemCount);
         long zero = Volatile.Read(ref _zeroPages);
@@ -419,11 +449,15 @@ public sealed partial class Ksm
     /// <summary>
     /// Runs one scan batch of up to <paramref name="pages"/> pages on the calling thread (what ksmd does
     /// between sleeps), whatever <c>run</c> says. Stops early at the end of a full scan. Returns the
-    /// pages examined.
+    /// pages examined. This is how a machine without background threads
+    /// (<see cref="MachineOptions.BackgroundThreads"/> false) advances merging.
     /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="pages"/> is negative.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public int ScanPages(int pages)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(pages);
+        using MachineCall call = _machine.EnterCall();
         lock (_threadMutex)
             return DoScan(pages);
     }
@@ -432,12 +466,18 @@ public sealed partial class Ksm
     /// Scans until <paramref name="count"/> more full scans have completed, on the calling thread. With
     /// no address space registered, returns at once.
     /// </summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="count"/> is negative.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed (also between two scans: a Dispose on another thread stops the run).</exception>
     public void RunFullScans(int count)
     {
         ArgumentOutOfRangeException.ThrowIfNegative(count);
+        using MachineCall call = _machine.EnterCall();
         long target = Volatile.Read(ref _seqnr) + count;
         while (Volatile.Read(ref _seqnr) < target)
         {
+            // A long run of scans does not hold up the machine's Dispose for long: it stops between scans.
+            if (_machine.IsDisposed)
+                throw new ObjectDisposedException(nameof(Machine), $"the machine ({_machine}) was disposed during RunFullScans");
             lock (_threadMutex)
             {
                 if (Volatile.Read(ref _seqnr) >= target)
@@ -460,11 +500,22 @@ public sealed partial class Ksm
 
     private bool ShouldRun => _run == 1 && !IsListEmpty;
 
+    /// <summary>True while ksmd's thread exists (started by run=1, never without background threads).</summary>
+    internal bool HasThread
+    {
+        get
+        {
+            lock (_wake)
+                return _thread is not null;
+        }
+    }
+
     private void EnsureThread()
     {
         lock (_wake)
         {
-            if (_thread is not null || _stopping)
+            // Without background threads the host steps KSM itself (MachineOptions.BackgroundThreads).
+            if (_thread is not null || _stopping || !_machine.Options.BackgroundThreads)
                 return;
             _thread = new Thread(ThreadLoop) { IsBackground = true, Name = "ksmd" };
             _thread.Start();
@@ -513,8 +564,12 @@ public sealed partial class Ksm
     /// </summary>
     public Exception? Failure { get; private set; }
 
-    /// <summary>Stops ksmd (waits for the batch it is in) and the memory-release worker. The machine calls it before it frees its memory.</summary>
-    internal void Shutdown()
+    /// <summary>
+    /// Machine.Dispose, first step: stops ksmd (waits for the batch it is in) and the memory-release
+    /// worker, and keeps both from starting again. Host calls still in flight may go on (the machine
+    /// waits for them next); they find no thread to wake.
+    /// </summary>
+    internal void StopBackgroundWork()
     {
         Thread? thread;
         lock (_wake)
@@ -524,8 +579,13 @@ public sealed partial class Ksm
         }
         _wake.Set();
         thread?.Join();
-        _releaseNow.Set();
-        WaitForMemoryRelease(); // the worker uses the arena, which the machine frees next
+        WaitForReleaseWorker(); // the worker uses the arena, which the machine frees next
+    }
+
+    /// <summary>Machine.Dispose, last step, once no call is in flight: frees the wait handles.</summary>
+    internal void Shutdown()
+    {
+        WaitForReleaseWorker(); // one a host scan requested before StopBackgroundWork took the release lock
         _wake.Dispose();
         _releaseNow.Dispose();
     }

@@ -95,7 +95,7 @@ public enum SegvReason
     MapError = 1,
     /// <summary>SEGV_ACCERR: the mapping does not allow the access.</summary>
     AccessError = 2,
-    /// <summary>The process has exited.</summary>
+    /// <summary>The process exited while the access was under way (on another thread); an access that begins after Exit throws InvalidOperationException instead.</summary>
     Exited = 3,
     /// <summary>SIGBUS-like: memory could not be allocated for the fault (the machine is out of frames).</summary>
     OutOfMemory = 4,

@@ -8,12 +8,36 @@
 //
 // AsSequence exposes the pinned bytes as a ReadOnlySequence<byte> without copying (PinnedSequence.cs
 // in Buffers/): a pin holds its frames, so the sequence is valid exactly as long as the pin.
+//
+// Lifetime. A span handed out (GetSpan, GetReadOnlySpan, a segment of AsSequence) must not outlive the
+// pin, nor the machine: it is a raw view of a frame, and once the pin is released the frame may be
+// merged, migrated, freed and reused by anyone. Every call that hands one out throws
+// ObjectDisposedException after the pin's Dispose or the machine's; the sequence's segments check both
+// every time their Span is asked for. A span already taken cannot be recalled, so the pin also holds a
+// reference on the arena's address range (Arena.AddPinReference): if the machine is disposed first, the
+// range stays mapped (its memory given back, reading zeros) until the pin is disposed or collected, and
+// a stale span never touches unmapped memory. With MachineOptions.PoisonFreedFrames, a write through a
+// stale span into a frame that was freed meanwhile is reported (VmBugException) when the frame is
+// allocated again.
 using System.Buffers;
 using Vmm.Memory;
 
 namespace Vmm.Mm;
 
 /// <summary>Pinned pages of a process, with a span per page. Dispose to unpin.</summary>
+/// <remarks>
+/// <para>Lifetime: a span from <see cref="GetSpan"/>, <see cref="GetReadOnlySpan"/> or
+/// <see cref="AsSequence"/> is valid only until this pin is disposed (and while its machine is not):
+/// the frames then belong to someone else. Using one later is a host bug that Vmm cannot always catch;
+/// what it can, it does: every call here throws <see cref="ObjectDisposedException"/> after either
+/// Dispose, a sequence's segments throw it when read, and with
+/// <see cref="MachineOptions.PoisonFreedFrames"/> a write into a frame freed meanwhile is reported when the
+/// frame is reused. If the machine is disposed while pins are held, their spans read zeros (never
+/// unmapped memory) until the pins are disposed.</para>
+/// <para>Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with
+/// their use. Dispose is idempotent, and a no-op after the machine's Dispose (the machine's memory is
+/// already gone).</para>
+/// </remarks>
 public sealed unsafe class PinnedMemory : IDisposable
 {
     private readonly Machine _machine;
@@ -21,6 +45,7 @@ public sealed unsafe class PinnedMemory : IDisposable
     private readonly ulong _address;
     private readonly ulong _length;
     private int _disposed;
+    private int _holdsArena; // 1 while this pin holds its reference on the arena's address range. Atomic.
 
     internal PinnedMemory(Machine machine, ulong address, ulong length, long[] frames, bool writable)
     {
@@ -29,7 +54,19 @@ public sealed unsafe class PinnedMemory : IDisposable
         _length = length;
         _frames = frames;
         Writable = writable;
+        // Made inside a machine call (VmProcess.Pin), so the arena is not disposed yet.
+        machine.Arena.AddPinReference();
+        _holdsArena = 1;
     }
+
+    /// <summary>
+    /// A pin never disposed: its frames stay pinned (Audit shows them; a leak is a host bug), but its hold
+    /// on the arena's address range goes, so a disposed machine's range is unmapped at last.
+    /// </summary>
+    ~PinnedMemory() => ReleaseArena();
+
+    /// <summary>True once <see cref="Dispose"/> has run, or the machine was disposed.</summary>
+    public bool IsDisposed => Volatile.Read(ref _disposed) != 0 || _machine.IsDisposed;
 
     /// <summary>Pages pinned.</summary>
     public int PageCount => _frames.Length;
@@ -37,9 +74,10 @@ public sealed unsafe class PinnedMemory : IDisposable
     /// <summary>True if the pin allows writes through <see cref="GetSpan"/>.</summary>
     public bool Writable { get; }
 
-    /// <summary>The bytes of page <paramref name="index"/> that lie in the pinned range.</summary>
+    /// <summary>The bytes of page <paramref name="index"/> that lie in the pinned range; valid until the pin is disposed.</summary>
     /// <exception cref="InvalidOperationException">a read-only pin (use <see cref="GetReadOnlySpan"/>).</exception>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public Span<byte> GetSpan(int index)
     {
         if (!Writable)
@@ -47,13 +85,14 @@ public sealed unsafe class PinnedMemory : IDisposable
         return Slice(index);
     }
 
-    /// <summary>The bytes of page <paramref name="index"/> that lie in the pinned range, read-only.</summary>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <summary>The bytes of page <paramref name="index"/> that lie in the pinned range, read-only; valid until the pin is disposed.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public ReadOnlySpan<byte> GetReadOnlySpan(int index) => Slice(index);
 
     private Span<byte> Slice(int index)
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        ThrowIfDisposed();
         ArgumentOutOfRangeException.ThrowIfNegative(index);
         ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(index, _frames.Length);
         ulong pageStart = (_address & ~AddressSpace.PageMask) + (ulong)index * AddressSpace.PageSize;
@@ -65,29 +104,55 @@ public sealed unsafe class PinnedMemory : IDisposable
 
     /// <summary>
     /// The pinned bytes as one sequence, without copying: each run of physically adjacent frames is one
-    /// segment. Valid until <see cref="Dispose"/>; after it, reading a segment's span throws
-    /// <see cref="ObjectDisposedException"/>. A read-only pin's memory must not be written through it.
+    /// segment. Valid until <see cref="Dispose"/> (or the machine's); after it, reading a segment's
+    /// span throws <see cref="ObjectDisposedException"/>. A read-only pin's memory must not be written through it.
     /// </summary>
-    /// <exception cref="ObjectDisposedException">after Dispose.</exception>
+    /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
     public ReadOnlySequence<byte> AsSequence()
     {
-        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
-        return PinnedSequence.Create(_machine.Arena, _frames, _address, _length, () => Volatile.Read(ref _disposed) != 0);
+        ThrowIfDisposed();
+        return PinnedSequence.Create(_machine.Arena, _frames, _address, _length, () => IsDisposed);
     }
 
     /// <summary>The frame of page <paramref name="index"/> (for tests and tools).</summary>
+    /// <exception cref="IndexOutOfRangeException">no such page.</exception>
     public long FrameOf(int index) => _frames[index];
 
-    /// <summary>unpin_user_pages: drops every pin and its reference. Idempotent.</summary>
+    /// <summary>Throws if the pin or its machine is disposed.</summary>
+    internal void ThrowIfDisposed()
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        if (_machine.IsDisposed)
+            throw new ObjectDisposedException(nameof(Machine), $"the machine ({_machine}) of this pin was disposed");
+    }
+
+    /// <summary>
+    /// unpin_user_pages: drops every pin and its reference. Idempotent; after the machine's Dispose it
+    /// only lets go of the arena (the frames went with the machine).
+    /// </summary>
     public void Dispose()
     {
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        foreach (long pfn in _frames)
+        GC.SuppressFinalize(this);
+        if (_machine.TryEnterCall(out MachineCall call))
         {
-            if (Interlocked.Decrement(ref _machine.MemMap[pfn].PinCount) < 0)
-                throw new VmBugException($"unpin of frame {pfn} that was not pinned");
-            _machine.PutPage(pfn);
+            using (call)
+            {
+                foreach (long pfn in _frames)
+                {
+                    if (Interlocked.Decrement(ref _machine.MemMap[pfn].PinCount) < 0)
+                        throw new VmBugException($"unpin of frame {pfn} that was not pinned");
+                    _machine.PutPage(pfn);
+                }
+            }
         }
+        ReleaseArena();
+    }
+
+    private void ReleaseArena()
+    {
+        if (Interlocked.Exchange(ref _holdsArena, 0) == 1)
+            _machine.Arena.ReleasePinReference();
     }
 }

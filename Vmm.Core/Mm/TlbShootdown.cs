@@ -20,6 +20,10 @@
 //
 // Sections never block: a thread that must fault, lock or allocate leaves its section first. A thread
 // must never call Flush from inside a section (it would wait for itself).
+//
+// The same slot also holds the thread's machine call markers (MachineCall.cs): which machine's public
+// call the thread is inside, so that Machine.Dispose can wait for every caller to leave with the same
+// barrier-then-scan argument. Calls, unlike sections, may block.
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 
@@ -35,6 +39,8 @@ internal static class TlbShootdown
     {
         [FieldOffset(0)] public long Epoch;   // 0 outside a section; else the global epoch at entry
         [FieldOffset(8)] public int InUse;    // 1 while a live thread owns the slot
+        [FieldOffset(16)] public long Outer;  // machine call marker: the id of the machine this thread is inside, or 0
+        [FieldOffset(24)] public long Inner;  // a second machine entered while inside Outer (see MachineCall)
     }
 
     // Pinned, so that each thread's context can keep a raw pointer to its slot (no bounds check on the hot path).
@@ -60,6 +66,25 @@ internal static class TlbShootdown
     public static unsafe void Exit(AccessContext context) => Volatile.Write(ref *context.Epoch, 0);
 
     internal static unsafe long* EpochSlot(int slot) => (long*)Unsafe.AsPointer(ref Slots[slot].Epoch);
+
+    internal static unsafe long* CallSlots(int slot) => (long*)Unsafe.AsPointer(ref Slots[slot].Outer);
+
+    /// <summary>
+    /// Machine.Dispose's wait: returns once no thread's call marker names <paramref name="machineId"/>.
+    /// Preconditions: the machine's disposed flag is set, and the caller has issued the process-wide
+    /// barrier after setting it (see MachineCall), so that every thread that enters later sees the flag.
+    /// </summary>
+    public static void WaitForMachineCalls(long machineId)
+    {
+        int count = Volatile.Read(ref _highWater);
+        for (int i = 0; i < count; i++)
+        {
+            ref Slot slot = ref Slots[i];
+            var spinner = new SpinWait();
+            while (Volatile.Read(ref slot.Outer) == machineId || Volatile.Read(ref slot.Inner) == machineId)
+                spinner.SpinOnce(); // calls are short; a long one (a full scan) yields the CPU through SpinOnce's sleeps
+        }
+    }
 
     /// <summary>
     /// The shootdown: returns once no thread can still be using a translation that existed before the
@@ -114,6 +139,8 @@ internal static class TlbShootdown
     internal static void ReleaseSlot(int slot)
     {
         Volatile.Write(ref Slots[slot].Epoch, 0);
+        Volatile.Write(ref Slots[slot].Outer, 0);
+        Volatile.Write(ref Slots[slot].Inner, 0);
         Volatile.Write(ref Slots[slot].InUse, 0);
     }
 }
@@ -137,12 +164,14 @@ internal sealed unsafe class AccessContext
 
     public readonly int Slot;
     public readonly long* Epoch; // this thread's slot in the pinned slot array
+    public readonly long* Calls; // this thread's machine call markers: [0] outer, [1] inner (see MachineCall)
     public readonly TlbEntry[] Tlb = new TlbEntry[TlbEntries];
 
     private AccessContext()
     {
         Slot = TlbShootdown.AllocateSlot();
         Epoch = TlbShootdown.EpochSlot(Slot);
+        Calls = TlbShootdown.CallSlots(Slot);
     }
 
     /// <summary>The calling thread's context, created on first use.</summary>
