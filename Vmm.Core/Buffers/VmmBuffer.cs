@@ -69,10 +69,6 @@ public sealed class VmmBuffer : IDisposable
             if (source.Length > 0)
                 _store.Process.Write(Address + (ulong)offset, source);
         }
-        catch (SegmentationFault fault) when (fault.Reason == SegvReason.OutOfMemory)
-        {
-            throw new InsufficientMemoryException($"writing {source.Length} bytes at offset {offset}: the machine is out of memory", fault);
-        }
         finally
         {
             Leave();
@@ -81,6 +77,7 @@ public sealed class VmmBuffer : IDisposable
 
     /// <summary>Copies bytes of the buffer from <paramref name="offset"/> into <paramref name="destination"/> (its whole length).</summary>
     /// <exception cref="ArgumentOutOfRangeException">the range does not lie inside the buffer.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine ran out of frames (for a page table or the zero page).</exception>
     /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
     public void Read(long offset, Span<byte> destination)
     {
@@ -126,10 +123,6 @@ public sealed class VmmBuffer : IDisposable
         try
         {
             return new PinnedBuffer(_store.Process.Pin(Address, (ulong)Length, writable), Length);
-        }
-        catch (SegmentationFault fault) when (fault.Reason == SegvReason.OutOfMemory)
-        {
-            throw new InsufficientMemoryException($"pinning {Length} bytes: the machine is out of memory", fault);
         }
         finally
         {
