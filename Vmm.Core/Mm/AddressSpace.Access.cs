@@ -86,7 +86,7 @@ internal sealed unsafe partial class AddressSpace
         int run = chunk;
         byte* expected = frame + PageSize;
         ulong need = UserPresent | (write ? Pte.WriteBit : 0);
-        while (slot != null && run < remaining && run < MaxRunBytes)
+        while (slot != null && run < remaining && run < MaxRunBytes && next < TaskSize) // the run never leaves user space
         {
             ulong value = Volatile.Read(ref *slot);
             if ((value & need) != need || _machine.Arena.FrameAddress((long)((value & Pte.PfnMask) >> PageShift)) != expected)
