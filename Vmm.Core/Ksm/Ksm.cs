@@ -269,8 +269,9 @@ public sealed partial class Ksm
     public Errno TryRead(string name, out string value)
     {
         ArgumentNullException.ThrowIfNull(name);
-        value = ReadCounter(name) ?? ReadKnob(name) ?? "";
-        return value.Length == 0 ? Errno.ENOENT : Errno.None;
+        string? found = ReadCounter(name) ?? ReadKnob(name);
+        value = found ?? "";
+        return found is null ? Errno.ENOENT : Errno.None;
     }
 
     private string? ReadKnob(string knob)

@@ -3,15 +3,16 @@
 // Each page is touched inside one access section (TlbShootdown): enter, translate through the
 // per-thread software TLB (validated against the mm's generation) or a lock-free page walk, copy,
 // leave. A translation that does not allow the access leaves the section and faults, holding no lock,
-// then retries.
-//
-// User space ends at TASK_SIZE. The page walk indexes with 9 bits per level and would ignore bits 47-63,
-// so an address at or above TASK_SIZE (non-canonical ones included) must never reach it: an access that
-// starts there faults with SEGV_MAPERR before any byte moves, and one that runs into TASK_SIZE faults
-// there like at any unmapped page (the walk and the fault handler both refuse such addresses), so the
-// fault address is always the first byte that could not be accessed. An exited process is the host's misuse
-// (InvalidOperationException); an exit that begins while an access is under way faults (Exited). A walk that fills the TLB sets the PTE's accessed bit, and for a write its dirty bit,
+// then retries. A walk that fills the TLB sets the PTE's accessed bit, and for a write its dirty bit,
 // as the hardware does.
+//
+// User space ends at TASK_SIZE. The page walk indexes with 9 bits per level and would ignore bits
+// 47-63, so an address at or above TASK_SIZE (non-canonical ones included) must never reach it: an
+// access that starts there faults with SEGV_MAPERR before any byte moves, and one that runs into
+// TASK_SIZE faults there like at any unmapped page (the walk, FindPte and the fault handler all refuse
+// such addresses), so the fault address is always the first byte that could not be accessed.
+// A call into an exited process is the host's misuse (InvalidOperationException); an exit that begins
+// while an access is under way is found by its next fault (SegmentationFault, SegvReason.Exited).
 using System.Runtime.CompilerServices;
 using Vmm.Native;
 
