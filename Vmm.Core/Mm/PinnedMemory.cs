@@ -76,7 +76,13 @@ public sealed unsafe class PinnedMemory : IDisposable
     }
 
     /// <summary>The frame of page <paramref name="index"/> (for tests and tools).</summary>
-    public long FrameOf(int index) => _frames[index];
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    public long FrameOf(int index)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(index);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(index, _frames.Length);
+        return _frames[index];
+    }
 
     /// <summary>unpin_user_pages: drops every pin and its reference. Idempotent.</summary>
     public void Dispose()

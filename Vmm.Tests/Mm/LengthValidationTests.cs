@@ -76,6 +76,22 @@ public sealed class LengthValidationTests
         AssertAuditClean();
     }
 
+    [Test]
+    public void Page_indexes_of_a_pin_out_of_range_are_argument_errors_naming_the_index_never_IndexOutOfRange()
+    {
+        using (PinnedMemory pin = _p.Pin(_va, Page, write: true))
+        {
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => pin.FrameOf(1))!.ParamName, Is.EqualTo("index"));
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => pin.FrameOf(-1))!.ParamName, Is.EqualTo("index"));
+            Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => pin.GetSpan(1))!.ParamName, Is.EqualTo("index"));
+        }
+        using var store = new DedupeStore(_machine);
+        VmmBuffer buffer = store.Allocate(100);
+        using PinnedBuffer pinned = buffer.Pin(writable: true);
+        Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => pinned.GetSpan(1))!.ParamName, Is.EqualTo("page"));
+        Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => pinned.GetReadOnlySpan(-1))!.ParamName, Is.EqualTo("page"));
+    }
+
     // ============================================================================================
     // Audit: orphans
     // ============================================================================================
