@@ -116,9 +116,12 @@ public sealed class VmmBuffer : IDisposable
     /// </summary>
     /// <param name="writable">true to write through <see cref="PinnedBuffer.GetSpan"/>.</param>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (nothing stays pinned).</exception>
+    /// <exception cref="InvalidOperationException">the buffer spans more pages than one pin can hold (an array's worth).</exception>
     /// <exception cref="ObjectDisposedException">the buffer or its store was disposed.</exception>
     public PinnedBuffer Pin(bool writable = false)
     {
+        if (PageCount > Array.MaxLength)
+            throw new InvalidOperationException($"the buffer ({PageCount} pages) spans more pages than one pin can hold");
         Enter();
         try
         {

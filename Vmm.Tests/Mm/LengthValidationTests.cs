@@ -193,6 +193,9 @@ public sealed class LengthValidationTests
         Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => buffer.Read(-5, new byte[1]))!.ParamName, Is.EqualTo("offset"));
         Assert.That(Assert.Throws<ArgumentOutOfRangeException>(() => buffer.Read(90, new byte[11]))!.ParamName, Is.EqualTo("destination"));
         buffer.Write(100, ReadOnlySpan<byte>.Empty); // an empty range at the end is fine
+        VmmBuffer huge = store.Allocate(9L << 40); // address space only
+        Assert.Throws<InvalidOperationException>(() => huge.Pin(), "more pages than one pin can hold, refused before pinning anything");
+        huge.Dispose();
     }
 
     [Test]
