@@ -375,6 +375,41 @@ public sealed unsafe class Machine : IDisposable
     }
 
     /// <summary>
+    /// The counters <see cref="ReadVmStat"/> knows, by their /proc/vmstat names: nr_free_pages,
+    /// nr_page_table_pages, pgmigrate_success, cow_ksm, nr_tlb_remote_flush (the TLB shootdowns of this
+    /// host process), and Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no
+    /// such line).
+    /// </summary>
+    public static IReadOnlyList<string> VmStatNames { get; } =
+        ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "cow_ksm", "nr_tlb_remote_flush", "cow_faults"];
+
+    /// <summary>
+    /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
+    /// does not know (no such line in /proc/vmstat).
+    /// </summary>
+    /// <exception cref="ArgumentNullException"><paramref name="name"/> is null.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno ReadVmStat(string name, out long value)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        using MachineCall call = EnterCall();
+        value = 0;
+        if (!VmStatNames.Contains(name))
+            return Errno.ENOENT;
+        VmStats stats = GetVmStats();
+        value = name switch
+        {
+            "nr_free_pages" => GetStats().Nodes.Sum(n => n.Zones.Sum(z => z.FreePages)),
+            "nr_page_table_pages" => stats.PageTablePages,
+            "pgmigrate_success" => stats.PgMigrateSuccess,
+            "cow_ksm" => stats.CowKsm,
+            "nr_tlb_remote_flush" => stats.TlbFlushes,
+            _ => stats.CowFaults,
+        };
+        return Errno.None;
+    }
+
+    /// <summary>
     /// What the descriptor of <paramref name="pfn"/> says. A frame whose descriptors were never
     /// initialised (its memory never used) is reported as it will be once initialised: free and
     /// known zero (PG_zeroed), the first frame of its section heading a free max-order block

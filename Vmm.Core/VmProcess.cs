@@ -80,11 +80,13 @@ public sealed class VmProcess
     }
 
     /// <summary>
-    /// mmap of anonymous memory. EINVAL: zero length, neither Private nor Shared, unknown protection
-    /// bits, a misaligned fixed address; EPERM: a fixed address below mmap_min_addr (64 KiB); ENOMEM: a
+    /// mmap of anonymous memory. Protection bits other than read, write and exec are ignored (PROT_SEM,
+    /// PROT_GROWSDOWN, unknown bits), as Linux's mmap ignores them. EINVAL: zero length, neither Private
+    /// nor Shared, a misaligned fixed address; EPERM: a fixed address below mmap_min_addr (64 KiB); ENOMEM: a
     /// length that overflows when rounded to pages, no room, or a fixed range outside user space;
     /// EEXIST: FixedNoReplace over a mapping; EOPNOTSUPP: an unknown flag with SharedValidate (without
-    /// it, unknown flags are ignored, as in Linux). A hint is rounded up to a page and used if free.
+    /// it, unknown flags are ignored, as in Linux). A hint is rounded up to a page and used if free (a
+    /// hint outside user space is ignored). An exited process: ENOMEM.
     /// </summary>
     /// <param name="address">with Fixed / FixedNoReplace, the address; otherwise a hint (0: anywhere).</param>
     /// <param name="length">bytes; rounded up to whole pages.</param>
@@ -98,17 +100,38 @@ public sealed class VmProcess
         return Mm.Mmap(address, length, protection, flags, out mapped);
     }
 
-    /// <summary>Maps <paramref name="length"/> bytes of private read-write memory anywhere; throws if that fails.</summary>
-    /// <exception cref="InsufficientMemoryException">no room in the address space.</exception>
-    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    /// <summary>Maps <paramref name="length"/> bytes of anonymous memory anywhere; throws if that fails.</summary>
+    /// <param name="length">bytes, 1 to TASK_SIZE (0x7FFF_FFFF_F000); rounded up to whole pages.</param>
+    /// <param name="protection">PROT_* bits (bits other than read, write and exec are ignored).</param>
+    /// <param name="flags">Private or Shared, plus Populate.</param>
+    /// <returns>the start of the new mapping.</returns>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is 0 or larger than user space.</exception>
+    /// <exception cref="ArgumentException"><paramref name="flags"/> names neither Private nor Shared, asks for a
+    /// fixed address (use the errno overload), or has an unknown flag with SharedValidate.</exception>
+    /// <exception cref="InsufficientMemoryException">no room left in the address space (ENOMEM).</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
     public ulong Mmap(ulong length, Protection protection = Protection.ReadWrite, MapFlags flags = MapFlags.Private)
     {
+        ArgumentOutOfRangeException.ThrowIfZero(length);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(length, AddressSpace.TaskSize);
+        if ((flags & (MapFlags.Fixed | MapFlags.FixedNoReplace)) != 0)
+            throw new ArgumentException("a fixed mapping needs an address: use Mmap(address, length, protection, flags, out mapped)", nameof(flags));
         using MachineCall call = Machine.EnterCall();
+        Mm.ThrowIfExited();
         Errno error = Mm.Mmap(0, length, protection, flags, out ulong mapped);
-        return error == Errno.None ? mapped : throw new InsufficientMemoryException($"mmap of {length} bytes failed: {error}");
+        return error switch
+        {
+            Errno.None => mapped,
+            Errno.EINVAL or Errno.EOPNOTSUPP => throw new ArgumentException($"mmap flags {flags}: {error}", nameof(flags)),
+            Errno.ENOMEM when Mm.Exited => throw new InvalidOperationException($"process {Pid} has exited"),
+            _ => throw new InsufficientMemoryException($"mmap of {length} bytes in process {Pid}: no room in the address space ({error})"),
+        };
     }
 
-    /// <summary>munmap. EINVAL: misaligned start, zero or overflowing length. Unmapped parts are fine.</summary>
+    /// <summary>
+    /// munmap. EINVAL: misaligned start, zero or overflowing length, or a range that does not lie in user
+    /// space (a start above TASK_SIZE, non-canonical addresses included). Unmapped parts are fine.
+    /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Munmap(ulong address, ulong length)
     {
@@ -116,7 +139,13 @@ public sealed class VmProcess
         return Mm.Munmap(address, length);
     }
 
-    /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part.</summary>
+    /// <summary>
+    /// mprotect, with Linux's checks in Linux's order. EINVAL: both GrowsDown and GrowsUp, a misaligned start,
+    /// bits other than Read, Write, Exec and Sem (PROT_SEM is accepted and has no effect); a zero length
+    /// succeeds; ENOMEM: a range that wraps, or a part that is not mapped (addresses outside user space
+    /// are never mapped; the part before the hole is changed, as in Linux); then GrowsDown / GrowsUp is
+    /// EINVAL, since no Vmm mapping grows.
+    /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Mprotect(ulong address, ulong length, Protection protection)
     {
@@ -124,7 +153,11 @@ public sealed class VmProcess
         return Mm.Mprotect(address, length, protection);
     }
 
-    /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped.</summary>
+    /// <summary>
+    /// madvise. EINVAL: misaligned start, a length that wraps when rounded up or added to the start,
+    /// unknown advice (Mergeable / Unmergeable without KSM); ENOMEM: part of the range unmapped (addresses
+    /// outside user space, non-canonical ones included, are never mapped). A zero length succeeds.
+    /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Madvise(ulong address, ulong length, Advice advice)
     {
@@ -144,7 +177,7 @@ public sealed class VmProcess
         return Mm.SetMemoryMerge(enable);
     }
 
-    /// <summary>prctl(PR_GET_MEMORY_MERGE): whether process-wide merging is on.</summary>
+    /// <summary>Whether process-wide merging is on: false on a machine without KSM (where <see cref="GetMemoryMerge"/> is EINVAL).</summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public bool IsMemoryMergeEnabled
     {
@@ -156,10 +189,23 @@ public sealed class VmProcess
     }
 
     /// <summary>
+    /// prctl(PR_GET_MEMORY_MERGE): whether process-wide merging is on. EINVAL on a machine without KSM
+    /// (<paramref name="enabled"/> is then false), as Linux's prctl without CONFIG_KSM.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno GetMemoryMerge(out bool enabled)
+    {
+        using MachineCall call = Machine.EnterCall();
+        enabled = Machine.Ksm is not null && Mm.KsmMergeAny;
+        return Machine.Ksm is null ? Errno.EINVAL : Errno.None;
+    }
+
+    /// <summary>
     /// Puts a range in a dedupe domain: KSM merges pages only within one domain (default 0 for
     /// everything), and the index is keyed per domain, so one domain cannot learn another's contents
-    /// by merging with them. Pages merged under the old domain are unmerged first. EINVAL: misaligned
-    /// or overflowing range; ENOMEM: part of the range unmapped (the mapped part still changes).
+    /// by merging with them. Pages merged under the old domain are unmerged first. madvise's range rules:
+    /// EINVAL for a misaligned start or a length that wraps when rounded up to pages or added to the
+    /// start; a zero length succeeds; ENOMEM: part of the range unmapped (the mapped part still changes).
     /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno SetDedupeDomain(ulong address, ulong length, ushort domain)
@@ -184,8 +230,40 @@ public sealed class VmProcess
         return Machine.Ksm is null ? new ProcessKsmStats(0, 0, 0, 0, false, false) : Ksm.GetProcessStats(Mm);
     }
 
-    /// <summary>Reads user memory.</summary>
-    /// <exception cref="SegmentationFault">a page is unmapped or not readable.</exception>
+    /// <summary>The field names of /proc/pid/ksm_stat that <see cref="ReadKsmStat"/> knows.</summary>
+    public static IReadOnlyList<string> KsmStatNames { get; } =
+        ["ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit", "ksm_merge_any", "ksm_mergeable"];
+
+    /// <summary>
+    /// One field of /proc/pid/ksm_stat by name (ksm_merge_any and ksm_mergeable read 1 or 0). ENOENT (and
+    /// 0) for an unknown name, and for every name on a machine without KSM (the file does not exist there).
+    /// </summary>
+    /// <exception cref="ArgumentNullException"><paramref name="name"/> is null.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno ReadKsmStat(string name, out long value)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        using MachineCall call = Machine.EnterCall();
+        value = 0;
+        if (Machine.Ksm is null || !KsmStatNames.Contains(name))
+            return Errno.ENOENT;
+        ProcessKsmStats stats = GetKsmStats();
+        value = name switch
+        {
+            "ksm_rmap_items" => stats.RmapItems,
+            "ksm_zero_pages" => stats.ZeroPages,
+            "ksm_merging_pages" => stats.MergingPages,
+            "ksm_process_profit" => stats.ProcessProfit,
+            "ksm_merge_any" => stats.MergeAny ? 1 : 0,
+            _ => stats.Mergeable ? 1 : 0,
+        };
+        return Errno.None;
+    }
+
+    /// <summary>Reads user memory. An empty destination reads nothing and never faults.</summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or not readable, or the range starts at or
+    /// runs into TASK_SIZE (non-canonical addresses included); see the exception for partial reads.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames (for a page table or the zero page).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Read(ulong address, Span<byte> destination)
@@ -194,8 +272,11 @@ public sealed class VmProcess
         Mm.Read(address, destination);
     }
 
-    /// <summary>Writes user memory.</summary>
-    /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    /// <summary>Writes user memory. An empty source writes nothing and never faults.</summary>
+    /// <exception cref="SegmentationFault">a page is unmapped or not writable, or the range starts at or
+    /// runs into TASK_SIZE (non-canonical addresses included); the pages before a bad one may have been
+    /// written, as on Linux.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was written before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Write(ulong address, ReadOnlySpan<byte> source)
@@ -205,7 +286,8 @@ public sealed class VmProcess
     }
 
     /// <summary>Reads one unmanaged value.</summary>
-    /// <exception cref="SegmentationFault">the address is unmapped or not readable.</exception>
+    /// <exception cref="SegmentationFault">the address is unmapped or not readable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public T Read<T>(ulong address) where T : unmanaged
@@ -215,7 +297,8 @@ public sealed class VmProcess
     }
 
     /// <summary>Writes one unmanaged value.</summary>
-    /// <exception cref="SegmentationFault">the address is unmapped or not writable.</exception>
+    /// <exception cref="SegmentationFault">the address is unmapped or not writable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Write<T>(ulong address, T value) where T : unmanaged
@@ -224,8 +307,11 @@ public sealed class VmProcess
         Mm.WriteValue(address, value);
     }
 
-    /// <summary>Sets a range of user memory to one byte value.</summary>
-    /// <exception cref="SegmentationFault">a page is unmapped or not writable.</exception>
+    /// <summary>Sets a range of user memory to one byte value. A zero length does nothing.</summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="address"/> + <paramref name="length"/> wraps past 2^64.</exception>
+    /// <exception cref="SegmentationFault">a page is unmapped or not writable (the pages before it were filled,
+    /// as on Linux), or the range starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was filled before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Fill(ulong address, ulong length, byte value)
@@ -239,7 +325,16 @@ public sealed class VmProcess
     /// pinned page holds an extra reference, so migration, KSM and hot-remove leave it alone; dispose
     /// the result to unpin.
     /// </summary>
-    /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access (nothing stays pinned).</exception>
+    /// <remarks>
+    /// The range is checked before anything is allocated, and the pin's bookkeeping grows with the pages
+    /// actually pinned: a huge length over a small mapping faults at the first unmapped page, having cost
+    /// only what it pinned before (and unpinned again).
+    /// </remarks>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is 0, the range wraps past 2^64,
+    /// or it spans more pages than an array can hold.</exception>
+    /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access, or the range starts at or
+    /// runs into TASK_SIZE (nothing stays pinned).</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames (nothing stays pinned).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public PinnedMemory Pin(ulong address, ulong length, bool write)
@@ -248,7 +343,11 @@ public sealed class VmProcess
         return Mm.Pin(address, length, write);
     }
 
-    /// <summary>What /proc/pid/pagemap says about the page at <paramref name="address"/>.</summary>
+    /// <summary>
+    /// What /proc/pid/pagemap says about the page at <paramref name="address"/>. An address outside user
+    /// space (at or above TASK_SIZE, non-canonical ones included) has nothing mapped: the entry is not
+    /// present (Linux's pagemap read there returns no entries, not an error).
+    /// </summary>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public PagemapEntry GetPagemap(ulong address)
@@ -278,6 +377,7 @@ public sealed class VmProcess
     /// Exits: unmaps everything and frees every page table. Idempotent; a no-op once the machine is
     /// disposed (the machine's memory went with it), like a Dispose.
     /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Exit()
     {
         if (!Machine.TryEnterCall(out MachineCall call))

@@ -350,9 +350,9 @@ public sealed class DedupeStore : IDisposable
                 bytes = _reread;
                 return true;
             }
-            catch (SegmentationFault)
+            catch (Exception e) when (e is SegmentationFault or InsufficientMemoryException)
             {
-                // Its buffer was disposed since: nothing left to compare with, so no match.
+                // Its buffer was disposed since (or a page table could not be had): nothing to compare with, so no match.
                 bytes = default;
                 return false;
             }

@@ -65,13 +65,28 @@ public sealed class PinnedBuffer : IDisposable
     /// <summary>The bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
     /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
     /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
-    public ReadOnlySpan<byte> GetReadOnlySpan(int page) => _pin.GetReadOnlySpan(page);
+    public ReadOnlySpan<byte> GetReadOnlySpan(int page)
+    {
+        CheckPage(page);
+        return _pin.GetReadOnlySpan(page);
+    }
 
     /// <summary>The writable bytes of page <paramref name="page"/> (the last page may be shorter than 4096).</summary>
     /// <exception cref="InvalidOperationException">the buffer was pinned read-only.</exception>
     /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
     /// <exception cref="ObjectDisposedException">after Dispose, or after the machine's.</exception>
-    public Span<byte> GetSpan(int page) => _pin.GetSpan(page);
+    public Span<byte> GetSpan(int page)
+    {
+        CheckPage(page);
+        return _pin.GetSpan(page);
+    }
+
+    /// <summary>An out-of-range page is an argument error naming <c>page</c> (not the pin's own <c>index</c>).</summary>
+    private void CheckPage(int page)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(page);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(page, PageCount);
+    }
 
     /// <summary>Unpins every page; KSM may merge them again from its next visit. Idempotent; a no-op after the machine's Dispose.</summary>
     public void Dispose()

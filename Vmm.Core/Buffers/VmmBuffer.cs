@@ -69,10 +69,6 @@ public sealed class VmmBuffer : IDisposable
             if (source.Length > 0)
                 _store.Process.Write(Address + (ulong)offset, source);
         }
-        catch (SegmentationFault fault) when (fault.Reason == SegvReason.OutOfMemory)
-        {
-            throw new InsufficientMemoryException($"writing {source.Length} bytes at offset {offset}: the machine is out of memory", fault);
-        }
         finally
         {
             Leave();
@@ -81,6 +77,7 @@ public sealed class VmmBuffer : IDisposable
 
     /// <summary>Copies bytes of the buffer from <paramref name="offset"/> into <paramref name="destination"/> (its whole length).</summary>
     /// <exception cref="ArgumentOutOfRangeException">the range does not lie inside the buffer.</exception>
+    /// <exception cref="InsufficientMemoryException">the machine ran out of frames (for a page table or the zero page).</exception>
     /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public void Read(long offset, Span<byte> destination)
     {
@@ -119,19 +116,18 @@ public sealed class VmmBuffer : IDisposable
     /// </summary>
     /// <param name="writable">true to write through <see cref="PinnedBuffer.GetSpan"/>.</param>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (nothing stays pinned).</exception>
+    /// <exception cref="InvalidOperationException">the buffer spans more pages than one pin can hold (an array's worth).</exception>
     /// <exception cref="ObjectDisposedException">the buffer, its store or the machine was disposed.</exception>
     public PinnedBuffer Pin(bool writable = false)
     {
+        if (PageCount > Array.MaxLength)
+            throw new InvalidOperationException($"the buffer ({PageCount} pages) spans more pages than one pin can hold");
         // One machine call around the pin and its sequence, so the machine cannot go in between (the pin would leak).
         using MachineCall call = _store.Machine.EnterCall();
         Enter();
         try
         {
             return new PinnedBuffer(_store.Process.Pin(Address, (ulong)Length, writable), Length);
-        }
-        catch (SegmentationFault fault) when (fault.Reason == SegvReason.OutOfMemory)
-        {
-            throw new InsufficientMemoryException($"pinning {Length} bytes: the machine is out of memory", fault);
         }
         finally
         {

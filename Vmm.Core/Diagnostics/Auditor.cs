@@ -145,8 +145,13 @@ internal static unsafe class Auditor
         if (Volatile.Read(ref machine.PageTablePagesTotal) != tableTotal)
             problems.Add($"NR_PAGETABLE {machine.PageTablePagesTotal}, tables found {tableTotal}");
 
-        // Every frame is free, or in use by something found above. A section whose descriptors were
-        // never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
+        // Every frame is free, or in use by an owner found above: a page table, the zero page, a mapping or
+        // a page cache (whose references were checked above, pins included), or only pins (PinnedMemory,
+        // after its page was unmapped: then the pins are all its references). Nothing else may hold a frame
+        // while the machine is quiet: KSM holds no reference on its stable pages (their mappings do), the
+        // deferred puts were released by the flush above, and the allocator's per-cpu lists hold free
+        // frames (refcount 0). A frame held by none of these leaked: an orphan. A section whose descriptors
+        // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
         long inUse = 0;
         var deferred = new Dictionary<Zone, long>();
@@ -161,13 +166,21 @@ internal static unsafe class Auditor
             }
             ref PageDescriptor page = ref memMap[pfn];
             if (page.RefCount == 0)
+            {
+                if (page.PinCount != 0)
+                    problems.Add($"frame {pfn} is free but has {page.PinCount} pins");
                 continue;
+            }
             inUse++;
             if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
                 continue;
             if (page.PinCount > 0)
+            {
+                if (page.RefCount != page.PinCount)
+                    problems.Add($"frame {pfn}: refcount {page.RefCount}, but only its {page.PinCount} pins hold it (nothing maps or caches it)");
                 continue;
-            problems.Add($"frame {pfn} is in use (refcount {page.RefCount}, flags {(PageFlags)page.Flags}) but nothing maps, caches or pins it");
+            }
+            problems.Add($"frame {pfn} is in use (refcount {page.RefCount}, flags {(PageFlags)page.Flags}) but nothing maps, caches or pins it: an orphan");
         }
         foreach (Zone zone in machine.Allocator.Zones)
         {

@@ -153,7 +153,7 @@ public sealed partial class Ksm
         _useZeroPages, _maxPageSharing, _pruneMillisecs, _smartScan, _advisorMode, _advisorMaxCpu, _advisorTargetScanTime,
         _advisorMinPagesToScan, _advisorMaxPagesToScan);
 
-    /// <summary>The names <see cref="Write"/> and <see cref="Read"/> accept (the /sys/kernel/mm/ksm files).</summary>
+    /// <summary>The knobs: the writable /sys/kernel/mm/ksm files, which <see cref="Write"/> and <see cref="Read"/> accept.</summary>
     public static IReadOnlyList<string> KnobNames { get; } =
     [
         "run", "pages_to_scan", "sleep_millisecs", "merge_across_nodes", "use_zero_pages", "max_page_sharing",
@@ -162,20 +162,57 @@ public sealed partial class Ksm
     ];
 
     /// <summary>
+    /// The counters: the read-only /sys/kernel/mm/ksm files, which <see cref="Read"/> and <see cref="TryRead"/>
+    /// accept and <see cref="Write"/> refuses with EACCES.
+    /// </summary>
+    public static IReadOnlyList<string> CounterNames { get; } =
+    [
+        "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "pages_scanned", "pages_skipped",
+        "full_scans", "stable_node_chains", "stable_node_dups", "ksm_zero_pages", "general_profit",
+    ];
+
+    /// <summary>A counter's value by its file name, or null for a name that is not a counter.</summary>
+    private string? ReadCounter(string name)
+    {
+        if (!CounterNames.Contains(name))
+            return null;
+        KsmStats c = GetStats();
+        long value = name switch
+        {
+            "pages_shared" => c.PagesShared,
+            "pages_sharing" => c.PagesSharing,
+            "pages_unshared" => c.PagesUnshared,
+            "pages_volatile" => c.PagesVolatile,
+            "pages_scanned" => c.PagesScanned,
+            "pages_skipped" => c.PagesSkipped,
+            "full_scans" => c.FullScans,
+            "stable_node_chains" => c.StableNodeChains,
+            "stable_node_dups" => c.StableNodeDups,
+            "ksm_zero_pages" => c.KsmZeroPages,
+            _ => c.GeneralProfit,
+        };
+        return value.ToString(CultureInfo.InvariantCulture);
+    }
+
+    /// <summary>
     /// Writes a knob as writing its /sys/kernel/mm/ksm file would, with Linux's rules: a value that
     /// does not parse is EINVAL (ERANGE where Linux's parser reports it); run above 2, merge_across_nodes
     /// above 1, max_page_sharing below 2 and advisor_target_scan_time 0 are EINVAL; pages_to_scan is
     /// EINVAL while the advisor is on; merge_across_nodes and max_page_sharing are EBUSY while KSM pages
     /// exist (the procedure: run=2, change, run=1); run=2 unmerges everything before it returns and
-    /// reports ENOMEM if it ran out of memory (run is then 0). A trailing newline is accepted.
+    /// reports ENOMEM if it ran out of memory (run is then 0). A trailing newline is accepted. A name
+    /// that is no file is ENOENT (opening a missing sysfs file); a counter (<see cref="CounterNames"/>) is
+    /// EACCES, as kernfs refuses to open a file without a store method for writing, even for root.
     /// </summary>
-    /// <exception cref="ArgumentException">no such knob.</exception>
+    /// <exception cref="ArgumentNullException"><paramref name="knob"/> or <paramref name="value"/> is null.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Write(string knob, string value)
     {
         ArgumentNullException.ThrowIfNull(knob);
         ArgumentNullException.ThrowIfNull(value);
         using MachineCall call = _machine.EnterCall();
+        if (CounterNames.Contains(knob))
+            return Errno.EACCES;
         string text = value.EndsWith('\n') ? value[..^1] : value;
         switch (knob)
         {
@@ -234,14 +271,33 @@ public sealed partial class Ksm
             case "advisor_max_pages_to_scan":
                 return StoreULong(text, ref _advisorMaxPagesToScan, allowZero: true);
             default:
-                throw new ArgumentException($"no KSM knob named '{knob}'", nameof(knob));
+                return Errno.ENOENT;
         }
     }
 
-    /// <summary>Reads a knob as its /sys/kernel/mm/ksm file shows it (without the newline).</summary>
-    /// <exception cref="ArgumentException">no such knob.</exception>
+    /// <summary>Reads a knob or a counter as its /sys/kernel/mm/ksm file shows it (without the newline).</summary>
+    /// <exception cref="ArgumentNullException"><paramref name="knob"/> is null.</exception>
+    /// <exception cref="ArgumentException">no such file (<see cref="TryRead"/> reports ENOENT instead).</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
-    public string Read(string knob)
+    public string Read(string knob) =>
+        TryRead(knob, out string value) == Errno.None ? value : throw new ArgumentException($"no KSM file named '{knob}'", nameof(knob));
+
+    /// <summary>
+    /// Reads a knob or a counter as its /sys/kernel/mm/ksm file shows it (without the newline). ENOENT
+    /// (and an empty <paramref name="value"/>) for a name that is no file.
+    /// </summary>
+    /// <exception cref="ArgumentNullException"><paramref name="name"/> is null.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno TryRead(string name, out string value)
+    {
+        ArgumentNullException.ThrowIfNull(name);
+        using MachineCall call = _machine.EnterCall();
+        string? found = ReadCounter(name) ?? ReadKnob(name);
+        value = found ?? "";
+        return found is null ? Errno.ENOENT : Errno.None;
+    }
+
+    private string? ReadKnob(string knob)
     {
         KsmKnobs k = GetKnobs();
         return knob switch
@@ -259,7 +315,7 @@ public sealed partial class Ksm
             "advisor_target_scan_time" => k.AdvisorTargetScanTime.ToString(CultureInfo.InvariantCulture),
             "advisor_min_pages_to_scan" => k.AdvisorMinPagesToScan.ToString(CultureInfo.InvariantCulture),
             "advisor_max_pages_to_scan" => k.AdvisorMaxPagesToScan.ToString(CultureInfo.InvariantCulture),
-            _ => throw new ArgumentException($"no KSM knob named '{knob}'", nameof(knob)),
+            _ => null,
         };
     }
 

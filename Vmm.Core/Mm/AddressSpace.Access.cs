@@ -5,6 +5,14 @@
 // leave. A translation that does not allow the access leaves the section and faults, holding no lock,
 // then retries. A walk that fills the TLB sets the PTE's accessed bit, and for a write its dirty bit,
 // as the hardware does.
+//
+// User space ends at TASK_SIZE. The page walk indexes with 9 bits per level and would ignore bits
+// 47-63, so an address at or above TASK_SIZE (non-canonical ones included) must never reach it: an
+// access that starts there faults with SEGV_MAPERR before any byte moves, and one that runs into
+// TASK_SIZE faults there like at any unmapped page (the walk, FindPte and the fault handler all refuse
+// such addresses), so the fault address is always the first byte that could not be accessed.
+// A call into an exited process is the host's misuse (InvalidOperationException); an exit that begins
+// while an access is under way is found by its next fault (SegmentationFault, SegvReason.Exited).
 using System.Runtime.CompilerServices;
 using Vmm.Native;
 
@@ -31,7 +39,8 @@ internal sealed unsafe partial class AddressSpace
 
     private byte* WalkAndFill(ref TlbEntry entry, ulong va, bool write, long generation)
     {
-        if (Exited)
+        // The walk ignores bits 47-63: an address outside user space must never reach it.
+        if (Exited || va >= TaskSize)
             return null;
         ulong* slot = FindPte(va, out _);
         if (slot == null)
@@ -78,7 +87,7 @@ internal sealed unsafe partial class AddressSpace
         int run = chunk;
         byte* expected = frame + PageSize;
         ulong need = UserPresent | (write ? Pte.WriteBit : 0);
-        while (slot != null && run < remaining && run < MaxRunBytes)
+        while (slot != null && run < remaining && run < MaxRunBytes && next < TaskSize) // the run never leaves user space
         {
             ulong value = Volatile.Read(ref *slot);
             if ((value & need) != need || _machine.Arena.FrameAddress((long)((value & Pte.PfnMask) >> PageShift)) != expected)
@@ -94,25 +103,54 @@ internal sealed unsafe partial class AddressSpace
         return run;
     }
 
-    /// <summary>Raises the SegmentationFault a failed fault stands for, or returns to retry.</summary>
+    /// <summary>Raises the exception a failed fault stands for, or returns to retry.</summary>
     private void FaultOrThrow(ulong va, bool write)
     {
         FaultResult result = TryHandleFault(va, write);
-        if (result == FaultResult.Done)
-            return;
-        SegvReason reason = result switch
+        if (result != FaultResult.Done)
+            throw FaultException(va, write, result);
+    }
+
+    /// <summary>
+    /// The exception for a failed fault: SegmentationFault for a bad address or access (and for an exit
+    /// that began during the access), InsufficientMemoryException when no frame could be had.
+    /// </summary>
+    public static Exception FaultException(ulong va, bool write, FaultResult result)
+    {
+        AccessKind kind = write ? AccessKind.Write : AccessKind.Read;
+        return result switch
         {
-            FaultResult.MapError => SegvReason.MapError,
-            FaultResult.AccessError => SegvReason.AccessError,
-            FaultResult.Exited => SegvReason.Exited,
-            _ => SegvReason.OutOfMemory,
+            FaultResult.MapError => new SegmentationFault(va, kind, SegvReason.MapError),
+            FaultResult.AccessError => new SegmentationFault(va, kind, SegvReason.AccessError),
+            FaultResult.Exited => new SegmentationFault(va, kind, SegvReason.Exited),
+            _ => new InsufficientMemoryException($"out of memory: the machine has no frame for a {kind.ToString().ToLowerInvariant()} fault at 0x{va:x}"),
         };
-        throw new SegmentationFault(va, write ? AccessKind.Write : AccessKind.Read, reason);
+    }
+
+    /// <summary>
+    /// The entry check of a host access of <paramref name="length"/> bytes at <paramref name="va"/>: the
+    /// process must not have exited (InvalidOperationException), and a non-empty range must start below
+    /// TASK_SIZE, or SegmentationFault (SEGV_MAPERR) at <paramref name="va"/> before anything is touched.
+    /// A range that starts below and runs into TASK_SIZE faults there, page by page, as at a hole.
+    /// </summary>
+    public void CheckUserRange(ulong va, ulong length, bool write)
+    {
+        ThrowIfExited();
+        if (length != 0 && va >= TaskSize) // an empty range touches nothing: no fault, as memcpy of 0 bytes
+            throw new SegmentationFault(va, write ? AccessKind.Write : AccessKind.Read, SegvReason.MapError);
+    }
+
+    /// <summary>A host call into an exited process is misuse: InvalidOperationException.</summary>
+    public void ThrowIfExited()
+    {
+        if (Exited)
+            throw new InvalidOperationException("the process has exited");
     }
 
     /// <summary>Copies from user memory at <paramref name="va"/> into <paramref name="destination"/>.</summary>
     public void Read(ulong va, Span<byte> destination)
     {
+        CheckUserRange(va, (ulong)destination.Length, write: false);
         AccessContext context = AccessContext.Current;
         fixed (byte* dst = destination)
         {
@@ -148,6 +186,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Copies <paramref name="source"/> into user memory at <paramref name="va"/>.</summary>
     public void Write(ulong va, ReadOnlySpan<byte> source)
     {
+        CheckUserRange(va, (ulong)source.Length, write: true);
         AccessContext context = AccessContext.Current;
         fixed (byte* src = source)
         {
@@ -187,6 +226,9 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Sets <paramref name="length"/> bytes at <paramref name="va"/> to <paramref name="value"/>.</summary>
     public void Fill(ulong va, ulong length, byte value)
     {
+        if (va < TaskSize && length != 0 && length - 1 > ulong.MaxValue - va)
+            throw new ArgumentOutOfRangeException(nameof(length), length, $"0x{va:x} + {length} wraps past 2^64");
+        CheckUserRange(va, length, write: true);
         AccessContext context = AccessContext.Current;
         ulong done = 0;
         while (done < length)

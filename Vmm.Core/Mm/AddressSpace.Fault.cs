@@ -44,6 +44,8 @@ internal sealed unsafe partial class AddressSpace
         {
             if (Exited)
                 return FaultResult.Exited;
+            if (va >= TaskSize)
+                return FaultResult.MapError; // outside user space; AllocPte would ignore bits 47-63
             Vma? vma = VmaAt(va);
             if (vma is null)
                 return FaultResult.MapError;

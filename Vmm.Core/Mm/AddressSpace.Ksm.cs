@@ -82,17 +82,28 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>
     /// Puts [<paramref name="address"/>, + <paramref name="length"/>) in dedupe domain
     /// <paramref name="domain"/> (null range: the whole process and its future mappings). Pages merged
-    /// under the old domain are unmerged first, so no KSM page spans two domains. EINVAL: misaligned or
-    /// overflowing range; ENOMEM: part of it unmapped (the mapped part is changed) or no memory for a
+    /// under the old domain are unmerged first, so no KSM page spans two domains. EINVAL: misaligned start,
+    /// or a length that wraps when rounded up or added to the start (madvise's rules); ENOMEM: part of it unmapped (the mapped part is changed) or no memory for a
     /// copy.
     /// </summary>
     public Errno SetDedupeDomain(ulong address, ulong length, ushort domain, bool wholeProcess)
     {
-        if (!wholeProcess && ((address & PageMask) != 0 || address + length < address))
-            return Errno.EINVAL;
-        ulong end = wholeProcess ? TaskSize : address + ((length + PageMask) & ~PageMask);
+        ulong end = TaskSize;
         if (wholeProcess)
+        {
             address = 0;
+        }
+        else
+        {
+            // madvise's range rules: a misaligned start, or a length that wraps when rounded up to pages
+            // or added to the start, is EINVAL; an empty range succeeds and changes nothing.
+            ulong aligned = (length + PageMask) & ~PageMask;
+            if ((address & PageMask) != 0 || aligned < length || address + aligned < address)
+                return Errno.EINVAL;
+            if (aligned == 0)
+                return Errno.None;
+            end = address + aligned;
+        }
         MmapLock.EnterWriteLock();
         try
         {

@@ -40,13 +40,16 @@ internal sealed unsafe partial class AddressSpace
     private ulong* Table(long pfn) => (ulong*)_machine.Arena.FrameAddress(pfn);
 
     /// <summary>
-    /// Finds the PTE slot for <paramref name="va"/> without allocating. Null if a level is missing.
-    /// Safe inside an access section or under the mmap_lock.
+    /// Finds the PTE slot for <paramref name="va"/> without allocating. Null if a level is missing, or if
+    /// <paramref name="va"/> lies at or above TASK_SIZE: the indexes take 9 bits per level and would
+    /// otherwise alias bits 47-63 onto a user address. Safe inside an access section or under the mmap_lock.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public ulong* FindPte(ulong va, out long ptePfn)
     {
         ptePfn = -1;
+        if (va >= TaskSize)
+            return null;
         long pfn = Volatile.Read(ref _pgdPfn);
         if (pfn < 0)
             return null;
@@ -103,7 +106,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>
     /// Finds the PTE slot for <paramref name="va"/>, allocating missing tables. Null if no frame could be
     /// allocated for a table (the caller reports out-of-memory; nothing was changed).
-    /// Preconditions: mmap_lock held (read or write).
+    /// Preconditions: mmap_lock held (read or write); <paramref name="va"/> below TASK_SIZE (it lies in a VMA).
     /// </summary>
     public ulong* AllocPte(ulong va, out long ptePfn)
     {

@@ -22,31 +22,41 @@ public readonly record struct PagemapEntry(
 
 internal sealed unsafe partial class AddressSpace
 {
-    /// <summary>pin_user_pages: pins every page of the range. Throws SegmentationFault like an access would; pins nothing then.</summary>
+    private static readonly PagemapEntry NotPresent = new(false, -1, -1, false, false, false, false, false, false, false, 0, 0);
+
+    /// <summary>
+    /// pin_user_pages: pins every page of the range. The range is validated before anything is allocated
+    /// (zero or wrapping length, or more pages than a pin can hold: ArgumentOutOfRangeException; an
+    /// exited process: InvalidOperationException; a start at or above TASK_SIZE: SegmentationFault), and the
+    /// frame list grows with the pages really pinned, so a huge length over a small mapping costs only
+    /// what it pins before it faults. Throws SegmentationFault like an access would, or
+    /// InsufficientMemoryException when out of frames; pins nothing then.
+    /// </summary>
     public PinnedMemory Pin(ulong address, ulong length, bool write)
     {
         ArgumentOutOfRangeException.ThrowIfZero(length);
-        if (address + length < address)
-            throw new ArgumentOutOfRangeException(nameof(length), "the range wraps around");
+        if (address < TaskSize && length - 1 > ulong.MaxValue - address)
+            throw new ArgumentOutOfRangeException(nameof(length), length, $"0x{address:x} + {length} wraps past 2^64");
+        CheckUserRange(address, length, write);
         ulong first = address & ~PageMask;
         ulong last = (address + length - 1) & ~PageMask;
-        var frames = new long[(int)((last - first) / PageSize) + 1];
-        int pinned = 0;
+        ulong pageCount = ((last - first) >> PageShift) + 1;
+        if (pageCount > (ulong)Array.MaxLength)
+            throw new ArgumentOutOfRangeException(nameof(length), length, $"a pin holds at most {Array.MaxLength} pages");
+        // Grows with the pages pinned: never sized by the length alone (see the summary).
+        var frames = new List<long>((int)Math.Min(pageCount, 64));
         try
         {
             for (ulong va = first; va <= last; va += PageSize)
-            {
-                frames[pinned] = PinOne(va, write);
-                pinned++;
-            }
+                frames.Add(PinOne(va, write));
         }
         catch
         {
-            for (int i = 0; i < pinned; i++)
-                Unpin(frames[i]);
+            foreach (long pfn in frames)
+                Unpin(pfn);
             throw;
         }
-        return new PinnedMemory(_machine, address, length, frames, write);
+        return new PinnedMemory(_machine, address, length, [.. frames], write);
     }
 
     private void Unpin(long pfn)
@@ -61,15 +71,7 @@ internal sealed unsafe partial class AddressSpace
         {
             FaultResult result = TryHandleFault(va, write, unshare: !write);
             if (result != FaultResult.Done)
-            {
-                throw new SegmentationFault(va, write ? AccessKind.Write : AccessKind.Read, result switch
-                {
-                    FaultResult.MapError => SegvReason.MapError,
-                    FaultResult.AccessError => SegvReason.AccessError,
-                    FaultResult.Exited => SegvReason.Exited,
-                    _ => SegvReason.OutOfMemory,
-                });
-            }
+                throw FaultException(va, write, result);
             MmapLock.EnterReadLock();
             try
             {
@@ -106,9 +108,16 @@ internal sealed unsafe partial class AddressSpace
         }
     }
 
-    /// <summary>The pagemap entry of one virtual page.</summary>
+    /// <summary>
+    /// The pagemap entry of one virtual page. An address at or above TASK_SIZE (non-canonical ones
+    /// included) has nothing mapped: the not-present entry, as Linux's pagemap read there returns no
+    /// entries rather than an error. An exited process: InvalidOperationException.
+    /// </summary>
     public PagemapEntry GetPagemap(ulong va)
     {
+        ThrowIfExited();
+        if (va >= TaskSize)
+            return NotPresent; // the walk would ignore bits 47-63
         MmapLock.EnterReadLock();
         try
         {
@@ -117,7 +126,7 @@ internal sealed unsafe partial class AddressSpace
             if (pte.IsSwapFormat)
                 return new PagemapEntry(false, -1, -1, false, false, !(VmaAt(va)?.IsShared ?? false), false, false, false, true, 0, 0);
             if (!pte.IsPresent)
-                return new PagemapEntry(false, -1, -1, false, false, false, false, false, false, false, 0, 0);
+                return NotPresent;
             long pfn = pte.Pfn;
             MemMap memMap = _machine.MemMap;
             ulong tag = memMap[pfn].Mapping & PageDescriptor.MappingTagMask;

@@ -241,8 +241,8 @@ internal sealed unsafe partial class AddressSpace
         const MapFlags known = MapFlags.SharedValidate | MapFlags.Fixed | MapFlags.Anonymous | MapFlags.Populate | MapFlags.FixedNoReplace;
         if ((flags & ~known) != 0 && type == MapFlags.SharedValidate)
             return Errno.EOPNOTSUPP; // otherwise unknown flags are ignored, as Linux does
-        if ((prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
-            return Errno.EINVAL;
+        // mmap does not validate the protection: bits it does not know (PROT_SEM, PROT_GROWSDOWN, ...) are
+        // ignored, as calc_vm_prot_bits does; only read, write and exec become VMA flags.
         ulong aligned = (length + PageMask) & ~PageMask;
         if (aligned < length || aligned > TaskSize)
             return Errno.ENOMEM;
@@ -322,7 +322,7 @@ internal sealed unsafe partial class AddressSpace
         ((prot & Protection.Write) != 0 ? VmaFlags.Write | VmaFlags.Read : 0) |
         ((prot & Protection.Exec) != 0 ? VmaFlags.Exec : 0);
 
-    /// <summary>munmap. EINVAL for a misaligned start, a zero or overflowing length, or a range outside user space.</summary>
+    /// <summary>munmap. EINVAL for a misaligned start, a zero or overflowing length, or a range outside user space (start above TASK_SIZE, non-canonical addresses included).</summary>
     public Errno Munmap(ulong address, ulong length)
     {
         if ((address & PageMask) != 0 || length == 0)
@@ -441,10 +441,18 @@ internal sealed unsafe partial class AddressSpace
             FreeTablePage(pfn);
     }
 
-    /// <summary>mprotect. EINVAL: misaligned start or unknown bits; ENOMEM: overflow or an unmapped part (the part before it is changed, as in Linux).</summary>
+    /// <summary>
+    /// mprotect, in do_mprotect_pkey's order: both PROT_GROWSDOWN and PROT_GROWSUP, or a misaligned start:
+    /// EINVAL; an empty range: success; a range that wraps: ENOMEM; bits other than read, write, exec and
+    /// PROT_SEM: EINVAL; then an unmapped part: ENOMEM (the part before it is changed, as in Linux); and
+    /// PROT_GROWSDOWN / PROT_GROWSUP on a mapping that does not grow (every Vmm mapping): EINVAL.
+    /// </summary>
     public Errno Mprotect(ulong address, ulong length, Protection prot)
     {
-        // Linux's order: alignment, then an empty range (success), then overflow, then the bits.
+        Protection grows = prot & (Protection.GrowsDown | Protection.GrowsUp);
+        prot &= ~(Protection.GrowsDown | Protection.GrowsUp);
+        if (grows == (Protection.GrowsDown | Protection.GrowsUp))
+            return Errno.EINVAL; // can't be both
         if ((address & PageMask) != 0)
             return Errno.EINVAL;
         if (length == 0)
@@ -453,8 +461,24 @@ internal sealed unsafe partial class AddressSpace
         ulong end = address + aligned;
         if (aligned < length || end <= address)
             return Errno.ENOMEM; // beyond TASK_SIZE there is no VMA: the loop reports the hole
-        if ((prot & ~(Protection.Read | Protection.Write | Protection.Exec)) != 0)
-            return Errno.EINVAL;
+        if ((prot & ~(Protection.Read | Protection.Write | Protection.Exec | Protection.Sem)) != 0)
+            return Errno.EINVAL; // arch_validate_prot
+        if (grows != 0)
+        {
+            // Linux finds the VMA first: none at or above the range is ENOMEM; one that does not grow is EINVAL.
+            MmapLock.EnterReadLock();
+            try
+            {
+                Vma? vma = FindVma(address);
+                if (vma is null || (grows == Protection.GrowsDown ? vma.Start >= end : vma.Start > address))
+                    return Errno.ENOMEM;
+                return Errno.EINVAL;
+            }
+            finally
+            {
+                MmapLock.ExitReadLock();
+            }
+        }
         MmapLock.EnterWriteLock();
         try
         {

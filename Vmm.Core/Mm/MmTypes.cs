@@ -12,6 +12,12 @@ public enum Protection
     Write = 2,
     /// <summary>PROT_EXEC (accepted and recorded; Vmm runs no code).</summary>
     Exec = 4,
+    /// <summary>PROT_SEM: the memory may be used for atomic operations (accepted, no effect, as on x86).</summary>
+    Sem = 8,
+    /// <summary>PROT_GROWSDOWN (mprotect only): extend the change down to the start of a grows-down mapping. Vmm has none, so mprotect with it is EINVAL; mmap ignores it.</summary>
+    GrowsDown = 0x0100_0000,
+    /// <summary>PROT_GROWSUP (mprotect only): extend the change up to the end of a grows-up mapping. Vmm has none, so mprotect with it is EINVAL; mmap ignores it.</summary>
+    GrowsUp = 0x0200_0000,
     /// <summary>Read and write.</summary>
     ReadWrite = Read | Write,
 }
@@ -95,13 +101,30 @@ public enum SegvReason
     MapError = 1,
     /// <summary>SEGV_ACCERR: the mapping does not allow the access.</summary>
     AccessError = 2,
-    /// <summary>The process exited while the access was under way (on another thread); an access that begins after Exit throws InvalidOperationException instead.</summary>
+    /// <summary>
+    /// The process began to exit while the access was under way (a call that starts after the exit throws
+    /// <see cref="InvalidOperationException"/> instead).
+    /// </summary>
     Exited = 3,
-    /// <summary>SIGBUS-like: memory could not be allocated for the fault (the machine is out of frames).</summary>
+    /// <summary>
+    /// Not raised any more: an access that finds no frame throws <see cref="InsufficientMemoryException"/>.
+    /// Kept so that code naming it still compiles.
+    /// </summary>
     OutOfMemory = 4,
 }
 
-/// <summary>A bad user access: no mapping, or a mapping that does not allow it. Nothing was changed.</summary>
+/// <summary>
+/// A bad user access (SIGSEGV): no mapping, an address outside user space (at or above TASK_SIZE,
+/// 0x7FFF_FFFF_F000, non-canonical addresses included), or a mapping that does not allow it.
+/// </summary>
+/// <remarks>
+/// <see cref="Address"/> is the first byte that could not be accessed. As on Linux, a multi-page access
+/// is not atomic: a write (or <c>Fill</c>) that crosses from good pages into a bad one has written its
+/// first part, up to <see cref="Address"/>, and a read has filled that part of its destination. An access
+/// that starts at or above TASK_SIZE touches nothing; one that runs into TASK_SIZE faults there, as at an
+/// unmapped page. Out of frames is not a
+/// segmentation fault: the access throws <see cref="InsufficientMemoryException"/>.
+/// </remarks>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Naming", "CA1710", Justification = "The name a kernel reader expects (SIGSEGV).")]
 public sealed class SegmentationFault : Exception
 {

@@ -115,8 +115,13 @@ public sealed unsafe class PinnedMemory : IDisposable
     }
 
     /// <summary>The frame of page <paramref name="index"/> (for tests and tools).</summary>
-    /// <exception cref="IndexOutOfRangeException">no such page.</exception>
-    public long FrameOf(int index) => _frames[index];
+    /// <exception cref="ArgumentOutOfRangeException">no such page.</exception>
+    public long FrameOf(int index)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(index);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(index, _frames.Length);
+        return _frames[index];
+    }
 
     /// <summary>Throws if the pin or its machine is disposed.</summary>
     internal void ThrowIfDisposed()

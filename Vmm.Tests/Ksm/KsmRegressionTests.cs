@@ -125,7 +125,7 @@ public sealed class KsmRegressionTests
         VmProcess hog = machine.CreateProcess();
         ulong hv = hog.Mmap(16L << 20 is var x ? (ulong)x : 0);
         int hogged = 0;
-        try { for (; ; hogged++) hog.Write<byte>(hv + (ulong)hogged * 4096, 1); } catch (SegmentationFault) { }
+        try { for (; ; hogged++) hog.Write<byte>(hv + (ulong)hogged * 4096, 1); } catch (InsufficientMemoryException) { }
         TestContext.Out.WriteLine($"hog took {hogged} frames");
         Errno e = ksm.Write("run", "2");
         TestContext.Out.WriteLine($"run=2 -> {e}; run now {ksm.Read("run")}; {ksm.GetStats()}");
