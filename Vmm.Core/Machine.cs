@@ -490,6 +490,14 @@ public sealed unsafe class Machine : IDisposable
         // From here no call can begin: a thread that publishes its marker after the barrier sees the flag
         // (MachineCall.cs). Then the machine's own threads stop, and the calls in flight drain.
         Interlocked.MemoryBarrierProcessWide();
+        // Read<T> / Write<T> of a translated page run inside one access section and take no marker: a
+        // shootdown covers them. Every cached translation of this machine goes stale, and the flush waits
+        // for the sections begun before; a later section misses its TLB, and the walk sees the flag and
+        // falls back to the marked path, which throws (AddressSpace.TryReadValue). Exited address spaces
+        // bumped their generation at teardown and their walks refuse.
+        foreach (VmProcess process in _processes.Values)
+            process.Mm.BumpGeneration();
+        TlbShootdown.Flush();
         Ksm?.StopBackgroundWork(); // ksmd and the release worker stop before the memory they use goes away
         TlbShootdown.WaitForMachineCalls(Id);
         Ksm?.Shutdown();

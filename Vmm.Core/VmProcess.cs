@@ -292,6 +292,9 @@ public sealed class VmProcess
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public T Read<T>(ulong address) where T : unmanaged
     {
+        // The fast path takes no call marker: its one access section is what Machine.Dispose waits for.
+        if (Mm.TryReadValue(address, out T read))
+            return read;
         using MachineCall call = EnterLiveCall();
         return Mm.ReadValue<T>(address);
     }
@@ -303,6 +306,8 @@ public sealed class VmProcess
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void Write<T>(ulong address, T value) where T : unmanaged
     {
+        if (Mm.TryWriteValue(address, value))
+            return; // as in Read<T>: the access section alone keeps Dispose waiting
         using MachineCall call = EnterLiveCall();
         Mm.WriteValue(address, value);
     }

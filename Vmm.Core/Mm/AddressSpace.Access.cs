@@ -42,6 +42,15 @@ internal sealed unsafe partial class AddressSpace
         // The walk ignores bits 47-63: an address outside user space must never reach it.
         if (Exited || va >= TaskSize)
             return null;
+        // VmProcess.Read<T> / Write<T> reach this without a call marker; Machine.Dispose's shootdown relies on
+        // such a walk seeing the flag and translating nothing (see TryReadValue). A call already in flight
+        // (it holds a marker) goes on to the end, since Dispose waits for it before freeing anything, but
+        // caches nothing: an entry filled now would outlive the call and the arena. Translate read the
+        // generation before this load of the flag, so an entry filled while the flag still read clear
+        // holds a generation from before Dispose's bump, and is never used again.
+        bool disposing = _machine.IsDisposed;
+        if (disposing && !MachineCall.IsInside(_machine.Id))
+            return null;
         ulong* slot = FindPte(va, out _);
         if (slot == null)
             return null;
@@ -54,6 +63,8 @@ internal sealed unsafe partial class AddressSpace
             if (wanted != value && Interlocked.CompareExchange(ref *slot, wanted, value) != value)
                 continue; // the PTE changed under us: look again
             byte* frame = _machine.Arena.FrameAddress((long)((value & Pte.PfnMask) >> PageShift));
+            if (disposing)
+                return frame;
             entry.MmId = Id;
             entry.Vpn = va >> PageShift;
             entry.Generation = generation;
@@ -261,6 +272,23 @@ internal sealed unsafe partial class AddressSpace
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public T ReadValue<T>(ulong va) where T : unmanaged
     {
+        if (TryReadValue(va, out T read))
+            return read;
+        T value = default;
+        Read(va, new Span<byte>(&value, sizeof(T)));
+        return value;
+    }
+
+    /// <summary>
+    /// The fast path of one value inside one page: one access section, a translation that needs no fault.
+    /// False (nothing read) when it would straddle a page or must fault, and when the machine is being
+    /// disposed. Safe without a machine call marker (the host's Read&lt;T&gt; runs it before taking one):
+    /// Machine.Dispose bumps every address space's generation and flushes before it frees anything, so a
+    /// section begun before that is waited for, and one begun after misses its TLB and the walk sees the flag.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public bool TryReadValue<T>(ulong va, out T value) where T : unmanaged
+    {
         if ((va & PageMask) <= PageSize - (ulong)sizeof(T))
         {
             // No try/finally: nothing between Enter and Exit can throw (the walk only reads).
@@ -269,20 +297,27 @@ internal sealed unsafe partial class AddressSpace
             byte* frame = Translate(context, va, write: false);
             if (frame != null)
             {
-                T read = Unsafe.ReadUnaligned<T>(frame + (va & PageMask));
+                value = Unsafe.ReadUnaligned<T>(frame + (va & PageMask));
                 TlbShootdown.Exit(context);
-                return read;
+                return true;
             }
             TlbShootdown.Exit(context);
         }
-        T value = default;
-        Read(va, new Span<byte>(&value, sizeof(T)));
-        return value;
+        value = default;
+        return false;
     }
 
     /// <summary>Writes one unmanaged value (it may straddle a page boundary).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void WriteValue<T>(ulong va, T value) where T : unmanaged
+    {
+        if (!TryWriteValue(va, value))
+            Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
+    }
+
+    /// <summary>The fast path of <see cref="WriteValue"/>; the rules of <see cref="TryReadValue"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public bool TryWriteValue<T>(ulong va, T value) where T : unmanaged
     {
         if ((va & PageMask) <= PageSize - (ulong)sizeof(T))
         {
@@ -293,10 +328,10 @@ internal sealed unsafe partial class AddressSpace
             {
                 Unsafe.WriteUnaligned(frame + (va & PageMask), value);
                 TlbShootdown.Exit(context);
-                return;
+                return true;
             }
             TlbShootdown.Exit(context);
         }
-        Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
+        return false;
     }
 }
