@@ -143,7 +143,7 @@ internal static class Program
     /// Runs a command: a <see cref="UsageException"/> (bad arguments found after parsing) prints its
     /// message and exits 2; any other exception is an internal error (exit 3).
     /// </summary>
-    private static int Guard(IAnsiConsole console, TextWriter error, Func<int> run)
+    internal static int Guard(IAnsiConsole console, TextWriter error, Func<int> run)
     {
         try
         {
