@@ -118,6 +118,16 @@ public sealed class DedupeInputTests
     }
 
     [Test]
+    public void An_empty_path_is_reported_not_an_internal_error()
+    {
+        VmmResult result = Dedupe("", _data);
+
+        Assert.That(result.ExitCode, Is.EqualTo(2), result.ToString());
+        Assert.That(result.Output, Does.Contain("an empty path"), result.ToString());
+        Assert.That(result.Output, Does.Match(@"files\s*│\s*2\b"), result.ToString());
+    }
+
+    [Test]
     public void Only_unusable_paths_is_a_bad_argument_before_any_machine_is_built()
     {
         VmmResult result = Dedupe(Path.Combine(_dir, "missing"), "/dev/zero");

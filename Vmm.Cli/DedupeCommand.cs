@@ -141,12 +141,17 @@ internal static class DedupeCommand
         var files = new List<InputFile>();
         foreach (string path in options.Paths)
         {
+            if (path.Length == 0)
+            {
+                badPath("\"\": an empty path");
+                continue;
+            }
             string full = Path.GetFullPath(path);
             FileStatus status = FileKinds.Stat(full, followLinks: true); // a link named on the command line is followed
             if (status.Error is { } error)
                 badPath($"{path}: {error}");
             else if (status.Kind == FileKind.Directory)
-                AddDirectory(full, maxFile, seen, files, skipped);
+                AddDirectory(full, maxFile, seen, files, skipped, badPath);
             else if (status.Kind != FileKind.Regular)
                 badPath($"{path}: {status.KindName}, skipped (only regular files and directories are read)");
             else if (status.Length > maxFile)
@@ -163,9 +168,9 @@ internal static class DedupeCommand
     /// The regular files under <paramref name="root"/>, walked depth first in ordinal order. Symbolic
     /// links are not followed (no loops, no double counting) and are left out silently; every other
     /// entry that is not a regular file or a directory, and every directory that cannot be listed, is
-    /// skipped with a warning.
+    /// skipped with a warning (the root itself, named on the command line, goes to <paramref name="badPath"/>).
     /// </summary>
-    private static void AddDirectory(string root, long maxFile, HashSet<string> seen, List<InputFile> files, List<string> skipped)
+    private static void AddDirectory(string root, long maxFile, HashSet<string> seen, List<InputFile> files, List<string> skipped, Action<string> badPath)
     {
         var pending = new Stack<string>();
         pending.Push(root);
@@ -179,7 +184,11 @@ internal static class DedupeCommand
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                skipped.Add($"{directory}: cannot list: {e.Message}");
+                string problem = $"{directory}: cannot list: {e.Message}";
+                if (directory == root)
+                    badPath(problem); // named on the command line
+                else
+                    skipped.Add(problem);
                 continue;
             }
             entries.Sort(StringComparer.Ordinal);

@@ -10,10 +10,11 @@ namespace Vmm.Package.Tests;
 /// console app in a temp folder installs the package from that local folder and runs the README's
 /// "Using it from a host application" sample, pasted as its Program.cs; it must exit 0.
 /// The app's nuget.config puts the local folder first and maps the id Vmm to it alone (so a package of
-/// the same name on a public feed can never be picked), the machine's own feeds for anything else; the
-/// app needs nothing else, so the test runs offline. The machine's global packages folder is reused
-/// (no re-download of anything), with its entry for this Vmm version removed before and after, since
-/// every run packs the same version anew.
+/// the same name on a public feed can never be picked), the machine's own feeds for anything else, and
+/// gives the app a global packages folder of its own in the temp folder: the package is extracted
+/// there, never into the machine's (which every run would have to clean, since each packs the same
+/// version anew). The app needs no other package (the SDK holds the reference and apphost packs), so
+/// nothing is downloaded and the test runs offline.
 /// </summary>
 [TestFixture]
 [Category("Package")]
@@ -40,7 +41,6 @@ public sealed class PackageTests
     private string _feed = null!;
     private string _nupkg = null!;
     private string _version = null!;
-    private string _globalPackages = null!;
 
     [OneTimeSetUp]
     public void Pack()
@@ -52,15 +52,11 @@ public sealed class PackageTests
         Assert.That(pack.ExitCode, Is.EqualTo(0), pack.ToString());
         _nupkg = Directory.GetFiles(_feed, "Vmm.*.nupkg").Single(p => !p.EndsWith(".snupkg", StringComparison.Ordinal));
         _version = Path.GetFileNameWithoutExtension(_nupkg)["Vmm.".Length..];
-        _globalPackages = GlobalPackagesFolder();
-        ForgetInstalledCopy();
     }
 
     [OneTimeTearDown]
     public void CleanUp()
     {
-        if (_globalPackages is not null && _version is not null)
-            ForgetInstalledCopy();
         if (_work is not null)
             Directory.Delete(_work, recursive: true);
     }
@@ -131,7 +127,7 @@ public sealed class PackageTests
         string app = Path.Combine(_work, "app");
         Directory.CreateDirectory(app);
         List<string> feeds = MachineFeeds(app);
-        File.WriteAllText(Path.Combine(app, "nuget.config"), NugetConfig(_feed, feeds));
+        File.WriteAllText(Path.Combine(app, "nuget.config"), NugetConfig(_feed, feeds, Path.Combine(_work, "packages")));
         File.WriteAllText(Path.Combine(app, "app.csproj"), $"""
             <Project Sdk="Microsoft.NET.Sdk">
               <PropertyGroup>
@@ -168,25 +164,7 @@ public sealed class PackageTests
         return XDocument.Load(stream);
     }
 
-    private string InstalledCopy() => Path.Combine(_globalPackages, "vmm", _version.ToLowerInvariant());
-
-    /// <summary>Removes this version from the global packages folder, where an earlier run left it.</summary>
-    private void ForgetInstalledCopy()
-    {
-        if (Directory.Exists(InstalledCopy()))
-            Directory.Delete(InstalledCopy(), recursive: true);
-    }
-
-    /// <summary>NUGET_PACKAGES, or what `dotnet nuget locals global-packages --list` says.</summary>
-    private static string GlobalPackagesFolder()
-    {
-        if (Environment.GetEnvironmentVariable("NUGET_PACKAGES") is { Length: > 0 } set)
-            return set;
-        DotnetResult locals = DotnetProcess.Run(Path.GetTempPath(), Deadline, "nuget", "locals", "global-packages", "--list");
-        Assert.That(locals.ExitCode, Is.EqualTo(0), locals.ToString());
-        string line = locals.Output.Split('\n').Single(l => l.Contains("global-packages:", StringComparison.Ordinal));
-        return line[(line.IndexOf(':', StringComparison.Ordinal) + 1)..].Trim();
-    }
+    private string InstalledCopy() => Path.Combine(_work, "packages", "vmm", _version.ToLowerInvariant());
 
     /// <summary>The enabled package sources of the machine's own NuGet configuration, as seen from <paramref name="directory"/>.</summary>
     private static List<string> MachineFeeds(string directory)
@@ -196,9 +174,10 @@ public sealed class PackageTests
         return [.. list.Output.Split('\n').Select(l => l.Trim()).Where(l => l.StartsWith("E ", StringComparison.Ordinal)).Select(l => l[2..].Trim())];
     }
 
-    /// <summary>The local folder for Vmm and only for Vmm; the machine's feeds for everything else.</summary>
-    private static string NugetConfig(string localFeed, List<string> feeds)
+    /// <summary>The local folder for Vmm and only for Vmm; the machine's feeds for everything else; a private global packages folder.</summary>
+    private static string NugetConfig(string localFeed, List<string> feeds, string globalPackages)
     {
+        var config = new XElement("config", new XElement("add", new XAttribute("key", "globalPackagesFolder"), new XAttribute("value", globalPackages)));
         var sources = new XElement("packageSources", new XElement("clear"), new XElement("add", new XAttribute("key", "vmm-local"), new XAttribute("value", localFeed)));
         var mapping = new XElement("packageSourceMapping",
             new XElement("packageSource", new XAttribute("key", "vmm-local"), new XElement("package", new XAttribute("pattern", "Vmm"))));
@@ -207,6 +186,6 @@ public sealed class PackageTests
             sources.Add(new XElement("add", new XAttribute("key", $"feed{i}"), new XAttribute("value", feeds[i])));
             mapping.Add(new XElement("packageSource", new XAttribute("key", $"feed{i}"), new XElement("package", new XAttribute("pattern", "*"))));
         }
-        return new XDocument(new XElement("configuration", sources, mapping)).ToString();
+        return new XDocument(new XElement("configuration", config, sources, mapping)).ToString();
     }
 }
