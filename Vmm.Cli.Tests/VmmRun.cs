@@ -36,7 +36,8 @@ internal static partial class VmmRun
         if (!run.Wait(Deadline))
         {
             onTimeout?.Invoke();
-            return new VmmResult(null, writer.ToString() ?? "");
+            lock (writer) // the synchronized writer locks itself: read what the stuck run printed so far
+                return new VmmResult(null, text.ToString());
         }
         return new VmmResult(run.Result, text.ToString());
     }
