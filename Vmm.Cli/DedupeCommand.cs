@@ -9,9 +9,15 @@
 // --use-zero-pages) x 4 KiB, as a share of the pages loaded, general_profit after KSM's metadata, and
 // the host's RSS before and after (the frames merging freed go back to the host).
 //
-// The machine is sized to the files: one node, its size rounded up to the block size. Paths that do
-// not exist or cannot be read, and inputs beyond the size limits, are bad arguments (exit code 2);
-// a file found unreadable inside a directory is skipped with a warning.
+// Input is checked before it is opened (FileKinds): a FIFO, a device or a socket is skipped with a
+// warning and never opened (opening a FIFO blocks, /dev/zero never ends), whether it is named on the
+// command line or met in a directory. A path that cannot be used (missing, unreadable, not a regular
+// file or directory, too large) is reported and the others are still processed; if it was named on
+// the command line the exit code is then 2 (as grep or du say that an operand failed), while what is
+// skipped inside a directory only warns. Nothing readable at all, or more than --max-total-mib, is
+// exit code 2 before any machine is built.
+//
+// The machine is sized to the files: one node, its size rounded up to the block size.
 using System.CommandLine;
 using System.Diagnostics;
 using Spectre.Console;
@@ -40,38 +46,49 @@ internal static class DedupeCommand
     private const int MinFullScans = 3;
     private const int MaxFullScans = 10;
 
-    /// <summary>The subcommand; <paramref name="guard"/> turns an ArgumentException into exit code 2.</summary>
-    public static Command Build(Func<Func<int>, int> guard)
+    /// <summary>The subcommand; <paramref name="guard"/> maps exceptions to exit codes (Program.Guard).</summary>
+    public static Command Build(Func<Func<int>, int> guard, IAnsiConsole console)
     {
-        var paths = new Argument<string[]>("paths") { Description = "files or directories (recursive)", Arity = ArgumentArity.OneOrMore };
+        var paths = new Argument<string[]>("paths") { Description = "files or directories (recursive); -- before a path that starts with '-'", Arity = ArgumentArity.OneOrMore };
         var useZeroPages = new Option<bool>("--use-zero-pages") { Description = "KSM's use_zero_pages: zero-filled pages become the zero page" };
-        var maxFile = new Option<int>("--max-file-mib") { Description = "largest file accepted, MiB (larger ones in directories are skipped)", DefaultValueFactory = _ => 1024 };
-        var maxTotal = new Option<int>("--max-total-mib") { Description = "most loaded in all, MiB", DefaultValueFactory = _ => 4096 };
-        var blockSize = new Option<int>("--block-size-mib") { Description = "the machine's memory block size, MiB", DefaultValueFactory = _ => 128 };
+        Option<int> maxFile = Usage.IntOption("--max-file-mib", "largest file accepted, MiB (larger ones are skipped)", 1024, 1, 1 << 20);
+        Option<int> maxTotal = Usage.IntOption("--max-total-mib", "most loaded in all, MiB", 4096, 1, 1 << 24);
+        Option<int> blockSize = Usage.BlockSizeOption("the machine's memory block size, MiB");
         var command = new Command("dedupe", "Load files into mergeable memory and report what KSM saves.")
         {
             paths, useZeroPages, maxFile, maxTotal, blockSize,
         };
         command.SetAction(parse => guard(() => Run(
             new DedupeOptions(parse.GetValue(paths) ?? [], parse.GetValue(useZeroPages), parse.GetValue(maxFile), parse.GetValue(maxTotal), parse.GetValue(blockSize)),
-            AnsiConsole.Console)));
+            console)));
         return command;
     }
 
-    /// <summary>Collects, loads, scans and reports. Returns the exit code.</summary>
-    /// <exception cref="ArgumentException">a bad path or limit (exit code 2).</exception>
+    /// <summary>
+    /// Collects, loads, scans and reports. Returns the exit code: 1 if the Audit found a problem, else 2
+    /// if a path named on the command line could not be used (the rest was processed), else 0.
+    /// </summary>
+    /// <exception cref="UsageException">nothing readable, or more than --max-total-mib (exit code 2).</exception>
     public static int Run(DedupeOptions options, IAnsiConsole console)
     {
-        if (options.MaxFileMib < 1 || options.MaxTotalMib < 1 || options.BlockSizeMib < 2)
-            throw new ArgumentException("--max-file-mib and --max-total-mib must be at least 1, --block-size-mib at least 2");
         var skipped = new List<string>();
-        List<InputFile> files = CollectFiles(options, skipped);
+        int badPaths = 0;
+        List<InputFile> files = CollectFiles(options, skipped, problem =>
+        {
+            badPaths++;
+            console.MarkupLineInterpolated($"[red]cannot use[/] {problem}");
+        });
+        if (files.Count == 0)
+        {
+            ReportSkipped(console, skipped);
+            throw new UsageException("no readable, non-empty regular files under the paths given");
+        }
         long pages = files.Sum(f => f.Pages);
         if (pages > (long)options.MaxTotalMib * Units.MiB / DemoBuffer.PageSize)
-            throw new ArgumentException($"the files hold {Units.Mib(pages * DemoBuffer.PageSize)}, more than --max-total-mib {options.MaxTotalMib}");
+            throw new UsageException($"the files hold {Units.Mib(pages * DemoBuffer.PageSize)}, more than --max-total-mib {options.MaxTotalMib}");
 
         long rssStart = HostRss();
-        using var machine = new Machine(SizeMachine(pages, (long)options.BlockSizeMib * Units.MiB));
+        using Machine machine = Usage.CreateMachine(SizeMachine(pages, (long)options.BlockSizeMib * Units.MiB));
         Ksm ksm = machine.Ksm!;
         if (ksm.Write("use_zero_pages", options.UseZeroPages ? "1" : "0") != Errno.None)
             throw new InvalidOperationException("use_zero_pages could not be set");
@@ -97,71 +114,103 @@ internal static class DedupeCommand
         if (problems.Count > 0)
         {
             console.MarkupLineInterpolated($"[red]Audit: {problems.Count} problems[/]: {string.Join("; ", problems.Take(5))}");
-            return 1;
+            return ExitCodes.AuditProblem;
         }
         process.Exit();
-        return 0;
+        if (badPaths > 0)
+        {
+            console.MarkupLineInterpolated($"[red]{badPaths} of the paths named could not be used[/] (exit code {ExitCodes.BadArguments}); the rest is above.");
+            return ExitCodes.BadArguments;
+        }
+        return ExitCodes.Success;
     }
 
     private static long HostRss() => Native.HostMemory.ReadRssBytes();
 
     // ---- collecting the files ------------------------------------------------------------------------
 
-    /// <summary>Every regular, non-empty file under the paths, once each, in a stable order.</summary>
-    private static List<InputFile> CollectFiles(DedupeOptions options, List<string> skipped)
+    /// <summary>
+    /// Every regular, non-empty file under the paths, once each, in a stable order. A named path that
+    /// cannot be used goes to <paramref name="badPath"/>; what is skipped inside a directory (special
+    /// files, unreadable subdirectories, files too large) to <paramref name="skipped"/>.
+    /// </summary>
+    private static List<InputFile> CollectFiles(DedupeOptions options, List<string> skipped, Action<string> badPath)
     {
         long maxFile = (long)options.MaxFileMib * Units.MiB;
         var seen = new HashSet<string>(StringComparer.Ordinal);
         var files = new List<InputFile>();
         foreach (string path in options.Paths)
         {
+            if (path.Length == 0)
+            {
+                badPath("\"\": an empty path");
+                continue;
+            }
             string full = Path.GetFullPath(path);
-            if (File.Exists(full))
-                AddExplicitFile(full, maxFile, seen, files);
-            else if (Directory.Exists(full))
-                AddDirectory(full, maxFile, seen, files, skipped);
-            else
-                throw new ArgumentException($"no such file or directory: {path}");
+            FileStatus status = FileKinds.Stat(full, followLinks: true); // a link named on the command line is followed
+            if (status.Error is { } error)
+                badPath($"{path}: {error}");
+            else if (status.Kind == FileKind.Directory)
+                AddDirectory(full, maxFile, seen, files, skipped, badPath);
+            else if (status.Kind != FileKind.Regular)
+                badPath($"{path}: {status.KindName}, skipped (only regular files and directories are read)");
+            else if (status.Length > maxFile)
+                badPath($"{path}: {Units.Mib(status.Length)}, larger than --max-file-mib {options.MaxFileMib}");
+            else if (status.Length == 0)
+                skipped.Add($"{path}: empty");
+            else if (seen.Add(full))
+                files.Add(new InputFile(full, status.Length));
         }
-        if (files.Count == 0)
-            throw new ArgumentException("no readable, non-empty files under the paths given");
         return files;
     }
 
-    private static void AddExplicitFile(string path, long maxFile, HashSet<string> seen, List<InputFile> files)
+    /// <summary>
+    /// The regular files under <paramref name="root"/>, walked depth first in ordinal order. Symbolic
+    /// links are not followed (no loops, no double counting) and are left out silently; every other
+    /// entry that is not a regular file or a directory, and every directory that cannot be listed, is
+    /// skipped with a warning (the root itself, named on the command line, goes to <paramref name="badPath"/>).
+    /// </summary>
+    private static void AddDirectory(string root, long maxFile, HashSet<string> seen, List<InputFile> files, List<string> skipped, Action<string> badPath)
     {
-        var info = new FileInfo(path);
-        if (info.Length > maxFile)
-            throw new ArgumentException($"{path} is {Units.Mib(info.Length)}, larger than --max-file-mib {maxFile / Units.MiB}");
-        try
+        var pending = new Stack<string>();
+        pending.Push(root);
+        var list = new EnumerationOptions { RecurseSubdirectories = false, IgnoreInaccessible = false, AttributesToSkip = 0 };
+        while (pending.TryPop(out string? directory))
         {
-            using FileStream _ = info.OpenRead();
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new ArgumentException($"cannot read {path}: {e.Message}");
-        }
-        if (info.Length > 0 && seen.Add(path))
-            files.Add(new InputFile(path, info.Length));
-    }
-
-    private static void AddDirectory(string directory, long maxFile, HashSet<string> seen, List<InputFile> files, List<string> skipped)
-    {
-        var walk = new EnumerationOptions
-        {
-            RecurseSubdirectories = true,
-            IgnoreInaccessible = true,                 // unreadable subdirectories are left out
-            AttributesToSkip = FileAttributes.ReparsePoint, // symbolic links: no loops, no double counting
-        };
-        foreach (FileInfo info in new DirectoryInfo(directory).EnumerateFiles("*", walk).OrderBy(f => f.FullName, StringComparer.Ordinal))
-        {
-            // Length 0: empty files, and the special files (FIFOs, devices) whose open could block.
-            if (info.Length == 0 || !seen.Add(info.FullName))
+            List<string> entries;
+            try
+            {
+                entries = [.. Directory.EnumerateFileSystemEntries(directory, "*", list)];
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                string problem = $"{directory}: cannot list: {e.Message}";
+                if (directory == root)
+                    badPath(problem); // named on the command line
+                else
+                    skipped.Add(problem);
                 continue;
-            if (info.Length > maxFile)
-                skipped.Add($"{info.FullName}: {Units.Mib(info.Length)}, larger than --max-file-mib");
-            else
-                files.Add(new InputFile(info.FullName, info.Length));
+            }
+            entries.Sort(StringComparer.Ordinal);
+            var subdirectories = new List<string>();
+            foreach (string entry in entries)
+            {
+                FileStatus status = FileKinds.Stat(entry, followLinks: false);
+                if (status.Error is { } error)
+                    skipped.Add($"{entry}: {error}");
+                else if (status.Kind == FileKind.Directory)
+                    subdirectories.Add(entry);
+                else if (status.Kind == FileKind.SymbolicLink)
+                    continue;
+                else if (status.Kind != FileKind.Regular)
+                    skipped.Add($"{entry}: {status.KindName}");
+                else if (status.Length > maxFile)
+                    skipped.Add($"{entry}: {Units.Mib(status.Length)}, larger than --max-file-mib");
+                else if (status.Length > 0 && seen.Add(entry))
+                    files.Add(new InputFile(entry, status.Length));
+            }
+            for (int i = subdirectories.Count - 1; i >= 0; i--)
+                pending.Push(subdirectories[i]); // popped in ordinal order
         }
     }
 
@@ -213,40 +262,34 @@ internal static class DedupeCommand
     /// <summary>One file into a fresh mergeable mapping; the bytes read, or -1 (skipped) if it cannot be read.</summary>
     private static long TryLoadFile(VmProcess process, InputFile file, byte[] chunk, List<string> skipped)
     {
-        FileStream stream;
+        // Never blocks: a path that became a FIFO or a device since it was listed is refused here.
+        using Microsoft.Win32.SafeHandles.SafeFileHandle? handle = FileKinds.OpenRegular(file.Path, out string? error);
+        if (handle is null)
+        {
+            skipped.Add($"{file.Path}: {error}");
+            return -1;
+        }
+        ulong length = (ulong)file.Pages * DemoBuffer.PageSize;
+        ulong va = process.Mmap(length);
+        if (process.Madvise(va, length, Advice.Mergeable) != Errno.None)
+            throw new InvalidOperationException($"madvise(MERGEABLE) failed for {file.Path}");
+        // Read at most the listed length: a file that grew meanwhile is cut there, one that shrank
+        // leaves zeros behind.
+        long done = 0;
         try
         {
-            stream = new FileStream(file.Path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1, FileOptions.SequentialScan);
+            int read;
+            while (done < file.Length && (read = RandomAccess.Read(handle, chunk.AsSpan(0, (int)Math.Min(chunk.Length, file.Length - done)), done)) > 0)
+            {
+                process.Write(va + (ulong)done, chunk.AsSpan(0, read));
+                done += read;
+            }
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            skipped.Add($"{file.Path}: {e.Message}");
-            return -1;
+            skipped.Add($"{file.Path}: read {done:N0} bytes, then {e.Message}");
         }
-        using (stream)
-        {
-            ulong length = (ulong)file.Pages * DemoBuffer.PageSize;
-            ulong va = process.Mmap(length);
-            if (process.Madvise(va, length, Advice.Mergeable) != Errno.None)
-                throw new InvalidOperationException($"madvise(MERGEABLE) failed for {file.Path}");
-            // Read at most the listed length: a file that grew meanwhile is cut there, one that shrank
-            // leaves zeros behind.
-            long done = 0;
-            try
-            {
-                int read;
-                while (done < file.Length && (read = stream.Read(chunk, 0, (int)Math.Min(chunk.Length, file.Length - done))) > 0)
-                {
-                    process.Write(va + (ulong)done, chunk.AsSpan(0, read));
-                    done += read;
-                }
-            }
-            catch (IOException e)
-            {
-                skipped.Add($"{file.Path}: read {done:N0} bytes, then {e.Message}");
-            }
-            return done;
-        }
+        return done;
     }
 
     // ---- scanning ----------------------------------------------------------------------------------

@@ -25,19 +25,19 @@ namespace Vmm.Cli;
 /// <param name="TimeoutSeconds">how long each act may wait for merging to converge.</param>
 internal sealed record KsmDemoOptions(int Processes, int BufferMib, bool UseZeroPages, int PagesToScan, int SleepMillisecs, int TimeoutSeconds)
 {
-    /// <summary>Checks the options against the machine; throws ArgumentException with a message for the user.</summary>
+    /// <summary>Checks the options against the machine; throws UsageException with a message for the user (exit code 2).</summary>
     public void Validate(MachineOptions machine)
     {
         if (Processes < 2 || Processes > 64)
-            throw new ArgumentException($"--processes must be 2 to 64 (got {Processes})");
+            throw new UsageException($"--processes must be 2 to 64 (got {Processes})");
         if (BufferMib < 1)
-            throw new ArgumentException($"--buffer-mib must be at least 1 (got {BufferMib})");
+            throw new UsageException($"--buffer-mib must be at least 1 (got {BufferMib})");
         long total = (long)machine.NodeCount * machine.NodeSizeBytes;
         long wanted = (long)Processes * BufferMib * Units.MiB;
         if (wanted > total * 3 / 4)
-            throw new ArgumentException($"{Processes} buffers of {BufferMib} MiB do not fit in a {total / Units.MiB} MiB machine with room to spare (at most 3/4 of it); lower --buffer-mib or raise --node-size-mib");
+            throw new UsageException($"{Processes} buffers of {BufferMib} MiB do not fit in a {total / Units.MiB} MiB machine with room to spare (at most 3/4 of it); lower --buffer-mib or raise --node-size-mib");
         if (PagesToScan < 0 || SleepMillisecs < 0 || TimeoutSeconds < 1)
-            throw new ArgumentException("--pages-to-scan and --sleep-millisecs must not be negative, --timeout-seconds at least 1");
+            throw new UsageException("--pages-to-scan and --sleep-millisecs must not be negative, --timeout-seconds at least 1");
     }
 }
 
@@ -65,7 +65,7 @@ internal sealed class KsmDemo
     public static int Run(MachineOptions machineOptions, KsmDemoOptions options, IAnsiConsole console)
     {
         options.Validate(machineOptions);
-        using var machine = new Machine(machineOptions);
+        using Machine machine = Usage.CreateMachine(machineOptions);
         return new KsmDemo(machine, options, console).Run();
     }
 
@@ -278,11 +278,11 @@ internal sealed class KsmDemo
         if (problems.Count == 0)
         {
             _console.MarkupLine("ksmd stopped (run=0). Audit: [green]clean[/] (every mapcount, refcount, rmap link and KSM counter recounted from the page tables)");
-            return 0;
+            return ExitCodes.Success;
         }
         _console.MarkupLineInterpolated($"[red]Audit: {problems.Count} problems[/]");
         foreach (string problem in problems.Take(20))
             _console.MarkupLineInterpolated($"  [red]-[/] {problem}");
-        return 1;
+        return ExitCodes.AuditProblem;
     }
 }

@@ -21,7 +21,7 @@ internal static class MachineView
     /// <param name="showTables">the zone, block and buddyinfo tables (`vmm machine`), or only the fork demo.</param>
     public static int Run(MachineOptions options, long touchBytes, IAnsiConsole console, bool showTables)
     {
-        using var machine = new Machine(options);
+        using Machine machine = Usage.CreateMachine(options);
         Topology topology = machine.Topology;
         console.Write(new Rule(showTables ? "[bold]Vmm machine[/]" : "[bold]Fork and copy-on-write[/]").LeftJustified());
         console.MarkupLineInterpolated(
@@ -32,7 +32,7 @@ internal static class MachineView
             ShowStats(machine, console, "At boot");
             ShowBlocks(machine, console);
         }
-        return touchBytes > 0 ? Demo(machine, touchBytes, console, showTables) : 0;
+        return touchBytes > 0 ? Demo(machine, touchBytes, console, showTables) : ExitCodes.Success;
     }
 
     private const int PageDescriptorSize = 64;
@@ -77,7 +77,7 @@ internal static class MachineView
         console.Write(rss);
         IReadOnlyList<string> audit = machine.Audit();
         console.MarkupLineInterpolated($"Audit: {(audit.Count == 0 ? "every counter, mapcount and refcount recounted from the page tables: clean" : string.Join("; ", audit.Take(3)))}");
-        return audit.Count == 0 ? 0 : 1;
+        return audit.Count == 0 ? ExitCodes.Success : ExitCodes.AuditProblem;
     }
 
     private static void ShowProcesses(Machine machine, IAnsiConsole console, VmProcess[] processes, ulong va, ulong pages, string title)

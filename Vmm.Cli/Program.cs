@@ -7,34 +7,65 @@
 //   vmm dedupe PATH...   loads real files into mergeable memory and reports what KSM saves (DedupeCommand).
 //   vmm machine          the machine's tables (nodes, zones, memory blocks, buddyinfo) and the fork demo.
 //
-// Exit codes: 0 success, 1 an audit found a problem, 2 bad arguments.
+// Exit codes (ExitCodes, listed by every --help): 0 success, 1 an audit found a problem, 2 bad
+// arguments, 3 internal error. Parsing is strict: an unknown option is an error, not a path (`--` ends
+// the options, for a path that starts with '-'); every number has a range that the parser checks, so a
+// bad value is refused with the option's name before any machine is built. An unexpected exception is
+// printed and exits 3, never 1, so that it cannot be mistaken for an Audit verdict.
 using System.CommandLine;
+using System.CommandLine.Parsing;
 using Spectre.Console;
 
 namespace Vmm.Cli;
 
 internal static class Program
 {
-    private const int BadArguments = 2;
+    private static int Main(string[] args) => Run(args, CreateConsole(), Console.Out, Console.Error);
 
-    private static readonly Option<int> Nodes = new("--nodes") { Description = "NUMA nodes", DefaultValueFactory = _ => 2 };
-    private static readonly Option<int> NodeSize = new("--node-size-mib") { Description = "MiB per node", DefaultValueFactory = _ => 512 };
-    private static readonly Option<int> BlockSize = new("--block-size-mib") { Description = "MiB per memory block (hotplug unit)", DefaultValueFactory = _ => 128 };
-    private static readonly Option<int> Touch = new("--touch-mib") { Description = "MiB the fork demo's first process writes (0: skip the fork demo)", DefaultValueFactory = _ => 32 };
-
-    private static int Main(string[] args)
+    /// <summary>
+    /// Parses and runs one command line, drawing on <paramref name="console"/>; help goes to
+    /// <paramref name="output"/>, the stack trace of an internal error to <paramref name="error"/>.
+    /// Returns the exit code (<see cref="ExitCodes"/>). Tests call this in-process.
+    /// </summary>
+    internal static int Run(string[] args, IAnsiConsole console, TextWriter output, TextWriter error)
     {
-        AnsiConsole.Console = CreateConsole();
-        RootCommand root = BuildRoot();
-        ParseResult parse = root.Parse(args);
-        if (parse.Errors.Count > 0)
+        try
         {
-            foreach (System.CommandLine.Parsing.ParseError error in parse.Errors)
-                AnsiConsole.MarkupLineInterpolated($"[red]error:[/] {error.Message}");
-            AnsiConsole.MarkupLine("Run [bold]vmm --help[/] for the options.");
-            return BadArguments;
+            RootCommand root = BuildRoot(console, error);
+            ParseResult parse = root.Parse(args);
+            List<string> problems = [.. parse.Errors.Select(e => e.Message), .. UnknownOptions(parse).Select(o => $"unknown option {o} (use -- before a path that starts with '-')")];
+            if (problems.Count > 0 && parse.Action is not Usage.HelpWithExitCodes) // --help wins, as in System.CommandLine
+            {
+                foreach (string problem in problems)
+                    console.MarkupLineInterpolated($"[red]error:[/] {problem}");
+                console.MarkupLine("Run [bold]vmm --help[/] for the options.");
+                return ExitCodes.BadArguments;
+            }
+            // Our own handler (Guard) maps exceptions to exit codes; System.CommandLine's would say 1.
+            return parse.Invoke(new InvocationConfiguration { Output = output, Error = error, EnableDefaultExceptionHandler = false });
         }
-        return parse.Invoke();
+        catch (Exception e)
+        {
+            return InternalError(console, error, e);
+        }
+    }
+
+    /// <summary>
+    /// Tokens that look like options ("-x", "--bogus") but were taken as a command's arguments because
+    /// no option has that name; after "--" everything is an argument.
+    /// </summary>
+    private static IEnumerable<string> UnknownOptions(ParseResult parse)
+    {
+        var argumentTokens = new HashSet<Token>(
+            parse.CommandResult.Children.OfType<ArgumentResult>().SelectMany(a => a.Tokens),
+            ReferenceEqualityComparer.Instance);
+        foreach (Token token in parse.Tokens)
+        {
+            if (token.Type == TokenType.DoubleDash)
+                yield break;
+            if (token.Value.Length > 1 && token.Value[0] == '-' && argumentTokens.Contains(token))
+                yield return token.Value;
+        }
     }
 
     /// <summary>
@@ -55,65 +86,84 @@ internal static class Program
         return console;
     }
 
-    private static RootCommand BuildRoot()
+    private static RootCommand BuildRoot(IAnsiConsole console, TextWriter error)
     {
-        var processes = new Option<int>("--processes") { Description = "processes in the KSM demo, each with one buffer", DefaultValueFactory = _ => 4 };
-        var bufferMib = new Option<int>("--buffer-mib") { Description = "MiB per process buffer in the KSM demo", DefaultValueFactory = _ => 32 };
+        // The machine's shape, shared by the root and `machine`.
+        Option<int> nodes = Usage.IntOption("--nodes", "NUMA nodes", 2, 1, 64);
+        Option<int> nodeSize = Usage.IntOption("--node-size-mib", "MiB per node, a multiple of --block-size-mib", 512, 2, 1 << 24);
+        Option<int> blockSize = Usage.BlockSizeOption("MiB per memory block (hotplug unit)");
+        Option<int> touch = Usage.IntOption("--touch-mib", "MiB the fork demo's first process writes (0: skip the fork demo)", 32, 0, 1 << 20);
+
+        Option<int> processes = Usage.IntOption("--processes", "processes in the KSM demo, each with one buffer", 4, 2, 64);
+        Option<int> bufferMib = Usage.IntOption("--buffer-mib", "MiB per process buffer in the KSM demo", 32, 1, 1 << 20);
         var useZeroPages = new Option<bool>("--use-zero-pages") { Description = "KSM's use_zero_pages: zero pages become the zero page" };
-        var pagesToScan = new Option<int>("--pages-to-scan") { Description = "ksmd's pages_to_scan (0: a fortieth of all buffers, a full scan in about a second)", DefaultValueFactory = _ => 0 };
-        var sleep = new Option<int>("--sleep-millisecs") { Description = "ksmd's sleep_millisecs between batches", DefaultValueFactory = _ => 20 };
-        var timeout = new Option<int>("--timeout-seconds") { Description = "how long each KSM phase waits to converge", DefaultValueFactory = _ => 15 };
+        Option<int> pagesToScan = Usage.IntOption("--pages-to-scan", "ksmd's pages_to_scan (0: a fortieth of all buffers, a full scan in about a second)", 0, 0, int.MaxValue);
+        Option<int> sleep = Usage.IntOption("--sleep-millisecs", "ksmd's sleep_millisecs between batches", 20, 0, 60_000);
+        Option<int> timeout = Usage.IntOption("--timeout-seconds", "how long each KSM phase waits to converge", 15, 1, 86_400);
+
+        MachineOptions MachineOptionsOf(ParseResult parse)
+        {
+            int count = parse.GetValue(nodes), node = parse.GetValue(nodeSize), block = parse.GetValue(blockSize);
+            if (node % block != 0)
+                throw new UsageException($"--node-size-mib ({node}) must be a multiple of --block-size-mib ({block})");
+            if ((long)count * node > 1L << 24)
+                throw new UsageException($"--nodes x --node-size-mib must be at most {1 << 24} MiB (16 TiB: pfns are 32-bit); got {(long)count * node}");
+            return new MachineOptions { NodeCount = count, NodeSizeBytes = (long)node << 20, BlockSizeBytes = (long)block << 20 };
+        }
 
         var root = new RootCommand("Vmm: an in-process virtual memory manager over real unmanaged memory. With no command: the KSM demo, then the fork demo.")
         {
-            Nodes, NodeSize, BlockSize, Touch, processes, bufferMib, useZeroPages, pagesToScan, sleep, timeout,
+            nodes, nodeSize, blockSize, touch, processes, bufferMib, useZeroPages, pagesToScan, sleep, timeout,
         };
-        root.SetAction(parse => Guard(() =>
+        root.SetAction(parse => Guard(console, error, () =>
         {
             MachineOptions machine = MachineOptionsOf(parse);
             var demo = new KsmDemoOptions(parse.GetValue(processes), parse.GetValue(bufferMib), parse.GetValue(useZeroPages),
                 parse.GetValue(pagesToScan), parse.GetValue(sleep), parse.GetValue(timeout));
-            int exitCode = KsmDemo.Run(machine, demo, AnsiConsole.Console);
-            long touch = (long)parse.GetValue(Touch) << 20;
-            if (exitCode == 0 && touch > 0)
-                exitCode = MachineView.Run(machine, touch, AnsiConsole.Console, showTables: false);
+            int exitCode = KsmDemo.Run(machine, demo, console);
+            long touchBytes = (long)parse.GetValue(touch) << 20;
+            if (exitCode == ExitCodes.Success && touchBytes > 0)
+                exitCode = MachineView.Run(machine, touchBytes, console, showTables: false);
             return exitCode;
         }));
-        root.Subcommands.Add(BuildMachineCommand());
-        root.Subcommands.Add(DedupeCommand.Build(Guard));
+
+        var machineCommand = new Command("machine", "Show the machine: nodes, zones, memory blocks, buddyinfo; then processes that fork and copy on write.")
+        {
+            nodes, nodeSize, blockSize, touch,
+        };
+        machineCommand.SetAction(parse => Guard(console, error, () =>
+            MachineView.Run(MachineOptionsOf(parse), (long)parse.GetValue(touch) << 20, console, showTables: true)));
+        root.Subcommands.Add(machineCommand);
+        root.Subcommands.Add(DedupeCommand.Build(run => Guard(console, error, run), console));
+        Usage.AddExitCodesToHelp(root);
         return root;
     }
 
-    private static Command BuildMachineCommand()
-    {
-        var command = new Command("machine", "Show the machine: nodes, zones, memory blocks, buddyinfo; then processes that fork and copy on write.")
-        {
-            Nodes, NodeSize, BlockSize, Touch,
-        };
-        command.SetAction(parse => Guard(() =>
-            MachineView.Run(MachineOptionsOf(parse), (long)parse.GetValue(Touch) << 20, AnsiConsole.Console, showTables: true)));
-        return command;
-    }
-
-    /// <summary>The machine's shape from the options (the root and `machine` share them).</summary>
-    private static MachineOptions MachineOptionsOf(ParseResult parse) => new()
-    {
-        NodeCount = parse.GetValue(Nodes),
-        NodeSizeBytes = (long)parse.GetValue(NodeSize) << 20,
-        BlockSizeBytes = (long)parse.GetValue(BlockSize) << 20,
-    };
-
-    /// <summary>Runs a command; an ArgumentException (a bad option value) prints its message and exits 2.</summary>
-    private static int Guard(Func<int> run)
+    /// <summary>
+    /// Runs a command: a <see cref="UsageException"/> (bad arguments found after parsing) prints its
+    /// message and exits 2; any other exception is an internal error (exit 3).
+    /// </summary>
+    internal static int Guard(IAnsiConsole console, TextWriter error, Func<int> run)
     {
         try
         {
             return run();
         }
-        catch (ArgumentException e)
+        catch (UsageException e)
         {
-            AnsiConsole.MarkupLineInterpolated($"[red]error:[/] {e.Message}");
-            return BadArguments;
+            console.MarkupLineInterpolated($"[red]error:[/] {e.Message}");
+            return ExitCodes.BadArguments;
         }
+        catch (Exception e)
+        {
+            return InternalError(console, error, e);
+        }
+    }
+
+    private static int InternalError(IAnsiConsole console, TextWriter error, Exception e)
+    {
+        console.MarkupLineInterpolated($"[red]internal error[/] (a bug in vmm or Vmm; exit code {ExitCodes.InternalError}): {e.GetType().Name}: {e.Message}");
+        error.WriteLine(e);
+        return ExitCodes.InternalError;
     }
 }
