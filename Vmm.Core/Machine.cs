@@ -32,13 +32,14 @@ public sealed unsafe class Machine : IDisposable
     public Machine(MachineOptions? options = null)
     {
         Options = options ?? new MachineOptions();
+        FaultInjector = Options.FaultInjection is { } injection ? new FaultInjector(injection) : null;
         Topology = Options.CreateTopology();
         Arena = new Arena(Topology, Options.ForcePortableArena);
         try
         {
             _memMap = new MemMap(Topology.TotalFrames);
             PageLock = new PageLock(_memMap);
-            Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
+            Allocator = new PageAllocator(Topology, Arena, _memMap, Options, FaultInjector);
             Rmap = new RmapWalker(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
         }
@@ -49,6 +50,16 @@ public sealed unsafe class Machine : IDisposable
             throw;
         }
     }
+
+    /// <summary>
+    /// The fault injector (<see cref="MachineOptions.FaultInjection"/>), or null. Code that asks the host
+    /// for memory at run time calls <c>FaultInjector?.ShouldFail(FaultSite.HostCommit)</c> first and,
+    /// on true, takes its out-of-memory path.
+    /// </summary>
+    internal FaultInjector? FaultInjector { get; }
+
+    /// <summary>What fault injection did so far (all zero when the machine was built without it).</summary>
+    public FaultInjectionStats GetFaultInjectionStats() => FaultInjector?.GetStats() ?? default;
 
     /// <summary>The options it was built with.</summary>
     public MachineOptions Options { get; }
