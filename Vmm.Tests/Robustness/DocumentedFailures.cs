@@ -39,10 +39,19 @@ internal static class DocumentedFailures
         // The throwing Mmap(length) overload says InsufficientMemoryException for any mmap error,
         // EINVAL included. fixed on branch addr (an argument error becomes an ArgumentException).
         InsufficientMemoryException => true,
-        // A huge length to the checked arithmetic of Pin's frame array; fixed on branch addr (issue 9, part 3).
-        OverflowException => true,
-        // Pin of a range longer than an array can hold; fixed on branch addr (Pin validates before allocating).
-        OutOfMemoryException => true,
+        _ => false,
+    };
+
+    /// <summary>
+    /// Today's defects that another branch fixes, accepted per call until the lead merges that branch and
+    /// deletes the entry. <paramref name="api"/> is the call's name (VmProcess.Pin is "Pin").
+    /// </summary>
+    /// <remarks>Defects that would corrupt state (not only throw the wrong type) are steered around instead: KnownDefects in ApiFuzzTests.cs.</remarks>
+    public static bool IsKnownDefect(string api, Exception e) => (api, e) switch
+    {
+        // Pin of a length near 2^62: its frame array is sized before the range is validated.
+        // fixed on branch addr (issue 9, part 3: Pin validates before allocating).
+        ("Pin", OutOfMemoryException or OverflowException) => true,
         _ => false,
     };
 
