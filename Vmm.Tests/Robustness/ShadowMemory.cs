@@ -137,15 +137,25 @@ internal sealed class ShadowProcess
         return null;
     }
 
-    /// <summary>Null if every byte of every readable page is what the shadow says; otherwise the first difference.</summary>
-    public string? CompareAll()
+    /// <summary>
+    /// Null if every byte of every readable page is what the shadow says; otherwise the first difference.
+    /// With <paramref name="skipOutOfMemory"/>, a page whose read fault finds no frame (a full machine) is skipped.
+    /// </summary>
+    public string? CompareAll(bool skipOutOfMemory = false)
     {
         var page = new byte[Page];
         foreach ((ulong a, ShadowEntry entry) in Pages.OrderBy(p => p.Key))
         {
             if (!entry.CanRead)
                 continue;
-            Process.Read(a, page);
+            try
+            {
+                Process.Read(a, page);
+            }
+            catch (SegmentationFault fault) when (skipOutOfMemory && fault.Reason == SegvReason.OutOfMemory)
+            {
+                continue;
+            }
             if (!page.AsSpan().SequenceEqual(entry.Contents.Data))
                 return Compare(a, page, a + Page);
         }
