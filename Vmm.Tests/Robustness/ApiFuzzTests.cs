@@ -131,6 +131,7 @@ public sealed class ApiFuzzTests
     internal sealed record StoreDisposeCall : Call;
     internal sealed record ReleaseFreeMemoryCall : Call;
     internal sealed record KsmWaitCall : Call;
+    internal sealed record DisposeMachineCall : Call;
 
     /// <summary>Calls on different processes (and KSM scans) run on their own threads at the same time.</summary>
     internal sealed record ConcurrentCall(Call[] Calls) : Call
@@ -206,6 +207,7 @@ public sealed class ApiFuzzTests
         (1, Gen.Constant((Call)new StoreDisposeCall())),
         (1, Gen.Constant((Call)new ReleaseFreeMemoryCall())),
         (1, Gen.Constant((Call)new KsmWaitCall())),
+        (KnownDefects.UseAfterMachineDisposeCrashesTheHost ? 0 : 1, Gen.Constant((Call)new DisposeMachineCall())),
         (4, from n in Gen.Choose(2, 3) from calls in Gen.ArrayOf(SimpleCallGen(concurrentSafe: true), n) select (Call)new ConcurrentCall(calls)));
 
     private static Gen<Sequence> SequenceGen =>
@@ -284,6 +286,7 @@ public sealed class ApiFuzzTests
         private DedupeStore? _store;
         private readonly List<(VmmBuffer Buffer, byte[] Shadow)> _buffers = [];
         private int _step;
+        private bool _machineDisposed;
 
         private FuzzWorld(Machine machine) => _machine = machine;
 
@@ -313,6 +316,11 @@ public sealed class ApiFuzzTests
 
         private void Execute(Call call)
         {
+            if (_machineDisposed || call is DisposeMachineCall)
+            {
+                AfterDispose(call);
+                return;
+            }
             if (call is ConcurrentCall concurrent)
             {
                 ExecuteConcurrently(concurrent);
@@ -861,10 +869,76 @@ public sealed class ApiFuzzTests
             }
         }
 
+        // ---- after Machine.Dispose ---------------------------------------------------------------------
+
+        /// <summary>
+        /// After Machine.Dispose every object of the machine throws ObjectDisposedException; Exit, Dispose
+        /// and unpin may instead do nothing (.NET's convention for a second Dispose). Issue 9, part 1 (branch lifetime).
+        /// </summary>
+        private void AfterDispose(Call call)
+        {
+            if (call is DisposeMachineCall)
+            {
+                _machine.Dispose();
+                _machineDisposed = true;
+                _machine.Dispose(); // twice: a no-op
+                return;
+            }
+            VmProcess? p = _live.Select(sp => sp.Process).Concat(_exited).FirstOrDefault();
+            bool mayDoNothing = call is ExitCall or UnpinCall or BufferDisposeCall or StoreDisposeCall;
+            Action? use = call switch
+            {
+                ExitCall => () => p?.Exit(),
+                UnpinCall => () => { foreach ((PinnedMemory pin, _) in _pins) pin.Dispose(); },
+                BufferDisposeCall => () => { foreach ((VmmBuffer b, _) in _buffers) b.Dispose(); },
+                StoreDisposeCall => () => _store?.Dispose(),
+                PinWriteCall => _pins.Count > 0 && _pins[0].Pin.Writable ? () => _pins[0].Pin.GetSpan(0)[0] = 1 : null,
+                BufferWriteCall => _buffers.Count > 0 ? () => _buffers[0].Buffer.Write(0, [1]) : null,
+                BufferReadCall => _buffers.Count > 0 ? () => _buffers[0].Buffer.Read(0, new byte[1]) : null,
+                BufferPinCall => _buffers.Count > 0 ? () => _buffers[0].Buffer.Pin().Dispose() : null,
+                StoreCreateCall or StoreAllocateCall or StoreEstimateCall => _store is null ? null : () => _store.EstimateSavings(),
+                KsmScanCall or KsmFullScansCall or KsmWriteCall or KsmReadCall or KsmWaitCall =>
+                    _machine.Ksm is null ? null : () => _machine.Ksm.ScanPages(10),
+                ReleaseFreeMemoryCall => () => _machine.ReleaseFreeMemory(),
+                ConcurrentCall => () => _machine.CreateProcess(),
+                _ when p is null => null,
+                ForkCall => () => p.Fork(),
+                PinCall => () => p.Pin(Window, Page, write: false).Dispose(),
+                ReadCall or ReadValueCall => () => p.Read<long>(Window),
+                WriteCall or WriteValueCall => () => p.Write<long>(Window, 1),
+                FillCall => () => p.Fill(Window, Page, 1),
+                PagemapCall => () => p.GetPagemap(Window),
+                _ => () => p.Munmap(Window, Page),
+            };
+            if (use is null)
+                return;
+            try
+            {
+                use();
+            }
+            catch (ObjectDisposedException)
+            {
+                return;
+            }
+            catch (Exception e)
+            {
+                throw Oracle(call, $"after Machine.Dispose threw {e.GetType().Name}, not ObjectDisposedException: {e}");
+            }
+            if (!mayDoNothing)
+                throw Oracle(call, "after Machine.Dispose the call did not throw ObjectDisposedException");
+        }
+
         // ---- the end of a sequence ---------------------------------------------------------------------
 
         private void Finish(long freeAtBoot)
         {
+            if (_machineDisposed)
+            {
+                foreach ((PinnedMemory pin, _) in _pins)
+                    pin.Dispose();
+                _store?.Dispose();
+                return;
+            }
             _machine.FaultInjector!.Reset(new FaultInjection { Sites = FaultSites.None });
             foreach (ShadowProcess sp in _live)
             {
@@ -916,4 +990,11 @@ internal static class KnownDefects
     /// frame numbers before it runs out of frames. Fixed on branch addr (issue 9, part 3).
     /// </summary>
     public const bool PinTrustsHugeLengths = true;
+
+    /// <summary>
+    /// Any use of a process, store, buffer, pin or KSM after Machine.Dispose reads or writes unmapped memory
+    /// (an AccessViolationException ends the test host), so the fuzzer never disposes the machine mid-sequence.
+    /// With this false it does, and expects ObjectDisposedException from every later call. Fixed on branch lifetime.
+    /// </summary>
+    public const bool UseAfterMachineDisposeCrashesTheHost = true;
 }

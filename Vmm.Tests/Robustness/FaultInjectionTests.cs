@@ -340,6 +340,25 @@ public sealed class FaultInjectionTests
     }
 
     [Test]
+    public void A_decommit_refused_in_the_KSM_release_worker_fails_neither_WaitForMemoryRelease_nor_Dispose()
+    {
+        // Before: Arena.Decommit's ArenaException escaped ReleaseFreeMemory into the background release
+        // task, which stayed faulted, so every later WaitForMemoryRelease and Machine.Dispose threw.
+        var machine = new Machine(LargerMachine with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit } });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(3 << 20);
+        p.Fill(va, 3 << 20, 0x66);
+        Assert.That(p.Madvise(va, 3 << 20, Advice.Mergeable), Is.EqualTo(Errno.None));
+        machine.Ksm!.RunFullScans(2);
+        Assert.That(() => machine.Ksm.WaitForMemoryRelease(), Throws.Nothing, "a refused decommit is not the host's problem");
+        Assert.That(machine.GetFaultInjectionStats().HostDecommitFailures, Is.GreaterThan(0), "every decommit was refused");
+        Assert.That(() => machine.Ksm.WaitForMemoryRelease(), Throws.Nothing, "nor is it remembered");
+        p.Exit();
+        Assert.That(machine.Audit(), Is.Empty);
+        Assert.That(() => machine.Dispose(), Throws.Nothing);
+    }
+
+    [Test]
     public void The_same_seed_fails_the_same_allocations()
     {
         static long[] Failures(ulong seed)
