@@ -213,10 +213,10 @@ public sealed class ApiFuzzTests
     private static Gen<Sequence> SequenceGen =>
         from n in Gen.Choose(1, CallsPerSequence)
         from calls in Gen.ArrayOf(CallGen, n)
-        from faulty in Gen.Frequency((3, Gen.Constant(false)), (1, Gen.Constant(true)))
+        from rate in Gen.Frequency((6, Gen.Constant(0.0)), (2, Gen.Constant(0.05)), (1, Gen.Constant(0.3)))
         from seed in Gen.Choose(0, int.MaxValue)
         from ksm in Gen.Frequency((9, Gen.Constant(true)), (1, Gen.Constant(false)))
-        select new Sequence((ulong)seed, faulty ? 0.05 : 0, calls, ksm);
+        select new Sequence((ulong)seed, rate, calls, ksm);
 
     /// <summary>Shrinks a sequence by dropping calls (halves first, then single calls), then the fault injection.</summary>
     private static IEnumerable<Sequence> Shrink(Sequence s)
