@@ -55,13 +55,14 @@ public sealed unsafe class Machine : IDisposable
         Id = Interlocked.Increment(ref s_lastId);
         Options = options ?? new MachineOptions();
         Options.Validate();
+        FaultInjector = Options.FaultInjection is { } injection ? new FaultInjector(injection) : null;
         Topology = Options.CreateTopology();
         Arena = ReserveOrExplain(() => new Arena(Topology, Options.ForcePortableArena), "arena");
         try
         {
             _memMap = ReserveOrExplain(() => new MemMap(Topology.TotalFrames, MemMap.SectionShiftFor(Topology), Options.ForcePortableArena), "frame descriptors");
             PageLock = new PageLock(_memMap);
-            Allocator = new PageAllocator(Topology, Arena, _memMap, Options);
+            Allocator = new PageAllocator(Topology, Arena, _memMap, Options, FaultInjector);
             Rmap = new RmapWalker(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
         }
@@ -93,6 +94,20 @@ public sealed unsafe class Machine : IDisposable
 
     /// <summary>This machine's number among the machines of the host process: what a thread's call marker names (MachineCall).</summary>
     internal long Id { get; }
+    /// <summary>
+    /// The fault injector (<see cref="MachineOptions.FaultInjection"/>), or null. Code that asks the host
+    /// for memory at run time calls <c>FaultInjector?.ShouldFail(FaultSite.HostCommit)</c> first and,
+    /// on true, takes its out-of-memory path.
+    /// </summary>
+    internal FaultInjector? FaultInjector { get; }
+
+    /// <summary>What fault injection did so far (all zero when the machine was built without it).</summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public FaultInjectionStats GetFaultInjectionStats()
+    {
+        using MachineCall call = EnterCall();
+        return FaultInjector?.GetStats() ?? default;
+    }
 
     /// <summary>The options it was built with.</summary>
     public MachineOptions Options { get; }

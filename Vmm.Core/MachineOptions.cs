@@ -68,6 +68,13 @@ public sealed record MachineOptions
     /// </summary>
     public bool BackgroundThreads { get; init; } = true;
 
+    /// <summary>
+    /// Fault injection for tests (Linux's fail_page_alloc): makes chosen frame allocations and host
+    /// commits fail as if memory had run out. Null (the default): nothing is injected, at the cost of
+    /// one null test per allocation. Counters: <see cref="Machine.GetFaultInjectionStats"/>.
+    /// </summary>
+    public FaultInjection? FaultInjection { get; init; }
+
     /// <summary>Use the portable heap arena even on Linux (its decommit cannot lower RSS).</summary>
     public bool ForcePortableArena { get; init; }
 

@@ -244,7 +244,13 @@ public sealed partial class Ksm
         ref PageDescriptor page = ref _machine.MemMap[op.Pfn];
         if (op.Ok)
         {
-            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.TreePfn)) && StillProtected(op.Item, op.Pfn, op.Orig);
+            // Only a page this mapping alone maps becomes a KSM page in place. A page still shared copy-on-write
+            // with another mm (a fork's parent or child) would turn that mm's mapping into a KSM mapping that no
+            // rmap item leads to when the other mm is not in this item's anon_vma (the scanned mm is the child,
+            // or the other mm never opted in): rmap_walk_ksm and Audit could not find it. The pair is retried
+            // next pass; once the sharing ends (a copy on write, an exit), it merges.
+            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.TreePfn)) && StillProtected(op.Item, op.Pfn, op.Orig) &&
+                    _machine.MemMap.MapCount(op.Pfn) == 1;
             if (op.Ok)
             {
                 // The page is locked and read-only everywhere: it becomes a KSM page in place.

@@ -72,9 +72,11 @@ internal sealed unsafe class PageAllocator
     private readonly byte[] _pageblockSavedType; // type before isolation; protected by the zone lock
     private readonly int _pcpMask;
     private readonly bool _poison; // MachineOptions.PoisonFreedFrames; immutable
+    private readonly FaultInjector? _faults; // MachineOptions.FaultInjection; immutable, null when off
 
-    internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options)
+    internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options, FaultInjector? faults = null)
     {
+        _faults = faults;
         _topology = topology;
         _arena = arena;
         _memMap = memMap;
@@ -172,6 +174,9 @@ internal sealed unsafe class PageAllocator
             throw new ArgumentOutOfRangeException(nameof(order), order, $"order must be 0 to {_nodeZones[0][0].MaxOrder}");
         if (preferredNode < NumaNoNode || preferredNode >= _topology.NodeCount)
             throw new ArgumentOutOfRangeException(nameof(preferredNode), preferredNode, "no such node");
+        // fail_page_alloc: the one place every frame is handed out (the per-CPU fast path included).
+        if (_faults is not null && _faults.ShouldFailAlloc(order, flags))
+            return NoPfn;
         int node = preferredNode == NumaNoNode ? 0 : preferredNode;
         bool movable = (flags & AllocFlags.Movable) != 0;
         bool thisNode = (flags & AllocFlags.ThisNode) != 0;
@@ -1026,7 +1031,8 @@ internal sealed unsafe class PageAllocator
                             if ((head.Flags & (ulong)PageFlags.Reported) != 0)
                                 continue;
                             long count = 1L << order;
-                            _arena.Decommit(pfn, count);
+                            if (!TryDecommit(pfn, count))
+                                continue;
                             for (long i = 0; i < count; i++)
                                 _memMap[pfn + i].Flags |= (ulong)PageFlags.Zeroed;
                             head.Flags |= (ulong)PageFlags.Reported;
@@ -1037,6 +1043,26 @@ internal sealed unsafe class PageAllocator
             }
         }
         return released;
+    }
+
+    /// <summary>
+    /// One decommit. A refusal (injected, or the host's) leaves the block free, committed and not
+    /// reported, so a later release tries again: giving memory back is best effort, as Linux's free
+    /// page reporting is, and must never fail the caller (the KSM release worker has nobody to tell).
+    /// </summary>
+    private bool TryDecommit(long pfn, long count)
+    {
+        if (_faults is not null && _faults.ShouldFail(FaultSite.HostDecommit))
+            return false;
+        try
+        {
+            _arena.Decommit(pfn, count);
+            return true;
+        }
+        catch (ArenaException)
+        {
+            return false;
+        }
     }
 
     // ================================================================================================

@@ -1,11 +1,13 @@
 using Vmm.Mm;
+using Vmm.Tests.Robustness;
 
 namespace Vmm.Tests.Mm;
 
 /// <summary>
 /// Processes against a shadow model: random mmap, munmap, mprotect, madvise, write, read, fork and exit
 /// on several processes, with a shadow copy of every process's memory as the oracle and Audit after
-/// every step. VMM_STRESS_SCALE=N runs N times more steps.
+/// every step (the oracle is Robustness/ShadowMemory.cs, shared with the API fuzzer). VMM_STRESS_SCALE=N runs
+/// N times more steps.
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
@@ -13,18 +15,6 @@ public sealed class ProcessModelTests
 {
     private const ulong Page = 4096;
     private const ulong Window = 0x4000_0000; // fixed mappings land in [Window, Window + 512 pages)
-
-    private sealed class ShadowPage
-    {
-        public byte[] Data = new byte[Page];
-    }
-
-    private sealed class ShadowProcess
-    {
-        public required VmProcess Process;
-        // page address -> (protection, contents, shared?)
-        public Dictionary<ulong, (Protection Prot, ShadowPage Contents, bool Shared)> Pages = [];
-    }
 
     [TestCase(11)]
     [TestCase(12)]
@@ -60,10 +50,8 @@ public sealed class ProcessModelTests
                 if (fixedAt)
                     Assert.That(mapped, Is.EqualTo(address));
                 for (ulong i = 0; i < pages; i++)
-                {
                     Assert.That(fixedAt || !sp.Pages.ContainsKey(mapped + i * Page), Is.True, $"step {step}: mmap reused a mapped address");
-                    sp.Pages[mapped + i * Page] = (prot, new ShadowPage(), shared);
-                }
+                sp.Map(mapped, pages * Page, prot, shared);
             }
             else if (action < 18 && sp.Pages.Count > 0)
             {
@@ -72,8 +60,8 @@ public sealed class ProcessModelTests
                 (ulong start, ulong length) = RandomRange(random, sp);
                 bool beyondUserSpace = start + length > 0x7FFF_FFFF_F000UL;
                 Assert.That(p.Munmap(start, length), Is.EqualTo(beyondUserSpace ? Errno.EINVAL : Errno.None), $"step {step}: {what}");
-                for (ulong a = start; a < start + length && !beyondUserSpace; a += Page)
-                    sp.Pages.Remove(a);
+                if (!beyondUserSpace)
+                    sp.Unmap(start, length);
             }
             else if (action < 24 && sp.Pages.Count > 0)
             {
@@ -81,16 +69,7 @@ public sealed class ProcessModelTests
                 counts[2]++;
                 (ulong start, ulong length) = RandomRange(random, sp);
                 Protection prot = random.Next(3) switch { 0 => Protection.None, 1 => Protection.Read, _ => Protection.ReadWrite };
-                Errno expected = Errno.None;
-                for (ulong a = start; a < start + length; a += Page)
-                {
-                    if (!sp.Pages.TryGetValue(a, out var entry))
-                    {
-                        expected = Errno.ENOMEM;
-                        break;
-                    }
-                    sp.Pages[a] = entry with { Prot = prot };
-                }
+                Errno expected = sp.Protect(start, length, prot);
                 Assert.That(p.Mprotect(start, length, prot), Is.EqualTo(expected), $"step {step}: {what}");
             }
             else if (action < 27 && sp.Pages.Count > 0)
@@ -98,14 +77,7 @@ public sealed class ProcessModelTests
                 what = "madvise(DONTNEED)";
                 counts[3]++;
                 (ulong start, ulong length) = RandomRange(random, sp);
-                Errno expected = Errno.None;
-                for (ulong a = start; a < start + length; a += Page)
-                {
-                    if (!sp.Pages.TryGetValue(a, out var entry))
-                        expected = Errno.ENOMEM;
-                    else if (!entry.Shared)
-                        sp.Pages[a] = entry with { Contents = new ShadowPage() };
-                }
+                Errno expected = sp.DontNeed(start, length);
                 Assert.That(p.Madvise(start, length, Advice.DontNeed), Is.EqualTo(expected), $"step {step}: {what}");
             }
             else if (action < 65 && sp.Pages.Count > 0)
@@ -116,15 +88,7 @@ public sealed class ProcessModelTests
                 int length = random.Next(1, 3 * (int)Page);
                 byte[] data = new byte[length];
                 random.NextBytes(data);
-                ulong? faultAt = null;
-                for (ulong a = start & ~(Page - 1); a < start + (ulong)length; a += Page)
-                {
-                    if (!sp.Pages.TryGetValue(a, out var entry) || entry.Prot != Protection.ReadWrite)
-                    {
-                        faultAt = Math.Max(a, start);
-                        break;
-                    }
-                }
+                ulong? faultAt = sp.FirstFault(start, (ulong)length, write: true);
                 try
                 {
                     p.Write(start, data);
@@ -135,9 +99,7 @@ public sealed class ProcessModelTests
                     Assert.That(fault.Address, Is.EqualTo(faultAt), $"step {step}: faulting address");
                     Assert.That(fault.Kind, Is.EqualTo(AccessKind.Write));
                 }
-                ulong end = faultAt ?? start + (ulong)length;
-                for (ulong a = start; a < end; a++)
-                    sp.Pages[a & ~(Page - 1)].Contents.Data[a & (Page - 1)] = data[a - start];
+                sp.Store(start, data, faultAt ?? start + (ulong)length);
             }
             else if (action < 90 && sp.Pages.Count > 0)
             {
@@ -146,15 +108,7 @@ public sealed class ProcessModelTests
                 ulong start = RandomMappedAddress(random, sp) + (ulong)random.Next(0, (int)Page);
                 int length = random.Next(1, 2 * (int)Page);
                 byte[] data = new byte[length];
-                ulong? faultAt = null;
-                for (ulong a = start & ~(Page - 1); a < start + (ulong)length; a += Page)
-                {
-                    if (!sp.Pages.TryGetValue(a, out var entry) || entry.Prot == Protection.None)
-                    {
-                        faultAt = Math.Max(a, start);
-                        break;
-                    }
-                }
+                ulong? faultAt = sp.FirstFault(start, (ulong)length, write: false);
                 try
                 {
                     p.Read(start, data);
@@ -164,25 +118,14 @@ public sealed class ProcessModelTests
                 {
                     Assert.That(fault.Address, Is.EqualTo(faultAt), $"step {step}: faulting address");
                 }
-                ulong end = faultAt ?? start + (ulong)length;
-                for (ulong a = start; a < end; a++)
-                {
-                    byte expected = sp.Pages[a & ~(Page - 1)].Contents.Data[a & (Page - 1)];
-                    if (data[a - start] != expected)
-                        Assert.Fail($"step {step}: byte at 0x{a:x} of {p} reads {data[a - start]}, the shadow says {expected}");
-                }
+                if (sp.Compare(start, data, faultAt ?? start + (ulong)length) is { } difference)
+                    Assert.Fail($"step {step}: {difference}");
             }
             else if (action < 95 && procs.Count < 6)
             {
                 what = "fork";
                 counts[6]++;
-                var child = new ShadowProcess { Process = p.Fork() };
-                foreach ((ulong a, var entry) in sp.Pages)
-                {
-                    ShadowPage contents = entry.Shared ? entry.Contents : new ShadowPage { Data = (byte[])entry.Contents.Data.Clone() };
-                    child.Pages[a] = (entry.Prot, contents, entry.Shared);
-                }
-                procs.Add(child);
+                procs.Add(sp.Fork(p.Fork()));
             }
             else if (procs.Count > 1)
             {
@@ -203,16 +146,7 @@ public sealed class ProcessModelTests
 
         // Every byte of every process, one last time.
         foreach (ShadowProcess sp in procs)
-        {
-            byte[] page = new byte[Page];
-            foreach ((ulong a, var entry) in sp.Pages)
-            {
-                if (entry.Prot == Protection.None)
-                    continue;
-                sp.Process.Read(a, page);
-                Assert.That(page, Is.EqualTo(entry.Contents.Data), $"page 0x{a:x} of {sp.Process}");
-            }
-        }
+            Assert.That(sp.CompareAll(), Is.Null, "every byte of every readable page");
         foreach (ShadowProcess sp in procs)
             sp.Process.Exit();
         Assert.That(machine.Audit(), Is.Empty);
