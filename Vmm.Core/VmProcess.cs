@@ -296,7 +296,7 @@ public sealed class VmProcess
         if (Mm.TryReadValue(address, out T read))
             return read;
         using MachineCall call = EnterLiveCall();
-        return Mm.ReadValue<T>(address);
+        return Mm.ReadValueSlow<T>(address);
     }
 
     /// <summary>Writes one unmanaged value.</summary>
@@ -309,7 +309,7 @@ public sealed class VmProcess
         if (Mm.TryWriteValue(address, value))
             return; // as in Read<T>: the access section alone keeps Dispose waiting
         using MachineCall call = EnterLiveCall();
-        Mm.WriteValue(address, value);
+        Mm.WriteValueSlow(address, value);
     }
 
     /// <summary>Sets a range of user memory to one byte value. A zero length does nothing.</summary>

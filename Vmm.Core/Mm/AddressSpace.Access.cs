@@ -268,12 +268,12 @@ internal sealed unsafe partial class AddressSpace
         }
     }
 
-    /// <summary>Reads one unmanaged value (it may straddle a page boundary).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public T ReadValue<T>(ulong va) where T : unmanaged
+    /// <summary>
+    /// Reads one unmanaged value (it may straddle a page boundary) through the span path, which faults:
+    /// for a caller whose <see cref="TryReadValue"/> failed (no second fast attempt).
+    /// </summary>
+    public T ReadValueSlow<T>(ulong va) where T : unmanaged
     {
-        if (TryReadValue(va, out T read))
-            return read;
         T value = default;
         Read(va, new Span<byte>(&value, sizeof(T)));
         return value;
@@ -307,15 +307,10 @@ internal sealed unsafe partial class AddressSpace
         return false;
     }
 
-    /// <summary>Writes one unmanaged value (it may straddle a page boundary).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public void WriteValue<T>(ulong va, T value) where T : unmanaged
-    {
-        if (!TryWriteValue(va, value))
-            Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
-    }
+    /// <summary>Writes one unmanaged value through the span path, which faults: the slow path of <see cref="TryWriteValue"/>.</summary>
+    public void WriteValueSlow<T>(ulong va, T value) where T : unmanaged => Write(va, new ReadOnlySpan<byte>(&value, sizeof(T)));
 
-    /// <summary>The fast path of <see cref="WriteValue"/>; the rules of <see cref="TryReadValue"/>.</summary>
+    /// <summary>The fast path of a one-value write; the rules of <see cref="TryReadValue"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public bool TryWriteValue<T>(ulong va, T value) where T : unmanaged
     {
