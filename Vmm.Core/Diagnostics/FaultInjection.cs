@@ -19,12 +19,12 @@
 //                     knobs: MinOrder (min-order), IgnoreUnmovable (the inverse of ignore-gfp-highmem:
 //                     leave kernel memory such as page tables alone), IgnoreNoWatermark (Linux never fails
 //                     __GFP_NOFAIL; our nearest kin are ALLOC_NO_WATERMARKS requests such as the zero page).
-//   HostCommit      - the machine asks the host for memory at run time: committing frame descriptors as
-//                     memory is first used (the sparse memmap of issue 9, part 4) or committing arena
-//                     frames ahead of use. Today nothing commits explicitly (arena frames commit on first
-//                     touch, which the host cannot refuse short of killing the process), so the site has
-//                     no caller yet; the hook is Machine.FaultInjector?.ShouldFail(FaultSite.HostCommit),
-//                     and a caller that sees true takes the path of a host that said ENOMEM.
+//   HostCommit      - the machine asks the host for memory at run time: a zone initialising its next
+//                     deferred memmap section (PageAllocator.GrowZoneLocked) commits that section's
+//                     descriptors. A refusal fails the allocation that needed it, as out of memory, and
+//                     the section stays deferred. Arena frames commit on first touch, which the host
+//                     cannot refuse short of killing the process: not a site. Other code that asks the
+//                     host for memory calls Machine.FaultInjector?.ShouldFail(FaultSite.HostCommit).
 //   HostDecommit    - giving free memory back (madvise DONTNEED in ReleaseFreeMemory and the KSM release
 //                     worker): a refused decommit leaves the block free and not yet given back.
 // Managed allocations (KSM's rmap-item slab, lists) are not sites: the CLR's OutOfMemoryException is not

@@ -1147,6 +1147,13 @@ internal sealed unsafe class PageAllocator
             long section = --zone.DeferredCursor;
             if (_memMap.IsSectionInitialised(section) || ZoneOf(section << _memMap.SectionShift) != zone)
                 continue;
+            // Initialising commits the section's descriptors (host memory): a host that refuses fails this
+            // allocation as out of memory, and the section stays deferred for a later try.
+            if (_faults is not null && _faults.ShouldFail(FaultSite.HostCommit))
+            {
+                zone.DeferredCursor++;
+                return false;
+            }
             InitSectionLocked(zone, section);
             return true;
         }

@@ -251,4 +251,26 @@ public sealed class SparseMemMapTests
         Assert.That(machine.MemMap.InitialisedSections, Is.LessThan(machine.MemMap.SectionCount));
         Assert.That(machine.Audit(), Is.Empty);
     }
+
+    [Test]
+    public void A_host_that_refuses_to_commit_a_section_fails_the_allocation_as_out_of_memory_and_loses_nothing()
+    {
+        // Every host commit fails: no section can be initialised, so the first fault (its page table and
+        // its page both need one) cannot be served.
+        var options = TwoBlocksPerNode with { FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit } };
+        using var machine = new Machine(options);
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(4 * 4096);
+        long sectionsBefore = machine.MemMap.InitialisedSections;
+        Assert.That(() => p.Write<long>(va, 1), Throws.TypeOf<InsufficientMemoryException>(), "no section could be committed");
+        Assert.That(machine.GetFaultInjectionStats().HostCommitFailures, Is.GreaterThanOrEqualTo(1));
+        Assert.That(machine.MemMap.InitialisedSections, Is.EqualTo(sectionsBefore), "a refused section stays deferred");
+        Assert.That(machine.Audit(), Is.Empty, "nothing half-initialised, every deferred frame still counted free");
+        machine.FaultInjector!.Reset(new FaultInjection { Sites = FaultSites.HostCommit, Times = 0 }); // the host commits again
+        p.Write<long>(va, 7);
+        Assert.That(p.Read<long>(va), Is.EqualTo(7));
+        Assert.That(machine.MemMap.InitialisedSections, Is.GreaterThan(sectionsBefore));
+        p.Exit();
+        Assert.That(machine.Audit(), Is.Empty);
+    }
 }
