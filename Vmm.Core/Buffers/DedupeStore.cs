@@ -192,9 +192,17 @@ public sealed class DedupeStore : IDisposable
                 continue;
             try
             {
-                for (long i = 0; i < buffer.PageCount; i++)
+                ulong stop = buffer.Address + (ulong)buffer.PageCount * PageSize;
+                for (ulong va = buffer.Address; va < stop; va += PageSize)
                 {
-                    ulong va = buffer.Address + (ulong)i * PageSize;
+                    // Where no page table exists nothing is present: skip it whole (at the start and at
+                    // each table boundary), so the estimate costs what the buffer holds, not its length.
+                    if (va == buffer.Address || (va & (PageSize * 512 - 1)) == 0)
+                    {
+                        va = Process.Mm.SkipToPageTable(va, stop);
+                        if (va >= stop)
+                            break;
+                    }
                     // Only pages with a frame of their own: never-written pages cost nothing to begin with,
                     // and KSM does not scan them (nor the zero page that a read maps).
                     PagemapEntry entry = Process.GetPagemap(va);

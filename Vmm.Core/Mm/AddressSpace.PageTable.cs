@@ -104,6 +104,25 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>
+    /// The first address in [<paramref name="va"/>, <paramref name="end"/>) that a PTE table covers, or
+    /// <paramref name="end"/> if none does: lets a page-by-page query of a sparse range (DedupeStore's
+    /// estimate over a 1 TiB buffer) skip the missing page-table levels whole instead of asking for each
+    /// of its 2^28 pages. Takes mmap_lock for read.
+    /// </summary>
+    public ulong SkipToPageTable(ulong va, ulong end)
+    {
+        MmapLock.EnterReadLock();
+        try
+        {
+            return NextPteTable(ref va, end, out _) == null ? end : va;
+        }
+        finally
+        {
+            MmapLock.ExitReadLock();
+        }
+    }
+
+    /// <summary>
     /// Finds the PTE slot for <paramref name="va"/>, allocating missing tables. Null if no frame could be
     /// allocated for a table (the caller reports out-of-memory; nothing was changed).
     /// Preconditions: mmap_lock held (read or write); <paramref name="va"/> below TASK_SIZE (it lies in a VMA).

@@ -47,8 +47,10 @@ internal sealed unsafe partial class AddressSpace
         var frames = new List<long>((int)Math.Min(pageCount, 64));
         try
         {
+            // The first page is faulted at the address itself, so a SegmentationFault there names the first
+            // byte of the range (as an access's does), not the page start below it.
             for (ulong va = first; va <= last; va += PageSize)
-                frames.Add(PinOne(va, write));
+                frames.Add(PinOne(va == first ? address : va, write));
         }
         catch
         {

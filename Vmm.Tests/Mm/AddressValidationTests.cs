@@ -130,4 +130,14 @@ public sealed class AddressValidationTests
         _p.Fill(1UL << 50, 0, 1);
         AssertUntouched("an empty access changes nothing");
     }
+
+    /// <summary>Found by the API fuzzer: Pin(0xfff, ...) over an unmapped page reported 0x0, outside the range.</summary>
+    [Test]
+    public void A_pin_starting_inside_an_unmapped_page_faults_at_its_first_byte_like_an_access()
+    {
+        ulong hole = _va - Page + 0xFFF; // the last byte of the unmapped page below the mapping
+        AssertMapError(() => _p.Pin(hole, 3 * Page, write: true).Dispose(), hole, AccessKind.Write, "Pin (write)");
+        AssertMapError(() => _p.Pin(hole, 1, write: false).Dispose(), hole, AccessKind.Read, "Pin (read)");
+        AssertMapError(() => _p.Read(hole, new byte[16]), hole, AccessKind.Read, "Read faults at the same byte");
+    }
 }

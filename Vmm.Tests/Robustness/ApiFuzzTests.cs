@@ -149,7 +149,7 @@ public sealed class ApiFuzzTests
     // ---- generators --------------------------------------------------------------------------------------
 
     private static Gen<Addr> AddrGen =>
-        from kind in Gen.Frequency((12, Gen.Constant(0)), (4, Gen.Constant(1)), (2, Gen.Constant(2)), (KnownDefects.HighAddressBitsReachMappings ? 0 : 1, Gen.Constant(3)))
+        from kind in Gen.Frequency((12, Gen.Constant(0)), (4, Gen.Constant(1)), (2, Gen.Constant(2)), (2, Gen.Constant(3)))
         from pick in Gen.Choose(0, 1000)
         from pages in Gen.Frequency((6, Gen.Constant(0)), (2, Gen.Choose(-2, 3)))
         from bytes in Gen.Frequency((6, Gen.Constant(0)), (1, Gen.Choose(1, (int)Page - 1)))
@@ -187,7 +187,7 @@ public sealed class ApiFuzzTests
     private static Gen<Call> CallGen => Gen.Frequency(
         (60, SimpleCallGen(concurrentSafe: false)),
         (3, from p in ProcessGen select (Call)new ExitCall(p)),
-        (4, from p in ProcessGen from a in AddrGen from l in LenGen.Where(l => !KnownDefects.PinTrustsHugeLengths || l.Kind != 2 || l.Bytes < 1UL << 32)
+        (4, from p in ProcessGen from a in AddrGen from l in LenGen
             from w in Gen.Elements(true, false) select (Call)new PinCall(p, a, l, w)),
         (3, from i in Gen.Choose(0, 7) from pg in Gen.Choose(0, 20) from v in Gen.Choose(0, 255) select (Call)new PinWriteCall(i, pg, (byte)v)),
         (2, from i in Gen.Choose(0, 7) select (Call)new UnpinCall(i)),
@@ -196,8 +196,8 @@ public sealed class ApiFuzzTests
         (2, from v in Gen.Choose(0, 2) select (Call)new KsmWriteCall(Array.IndexOf(KnobNames, "run"), v)), // run = 0, 1 (ksmd), 2
         (1, from k in Gen.Choose(0, KnobNames.Length - 1) select (Call)new KsmReadCall(k)),
         (3, from l in Gen.Choose(1, 3 * (int)Page) from v in SmallByte select (Call)new StoreCreateCall(l, v)),
-        // 1 TiB only once Pin sizes its array from what it pins (a pin of it would allocate 2 GiB of frame numbers).
-        (1, from l in Gen.Elements(0L, -1L, 1L, 4096L, 10_000L, long.MaxValue, long.MinValue, KnownDefects.PinTrustsHugeLengths ? 1L << 20 : 1L << 40)
+        // 1 TiB: a pin of it grows its frame list with what it pins and runs out of frames (InsufficientMemoryException).
+        (1, from l in Gen.Elements(0L, -1L, 1L, 4096L, 10_000L, long.MaxValue, long.MinValue, 1L << 20, 1L << 40)
             select (Call)new StoreAllocateCall(l)),
         (3, from b in Gen.Choose(0, 7) from o in Gen.Elements(0L, 1L, 100L, 4095L, 4096L, -1L, long.MaxValue, 20_000L) from l in Gen.Choose(0, 2 * (int)Page) from v in SmallByte
             select (Call)new BufferWriteCall(b, o, l, v)),
@@ -208,7 +208,7 @@ public sealed class ApiFuzzTests
         (1, Gen.Constant((Call)new StoreDisposeCall())),
         (1, Gen.Constant((Call)new ReleaseFreeMemoryCall())),
         (1, Gen.Constant((Call)new KsmWaitCall())),
-        (KnownDefects.UseAfterMachineDisposeCrashesTheHost ? 0 : 1, Gen.Constant((Call)new DisposeMachineCall())),
+        (1, Gen.Constant((Call)new DisposeMachineCall())),
         (4, from n in Gen.Choose(2, 3) from calls in Gen.ArrayOf(SimpleCallGen(concurrentSafe: true), n) select (Call)new ConcurrentCall(calls)));
 
     private static Gen<Sequence> SequenceGen =>
@@ -338,10 +338,6 @@ public sealed class ApiFuzzTests
             {
                 throw;
             }
-            catch (Exception e) when (DocumentedFailures.IsKnownDefect(ApiName(call), e))
-            {
-                // Accepted until the branch that fixes it is merged (DocumentedFailures.IsKnownDefect).
-            }
             catch (Exception e) when (DocumentedFailures.IsNeverAcceptable(e) || !(DocumentedFailures.IsDocumentedMisuse(e) || DocumentedFailures.IsOutOfMemory(e)))
             {
                 throw Oracle(call, $"threw an undocumented {e}");
@@ -395,9 +391,6 @@ public sealed class ApiFuzzTests
                 throw error is AssertionException ? error : Oracle(concurrent, error.ToString());
         }
 
-        /// <summary>The public call's name, for DocumentedFailures.IsKnownDefect: PinCall is "Pin".</summary>
-        private static string ApiName(Call call) => call.GetType().Name.Replace("Call", "", StringComparison.Ordinal);
-
         private static int ProcessOf(Call call) => call switch
         {
             MmapCall c => c.P, MmapThrowingCall c => c.P, MunmapCall c => c.P, MprotectCall c => c.P, MadviseCall c => c.P,
@@ -447,7 +440,32 @@ public sealed class ApiFuzzTests
                 {
                     if (Target(c.P) is not ({ } p, var sp))
                         return;
-                    ulong va = p.Mmap(c.Length.Bytes);
+                    ulong length = c.Length.Bytes;
+                    bool badLength = length == 0 || length > TaskSize;
+                    if (sp is null && !badLength)
+                    {
+                        ExpectExited(c, () => p.Mmap(length));
+                        return;
+                    }
+                    ulong va;
+                    try
+                    {
+                        va = p.Mmap(length);
+                    }
+                    catch (ArgumentOutOfRangeException e) when (badLength && e.ParamName == "length")
+                    {
+                        throw; // 0 or more than user space: an argument error (documented)
+                    }
+                    catch (ArgumentException e)
+                    {
+                        throw Oracle(c, $"an argument error for a length mmap accepts: {e}");
+                    }
+                    catch (InsufficientMemoryException e) when (badLength)
+                    {
+                        throw Oracle(c, $"out of memory for a length it must refuse as an argument error: {e}");
+                    }
+                    if (badLength)
+                        throw Oracle(c, $"mapped a length of 0x{length:x} at 0x{va:x}");
                     CheckNewMapping(c, sp, va, c.Length.Bytes, fixedAddress: false);
                     if (!UnmapIfHuge(c, p, va, c.Length.Bytes))
                         sp?.Map(va, c.Length.Bytes, Protection.ReadWrite, shared: false);
@@ -524,7 +542,11 @@ public sealed class ApiFuzzTests
                 case FillCall c: Fill(c); break;
                 case PagemapCall c:
                 {
-                    if (Target(c.P) is ({ } p, var sp))
+                    if (Target(c.P) is not ({ } p, var sp))
+                        return;
+                    if (sp is null)
+                        ExpectExited(c, () => p.GetPagemap(Resolve(c.At, sp)));
+                    else
                         p.GetPagemap(Resolve(c.At, sp));
                     break;
                 }
@@ -574,9 +596,12 @@ public sealed class ApiFuzzTests
                         if (_live.Count >= MaxProcesses)
                             return;
                     }
-                    VmProcess child = p.Fork();
                     if (sp is null)
-                        throw Oracle(c, "an exited process forked");
+                    {
+                        ExpectExited(c, () => p.Fork());
+                        return;
+                    }
+                    VmProcess child = p.Fork();
                     lock (_lock)
                         _live.Add(sp.Fork(child));
                     break;
@@ -607,8 +632,14 @@ public sealed class ApiFuzzTests
                 {
                     if (Target(c.P) is not ({ } p, var sp))
                         return;
-                    Errno e = c.Whole ? p.SetDedupeDomain(c.Domain) : p.SetDedupeDomain(Resolve(c.At, sp), c.Length.Bytes, c.Domain);
+                    ulong at = Resolve(c.At, sp);
+                    Errno e = c.Whole ? p.SetDedupeDomain(c.Domain) : p.SetDedupeDomain(at, c.Length.Bytes, c.Domain);
                     CheckErrno(c, e, Errno.EINVAL, Errno.ENOMEM, Errno.EAGAIN);
+                    // madvise's range rules: a misaligned start or a length that wraps (rounded up to pages,
+                    // or added to the start) is EINVAL, never a success on an empty range.
+                    bool invalid = !c.Whole && ((at & (Page - 1)) != 0 || Overflows(at, c.Length.Bytes));
+                    if (invalid != (e == Errno.EINVAL))
+                        throw Oracle(c, $"returned {e}, madvise's range rules say {(invalid ? "EINVAL" : "not EINVAL")}");
                     break;
                 }
                 case KsmScanCall c: _machine.Ksm?.ScanPages(c.Pages); break;
@@ -722,6 +753,12 @@ public sealed class ApiFuzzTests
             Protection prot = Protections[c.Prot];
             MapFlags flags = MapFlagSets[c.Flags];
             Errno e = p.Mmap(at, c.Length.Bytes, prot, flags, out ulong mapped);
+            const Protection known = Protection.ReadWrite | Protection.Exec;
+            if (e == Errno.EINVAL && (prot & ~known) != 0 && p.Mmap(at, c.Length.Bytes, prot & known, flags, out ulong again) == Errno.None)
+            {
+                // Linux's mmap ignores protection bits it does not know: the same call without them must fail the same way.
+                throw Oracle(c, $"EINVAL for the unknown protection bits 0x{(int)(prot & ~known):x}, but mapped at 0x{again:x} without them");
+            }
             if (e != Errno.None)
                 return;
             bool fixedAddress = (flags & (MapFlags.Fixed | MapFlags.FixedNoReplace)) != 0;
@@ -770,8 +807,8 @@ public sealed class ApiFuzzTests
             ulong at = Resolve(addr, sp);
             if (sp is null)
             {
-                access(p, at); // an exited process: only a documented exception is acceptable
-                throw Oracle(c, "an exited process's memory was accessed");
+                ExpectExited(c, () => access(p, at));
+                return;
             }
             ulong length = (ulong)data.Length;
             ulong? faultAt = sp.FirstFault(at, length, write);
@@ -784,17 +821,17 @@ public sealed class ApiFuzzTests
             }
             catch (SegmentationFault fault)
             {
-                if (fault.Reason == SegvReason.OutOfMemory)
-                {
-                    // Out of frames: an accessible page that could not be faulted in, at or before the first bad one.
-                    if (fault.Address < at || (faultAt is { } bad && fault.Address > bad) || sp.FirstFault(fault.Address, 1, write) is not null)
-                        throw Oracle(c, $"out of memory at 0x{fault.Address:x}, the shadow faults at {faultAt:x}");
-                }
-                else if (fault.Address != faultAt)
-                {
-                    throw Oracle(c, $"faulted at 0x{fault.Address:x} ({fault.Reason}), the shadow at {(faultAt is { } f ? $"0x{f:x}" : "nothing")}");
-                }
+                CheckFault(c, sp, fault, faultAt, write);
                 end = fault.Address;
+                if (write)
+                    sp.Store(at, data, end);
+                else if (sp.Compare(at, data, end) is { } difference)
+                    throw Oracle(c, difference);
+                throw;
+            }
+            catch (InsufficientMemoryException oom)
+            {
+                end = OutOfMemoryAt(c, sp, oom, at, faultAt, write);
                 if (write)
                     sp.Store(at, data, end);
                 else if (sp.Compare(at, data, end) is { } difference)
@@ -807,34 +844,107 @@ public sealed class ApiFuzzTests
                 throw Oracle(c, difference);
         }
 
+        /// <summary>
+        /// A SegmentationFault is exactly the shadow's first bad byte, SEGV_MAPERR where nothing is mapped
+        /// (at and above TASK_SIZE, high address bits included) and SEGV_ACCERR where the protection forbids
+        /// the access. Never OutOfMemory (that is InsufficientMemoryException), never Exited (no other thread
+        /// exits a process the fuzzer is accessing).
+        /// </summary>
+        private void CheckFault(Call c, ShadowProcess sp, SegmentationFault fault, ulong? faultAt, bool write)
+        {
+            if (fault.Address != faultAt)
+                throw Oracle(c, $"faulted at 0x{fault.Address:x} ({fault.Reason}), the shadow at {(faultAt is { } f ? $"0x{f:x}" : "nothing")}");
+            SegvReason expected = sp.Pages.ContainsKey(fault.Address & ~(Page - 1)) ? SegvReason.AccessError : SegvReason.MapError;
+            if (fault.Reason != expected)
+                throw Oracle(c, $"faulted at 0x{fault.Address:x} with {fault.Reason}, the shadow says {expected}");
+            if (fault.Kind != (write ? AccessKind.Write : AccessKind.Read))
+                throw Oracle(c, $"faulted at 0x{fault.Address:x} as a {fault.Kind}");
+        }
+
+        /// <summary>
+        /// Where an access ran out of frames (the message names the fault address): an accessible page at
+        /// or after the start and no later than the shadow's first bad byte. Bytes before it were accessed.
+        /// </summary>
+        private ulong OutOfMemoryAt(Call c, ShadowProcess sp, InsufficientMemoryException oom, ulong at, ulong? faultAt, bool write)
+        {
+            System.Text.RegularExpressions.Match m = System.Text.RegularExpressions.Regex.Match(oom.Message, " at 0x([0-9a-f]+)");
+            if (!m.Success)
+                throw Oracle(c, $"out of memory without the fault address: {oom.Message}");
+            ulong where = ulong.Parse(m.Groups[1].Value, NumberStyles.HexNumber, CultureInfo.InvariantCulture);
+            if (where < at || (faultAt is { } bad && where > bad) || sp.FirstFault(where, 1, write) is not null)
+                throw Oracle(c, $"out of memory at 0x{where:x}, the shadow faults at {faultAt:x}");
+            return where;
+        }
+
+        /// <summary>
+        /// A throwing call on an exited process: InvalidOperationException (ArgumentOutOfRangeException for
+        /// a length argument error, checked first), nothing else; never a success, never a SegmentationFault.
+        /// </summary>
+        private void ExpectExited(Call c, Action call)
+        {
+            try
+            {
+                call();
+            }
+            catch (ObjectDisposedException e)
+            {
+                throw Oracle(c, $"an exited process threw {e}");
+            }
+            catch (InvalidOperationException)
+            {
+                return;
+            }
+            catch (ArgumentOutOfRangeException e) when (e.ParamName == "length" && c is FillCall or PinCall or MmapThrowingCall)
+            {
+                return;
+            }
+            catch (Exception e) when (e is not AssertionException)
+            {
+                throw Oracle(c, $"an exited process threw {e.GetType().Name}, not InvalidOperationException: {e}");
+            }
+            throw Oracle(c, "an exited process's call succeeded");
+        }
+
         private void Fill(FillCall c)
         {
             if (Target(c.P) is not ({ } p, var sp))
                 return;
             ulong at = Resolve(c.At, sp);
             ulong length = c.Length.Bytes;
+            bool wraps = at < TaskSize && length != 0 && length - 1 > ulong.MaxValue - at;
             if (sp is null)
             {
-                p.Fill(at, length, c.Value);
-                if (length > 0)
-                    throw Oracle(c, "an exited process's memory was filled");
+                ExpectExited(c, () => p.Fill(at, length, c.Value));
                 return;
             }
             ulong? faultAt = sp.FirstFault(at, length, write: true);
             try
             {
                 p.Fill(at, length, c.Value);
+                if (wraps)
+                    throw Oracle(c, "filled a range that wraps past 2^64");
                 if (faultAt is not null)
                     throw Oracle(c, $"should have faulted at 0x{faultAt:x}");
                 sp.Fill(at, at + length, c.Value);
             }
+            catch (ArgumentOutOfRangeException e)
+            {
+                // A wrapping length is an argument error, nothing touched.
+                if (!wraps || e.ParamName != "length")
+                    throw Oracle(c, $"an argument error for a range that does not wrap: {e}");
+                throw;
+            }
             catch (SegmentationFault fault)
             {
-                bool oom = fault.Reason == SegvReason.OutOfMemory && fault.Address >= at && fault.Address <= (faultAt ?? ulong.MaxValue)
-                           && sp.FirstFault(fault.Address, 1, write: true) is null;
-                if (!oom && fault.Address != faultAt)
-                    throw Oracle(c, $"faulted at 0x{fault.Address:x} ({fault.Reason}), the shadow at {(faultAt is { } f ? $"0x{f:x}" : "nothing")}");
+                if (wraps)
+                    throw Oracle(c, $"a wrapping range faulted instead of ArgumentOutOfRangeException: {fault}");
+                CheckFault(c, sp, fault, faultAt, write: true);
                 sp.Fill(at, fault.Address, c.Value);
+                throw;
+            }
+            catch (InsufficientMemoryException oom)
+            {
+                sp.Fill(at, OutOfMemoryAt(c, sp, oom, at, faultAt, write: true), c.Value);
                 throw;
             }
         }
@@ -845,15 +955,45 @@ public sealed class ApiFuzzTests
                 return;
             ulong at = Resolve(c.At, sp);
             ulong length = c.Length.Bytes;
-            PinnedMemory pin = p.Pin(at, length, c.Write);
+            if (sp is null)
+            {
+                ExpectExited(c, () => p.Pin(at, length, c.Write).Dispose());
+                return;
+            }
+            // Argument errors, checked before anything is pinned: length 0, a range that wraps past 2^64 from
+            // a user address, more pages than a pin holds (Array.MaxLength; a start at or above TASK_SIZE faults first).
+            bool argumentError = length == 0 || (at < TaskSize && (length - 1 > ulong.MaxValue - at
+                || (((at + length - 1) >> 12) - (at >> 12)) + 1 > (ulong)Array.MaxLength));
+            PinnedMemory pin;
+            try
+            {
+                pin = p.Pin(at, length, c.Write);
+            }
+            catch (ArgumentOutOfRangeException e) when (e.ParamName == "length")
+            {
+                if (!argumentError)
+                    throw Oracle(c, $"an argument error for a valid range: {e}");
+                throw;
+            }
+            catch (SegmentationFault fault)
+            {
+                if (argumentError)
+                    throw Oracle(c, $"faulted instead of ArgumentOutOfRangeException: {fault}");
+                CheckFault(c, sp, fault, sp.FirstFault(at, length, c.Write), c.Write);
+                throw; // nothing stays pinned: the final leak check counts every frame
+            }
+            catch (InsufficientMemoryException) when (argumentError)
+            {
+                throw Oracle(c, "out of memory for an argument error");
+            }
+            if (argumentError)
+            {
+                pin.Dispose();
+                throw Oracle(c, $"pinned 0x{length:x} bytes at 0x{at:x}");
+            }
             lock (_lock)
             {
-                if (sp is null)
-                {
-                    pin.Dispose();
-                    throw Oracle(c, "an exited process's memory was pinned");
-                }
-                if (length > 0 && sp.FirstFault(at, length, c.Write) is { } bad)
+                if (sp.FirstFault(at, length, c.Write) is { } bad)
                 {
                     pin.Dispose();
                     throw Oracle(c, $"pinned although 0x{bad:x} does not allow the access");
@@ -988,29 +1128,13 @@ public sealed class ApiFuzzTests
 }
 
 /// <summary>
-/// Known defects the fuzzer steers around until the branch that fixes them is merged; the lead flips
-/// each to false after the merge (the fuzzer then generates those cases and expects Linux's behaviour).
+/// Known defects the fuzzer steers around until they are fixed; flip one to false after the fix (the
+/// fuzzer then generates those cases and expects Linux's behaviour). The ones issue 9's branches fixed
+/// (high address bits reaching mappings, Pin trusting huge lengths, use after Machine.Dispose crashing the
+/// host) are gone: the fuzzer generates those cases and checks the merged behaviour.
 /// </summary>
 internal static class KnownDefects
 {
-    /// <summary>An address with bits 48-63 set reaches the mapping of its low bits. Fixed on branch addr.</summary>
-    public const bool HighAddressBitsReachMappings = true;
-
-    /// <summary>
-    /// Pin sizes its frame array from an unchecked length: near 2^63 the count truncates, the first page
-    /// is pinned and then IndexOutOfRangeException leaks that pin (a frame lost for good); near 2^62 it
-    /// tries to allocate the array (OutOfMemoryException); a VmmBuffer of 1 TiB pinned allocates 2 GiB of
-    /// frame numbers before it runs out of frames. Fixed on branch addr (issue 9, part 3).
-    /// </summary>
-    public const bool PinTrustsHugeLengths = true;
-
-    /// <summary>
-    /// Any use of a process, store, buffer, pin or KSM after Machine.Dispose reads or writes unmapped memory
-    /// (an AccessViolationException ends the test host), so the fuzzer never disposes the machine mid-sequence.
-    /// With this false it does, and expects ObjectDisposedException from every later call. Fixed on branch lifetime.
-    /// </summary>
-    public const bool UseAfterMachineDisposeCrashesTheHost = true;
-
     /// <summary>
     /// Found by this fuzzer (KSM, not fixed here): a child forked from a merged process maps the KSM pages
     /// before ksmd links them (by design, "linked by ksmd later"); rmap_walk_ksm finds the child only through

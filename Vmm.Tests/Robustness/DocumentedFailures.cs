@@ -4,10 +4,10 @@ namespace Vmm.Tests.Robustness;
 
 /// <summary>
 /// The one list of how a public call may fail, shared by the fault-injection sweep and the API fuzzer.
-/// Anything a call throws or returns that is not here is a defect. When a documented exception changes
-/// (issue 9 unifies the out-of-memory type and the argument errors), change it here only.
-/// Entries marked "fixed on branch addr" / "fixed on branch lifetime" accept today's behaviour, which
-/// those branches replace; the lead tightens them after merging.
+/// Anything a call throws or returns that is not here is a defect. When a documented exception changes,
+/// change it here only. (Issue 9's branches are merged: out of frames is InsufficientMemoryException on
+/// every throwing path, an exited process is InvalidOperationException, argument errors are
+/// ArgumentException; nothing here accepts the defects those branches fixed.)
 /// </summary>
 internal static class DocumentedFailures
 {
@@ -15,16 +15,11 @@ internal static class DocumentedFailures
     public static readonly Errno[] OutOfMemoryErrnos = [Errno.ENOMEM, Errno.EAGAIN];
 
     /// <summary>
-    /// The documented out-of-memory exceptions: a fault that found no frame (SIGBUS-like
-    /// SegmentationFault with reason OutOfMemory: Read, Write, Fill, Pin), and InsufficientMemoryException
-    /// (Fork, the throwing Mmap overload, DedupeStore.Create, VmmBuffer.Write / Pin).
+    /// The documented out-of-memory exception of every throwing path: InsufficientMemoryException (Read,
+    /// Write, Read&lt;T&gt; / Write&lt;T&gt;, Fill, Pin, Fork, the throwing Mmap overload, DedupeStore,
+    /// VmmBuffer). SegvReason.OutOfMemory is never raised any more: a SegmentationFault is never out of memory.
     /// </summary>
-    public static bool IsOutOfMemory(Exception e) => e switch
-    {
-        SegmentationFault { Reason: SegvReason.OutOfMemory } => true,
-        InsufficientMemoryException => true,
-        _ => false,
-    };
+    public static bool IsOutOfMemory(Exception e) => e is InsufficientMemoryException;
 
     /// <summary>
     /// What a public call may throw for hostile arguments or misuse (not for lack of memory): a bad user
@@ -32,31 +27,17 @@ internal static class DocumentedFailures
     /// </summary>
     public static bool IsDocumentedMisuse(Exception e) => e switch
     {
-        SegmentationFault => true,            // bad address, protection, exited process (SegvReason.Exited)
+        SegmentationFault { Reason: SegvReason.OutOfMemory } => false, // out of frames is InsufficientMemoryException
+        SegmentationFault => true,            // bad address or protection (MapError / AccessError); Exited only when another thread exits the process during the access
         ArgumentException => true,            // ArgumentOutOfRangeException, ArgumentNullException: bad length, offset, knob, node
         ObjectDisposedException => true,      // disposed buffer, store, pin, machine
-        InvalidOperationException => true,    // an exited process (Fork), a store without KSM
-        // The throwing Mmap(length) overload says InsufficientMemoryException for any mmap error,
-        // EINVAL included. fixed on branch addr (an argument error becomes an ArgumentException).
-        InsufficientMemoryException => true,
-        _ => false,
-    };
-
-    /// <summary>
-    /// Today's defects that another branch fixes, accepted per call until the lead merges that branch and
-    /// deletes the entry. <paramref name="api"/> is the call's name (VmProcess.Pin is "Pin").
-    /// </summary>
-    /// <remarks>Defects that would corrupt state (not only throw the wrong type) are steered around instead: KnownDefects in ApiFuzzTests.cs.</remarks>
-    public static bool IsKnownDefect(string api, Exception e) => (api, e) switch
-    {
-        // Pin of a length near 2^62: its frame array is sized before the range is validated.
-        // fixed on branch addr (issue 9, part 3: Pin validates before allocating).
-        ("Pin", OutOfMemoryException or OverflowException) => true,
+        InvalidOperationException => true,    // an exited process (the throwing API), a store without KSM
         _ => false,
     };
 
     /// <summary>True for what no public call may ever throw, whatever its arguments: a bug in Vmm.</summary>
     public static bool IsNeverAcceptable(Exception e) =>
         e is VmBugException or NullReferenceException or IndexOutOfRangeException or AccessViolationException
-            or AggregateException or NotImplementedException;
+            or AggregateException or NotImplementedException or OverflowException
+            || (e is OutOfMemoryException && e is not InsufficientMemoryException);
 }

@@ -152,7 +152,7 @@ internal sealed class ShadowProcess
             {
                 Process.Read(a, page);
             }
-            catch (SegmentationFault fault) when (skipOutOfMemory && fault.Reason == SegvReason.OutOfMemory)
+            catch (InsufficientMemoryException) when (skipOutOfMemory)
             {
                 continue;
             }
