@@ -46,6 +46,14 @@ public sealed class VmProcess
 
     internal AddressSpace Mm { get; }
 
+    /// <summary>
+    /// The <see cref="Exception.Data"/> key under which an <see cref="InsufficientMemoryException"/> thrown
+    /// by an access (Read, Write, Fill, typed access) carries the address (a <see cref="ulong"/>) whose
+    /// page could not be served: the bytes before it were read or written, as a SegmentationFault's
+    /// Address says for a bad page.
+    /// </summary>
+    public const string FaultAddressKey = "Vmm.FaultAddress";
+
     /// <summary>Private anonymous pages mapped (RssAnon).</summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public long RssAnonPages

@@ -134,8 +134,16 @@ internal sealed unsafe partial class AddressSpace
             FaultResult.MapError => new SegmentationFault(va, kind, SegvReason.MapError),
             FaultResult.AccessError => new SegmentationFault(va, kind, SegvReason.AccessError),
             FaultResult.Exited => new SegmentationFault(va, kind, SegvReason.Exited),
-            _ => new InsufficientMemoryException($"out of memory: the machine has no frame for a {kind.ToString().ToLowerInvariant()} fault at 0x{va:x}"),
+            _ => OutOfFrames(va, kind),
         };
+    }
+
+    /// <summary>Out of frames at <paramref name="va"/>: the address rides in Data (<see cref="VmProcess.FaultAddressKey"/>).</summary>
+    private static InsufficientMemoryException OutOfFrames(ulong va, AccessKind kind)
+    {
+        var e = new InsufficientMemoryException($"out of memory: the machine has no frame for a {kind.ToString().ToLowerInvariant()} fault at 0x{va:x}");
+        e.Data[VmProcess.FaultAddressKey] = va;
+        return e;
     }
 
     /// <summary>

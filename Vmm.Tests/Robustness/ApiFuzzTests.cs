@@ -881,15 +881,13 @@ public sealed class ApiFuzzTests
         }
 
         /// <summary>
-        /// Where an access ran out of frames (the message names the fault address): an accessible page at
+        /// Where an access ran out of frames (VmProcess.FaultAddressKey in the exception's Data): an accessible page at
         /// or after the start and no later than the shadow's first bad byte. Bytes before it were accessed.
         /// </summary>
         private ulong OutOfMemoryAt(Call c, ShadowProcess sp, InsufficientMemoryException oom, ulong at, ulong? faultAt, bool write)
         {
-            System.Text.RegularExpressions.Match m = System.Text.RegularExpressions.Regex.Match(oom.Message, " at 0x([0-9a-f]+)");
-            if (!m.Success)
+            if (oom.Data[VmProcess.FaultAddressKey] is not ulong where)
                 throw Oracle(c, $"out of memory without the fault address: {oom.Message}");
-            ulong where = ulong.Parse(m.Groups[1].Value, NumberStyles.HexNumber, CultureInfo.InvariantCulture);
             if (where < at || (faultAt is { } bad && where > bad) || sp.FirstFault(where, 1, write) is not null)
                 throw Oracle(c, $"out of memory at 0x{where:x}, the shadow faults at {faultAt:x}");
             return where;
