@@ -308,7 +308,9 @@ public sealed class FaultInjectionTests
                 break; // the call makes fewer than n allocations: every point was tried
             failed++;
         }
-        Assert.Pass($"{scenario.Name}: {failed} injection points");
+        // RunOnce asserted every point; a call that allocates nothing (munmap, madvise, a scan of merged
+        // pages) ran once without a failure and must simply succeed, which RunOnce checked too.
+        TestContext.Out.WriteLine($"{scenario.Name}: {failed} injection points");
     }
 
     [TestCaseSource(nameof(Scenarios))]
