@@ -240,6 +240,25 @@ public sealed class SparseMemMapTests
     }
 
     [Test]
+    public void Audit_notices_a_deferred_section_the_zone_can_no_longer_grow_into()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        Zone zone = machine.Allocator.GetZone(1, ZoneType.Movable);
+        long cursor = zone.DeferredCursor;
+        zone.DeferredCursor = machine.MemMap.SectionOf(zone.StartPfn); // as if every section had been passed
+        try
+        {
+            Assert.That(machine.Audit(), Has.Some.Contains("can never be grown into"),
+                "the counters still add up, but growth would never reach these free frames");
+        }
+        finally
+        {
+            zone.DeferredCursor = cursor;
+        }
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
     public void The_portable_memmap_initialises_sections_the_same_way()
     {
         using var machine = new Machine(TwoBlocksPerNode with { ForcePortableArena = true });
