@@ -161,6 +161,19 @@ internal static unsafe class Auditor
             {
                 Zone zone = machine.Allocator.ZoneOf(pfn);
                 deferred[zone] = deferred.GetValueOrDefault(zone) + memMap.FramesPerSection;
+                // Why check more than the count: growth (PageAllocator.GrowZoneLocked) only walks down from
+                // the zone's cursor and frees a section as one max-order block of its pageblocks' type, which
+                // WatermarkOk and GetPageInfo assume is MOVABLE. A deferred section at or above the cursor is
+                // free memory the allocator can never hand out, though every counter still adds up.
+                long section = memMap.SectionOf(pfn);
+                if (section >= Volatile.Read(ref zone.DeferredCursor))
+                    problems.Add($"{zone}: section {section} is deferred but not below the zone's cursor {zone.DeferredCursor}: it can never be grown into");
+                for (long pageblock = pfn; pageblock < pfn + memMap.FramesPerSection; pageblock += PageAllocator.PageblockFrames)
+                {
+                    MigrateType type = machine.Allocator.GetPageblockMigratetype(pageblock);
+                    if (type != MigrateType.Movable)
+                        problems.Add($"{zone}: deferred section {section} has a {type} pageblock at frame {pageblock}");
+                }
                 pfn += memMap.FramesPerSection - 1;
                 continue;
             }

@@ -240,6 +240,25 @@ public sealed class SparseMemMapTests
     }
 
     [Test]
+    public void Audit_notices_a_deferred_section_the_zone_can_no_longer_grow_into()
+    {
+        using var machine = new Machine(TwoBlocksPerNode);
+        Zone zone = machine.Allocator.GetZone(1, ZoneType.Movable);
+        long cursor = zone.DeferredCursor;
+        zone.DeferredCursor = machine.MemMap.SectionOf(zone.StartPfn); // as if every section had been passed
+        try
+        {
+            Assert.That(machine.Audit(), Has.Some.Contains("can never be grown into"),
+                "the counters still add up, but growth would never reach these free frames");
+        }
+        finally
+        {
+            zone.DeferredCursor = cursor;
+        }
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
     public void The_portable_memmap_initialises_sections_the_same_way()
     {
         using var machine = new Machine(TwoBlocksPerNode with { ForcePortableArena = true });
@@ -272,5 +291,151 @@ public sealed class SparseMemMapTests
         Assert.That(machine.MemMap.InitialisedSections, Is.GreaterThan(sectionsBefore));
         p.Exit();
         Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    public void A_refused_commit_leaves_the_cursor_below_sections_initialised_out_of_turn_and_the_next_grow_takes_the_next_section_down()
+    {
+        // One node, ZONE_MOVABLE of four sections. Isolation initialises the top section out of turn; the
+        // allocator takes it off the free list, then must grow: it passes the initialised top section,
+        // is refused the next one, and must leave the cursor so that the next grow takes that section.
+        var options = new MachineOptions
+        {
+            NodeCount = 1, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MovableBlocksPerNode = 2, MinFreeKbytes = 0,
+            FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit, Times = 0 },
+        };
+        using var machine = new Machine(options);
+        PageAllocator allocator = machine.Allocator;
+        Zone zone = allocator.GetZone(0, ZoneType.Movable);
+        long frames = machine.MemMap.FramesPerSection;
+        long top = zone.EndPfn / frames - 1;
+        const AllocFlags movableHere = AllocFlags.Movable | AllocFlags.ThisNode;
+
+        Assert.That(allocator.IsolatePageRange(top * frames, (top + 1) * frames), Is.EqualTo(Errno.None));
+        allocator.UndoIsolatePageRange(top * frames, (top + 1) * frames);
+        long first = allocator.AllocPages(PageAllocator.MaxOrder, movableHere);
+        Assert.That(first, Is.EqualTo(top * frames), "the section isolation initialised is a free max-order block");
+
+        machine.FaultInjector!.Reset(new FaultInjection { Sites = FaultSites.HostCommit }); // every commit refused
+        Assert.That(allocator.AllocPages(PageAllocator.MaxOrder, movableHere | AllocFlags.NoWatermark), Is.EqualTo(PageAllocator.NoPfn),
+            "no section can be committed (and the zone neither loops nor trips its deferred-pages assertion)");
+        Assert.That(zone.DeferredCursor, Is.EqualTo(top), "the refused section top - 1 is still below the cursor");
+        Assert.That(zone.DeferredPages, Is.EqualTo(3 * frames));
+
+        machine.FaultInjector.Reset(new FaultInjection { Sites = FaultSites.HostCommit, Times = 0 });
+        long second = allocator.AllocPages(PageAllocator.MaxOrder, movableHere);
+        Assert.That(second, Is.EqualTo((top - 1) * frames), "the next grow takes the refused section, the highest still deferred");
+        allocator.FreePages(first, PageAllocator.MaxOrder);
+        allocator.FreePages(second, PageAllocator.MaxOrder);
+        Assert.That(machine.Audit(), Is.Empty);
+    }
+
+    [Test]
+    [Category("Stress")]
+    public void Growth_isolation_injected_refusals_and_lock_free_readers_race_without_touching_an_uninitialised_descriptor()
+    {
+        // 2 MiB blocks: a section is one block and one pageblock (max order 9). Allocators of every order
+        // and both types grow zones while host commits are refused at random, an isolator initialises
+        // sections out of turn, and lock-free readers look at every kind of frame.
+        var options = new MachineOptions
+        {
+            NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 2L << 20, MovableBlocksPerNode = 3, MinFreeKbytes = 0,
+            FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit, Probability = 0.3, Seed = 11 },
+        };
+        using var machine = new Machine(options);
+        PageAllocator allocator = machine.Allocator;
+        int maxOrder = machine.MemMap.SectionShift;
+        int iterations = 4_000 * TestEnvironment.StressScale;
+        var failures = new List<string>();
+        int running = 3;
+
+        void Allocate(int id)
+        {
+            var random = new Random(id);
+            var held = new List<(long Pfn, int Order)>();
+            try
+            {
+                for (int i = 0; i < iterations; i++)
+                {
+                    if (held.Count < 48 && random.Next(2) == 0)
+                    {
+                        int order = random.Next(8) == 0 ? random.Next(1, maxOrder + 1) : 0;
+                        AllocFlags flags = (random.Next(2) == 0 ? AllocFlags.Movable : AllocFlags.None) | (random.Next(4) == 0 ? AllocFlags.NoWatermark : AllocFlags.None);
+                        long pfn = allocator.AllocPages(order, flags, random.Next(2));
+                        if (pfn != PageAllocator.NoPfn)
+                            held.Add((pfn, order));
+                    }
+                    else if (held.Count > 0)
+                    {
+                        int index = random.Next(held.Count);
+                        (long pfn, int order) = held[index];
+                        held[index] = held[^1];
+                        held.RemoveAt(held.Count - 1);
+                        allocator.FreePages(pfn, order);
+                    }
+                }
+            }
+            catch (Exception e)
+            {
+                lock (failures) failures.Add($"allocator {id}: {e}");
+            }
+            finally
+            {
+                foreach ((long pfn, int order) in held)
+                    allocator.FreePages(pfn, order);
+                Interlocked.Decrement(ref running);
+            }
+        }
+
+        void Isolate()
+        {
+            var random = new Random(99);
+            try
+            {
+                while (Volatile.Read(ref running) > 0)
+                {
+                    int block = random.Next(machine.Topology.BlockCount);
+                    long start = machine.Topology.FirstPfnOfBlock(block);
+                    long end = start + machine.Topology.FramesPerBlock;
+                    if (allocator.IsolatePageRange(start, end) == Errno.None)
+                        allocator.UndoIsolatePageRange(start, end);
+                }
+            }
+            catch (Exception e)
+            {
+                lock (failures) failures.Add($"isolator: {e}");
+            }
+        }
+
+        void Read()
+        {
+            var random = new Random(7);
+            try
+            {
+                while (Volatile.Read(ref running) > 0)
+                {
+                    _ = machine.GetPageInfo(random.NextInt64(machine.Topology.TotalFrames));
+                    _ = machine.GetMemoryBlock(random.Next(machine.Topology.BlockCount));
+                    _ = machine.GetStats();
+                    if (random.Next(64) == 0)
+                        machine.ReleaseFreeMemory();
+                }
+            }
+            catch (Exception e)
+            {
+                lock (failures) failures.Add($"reader: {e}");
+            }
+        }
+
+        Thread[] threads = [.. Enumerable.Range(0, 3).Select(i => new Thread(() => Allocate(i))), new Thread(Isolate), new Thread(Read)];
+        foreach (Thread t in threads)
+            t.Start();
+        foreach (Thread t in threads)
+            Assert.That(t.Join(TimeSpan.FromMinutes(2)), Is.True, "no thread hangs");
+        Assert.That(failures, Is.Empty);
+        allocator.DrainAllPages();
+        Assert.That(machine.Audit(), Is.Empty);
+        MachineStats stats = machine.GetStats();
+        Assert.That(stats.MemFreeBytes, Is.EqualTo(stats.MemTotalBytes), "every frame came back");
     }
 }
