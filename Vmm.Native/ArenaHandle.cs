@@ -25,6 +25,17 @@ internal sealed class ArenaHandle : SafeHandle
 
     public override bool IsInvalid => handle == 0;
 
+    /// <summary>
+    /// Asks the host never to back the range with transparent huge pages (best effort; nothing for the
+    /// heap fallback). For a reservation committed in small pieces: with THP "always", the first touch
+    /// of a 64 KiB memmap section would otherwise commit a whole 2 MiB huge page.
+    /// </summary>
+    public void AdviseNoHugePages()
+    {
+        if (IsMapped)
+            _ = Libc.madvise(handle, Length, Libc.MADV_NOHUGEPAGE); // an old kernel without THP says EINVAL: nothing to avoid
+    }
+
     /// <summary>Reserves <paramref name="length"/> bytes without committing them.</summary>
     /// <param name="length">bytes to reserve.</param>
     /// <param name="forcePortable">use the heap fallback even on Linux.</param>

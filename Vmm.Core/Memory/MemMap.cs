@@ -46,12 +46,16 @@ internal sealed unsafe class MemMap : IDisposable
         SectionCount = frameCount >> sectionShift;
         _sectionInitialised = new ulong[(SectionCount + 63) >> 6];
         _reservation = ArenaHandle.Reserve((nuint)(frameCount * PageDescriptor.Size), forcePortable, clearPortable: false);
+        _reservation.AdviseNoHugePages(); // sections commit 64 KiB at a time: a huge page would commit 2 MiB per touch
         _pages = (PageDescriptor*)_reservation.DangerousGetHandle();
     }
 
     /// <summary>The section shift for a topology: 2^MaxOrder frames, or one memory block if that is smaller.</summary>
     public static int SectionShiftFor(Topology topology) =>
         Math.Min(PageAllocator.MaxOrder, System.Numerics.BitOperations.Log2((ulong)topology.FramesPerBlock));
+
+    /// <summary>Where the descriptor array starts in the host's address space (for tests that read /proc/self/smaps).</summary>
+    public nint BaseAddress => (nint)_pages;
 
     /// <summary>Frames described.</summary>
     public long FrameCount { get; }

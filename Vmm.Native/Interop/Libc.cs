@@ -18,6 +18,9 @@ internal static partial class Libc
     /// <summary>Drop the pages: the next touch of a private anonymous mapping reads zeros.</summary>
     internal const int MADV_DONTNEED = 4;
 
+    /// <summary>Never back the range with transparent huge pages: a first touch commits 4 KiB, not 2 MiB.</summary>
+    internal const int MADV_NOHUGEPAGE = 15;
+
     /// <summary>Prefault writable pages (Linux 5.14+); EINVAL on older kernels.</summary>
     internal const int MADV_POPULATE_WRITE = 23;
 

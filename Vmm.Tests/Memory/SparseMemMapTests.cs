@@ -438,4 +438,36 @@ public sealed class SparseMemMapTests
         MachineStats stats = machine.GetStats();
         Assert.That(stats.MemFreeBytes, Is.EqualTo(stats.MemTotalBytes), "every frame came back");
     }
+
+    [Test]
+    public void The_descriptor_array_asks_the_host_for_no_transparent_huge_pages()
+    {
+        if (!OperatingSystem.IsLinux())
+            Assert.Ignore("/proc/self/smaps is Linux's");
+        if (!Directory.Exists("/sys/kernel/mm/transparent_hugepage"))
+            Assert.Ignore("a kernel without transparent huge pages has nothing to avoid (and no nh flag)");
+        using var machine = new Machine(TwoBlocksPerNode);
+        ulong start = (ulong)machine.MemMap.BaseAddress;
+        // smaps: a header line "start-end perms ..." per mapping, then fields; VmFlags "nh" is MADV_NOHUGEPAGE.
+        string? flags = null;
+        bool inside = false;
+        foreach (string line in File.ReadLines("/proc/self/smaps"))
+        {
+            int dash = line.IndexOf('-', StringComparison.Ordinal);
+            if (dash > 0 && line.Contains(' ', StringComparison.Ordinal) && ulong.TryParse(line.AsSpan(0, dash), System.Globalization.NumberStyles.HexNumber, null, out ulong from))
+            {
+                int space = line.IndexOf(' ', StringComparison.Ordinal);
+                ulong to = ulong.Parse(line.AsSpan(dash + 1, space - dash - 1), System.Globalization.NumberStyles.HexNumber);
+                inside = start >= from && start < to;
+            }
+            else if (inside && line.StartsWith("VmFlags:", StringComparison.Ordinal))
+            {
+                flags = line;
+                break;
+            }
+        }
+        Assert.That(flags, Is.Not.Null, "the memmap is an mmap'd region");
+        Assert.That(flags!.Split(' ', StringSplitOptions.RemoveEmptyEntries), Does.Contain("nh"),
+            "a section commits 64 KiB; a huge page would commit 2 MiB on its first touch");
+    }
 }
