@@ -421,4 +421,66 @@ public sealed class LifetimeTests
         Assert.That(ksm.HasThread, Is.True, "ksmd had started");
         Assert.DoesNotThrow(store.Dispose);
     }
+
+    // ---- per-thread slots ------------------------------------------------------------------------
+
+    [Test]
+    [NonParallelizable] // takes every slot of the process for a moment
+    public void A_thread_refused_a_slot_does_not_free_another_thread_s_slot_when_its_half_built_context_is_finalized()
+    {
+        // A finalizable object whose constructor throws is still finalized. AccessContext's constructor
+        // throws when all slots are taken; its finalizer then released Slot, still 0, so slot 0 (another
+        // live thread's call markers and access epoch) read free: Machine.Dispose and the TLB flush would no
+        // longer wait for that thread, and the next new thread shared its slot.
+        GC.Collect();
+        GC.WaitForPendingFinalizers(); // slots of threads that died before this test go back first
+        var taken = new List<int>();
+        try
+        {
+            while (true)
+            {
+                try
+                {
+                    taken.Add(TlbShootdown.AllocateSlot());
+                }
+                catch (InvalidOperationException)
+                {
+                    break; // every slot is in use now
+                }
+            }
+            Exception? refused = null;
+            var latecomer = new Thread(() =>
+            {
+                try
+                {
+                    _ = AccessContext.Current;
+                }
+                catch (Exception e)
+                {
+                    refused = e;
+                }
+            });
+            latecomer.Start();
+            latecomer.Join();
+            Assert.That(refused, Is.TypeOf<InvalidOperationException>(), "a thread beyond the last slot is refused");
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            int? freed = null;
+            try
+            {
+                freed = TlbShootdown.AllocateSlot();
+                taken.Add(freed.Value);
+            }
+            catch (InvalidOperationException)
+            {
+                // no slot came free: right
+            }
+            Assert.That(freed, Is.Not.EqualTo(0), "the half-built context's finalizer released slot 0, which it never owned");
+        }
+        finally
+        {
+            foreach (int slot in taken)
+                TlbShootdown.ReleaseSlot(slot);
+        }
+    }
 }
