@@ -422,6 +422,44 @@ public sealed class LifetimeTests
         Assert.DoesNotThrow(store.Dispose);
     }
 
+    [Test]
+    public void A_buffer_pin_that_Dispose_overtakes_inside_its_call_does_not_keep_the_arena_mapped()
+    {
+        // VmmBuffer.Pin holds one machine call around Process.Pin and the PinnedBuffer's sequence, but the call
+        // only keeps Dispose from freeing: Dispose may set its flag in between. The PinnedBuffer constructor's
+        // AsSequence then threw ObjectDisposedException and the PinnedMemory just made was dropped undisposed,
+        // its arena hold left to the finalizer: the disposed machine's range stayed reserved until some GC.
+        var machine = NewMachine();
+        var store = new DedupeStore(machine);
+        VmmBuffer buffer = store.Create(new byte[2 * Page]);
+        Task? disposing = null;
+        Exception? thrown = null;
+        var caller = new Thread(() =>
+        {
+            using (machine.EnterCall()) // where VmmBuffer.Pin stands once its Enter has passed
+            {
+                disposing = Task.Run(machine.Dispose);
+                var spin = new SpinWait();
+                while (!machine.IsDisposed)
+                    spin.SpinOnce();
+                try
+                {
+                    _ = new PinnedBuffer(store.Process.Pin(buffer.Address, 2 * Page, write: false), 2 * Page);
+                }
+                catch (Exception e)
+                {
+                    thrown = e;
+                }
+            }
+        });
+        caller.Start();
+        caller.Join();
+        Assert.That(disposing!.Wait(TimeSpan.FromSeconds(30)), Is.True, "Dispose returns once the call has left");
+        Assert.That(thrown, Is.TypeOf<ObjectDisposedException>(), "the pin is refused: the machine is going");
+        Assert.That(machine.Arena.PinReferences, Is.Zero, "the refused pin let go of the arena at once, not at some GC");
+        Assert.That(machine.Arena.IsReleased, Is.True, "so the disposed machine's range is unmapped");
+    }
+
     // ---- per-thread slots ------------------------------------------------------------------------
 
     [Test]
