@@ -421,4 +421,104 @@ public sealed class LifetimeTests
         Assert.That(ksm.HasThread, Is.True, "ksmd had started");
         Assert.DoesNotThrow(store.Dispose);
     }
+
+    [Test]
+    public void A_buffer_pin_that_Dispose_overtakes_inside_its_call_does_not_keep_the_arena_mapped()
+    {
+        // VmmBuffer.Pin holds one machine call around Process.Pin and the PinnedBuffer's sequence, but the call
+        // only keeps Dispose from freeing: Dispose may set its flag in between. The PinnedBuffer constructor's
+        // AsSequence then threw ObjectDisposedException and the PinnedMemory just made was dropped undisposed,
+        // its arena hold left to the finalizer: the disposed machine's range stayed reserved until some GC.
+        var machine = NewMachine();
+        var store = new DedupeStore(machine);
+        VmmBuffer buffer = store.Create(new byte[2 * Page]);
+        Task? disposing = null;
+        Exception? thrown = null;
+        var caller = new Thread(() =>
+        {
+            using (machine.EnterCall()) // where VmmBuffer.Pin stands once its Enter has passed
+            {
+                disposing = Task.Run(machine.Dispose);
+                var spin = new SpinWait();
+                while (!machine.IsDisposed)
+                    spin.SpinOnce();
+                try
+                {
+                    _ = new PinnedBuffer(store.Process.Pin(buffer.Address, 2 * Page, write: false), 2 * Page);
+                }
+                catch (Exception e)
+                {
+                    thrown = e;
+                }
+            }
+        });
+        caller.Start();
+        caller.Join();
+        Assert.That(disposing!.Wait(TimeSpan.FromSeconds(30)), Is.True, "Dispose returns once the call has left");
+        Assert.That(thrown, Is.TypeOf<ObjectDisposedException>(), "the pin is refused: the machine is going");
+        Assert.That(machine.Arena.PinReferences, Is.Zero, "the refused pin let go of the arena at once, not at some GC");
+        Assert.That(machine.Arena.IsReleased, Is.True, "so the disposed machine's range is unmapped");
+    }
+
+    // ---- per-thread slots ------------------------------------------------------------------------
+
+    [Test]
+    [NonParallelizable] // takes every slot of the process for a moment
+    public void A_thread_refused_a_slot_does_not_free_another_thread_s_slot_when_its_half_built_context_is_finalized()
+    {
+        // A finalizable object whose constructor throws is still finalized. AccessContext's constructor
+        // throws when all slots are taken; its finalizer then released Slot, still 0, so slot 0 (another
+        // live thread's call markers and access epoch) read free: Machine.Dispose and the TLB flush would no
+        // longer wait for that thread, and the next new thread shared its slot.
+        GC.Collect();
+        GC.WaitForPendingFinalizers(); // slots of threads that died before this test go back first
+        var taken = new List<int>();
+        try
+        {
+            while (true)
+            {
+                try
+                {
+                    taken.Add(TlbShootdown.AllocateSlot());
+                }
+                catch (InvalidOperationException)
+                {
+                    break; // every slot is in use now
+                }
+            }
+            Exception? refused = null;
+            var latecomer = new Thread(() =>
+            {
+                try
+                {
+                    _ = AccessContext.Current;
+                }
+                catch (Exception e)
+                {
+                    refused = e;
+                }
+            });
+            latecomer.Start();
+            latecomer.Join();
+            Assert.That(refused, Is.TypeOf<InvalidOperationException>(), "a thread beyond the last slot is refused");
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            int? freed = null;
+            try
+            {
+                freed = TlbShootdown.AllocateSlot();
+                taken.Add(freed.Value);
+            }
+            catch (InvalidOperationException)
+            {
+                // no slot came free: right
+            }
+            Assert.That(freed, Is.Not.EqualTo(0), "the half-built context's finalizer released slot 0, which it never owned");
+        }
+        finally
+        {
+            foreach (int slot in taken)
+                TlbShootdown.ReleaseSlot(slot);
+        }
+    }
 }

@@ -35,7 +35,19 @@ public sealed class PinnedBuffer : IDisposable
     {
         _pin = pin;
         Length = length;
-        _sequence = pin.AsSequence();
+        try
+        {
+            _sequence = pin.AsSequence();
+        }
+        catch
+        {
+            // Why: VmmBuffer.Pin's machine call only keeps Dispose from freeing, not from setting its flag, so
+            // AsSequence may refuse (ObjectDisposedException). The pin would then be dropped undisposed, and its
+            // hold on the arena would keep a disposed machine's range reserved until a GC ran its finalizer.
+            // Still inside the call, its Dispose unpins and lets go at once.
+            pin.Dispose();
+            throw;
+        }
     }
 
     /// <summary>Bytes pinned: the whole buffer.</summary>

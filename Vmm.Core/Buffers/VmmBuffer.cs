@@ -122,7 +122,8 @@ public sealed class VmmBuffer : IDisposable
     {
         if (PageCount > Array.MaxLength)
             throw new InvalidOperationException($"the buffer ({PageCount} pages) spans more pages than one pin can hold");
-        // One machine call around the pin and its sequence, so the machine cannot go in between (the pin would leak).
+        // One machine call around the pin and its sequence, so the machine's memory cannot go in between; Dispose
+        // may still set its flag, and then PinnedBuffer's constructor disposes the pin it cannot wrap.
         using MachineCall call = _store.Machine.EnterCall();
         Enter();
         try

@@ -162,7 +162,10 @@ internal sealed unsafe class AccessContext
 
     [ThreadStatic] private static AccessContext? t_current;
 
-    public readonly int Slot;
+    // -1 until AllocateSlot succeeds. Why: a finalizable object whose constructor throws (every slot taken,
+    // or out of memory for Tlb) is still finalized, and a finalizer that released a default 0 freed slot 0,
+    // another live thread's call markers and epoch: Machine.Dispose and Flush would stop waiting for it.
+    public readonly int Slot = -1;
     public readonly long* Epoch; // this thread's slot in the pinned slot array
     public readonly long* Calls; // this thread's machine call markers: [0] outer, [1] inner (see MachineCall)
     public readonly TlbEntry[] Tlb = new TlbEntry[TlbEntries];
@@ -186,5 +189,9 @@ internal sealed unsafe class AccessContext
     private static AccessContext Create() => t_current = new AccessContext();
 
     // The thread-static reference dies with its thread; the finalizer then gives the slot back.
-    ~AccessContext() => TlbShootdown.ReleaseSlot(Slot);
+    ~AccessContext()
+    {
+        if (Slot >= 0) // never constructed (see Slot): it owns no slot
+            TlbShootdown.ReleaseSlot(Slot);
+    }
 }
