@@ -22,7 +22,9 @@
 //   HostCommit      - the machine asks the host for memory at run time: a zone initialising its next
 //                     deferred memmap section (PageAllocator.GrowZoneLocked) commits that section's
 //                     descriptors. A refusal fails the allocation that needed it, as out of memory, and
-//                     the section stays deferred. Arena frames commit on first touch, which the host
+//                     the section stays deferred. Isolation also initialises the sections of its range
+//                     and is not a site: it has no out-of-memory path (offline will give it one). Arena
+//                     frames commit on first touch, which the host
 //                     cannot refuse short of killing the process: not a site. Other code that asks the
 //                     host for memory calls Machine.FaultInjector?.ShouldFail(FaultSite.HostCommit).
 //   HostDecommit    - giving free memory back (madvise DONTNEED in ReleaseFreeMemory and the KSM release
