@@ -23,8 +23,8 @@ namespace Vmm;
 /// must not be called from inside a call into the same machine (it would wait for itself): that throws
 /// <see cref="InvalidOperationException"/> and disposes nothing. A span taken from a pin must not
 /// outlive the pin; if the machine is disposed while pins are still held, the arena's address range
-/// stays mapped, its memory already given back and reading zeros, until the last pin is disposed or
-/// collected, so a stale span never touches unmapped memory.
+/// stays mapped, its memory already given back and reading zeros, until the last pin is disposed (a pin
+/// never disposed keeps it reserved: address space only), so a stale span never touches unmapped memory.
 /// </remarks>
 /// <example>
 /// <code>
@@ -492,7 +492,7 @@ public sealed unsafe class Machine : IDisposable
     /// that begin once Dispose has begun throw <see cref="ObjectDisposedException"/>; the Dispose-like
     /// members of the machine's objects (VmProcess.Exit, and Dispose of stores, buffers and pins) are
     /// no-ops. Idempotent. If pins are still held, the arena's address range stays reserved (its memory
-    /// given back to the host, reading zero) until the last pin is disposed or collected, so a span
+    /// given back to the host, reading zero) until the last pin is disposed, so a span
     /// taken from a pin never points at unmapped memory; its contents are gone, though.
     /// </summary>
     /// <exception cref="InvalidOperationException">called from inside a call of this machine (it would wait for itself); nothing is disposed.</exception>

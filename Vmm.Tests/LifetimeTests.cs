@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Buffers;
 using Vmm.Mm;
 
@@ -520,5 +521,33 @@ public sealed class LifetimeTests
             foreach (int slot in taken)
                 TlbShootdown.ReleaseSlot(slot);
         }
+    }
+
+    [Test]
+    public unsafe void A_span_of_a_pin_never_disposed_stays_readable_after_the_pin_is_collected_and_the_machine_disposed()
+    {
+        // Two host mistakes at once: a pin dropped without Dispose, and a span of it used after the machine's
+        // Dispose. A span does not keep its pin alive; had the collected pin let the arena go, the read below
+        // would hit unmapped memory and end the test host.
+        var machine = NewMachine();
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(Page);
+        p.Write<long>(va, 42);
+        long* address = PinAndDrop(p, va);
+        Assert.That(*address, Is.EqualTo(42), "the pinned page, through the span's memory");
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        machine.Dispose();
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        Assert.That(*address, Is.EqualTo(0), "still mapped: the memory went back to the host and reads zero");
+    }
+
+    [MethodImpl(MethodImplOptions.NoInlining)]
+    private static unsafe long* PinAndDrop(VmProcess p, ulong va)
+    {
+        PinnedMemory pin = p.Pin(va, Page, write: false);
+        fixed (byte* bytes = pin.GetReadOnlySpan(0))
+            return (long*)bytes; // the pin becomes garbage here, undisposed
     }
 }

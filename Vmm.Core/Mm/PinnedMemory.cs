@@ -15,8 +15,11 @@
 // ObjectDisposedException after the pin's Dispose or the machine's; the sequence's segments check both
 // every time their Span is asked for. A span already taken cannot be recalled, so the pin also holds a
 // reference on the arena's address range (Arena.AddPinReference): if the machine is disposed first, the
-// range stays mapped (its memory given back, reading zeros) until the pin is disposed or collected, and
-// a stale span never touches unmapped memory. With MachineOptions.PoisonFreedFrames, a write through a
+// range stays mapped (its memory given back, reading zeros) until the pin is disposed, and a stale span
+// never touches unmapped memory. There is no finalizer: a span does not keep its pin alive, so a pin
+// collected undisposed while the host still uses a span of it must not let the range go. A pin never
+// disposed keeps a disposed machine's range reserved for the life of the host process (address space
+// only; its memory was given back at Dispose), as it keeps its frames pinned while the machine lives. With MachineOptions.PoisonFreedFrames, a write through a
 // stale span into a frame that was freed meanwhile is reported (VmBugException) when the frame is
 // allocated again.
 using System.Buffers;
@@ -58,12 +61,6 @@ public sealed unsafe class PinnedMemory : IDisposable
         machine.Arena.AddPinReference();
         _holdsArena = 1;
     }
-
-    /// <summary>
-    /// A pin never disposed: its frames stay pinned (Audit shows them; a leak is a host bug), but its hold
-    /// on the arena's address range goes, so a disposed machine's range is unmapped at last.
-    /// </summary>
-    ~PinnedMemory() => ReleaseArena();
 
     /// <summary>True once <see cref="Dispose"/> has run, or the machine was disposed.</summary>
     public bool IsDisposed => Volatile.Read(ref _disposed) != 0 || _machine.IsDisposed;
