@@ -502,9 +502,6 @@ public sealed unsafe class Machine : IDisposable
             throw new InvalidOperationException($"{this} cannot be disposed from inside one of its own calls: the disposal would wait for itself");
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
-        // From here no call can begin: a thread that publishes its marker after the barrier sees the flag
-        // (MachineCall.cs). Then the machine's own threads stop, and the calls in flight drain.
-        Interlocked.MemoryBarrierProcessWide();
         // Read<T> / Write<T> of a translated page run inside one access section and take no marker: a
         // shootdown covers them. Every cached translation of this machine goes stale, and the flush waits
         // for the sections begun before; a later section misses its TLB, and the walk sees the flag and
@@ -512,6 +509,10 @@ public sealed unsafe class Machine : IDisposable
         // bumped their generation at teardown and their walks refuse.
         foreach (VmProcess process in _processes.Values)
             process.Mm.BumpGeneration();
+        // The flush's process-wide barrier, issued after the flag was set, is also the one the call markers
+        // need (MachineCall.cs): a thread that publishes its marker after it sees the flag and throws; one
+        // that published before is found by the wait below. Then the machine's own threads stop, and the
+        // calls in flight drain.
         TlbShootdown.Flush();
         Ksm?.StopBackgroundWork(); // ksmd and the release worker stop before the memory they use goes away
         TlbShootdown.WaitForMachineCalls(Id);
