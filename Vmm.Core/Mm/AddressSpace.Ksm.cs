@@ -97,12 +97,10 @@ internal sealed unsafe partial class AddressSpace
         {
             // madvise's range rules: a misaligned start, or a length that wraps when rounded up to pages
             // or added to the start, is EINVAL; an empty range succeeds and changes nothing.
-            ulong aligned = (length + PageMask) & ~PageMask;
-            if ((address & PageMask) != 0 || aligned < length || address + aligned < address)
+            if ((address & PageMask) != 0 || !TryMadviseEnd(address, length, out end))
                 return Errno.EINVAL;
-            if (aligned == 0)
+            if (end == address)
                 return Errno.None;
-            end = address + aligned;
         }
         MmapLock.EnterWriteLock();
         try

@@ -552,21 +552,32 @@ internal sealed unsafe partial class AddressSpace
         return changed;
     }
 
+    /// <summary>
+    /// madvise's length rule: the end of [<paramref name="address"/>, + <paramref name="length"/> rounded up
+    /// to pages); false (EINVAL) when the rounding or the sum wraps past 2^64. An empty range gives
+    /// <paramref name="end"/> == <paramref name="address"/> (success, nothing to do).
+    /// </summary>
+    internal static bool TryMadviseEnd(ulong address, ulong length, out ulong end)
+    {
+        ulong aligned = (length + PageMask) & ~PageMask;
+        end = address + aligned;
+        return aligned >= length && end >= address;
+    }
+
     /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped (the mapped part is still advised).</summary>
     public Errno Madvise(ulong address, ulong length, Advice advice)
     {
+        // Linux's order: a misaligned start, then the advice, then the length.
         if ((address & PageMask) != 0)
             return Errno.EINVAL;
         if (advice is not (Advice.Normal or Advice.WillNeed or Advice.DontNeed or Advice.Mergeable or Advice.Unmergeable))
             return Errno.EINVAL;
         if (advice is Advice.Mergeable or Advice.Unmergeable && _machine.Ksm is null)
             return Errno.EINVAL; // built without KSM: the advice does not exist
-        ulong aligned = (length + PageMask) & ~PageMask;
-        if (aligned < length || address + aligned < address)
+        if (!TryMadviseEnd(address, length, out ulong end))
             return Errno.EINVAL;
-        if (aligned == 0)
+        if (end == address)
             return Errno.None;
-        ulong end = address + aligned;
         if (advice == Advice.WillNeed)
             return CheckMapped(address, end); // anonymous memory: only swap readahead would happen here
 
