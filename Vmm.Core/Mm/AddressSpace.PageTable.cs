@@ -6,6 +6,7 @@
 // Readers (the access path, inside an access section) walk without locks: a table is freed only after
 // a TLB flush, so a walker never follows a pointer into a freed frame.
 using System.Runtime.CompilerServices;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 
 namespace Vmm.Mm;
@@ -75,6 +76,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private ulong* NextPteTable(ref ulong va, ulong end, out long ptePfn)
     {
+        LockAssert.MmapLockHeld(this);
         ptePfn = -1;
         long pgd = Volatile.Read(ref _pgdPfn);
         while (pgd >= 0 && va < end)
@@ -129,6 +131,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public ulong* AllocPte(ulong va, out long ptePfn)
     {
+        LockAssert.MmapLockHeld(this);
         ptePfn = -1;
         long pfn = EnsurePgd();
         if (pfn < 0)
@@ -204,18 +207,38 @@ internal sealed unsafe partial class AddressSpace
 
     // ---- the pte lock ------------------------------------------------------------------------------
 
+    // The value a holder stores in the table frame's Private word: 1 in Release (the same
+    // CompareExchange as ever on the fault path), the owner's managed thread id in Debug, so that
+    // LockAssert.PteLockHeld can ask "held by this thread" (ids are never 0, the free value).
+#if DEBUG
+    private static ulong PteLockHeldValue => (ulong)Environment.CurrentManagedThreadId;
+#else
+    private const ulong PteLockHeldValue = 1;
+#endif
+
     /// <summary>Takes the pte lock of a PTE table (a spin lock: holders never block).</summary>
     public void LockPte(long ptePfn)
     {
         ref ulong word = ref _machine.MemMap[ptePfn].Private;
-        if (Interlocked.CompareExchange(ref word, 1, 0) == 0)
+        if (Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) == 0)
             return;
         var spinner = new SpinWait();
-        while (Volatile.Read(ref word) != 0 || Interlocked.CompareExchange(ref word, 1, 0) != 0)
+        while (Volatile.Read(ref word) != 0 || Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) != 0)
             spinner.SpinOnce();
     }
 
-    public void UnlockPte(long ptePfn) => Volatile.Write(ref _machine.MemMap[ptePfn].Private, 0UL);
+    /// <summary>Releases the pte lock of a PTE table. Preconditions: this thread holds it.</summary>
+    public void UnlockPte(long ptePfn)
+    {
+        LockAssert.PteLockHeld(this, ptePfn);
+        Volatile.Write(ref _machine.MemMap[ptePfn].Private, 0UL);
+    }
+
+#if DEBUG
+    /// <summary>Debug only: whether this thread holds the pte lock of <paramref name="ptePfn"/>.</summary>
+    public bool IsPteLockHeldByCurrentThread(long ptePfn) =>
+        Volatile.Read(ref _machine.MemMap[ptePfn].Private) == (ulong)Environment.CurrentManagedThreadId;
+#endif
 
     // ---- freeing tables ------------------------------------------------------------------------------
 
@@ -226,6 +249,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private void FreePageTables(ulong floor, ulong ceiling, List<long> tablesToFree)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd < 0 || floor >= ceiling)
             return;
@@ -276,6 +300,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Every page-table frame of the mm, the PGD included. Preconditions: mmap_lock held.</summary>
     public List<long> EnumerateTablePages()
     {
+        LockAssert.MmapLockHeld(this);
         var result = new List<long>();
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd >= 0)
@@ -299,6 +324,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Every non-none leaf entry with its address. Preconditions: mmap_lock held.</summary>
     public IEnumerable<(ulong Va, Pte Pte)> EnumeratePtes()
     {
+        LockAssert.MmapLockHeld(this);
         var result = new List<(ulong, Pte)>();
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd >= 0)
