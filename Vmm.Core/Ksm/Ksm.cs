@@ -23,6 +23,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using System.Security.Cryptography;
+using Vmm.Diagnostics;
 using Vmm.Mm;
 
 namespace Vmm;
@@ -657,6 +658,7 @@ public sealed partial class Ksm
     /// </summary>
     internal void Enter(AddressSpace mm)
     {
+        LockAssert.MmapLockHeld(mm, write: true);
         bool wasEmpty;
         lock (_mmListLock)
         {
@@ -708,6 +710,8 @@ public sealed partial class Ksm
     /// <summary>Preconditions: the mm-list lock held; the slot unlinked and without items.</summary>
     private void FreeSlotLocked(KsmMmSlot slot)
     {
+        LockAssert.Held(_mmListLock, "the KSM mm-list lock");
+        LockAssert.That(slot.Next == slot && slot.Prev == slot, $"KSM slot {slot.Index} unlinked");
         if (slot.RmapList >= 0)
             throw new VmBugException($"KSM slot {slot.Index} freed with rmap items still on it");
         slot.Mm.KsmSlot = null;
