@@ -299,11 +299,8 @@ internal sealed unsafe partial class AddressSpace
         LockAssert.MmapLockHeld(this);
         LockAssert.PageLocked(_machine.PageLock, pfn);
         LockAssert.Referenced(_machine.MemMap, pfn);
-        if (kpfn >= 0)
-        {
-            LockAssert.PageLocked(_machine.PageLock, kpfn);
-            LockAssert.Referenced(_machine.MemMap, kpfn);
-        }
+        LockAssert.That(kpfn < 0 || (_machine.PageLock.IsLocked(kpfn) && _machine.MemMap.RefCount(kpfn) > 0),
+            $"the KSM page {kpfn} locked and referenced");
         MemMap memMap = _machine.MemMap;
         ulong* slot = FindPte(va, out long ptePfn);
         if (slot == null)
