@@ -312,45 +312,6 @@ public sealed unsafe class Machine : IDisposable
         }
     }
 
-    internal ShmemObject CreateShmem()
-    {
-        var shmem = new ShmemObject(Mappings.NewHandle());
-        Mappings.Register(shmem.Handle, shmem);
-        return shmem;
-    }
-
-    /// <summary>shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference for the caller.</summary>
-    internal long ShmemGetPage(ShmemObject shmem, long index, int node)
-    {
-        lock (shmem.Lock)
-        {
-            if (shmem.Pages.TryGetValue(index, out long cached))
-            {
-                _memMap.GetPage(cached);
-                return cached;
-            }
-            long pfn = Allocator.AllocPages(0, AllocFlags.Movable, node);
-            if (pfn == PageAllocator.NoPfn)
-                return PageAllocator.NoPfn;
-            ref PageDescriptor page = ref _memMap[pfn];
-            page.Mapping = (ulong)shmem.Handle << 2; // a file mapping: no ANON tag
-            page.Index = (ulong)index;
-            _memMap.SetFlag(pfn, PageFlags.SwapBacked);
-            shmem.Pages[index] = pfn;
-            _memMap.GetPage(pfn); // one reference for the page cache, one for the caller
-            return pfn;
-        }
-    }
-
-    /// <summary>The last VMA of a shmem object went away: drop its page cache. Preconditions: shmem.Lock held.</summary>
-    internal void ReleaseShmem(ShmemObject shmem)
-    {
-        Mappings.Unregister(shmem.Handle);
-        foreach (long pfn in shmem.Pages.Values)
-            DeferPutPage(pfn);
-        shmem.Pages.Clear();
-    }
-
     /// <summary>A snapshot of every node's memory (exact when no other thread allocates meanwhile).</summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public MachineStats GetStats()

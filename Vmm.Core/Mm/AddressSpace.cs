@@ -162,7 +162,7 @@ internal sealed unsafe partial class AddressSpace
             {
                 shmem.Vmas.Remove(vma);
                 if (shmem.Vmas.Count == 0)
-                    _machine.ReleaseShmem(shmem);
+                    shmem.Release();
             }
         }
     }
@@ -297,7 +297,7 @@ internal sealed unsafe partial class AddressSpace
             var vma = new Vma(this, address, address + aligned, vmFlags, shared ? 0 : address >> PageShift) { KsmDomain = KsmDefaultDomain };
             if (shared)
             {
-                ShmemObject shmem = _machine.CreateShmem();
+                ShmemObject shmem = ShmemObject.Create(_machine);
                 vma.Shmem = shmem;
                 lock (shmem.Lock)
                     shmem.Vmas.Add(vma);
