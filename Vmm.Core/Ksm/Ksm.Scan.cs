@@ -302,8 +302,8 @@ public sealed partial class Ksm
         // Linux drains the per-CPU LRU caches here, whose extra references would make pages look
         // pinned; the references Vmm holds back are the deferred puts (frames copied away on write),
         // which keep dead KSM pages alive and their nodes from going stale. Release them.
-        if (_machine.DeferredPutCount > 0)
-            _machine.FlushTlb();
+        if (_machine.Tlb.DeferredPutCount > 0)
+            _machine.Tlb.Flush();
         // The unstable index starts empty on every pass, sized for the items there are.
         int wanted = InitialBuckets;
         while (wanted < _rmapItemCount && wanted < 1 << 28)

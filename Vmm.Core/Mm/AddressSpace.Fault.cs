@@ -240,7 +240,7 @@ internal sealed unsafe partial class AddressSpace
                 _machine.Ksm?.CountCowKsm();
             PageRemoveRmap(oldPfn, vma);
             _machine.PutPage(oldPfn);        // our temporary reference
-            _machine.DeferPutPage(oldPfn);   // the mapping's: only after a flush
+            _machine.Tlb.DeferPutPage(oldPfn);   // the mapping's: only after a flush
         }
         return FaultResult.Done;
     }

@@ -434,7 +434,7 @@ internal sealed unsafe partial class AddressSpace
         if (pages.Count == 0 && tables.Count == 0 && !cleared)
             return;
         BumpGeneration();
-        _machine.FlushTlb();
+        _machine.Tlb.Flush();
         foreach (long pfn in pages)
             _machine.PutPage(pfn);
         foreach (long pfn in tables)
@@ -509,7 +509,7 @@ internal sealed unsafe partial class AddressSpace
             if (narrowed)
             {
                 BumpGeneration();
-                _machine.FlushTlb();
+                _machine.Tlb.Flush();
             }
             return result;
         }

@@ -80,7 +80,7 @@ internal sealed class ShmemObject
     {
         _machine.Mappings.Unregister(Handle);
         foreach (long pfn in Pages.Values)
-            _machine.DeferPutPage(pfn);
+            _machine.Tlb.DeferPutPage(pfn);
         Pages.Clear();
     }
 }
