@@ -22,7 +22,6 @@
 // a stable node's item list only under its KSM page's lock as well.
 using System.Diagnostics;
 using System.Globalization;
-using System.Security.Cryptography;
 using Vmm.Mm;
 
 namespace Vmm;
@@ -134,8 +133,6 @@ public sealed partial class Ksm
         _nodeCount = nodes;
         _domainSecrets[0] = NewSecret();
     }
-
-    private static ulong NewSecret() => BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8)) | 1;
 
     // ================================================================================================
     // Knobs
