@@ -23,6 +23,7 @@
 using System.Diagnostics;
 using System.Globalization;
 using Vmm.Mm;
+using Vmm.Native;
 
 namespace Vmm;
 
@@ -459,7 +460,7 @@ public sealed partial class Ksm
         return new KsmStats(shared, sharing, unshared, volatilePages, Volatile.Read(ref _pagesScanned),
             Volatile.Read(ref _pagesSkipped), Volatile.Read(ref _seqnr), Volatile.Read(ref _stableNodeChains),
             Volatile.Read(ref _stableNodeDups), zero, items,
-            (sharing + zero) * 4096 - items * RmapItemBytes, Volatile.Read(ref _cowKsm), MetadataBytes);
+            (sharing + zero) * Topology.PageSize - items * RmapItemBytes, Volatile.Read(ref _cowKsm), MetadataBytes);
     }
 
     /// <summary>What KSM's own structures hold: item chunks, index buckets and stable nodes.</summary>
@@ -488,7 +489,7 @@ public sealed partial class Ksm
         {
             mm.MmapLock.ExitReadLock();
         }
-        return new ProcessKsmStats(items, zero, merging, (merging + zero) * 4096 - items * RmapItemBytes, mm.KsmMergeAny, mergeable);
+        return new ProcessKsmStats(items, zero, merging, (merging + zero) * Topology.PageSize - items * RmapItemBytes, mm.KsmMergeAny, mergeable);
     }
 
     internal void ZeroPagesChanged(int delta) => Interlocked.Add(ref _zeroPages, delta);
