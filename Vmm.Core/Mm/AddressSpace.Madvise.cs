@@ -76,11 +76,7 @@ internal sealed unsafe partial class AddressSpace
                         // anonymous memory only): accepted, nothing changes.
                         if (advice == Advice.Mergeable ? mergeable || vma.IsShared : !mergeable)
                             break;
-                        Vma target = vma;
-                        if (target.Start < from)
-                            target = SplitVma(target, from);
-                        if (target.End > to)
-                            SplitVma(target, to);
+                        Vma target = SplitToRange(vma, from, to);
                         if (advice == Advice.Mergeable)
                         {
                             _machine.Ksm!.Enter(this);

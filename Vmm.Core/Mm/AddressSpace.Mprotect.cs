@@ -63,10 +63,7 @@ internal sealed unsafe partial class AddressSpace
                     result = Errno.ENOMEM;
                     break;
                 }
-                if (vma.Start < cursor)
-                    vma = SplitVma(vma, cursor);
-                if (vma.End > end)
-                    SplitVma(vma, end);
+                vma = SplitToRange(vma, cursor, end);
                 VmaFlags old = vma.Flags;
                 vma.Flags = (old & ~(VmaFlags.Read | VmaFlags.Write | VmaFlags.Exec)) | wanted;
                 if ((old & VmaFlags.Write) != 0 && (wanted & VmaFlags.Write) == 0 ||

@@ -124,6 +124,23 @@ internal sealed unsafe partial class AddressSpace
         return upper;
     }
 
+    /// <summary>
+    /// The split half of vma_modify: the part of <paramref name="vma"/> inside [<paramref name="from"/>,
+    /// <paramref name="to"/>), split off at either edge that falls inside it (the VMA itself when it lies
+    /// wholly within). mprotect, madvise(MERGEABLE / UNMERGEABLE) and SetDedupeDomain change only that
+    /// part's fields, then merge around it (TryMergeAround; SetDedupeDomain once for the whole range,
+    /// MergeAllVmas). Preconditions: mmap_lock held for write.
+    /// </summary>
+    private Vma SplitToRange(Vma vma, ulong from, ulong to)
+    {
+        Vma target = vma;
+        if (target.Start < from)
+            target = SplitVma(target, from);
+        if (target.End > to)
+            SplitVma(target, to);
+        return target;
+    }
+
     /// <summary>vma_merge: joins a VMA with its neighbours where they are identical and contiguous.</summary>
     private void TryMergeAround(Vma vma)
     {
