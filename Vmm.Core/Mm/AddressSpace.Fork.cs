@@ -64,7 +64,7 @@ internal sealed unsafe partial class AddressSpace
             if (writeProtected)
             {
                 BumpGeneration();
-                _machine.FlushTlb();
+                _machine.Tlb.Flush();
             }
             MmapLock.ExitWriteLock();
         }
@@ -75,7 +75,7 @@ internal sealed unsafe partial class AddressSpace
         if (writeProtected)
         {
             BumpGeneration();
-            _machine.FlushTlb();
+            _machine.Tlb.Flush();
         }
         child.Teardown();
     }

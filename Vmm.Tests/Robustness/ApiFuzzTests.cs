@@ -1127,7 +1127,7 @@ public sealed class ApiFuzzTests
             _store?.Dispose();
             foreach (ShadowProcess sp in _live)
                 sp.Process.Exit();
-            _machine.FlushTlb();
+            _machine.Tlb.Flush();
             AssertAudit("after every exit");
             long zeroPage = _machine.ZeroPagePfnIfAllocated >= 0 ? 1 : 0;
             long free = _machine.GetStats().AllFreePages;

@@ -471,7 +471,7 @@ public sealed class FaultInjectionTests
         w.Store?.Dispose();
         foreach (VmProcess p in machine.Processes)
             p.Exit();
-        machine.FlushTlb();
+        machine.Tlb.Flush();
         AssertAudit(machine, $"{context}, after every exit");
         long zeroPage = machine.ZeroPagePfnIfAllocated >= 0 ? 1 : 0;
         Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeAtBoot - zeroPage), $"{context}: every frame but the zero page is free after every exit");
