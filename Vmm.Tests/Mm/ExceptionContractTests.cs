@@ -16,7 +16,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void Every_throwing_call_on_an_exited_process_is_an_InvalidOperationException()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(2 * Page);
         p.Fill(va, 2 * Page, 3);
@@ -53,7 +53,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void Out_of_frames_is_InsufficientMemoryException_in_every_throwing_path_and_leaves_nothing_behind()
     {
-        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
+        using var machine = TestMachines.Create(TestMachines.Small with { NodeCount = 1 });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(64 * Page);
         p.Write<byte>(va, 1); // its page table exists, so the paths below fail for want of a data frame
@@ -73,7 +73,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void Mmap_ignores_protection_bits_it_does_not_know_as_Linux_does()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess p = machine.CreateProcess();
         foreach (int bits in new[] { 0x8, 0x10, 0x40, 0x0100_0000, 0x0200_0000 })
         {
@@ -88,7 +88,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void Mprotect_accepts_PROT_SEM_and_rejects_unknown_bits_and_growing()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(2 * Page);
         Assert.That(p.Mprotect(va, Page, Protection.Read | Protection.Sem), Is.EqualTo(Errno.None), "PROT_SEM is valid on every architecture");
@@ -106,7 +106,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void PR_GET_MEMORY_MERGE_is_EINVAL_without_KSM_and_reports_the_mode_with_it()
     {
-        using (var bare = new Machine(MachineOptions.Small with { EnableKsm = false }))
+        using (var bare = TestMachines.Create(TestMachines.Small with { EnableKsm = false }))
         {
             VmProcess p = bare.CreateProcess();
             Assert.That(p.GetMemoryMerge(out bool enabled), Is.EqualTo(Errno.EINVAL));
@@ -114,7 +114,7 @@ public sealed class ExceptionContractTests
             Assert.That(p.IsMemoryMergeEnabled, Is.False);
             Assert.That(p.ReadKsmStat("ksm_merge_any", out _), Is.EqualTo(Errno.ENOENT), "no /proc/pid/ksm_stat without KSM");
         }
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess q = machine.CreateProcess();
         Assert.That(q.GetMemoryMerge(out bool before), Is.EqualTo(Errno.None));
         Assert.That(before, Is.False);
@@ -134,7 +134,7 @@ public sealed class ExceptionContractTests
         // is under way is found by the access's next fault, which reports SegvReason.Exited. Nothing else
         // may come out, and the machine stays consistent.
         int rounds = 20 * TestEnvironment.StressScale;
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         for (int round = 0; round < rounds; round++)
         {
             VmProcess p = machine.CreateProcess();

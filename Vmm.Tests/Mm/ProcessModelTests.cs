@@ -21,7 +21,7 @@ public sealed class ProcessModelTests
     public void Random_process_operations_match_the_shadow_and_Audit_stays_clean(int seed)
     {
         var random = new Random(TestEnvironment.Seed(seed));
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = seed % 2 == 0 });
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { PoisonFreedFrames = seed % 2 == 0 });
         var procs = new List<ShadowProcess>();
         for (int i = 0; i < 3; i++)
             procs.Add(new ShadowProcess { Process = machine.CreateProcess(homeNode: i % 2) });

@@ -235,7 +235,7 @@ public sealed class FaultInjectionTests
                 Assert.That(w.P.Munmap(big, 6 << 20), Is.EqualTo(Errno.None));
                 w.Machine.Allocator.DrainAllPages();
             },
-            w => { w.Machine.ReleaseFreeMemory(); return null; }, w => AssertPattern(w.P, w.Va), Retry: true, Options: LargerMachine);
+            w => { w.Machine.ReleaseFreeMemory(); return null; }, w => AssertPattern(w.P, w.Va), Retry: true, Options: TestMachines.OneNode);
         yield return new("Ksm.WaitForMemoryRelease after merging", w =>
             {
                 // More than the release threshold (2 MiB) merged, so the release worker has work.
@@ -245,7 +245,7 @@ public sealed class FaultInjectionTests
                 Assert.That(w.P.Madvise(va, 3 << 20, Advice.Mergeable), Is.EqualTo(Errno.None));
                 w.Ksm.RunFullScans(2);
             },
-            w => { w.Ksm.WaitForMemoryRelease(); return null; }, Retry: true, Options: LargerMachine);
+            w => { w.Ksm.WaitForMemoryRelease(); return null; }, Retry: true, Options: TestMachines.OneNode);
         yield return new("DedupeStore constructor", _ => { }, w => { w.Store = new DedupeStore(w.Machine); return null; });
         yield return new("DedupeStore.Allocate", w => w.Store = new DedupeStore(w.Machine),
             w => { w.Buffer = w.Store!.Allocate(Pages * Page); return null; });
@@ -290,11 +290,8 @@ public sealed class FaultInjectionTests
             w => { w.Buffer!.Dispose(); return null; });
     }
 
-    /// <summary>One node of 16 MiB in 8 MiB blocks: whole free pageblocks to give back.</summary>
-    private static readonly MachineOptions LargerMachine = new() { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
-
     private static Machine NewMachine(MachineOptions? options) =>
-        new((options ?? MachineOptions.Small) with { PoisonFreedFrames = true, FaultInjection = Disarmed });
+        TestMachines.Create((options ?? TestMachines.Small) with { PoisonFreedFrames = true, FaultInjection = Disarmed });
 
     [TestCaseSource(nameof(Scenarios))]
     public void Every_allocation_of_a_call_can_fail_and_the_call_fails_cleanly(object scenarioObject)
@@ -325,7 +322,7 @@ public sealed class FaultInjectionTests
     [Test]
     public void A_refused_decommit_leaves_the_block_free_and_is_tried_again_later()
     {
-        using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
+        using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(2 << 20);
         p.Fill(va, 2 << 20, 1);
@@ -346,7 +343,7 @@ public sealed class FaultInjectionTests
     {
         // Before: Arena.Decommit's ArenaException escaped ReleaseFreeMemory into the background release
         // task, which stayed faulted, so every later WaitForMemoryRelease and Machine.Dispose threw.
-        var machine = new Machine(LargerMachine with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit } });
+        var machine = TestMachines.Create(TestMachines.OneNode with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit } });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(3 << 20);
         p.Fill(va, 3 << 20, 0x66);
@@ -365,7 +362,7 @@ public sealed class FaultInjectionTests
     {
         static long[] Failures(ulong seed)
         {
-            using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
+            using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
             VmProcess p = machine.CreateProcess();
             ulong va = p.Mmap(64 * Page);
             var failedAt = new List<long>();
@@ -391,16 +388,16 @@ public sealed class FaultInjectionTests
     [Test]
     public void Fault_injection_settings_are_checked_and_name_the_option()
     {
-        Assert.That(() => new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Probability = 1.5 } }),
+        Assert.That(() => new Machine(TestMachines.Small with { FaultInjection = new FaultInjection { Probability = 1.5 } }),
             Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Probability"));
-        Assert.That(() => new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Interval = 0 } }),
+        Assert.That(() => new Machine(TestMachines.Small with { FaultInjection = new FaultInjection { Interval = 0 } }),
             Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Interval"));
     }
 
     [Test]
     public void Interval_space_and_times_follow_linux_fault_attr()
     {
-        using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
+        using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(16 * Page);
         var failedAt = new List<int>();
