@@ -6,6 +6,7 @@ namespace Vmm.Tests.Ksm;
 /// <summary>KSM pages and fork: every mapping of a KSM page stays reachable through the reverse map.</summary>
 [TestFixture]
 [Category("Ksm")]
+[Category("Smoke")]
 public sealed class KsmForkRmapTests
 {
     [Test]

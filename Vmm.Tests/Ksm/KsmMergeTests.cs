@@ -6,6 +6,7 @@ namespace Vmm.Tests.Ksm;
 
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmMergeTests
 {
     [Test]

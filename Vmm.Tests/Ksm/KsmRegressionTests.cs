@@ -10,6 +10,7 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmRegressionTests
 {
     // Finding: a slot dropped mid-mm (no mergeable VMA left) is freed with the items before the cursor still on it.

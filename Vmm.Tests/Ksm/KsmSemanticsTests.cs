@@ -11,6 +11,7 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmSemanticsTests
 {
     /// <summary>Σ ksm_merging_pages over processes = pages_shared + pages_sharing, and the profit formulas.</summary>

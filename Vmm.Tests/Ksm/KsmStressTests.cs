@@ -15,6 +15,7 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Stress")]
+[Category("Ksm")]
 public sealed class KsmStressTests
 {
     private const int PagesPerWriter = 24;

@@ -11,7 +11,7 @@ public sealed class AllocatorTests
     public void A_frame_descriptor_takes_at_most_64_bytes()
     {
         Assert.That(Unsafe.SizeOf<PageDescriptor>(), Is.EqualTo(64), "the budget is one cache line per 4 KiB frame");
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         Assert.That(machine.GetStats().DescriptorBytes, Is.Zero, "a new machine has initialised no memmap section");
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.FramesPerSection * 64), "the first allocation initialised one section");
@@ -36,7 +36,7 @@ public sealed class AllocatorTests
     [Test]
     public void Allocation_prefers_the_requested_node_and_zone()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long movable = machine.Allocator.AllocPages(0, AllocFlags.Movable, preferredNode: 1);
         long kernel = machine.Allocator.AllocPages(0, AllocFlags.None, preferredNode: 1);
         Assert.That(machine.GetPageInfo(movable).Node, Is.EqualTo(1));
@@ -65,7 +65,7 @@ public sealed class AllocatorTests
     [Test]
     public void ThisNode_allocations_fail_rather_than_fall_back()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         var taken = new List<long>();
         long pfn;
         while ((pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.ThisNode, 0)) != PageAllocator.NoPfn)
@@ -94,7 +94,7 @@ public sealed class AllocatorTests
     [Test]
     public void Every_allocated_frame_reads_zero_even_after_a_previous_owner_wrote_it()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         var first = new List<long>();
         for (int i = 0; i < 64; i++)
         {
@@ -118,7 +118,7 @@ public sealed class AllocatorTests
     [Test]
     public void Compound_pages_carry_head_and_tail_and_redirect_head_policy_flags()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long head = machine.Allocator.AllocPages(2, AllocFlags.Movable | AllocFlags.Compound);
         MemMap map = machine.MemMap;
         Assert.That(machine.GetPageInfo(head).Flags.HasFlag(PageFlags.Head), Is.True);
@@ -153,7 +153,7 @@ public sealed class AllocatorTests
     [Test]
     public void A_double_free_is_caught_and_changes_nothing()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.Allocator.FreePages(pfn);
         machine.Allocator.DrainAllPages();
@@ -181,7 +181,7 @@ public sealed class AllocatorTests
     [Test]
     public void GetPage_on_a_free_frame_is_refused_and_cannot_resurrect_it()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.Allocator.FreePages(pfn);
         Assert.Throws<VmBugException>(() => machine.MemMap.GetPage(pfn));
@@ -193,7 +193,7 @@ public sealed class AllocatorTests
     [Test]
     public void Freeing_a_page_that_is_still_mapped_is_refused_and_leaves_the_reference()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.MemMap[pfn].MapCount = 0; // one mapping
         Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(pfn));
@@ -205,7 +205,7 @@ public sealed class AllocatorTests
     [Test]
     public void Bad_arguments_are_rejected()
     {
-        using var machine = TestMachines.Create(TestMachines.Small);
+        using var machine = TestMachines.Create();
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(10), "2 MiB blocks allow order 9 at most");
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(-1));
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(0, AllocFlags.None, 2));

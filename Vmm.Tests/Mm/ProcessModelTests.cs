@@ -10,7 +10,7 @@ namespace Vmm.Tests.Mm;
 /// N times more steps.
 /// </summary>
 [TestFixture]
-[Category("Smoke")]
+[Category("Stress")] // the random model runs for about 20 s (more with VMM_STRESS_SCALE): too long for Smoke
 public sealed class ProcessModelTests
 {
     private const ulong Page = 4096;

@@ -357,67 +357,6 @@ public sealed class FaultInjectionTests
         Assert.That(() => machine.Dispose(), Throws.Nothing);
     }
 
-    [Test]
-    public void The_same_seed_fails_the_same_allocations()
-    {
-        static long[] Failures(ulong seed)
-        {
-            using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
-            VmProcess p = machine.CreateProcess();
-            ulong va = p.Mmap(64 * Page);
-            var failedAt = new List<long>();
-            for (int i = 0; i < 64; i++)
-            {
-                try
-                {
-                    p.Write<int>(va + (ulong)(i * Page), i);
-                }
-                catch (InsufficientMemoryException)
-                {
-                    failedAt.Add(i);
-                }
-            }
-            return [.. failedAt];
-        }
-        long[] first = Failures(42);
-        Assert.That(first, Is.Not.Empty, "a quarter of 64 allocations failed");
-        Assert.That(Failures(42), Is.EqualTo(first), "same seed, same calls: same failures");
-        Assert.That(Failures(43), Is.Not.EqualTo(first), "another seed fails other allocations");
-    }
-
-    [Test]
-    public void Fault_injection_settings_are_checked_and_name_the_option()
-    {
-        Assert.That(() => new Machine(TestMachines.Small with { FaultInjection = new FaultInjection { Probability = 1.5 } }),
-            Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Probability"));
-        Assert.That(() => new Machine(TestMachines.Small with { FaultInjection = new FaultInjection { Interval = 0 } }),
-            Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Interval"));
-    }
-
-    [Test]
-    public void Interval_space_and_times_follow_linux_fault_attr()
-    {
-        using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(16 * Page);
-        var failedAt = new List<int>();
-        for (int i = 0; i < 16; i++)
-        {
-            try
-            {
-                p.Write<int>(va + (ulong)(i * Page), i);
-            }
-            catch (InsufficientMemoryException)
-            {
-                failedAt.Add(i);
-            }
-        }
-        // Movable allocations only (page tables ignored), one per write: calls 1-3 pass (space), then
-        // every second one fails (calls 5 and 7), and then no more (times).
-        Assert.That(failedAt, Is.EqualTo((int[])[4, 6]), "the 5th and 7th allocations fail, and only they");
-        Assert.That(machine.GetFaultInjectionStats().FrameAllocationFailures, Is.EqualTo(2));
-    }
-
     /// <summary>One run of a scenario: setup, the call under injection, checks, retry, teardown, leak check. Returns the failures injected.</summary>
     private static long RunOnce(Scenario scenario, FaultInjection injection, string what)
     {
