@@ -18,9 +18,8 @@ public sealed class FaultInjectionSettingsTests
     {
         static long[] Failures(ulong seed)
         {
-            using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
-            VmProcess p = machine.CreateProcess();
-            ulong va = p.Mmap(64 * Page);
+            using MachineWithRegion region = TestMachines.CreateWithRegion(64 * Page, options: TestMachines.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
+            (Machine machine, VmProcess p, ulong va, _) = region;
             var failedAt = new List<long>();
             for (int i = 0; i < 64; i++)
             {
@@ -53,9 +52,8 @@ public sealed class FaultInjectionSettingsTests
     [Test]
     public void Interval_space_and_times_follow_linux_fault_attr()
     {
-        using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(16 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(16 * Page, options: TestMachines.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         var failedAt = new List<int>();
         for (int i = 0; i < 16; i++)
         {

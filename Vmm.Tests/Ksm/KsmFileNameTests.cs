@@ -65,9 +65,8 @@ public sealed class KsmFileNameTests
     [Test]
     public void Vmstat_counters_read_by_name_and_an_unknown_name_is_ENOENT()
     {
-        using var machine = TestMachines.Create();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<byte>(va, 1);
         VmStats stats = machine.GetVmStats();
         Assert.That(machine.ReadVmStat("nr_page_table_pages", out long tables), Is.EqualTo(Errno.None));

@@ -115,9 +115,8 @@ public sealed class KsmMergeTests
     [Test]
     public void Madvise_mergeable_is_einval_without_ksm()
     {
-        using Machine machine = CreateForKsm(ksm: false);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoLargeNodes with { EnableKsm = false });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         Assert.That(p.Madvise(va, 4096, Advice.Mergeable), Is.EqualTo(Errno.EINVAL));
         Assert.That(p.Madvise(va, 4096, Advice.Unmergeable), Is.EqualTo(Errno.EINVAL));
         Assert.That(p.SetMemoryMerge(true), Is.EqualTo(Errno.EINVAL));

@@ -259,9 +259,8 @@ public sealed class SparseMemMapTests
     [Test]
     public void The_portable_memmap_initialises_sections_the_same_way()
     {
-        using var machine = TestMachines.Create(TestMachines.TwoNodes with { ForcePortableArena = true });
-        VmProcess process = machine.CreateProcess();
-        ulong va = process.Mmap(4 << 20);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 << 20, options: TestMachines.TwoNodes with { ForcePortableArena = true });
+        (Machine machine, VmProcess process, ulong va, _) = region;
         process.Fill(va, 4 << 20, 7);
         Assert.That(process.Read<byte>(va + 12345), Is.EqualTo(7));
         Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.InitialisedSections * machine.MemMap.FramesPerSection * 64));
@@ -275,9 +274,8 @@ public sealed class SparseMemMapTests
         // Every host commit fails: no section can be initialised, so the first fault (its page table and
         // its page both need one) cannot be served.
         var options = TestMachines.TwoNodes with { FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit } };
-        using var machine = TestMachines.Create(options);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 * 4096, options: options);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         long sectionsBefore = machine.MemMap.InitialisedSections;
         Assert.That(() => p.Write<long>(va, 1), Throws.TypeOf<InsufficientMemoryException>(), "no section could be committed");
         Assert.That(machine.GetFaultInjectionStats().HostCommitFailures, Is.GreaterThanOrEqualTo(1));

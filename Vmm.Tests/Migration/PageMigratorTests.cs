@@ -55,9 +55,8 @@ public sealed class PageMigratorTests
     [Test]
     public void A_PROT_NONE_page_stays_inaccessible_after_it_moves()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<int>(va, 0x1111);
         Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
         Assert.That(p.Mm.TryReplacePage(va, 1), Is.EqualTo(Errno.None));
@@ -70,9 +69,8 @@ public sealed class PageMigratorTests
     [Test]
     public void A_fork_while_a_page_is_under_migration_leaves_it_shared_copy_on_write()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess parent = machine.CreateProcess();
-        ulong va = parent.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess parent, ulong va, _) = region;
         parent.Write<int>(va, 0x11);
         long pfn = parent.GetPagemap(va).Pfn;
         Assert.That(parent.GetPagemap(va).Exclusive, Is.True);

@@ -16,9 +16,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Every_throwing_call_on_an_exited_process_is_an_InvalidOperationException()
     {
-        using var machine = TestMachines.Create();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 * Page);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 2 * Page, 3);
         p.Exit();
         Assert.Throws<InvalidOperationException>(() => p.Read(va, new byte[8]), "Read");
@@ -53,9 +52,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Out_of_frames_is_InsufficientMemoryException_in_every_throwing_path_and_leaves_nothing_behind()
     {
-        using var machine = TestMachines.Create(TestMachines.Small with { NodeCount = 1 });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(64 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(64 * Page, options: TestMachines.Small with { NodeCount = 1 });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<byte>(va, 1); // its page table exists, so the paths below fail for want of a data frame
         ExhaustMemory(machine);
         var write = Assert.Throws<InsufficientMemoryException>(() => p.Write(va + Page, new byte[16]), "Write");
@@ -88,9 +86,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Mprotect_accepts_PROT_SEM_and_rejects_unknown_bits_and_growing()
     {
-        using var machine = TestMachines.Create();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 * Page);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         Assert.That(p.Mprotect(va, Page, Protection.Read | Protection.Sem), Is.EqualTo(Errno.None), "PROT_SEM is valid on every architecture");
         Assert.Throws<SegmentationFault>(() => p.Write<byte>(va, 1), "and it changed the protection");
         Assert.That(p.Mprotect(va, Page, (Protection)0x10), Is.EqualTo(Errno.EINVAL), "an unknown bit");

@@ -13,9 +13,8 @@ public sealed class PinTests
     [Test]
     public void A_pinned_PROT_NONE_page_copied_at_fork_stays_PROT_NONE_in_the_child()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<int>(va, 0x2222);
         using PinnedMemory pin = p.Pin(va, 4096, write: true);
         Assert.That(p.Mprotect(va, 4096, Protection.None), Is.EqualTo(Errno.None));
@@ -27,9 +26,8 @@ public sealed class PinTests
     [Test]
     public void A_pinned_page_is_never_moved_and_sees_the_process_writes()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(3 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(3 * 4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         using (PinnedMemory pin = p.Pin(va + 100, 5000, write: true))
         {
             Assert.That(pin.PageCount, Is.EqualTo(2));
@@ -58,9 +56,8 @@ public sealed class PinTests
     [Test]
     public void A_read_pin_unshares_a_page_shared_by_fork()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<int>(va, 3);
         VmProcess child = p.Fork();
         using PinnedMemory pin = p.Pin(va, 4, write: false);
@@ -76,9 +73,8 @@ public sealed class PinTests
     [Test]
     public void Pinning_an_unmapped_range_faults_and_pins_nothing()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 * 4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         var fault = Assert.Throws<SegmentationFault>(() => p.Pin(va, 3 * 4096, write: true));
         Assert.That(fault!.Address, Is.EqualTo(va + 2 * 4096));
         Assert.That(p.GetPagemap(va).Pinned, Is.Zero, "the pages pinned before the fault were released");

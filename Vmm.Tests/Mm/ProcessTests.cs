@@ -10,9 +10,8 @@ public sealed class ProcessTests
     [Test]
     public void Written_bytes_read_back_across_page_boundaries()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(5 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(5 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         byte[] data = new byte[3 * 4096 + 123];
         new Random(1).NextBytes(data);
         p.Write(va + 4000, data);
@@ -74,9 +73,8 @@ public sealed class ProcessTests
     [Test]
     public void Fork_shares_pages_copy_on_write()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess parent = machine.CreateProcess();
-        ulong va = parent.Mmap(16 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(16 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess parent, ulong va, _) = region;
         parent.Fill(va, 16 * 4096, 0xAA);
         VmProcess child = parent.Fork();
         AssertAuditClean(machine);
@@ -119,9 +117,8 @@ public sealed class ProcessTests
     [Test]
     public void Unmapping_zero_page_mappings_invalidates_other_threads_translations()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         using var read = new AutoResetEvent(false);
         using var go = new AutoResetEvent(false);
         object? seen = null;
@@ -248,9 +245,8 @@ public sealed class ProcessTests
     [Test]
     public void Partial_munmap_splits_the_mapping()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(10 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(10 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 10 * 4096, 5);
         Assert.That(p.Munmap(va + 3 * 4096, 2 * 4096), Is.EqualTo(Errno.None));
         Assert.That(p.Read<byte>(va + 2 * 4096), Is.EqualTo(5));
@@ -263,9 +259,8 @@ public sealed class ProcessTests
     [Test]
     public void Mprotect_read_only_makes_writes_fault_and_restoring_write_works()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 4 * 4096, 1);
         Assert.That(p.Mprotect(va + 4096, 4096, Protection.Read), Is.EqualTo(Errno.None));
         var fault = Assert.Throws<SegmentationFault>(() => p.Write<byte>(va + 4096, 2));
@@ -283,9 +278,8 @@ public sealed class ProcessTests
     [Test]
     public void Madvise_dontneed_drops_private_pages_which_then_read_zero()
     {
-        using Machine machine = Create(TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(8 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(8 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 8 * 4096, 7);
         Assert.That(p.Madvise(va, 4 * 4096, Advice.DontNeed), Is.EqualTo(Errno.None));
         Assert.That(p.RssAnonPages, Is.EqualTo(4));
@@ -297,9 +291,8 @@ public sealed class ProcessTests
     [Test]
     public void Running_out_of_frames_is_the_documented_out_of_memory_exception_and_changes_nothing()
     {
-        using var machine = TestMachines.Create(TestMachines.Small with { NodeCount = 1 });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096UL * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096UL * 4096, options: TestMachines.Small with { NodeCount = 1 });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         ulong touched = 0;
         var fault = Assert.Throws<InsufficientMemoryException>(() =>
         {

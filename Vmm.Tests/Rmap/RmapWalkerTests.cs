@@ -13,9 +13,8 @@ public sealed class RmapWalkerTests
     [Test]
     public void The_reverse_map_finds_every_process_that_maps_a_page_shared_by_fork()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess a = machine.CreateProcess();
-        ulong va = a.Mmap(4 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 * 4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess a, ulong va, _) = region;
         a.Write<int>(va + 8192, 42);
         VmProcess b = a.Fork();
         VmProcess c = b.Fork();
@@ -45,9 +44,8 @@ public sealed class RmapWalkerTests
     [Test]
     public void TryToUnmap_replaces_every_mapping_and_reports_the_ones_it_had_to_leave()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess a = machine.CreateProcess();
-        ulong va = a.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess a, ulong va, _) = region;
         a.Write<int>(va, 9);
         VmProcess b = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;
@@ -72,9 +70,8 @@ public sealed class RmapWalkerTests
     [Test]
     public void PageReferenced_counts_and_clears_accessed_bits()
     {
-        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess a = machine.CreateProcess();
-        ulong va = a.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess a, ulong va, _) = region;
         a.Write<int>(va, 1);
         VmProcess b = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;

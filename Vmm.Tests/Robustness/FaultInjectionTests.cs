@@ -322,9 +322,8 @@ public sealed class FaultInjectionTests
     [Test]
     public void A_refused_decommit_leaves_the_block_free_and_is_tried_again_later()
     {
-        using var machine = TestMachines.Create(TestMachines.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 << 20);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 << 20, options: TestMachines.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 2 << 20, 1);
         p.Exit();
         machine.Allocator.DrainAllPages(); // the per-CPU caches hold some of the frames back from their pageblock
