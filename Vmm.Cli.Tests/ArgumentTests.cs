@@ -4,6 +4,7 @@ namespace Vmm.Cli.Tests;
 
 /// <summary>The command line itself: unknown options, ranges, exit codes and the help that lists them.</summary>
 [TestFixture]
+[Category("Smoke")]
 public sealed class ArgumentTests
 {
     [Test]

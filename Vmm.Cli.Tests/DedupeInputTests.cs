@@ -10,6 +10,7 @@ namespace Vmm.Cli.Tests;
 /// </summary>
 [TestFixture]
 [Platform("Linux", Reason = "FIFOs, /dev/zero and Unix sockets")]
+[Category("Smoke")]
 public sealed class DedupeInputTests
 {
     private string _dir = null!;

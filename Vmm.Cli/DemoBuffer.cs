@@ -10,6 +10,7 @@
 //
 // Page contents are pseudo-random from a seed (xorshift64*), so a page is rebuilt, not stored.
 using System.Runtime.InteropServices;
+using Vmm.Native;
 
 namespace Vmm.Cli;
 
@@ -19,7 +20,7 @@ internal sealed class DemoBuffer
     /// <summary>Copies of each page of the repeated region within one process.</summary>
     public const int RepeatCopies = 16;
 
-    public const int PageSize = 4096;
+    public const int PageSize = Topology.PageSize;
 
     public DemoBuffer(int pages, int processes)
     {

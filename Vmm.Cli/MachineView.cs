@@ -41,13 +41,13 @@ internal static class MachineView
     {
         long rssBoot = HostMemory.ReadRssBytes();
         ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~4095UL;
-        ulong pages = bytes / 4096;
+        ulong pages = bytes / Topology.PageSize;
 
         // A parent writes its memory, then forks two children: all three share every page copy-on-write.
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(bytes);
         for (ulong page = 0; page < pages; page++)
-            parent.Write(va + page * 4096, (page * 2654435761UL) | 1);
+            parent.Write(va + page * Topology.PageSize, (page * 2654435761UL) | 1);
         VmProcess left = parent.Fork();
         VmProcess right = parent.Fork();
         ShowProcesses(machine, console, [parent, left, right], va, pages,
@@ -55,9 +55,9 @@ internal static class MachineView
 
         // Each child writes to part of its memory: each write to a shared page copies it.
         for (ulong page = 0; page < pages / 2; page++)
-            left.Write<byte>(va + page * 4096, 0xAA);
+            left.Write<byte>(va + page * Topology.PageSize, 0xAA);
         for (ulong page = 0; page < pages / 4; page++)
-            right.Write<byte>(va + page * 4096 + 8, 0xBB);
+            right.Write<byte>(va + page * Topology.PageSize + 8, 0xBB);
         ShowProcesses(machine, console, [parent, left, right], va, pages,
             "The left child wrote half of its pages, the right child a quarter: copy-on-write gave them their own");
         console.MarkupLineInterpolated($"copy-on-write copies: {machine.GetVmStats().CowFaults:N0}; the parent still reads its own data: {parent.Read<ulong>(va) == 1}");
@@ -89,7 +89,7 @@ internal static class MachineView
             long shared = 0, exclusive = 0, node0 = 0, node1 = 0;
             for (ulong page = 0; page < pages; page++)
             {
-                Vmm.Mm.PagemapEntry entry = p.GetPagemap(va + page * 4096);
+                Vmm.Mm.PagemapEntry entry = p.GetPagemap(va + page * Topology.PageSize);
                 if (!entry.Present)
                     continue;
                 if (entry.MapCount > 1)

@@ -64,6 +64,7 @@ public sealed unsafe class Machine : IDisposable
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options, FaultInjector);
             Rmap = new RmapWalker(this);
+            Tlb = new TlbFlusher(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
         }
         catch
@@ -158,6 +159,7 @@ public sealed unsafe class Machine : IDisposable
     internal PageLock PageLock { get; }
 
     private long _zeroPagePfn = PageAllocator.NoPfn;
+    private readonly Lock _zeroPageLock = new();
 
     /// <summary>
     /// The shared zero page (PG_reserved, never freed), mapped read-only wherever private memory is
@@ -175,7 +177,7 @@ public sealed unsafe class Machine : IDisposable
 
     private long AllocateZeroPage()
     {
-        lock (_deferredLock)
+        lock (_zeroPageLock)
         {
             if (_zeroPagePfn != PageAllocator.NoPfn)
                 return _zeroPagePfn;
@@ -210,10 +212,11 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>The reverse-map walks.</summary>
     internal RmapWalker Rmap { get; }
 
+    /// <summary>The TLB flush and the references deferred until it (DeferPutPage).</summary>
+    internal TlbFlusher Tlb { get; }
+
     private readonly ConcurrentDictionary<int, VmProcess> _processes = new();
     private int _nextPid;
-    private readonly Lock _deferredLock = new();
-    private List<long> _deferredPuts = [];
 
     /// <summary>The processes that have not exited.</summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -263,92 +266,6 @@ public sealed unsafe class Machine : IDisposable
     {
         if (_memMap.PutPageTestZero(pfn))
             Allocator.FreeFrozenPages(pfn, 0);
-    }
-
-    /// <summary>
-    /// Drops a reference after the next TLB flush: for a frame other threads may still be reading
-    /// through translations cached before its PTE changed. Batched: the flush runs once 64 are queued.
-    /// </summary>
-    internal void DeferPutPage(long pfn) => DeferPutPage(pfn, 64);
-
-    /// <summary>
-    /// DeferPutPage with a larger batch, for a caller that flushes often anyway (the KSM scanner flushes
-    /// once per merge batch, which releases these too): a flush runs only once <paramref name="flushAt"/>
-    /// references are queued.
-    /// </summary>
-    internal void DeferPutPage(long pfn, int flushAt)
-    {
-        bool flush;
-        lock (_deferredLock)
-        {
-            _deferredPuts.Add(pfn);
-            flush = _deferredPuts.Count >= flushAt;
-        }
-        if (flush)
-            FlushTlb();
-    }
-
-    /// <summary>The TLB shootdown, then the release of every deferred reference queued before it.</summary>
-    internal void FlushTlb()
-    {
-        List<long> ready;
-        lock (_deferredLock)
-        {
-            ready = _deferredPuts;
-            _deferredPuts = [];
-        }
-        TlbShootdown.Flush();
-        foreach (long pfn in ready)
-            PutPage(pfn);
-    }
-
-    /// <summary>Frames whose last references wait for a flush.</summary>
-    internal int DeferredPutCount
-    {
-        get
-        {
-            lock (_deferredLock)
-                return _deferredPuts.Count;
-        }
-    }
-
-    internal ShmemObject CreateShmem()
-    {
-        var shmem = new ShmemObject(Mappings.NewHandle());
-        Mappings.Register(shmem.Handle, shmem);
-        return shmem;
-    }
-
-    /// <summary>shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference for the caller.</summary>
-    internal long ShmemGetPage(ShmemObject shmem, long index, int node)
-    {
-        lock (shmem.Lock)
-        {
-            if (shmem.Pages.TryGetValue(index, out long cached))
-            {
-                _memMap.GetPage(cached);
-                return cached;
-            }
-            long pfn = Allocator.AllocPages(0, AllocFlags.Movable, node);
-            if (pfn == PageAllocator.NoPfn)
-                return PageAllocator.NoPfn;
-            ref PageDescriptor page = ref _memMap[pfn];
-            page.Mapping = (ulong)shmem.Handle << 2; // a file mapping: no ANON tag
-            page.Index = (ulong)index;
-            _memMap.SetFlag(pfn, PageFlags.SwapBacked);
-            shmem.Pages[index] = pfn;
-            _memMap.GetPage(pfn); // one reference for the page cache, one for the caller
-            return pfn;
-        }
-    }
-
-    /// <summary>The last VMA of a shmem object went away: drop its page cache. Preconditions: shmem.Lock held.</summary>
-    internal void ReleaseShmem(ShmemObject shmem)
-    {
-        Mappings.Unregister(shmem.Handle);
-        foreach (long pfn in shmem.Pages.Values)
-            DeferPutPage(pfn);
-        shmem.Pages.Clear();
     }
 
     /// <summary>A snapshot of every node's memory (exact when no other thread allocates meanwhile).</summary>

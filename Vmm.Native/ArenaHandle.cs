@@ -59,7 +59,7 @@ internal sealed class ArenaHandle : SafeHandle
         void* block;
         try
         {
-            block = NativeMemory.AlignedAlloc(length, 4096);
+            block = NativeMemory.AlignedAlloc(length, Topology.PageSize);
         }
         catch (OutOfMemoryException e)
         {

@@ -100,8 +100,8 @@ public static unsafe class PageOps
         Sse.StoreFence();
     }
 
-    /// <summary>The size of a page in bytes: 4096.</summary>
-    public const int PageSize = 4096;
+    /// <summary>The size of a page in bytes: 4096 (<see cref="Topology.PageSize"/>).</summary>
+    public const int PageSize = Topology.PageSize;
 
     /// <summary>The number of CRC32C streams <see cref="Checksum(byte*)"/> interleaves.</summary>
     internal const int ChecksumStreams = 4;

@@ -16,7 +16,7 @@ public sealed class LifetimeTests
 {
     private const int Page = 4096;
 
-    private static Machine NewMachine(bool ksm = true) => new(MachineOptions.Small with { EnableKsm = ksm });
+    private static Machine NewMachine(bool ksm = true) => TestMachines.Create(TestMachines.Small with { EnableKsm = ksm });
 
     /// <summary>Asserts that <paramref name="call"/> throws ObjectDisposedException naming the machine.</summary>
     private static void AssertMachineDisposed(Action call, string what)
@@ -340,7 +340,7 @@ public sealed class LifetimeTests
 
     private static void DisposeUnderLoad(int round)
     {
-        var machine = new Machine(MachineOptions.Small with { PoisonFreedFrames = round % 2 == 1 });
+        var machine = TestMachines.Create(TestMachines.Small with { PoisonFreedFrames = round % 2 == 1 });
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("sleep_millisecs", "0"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("run", "1"), Is.EqualTo(Errno.None), "ksmd runs too: Dispose must stop it first");

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using Vmm.Mm;
+using Vmm.Native;
 
 namespace Vmm.Bench.Scenarios;
 
@@ -50,14 +51,14 @@ internal static class KsmPatterns
     public static (VmProcess Process, ulong Address) Map(Machine machine, string pattern, int pages)
     {
         VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap((ulong)pages * 4096);
-        byte[] page = new byte[4096];
+        ulong va = p.Mmap((ulong)pages * Topology.PageSize);
+        byte[] page = new byte[Topology.PageSize];
         for (int i = 0; i < pages; i++)
         {
             Fill(pattern, i, pages, page);
-            p.Write(va + (ulong)i * 4096, page);
+            p.Write(va + (ulong)i * Topology.PageSize, page);
         }
-        if (p.Madvise(va, (ulong)pages * 4096, Advice.Mergeable) != Errno.None)
+        if (p.Madvise(va, (ulong)pages * Topology.PageSize, Advice.Mergeable) != Errno.None)
             throw new InvalidOperationException("madvise(MERGEABLE) failed");
         return (p, va);
     }
@@ -109,7 +110,7 @@ internal sealed class KsmScenario : IScenario
         for (int r = 0; r < reps + warmupRounds; r++)
         {
             using Machine machine = KsmPatterns.NewMachine(sizeMib);
-            MmScenario.WarmArena(machine, (ulong)pages * 4096 + (64UL << 20));
+            MmScenario.WarmArena(machine, (ulong)pages * Topology.PageSize + (64UL << 20));
             Vmm.Ksm ksm = machine.Ksm!;
             if (zeroPages)
                 ksm.Write("use_zero_pages", "1");
@@ -168,7 +169,7 @@ internal sealed class KsmUnmergeScenario : IScenario
                 (VmProcess p, ulong va) = MergeIdentical(machine, pages);
                 long start = Stopwatch.GetTimestamp();
                 for (int i = 0; i < pages; i++)
-                    p.Write<byte>(va + (ulong)i * 4096 + 100, 1);
+                    p.Write<byte>(va + (ulong)i * Topology.PageSize + 100, 1);
                 double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / pages;
                 if (r >= warmupRounds)
                     cow.Add(ns);
@@ -221,20 +222,20 @@ internal sealed unsafe class KsmIndexScenario : IScenario
         int sizeMib = args.GetInt("size-mib", 256);
         string pattern = args.GetString("pattern", "unique");
         int pages = sizeMib * 256;
-        byte* arena = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)pages * 4096, 4096);
+        byte* arena = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)pages * Topology.PageSize, Topology.PageSize);
         try
         {
-            byte[] page = new byte[4096];
+            byte[] page = new byte[Topology.PageSize];
             for (int i = 0; i < pages; i++)
             {
                 KsmPatterns.Fill(pattern, i, pages, page);
-                page.CopyTo(new Span<byte>(arena + (long)i * 4096, 4096));
+                page.CopyTo(new Span<byte>(arena + (long)i * Topology.PageSize, Topology.PageSize));
             }
             long compares = 0;
             var comparer = Comparer<int>.Create((a, b) =>
             {
                 compares++;
-                return a == b ? 0 : Vmm.Native.PageOps.Compare(arena + (long)a * 4096, arena + (long)b * 4096);
+                return a == b ? 0 : Vmm.Native.PageOps.Compare(arena + (long)a * Topology.PageSize, arena + (long)b * Topology.PageSize);
             });
             double treeInsert = 0, treeLookup = 0, hashInsert = 0, hashLookup = 0;
             long treeInsertCompares = 0, treeLookupCompares = 0, hashCompares = 0;
@@ -263,11 +264,11 @@ internal sealed unsafe class KsmIndexScenario : IScenario
                 t0 = Stopwatch.GetTimestamp();
                 for (int i = 0; i < pages; i++)
                 {
-                    sums[i] = Vmm.Native.PageOps.Checksum64(arena + (long)i * 4096);
+                    sums[i] = Vmm.Native.PageOps.Checksum64(arena + (long)i * Topology.PageSize);
                     if (hash.TryGetValue(sums[i], out int other))
                     {
                         hashCompares++;
-                        Vmm.Native.PageOps.PageEquals(arena + (long)i * 4096, arena + (long)other * 4096);
+                        Vmm.Native.PageOps.PageEquals(arena + (long)i * Topology.PageSize, arena + (long)other * Topology.PageSize);
                     }
                     else
                     {
@@ -278,9 +279,9 @@ internal sealed unsafe class KsmIndexScenario : IScenario
                 t0 = Stopwatch.GetTimestamp();
                 for (int i = 0; i < pages; i++)
                 {
-                    ulong sum = Vmm.Native.PageOps.Checksum64(arena + (long)i * 4096);
+                    ulong sum = Vmm.Native.PageOps.Checksum64(arena + (long)i * Topology.PageSize);
                     if (hash.TryGetValue(sum, out int other))
-                        Vmm.Native.PageOps.PageEquals(arena + (long)i * 4096, arena + (long)other * 4096);
+                        Vmm.Native.PageOps.PageEquals(arena + (long)i * Topology.PageSize, arena + (long)other * Topology.PageSize);
                 }
                 hashLookup = Stopwatch.GetElapsedTime(t0).TotalNanoseconds / pages;
             }

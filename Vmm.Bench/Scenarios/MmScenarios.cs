@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using Vmm.Mm;
+using Vmm.Native;
 
 namespace Vmm.Bench.Scenarios;
 
@@ -14,7 +15,7 @@ internal static class MmScenario
     {
         VmProcess warm = machine.CreateProcess();
         ulong va = warm.Mmap(bytes);
-        for (ulong off = 0; off < bytes; off += 4096)
+        for (ulong off = 0; off < bytes; off += Topology.PageSize)
             warm.Write<byte>(va + off, 1);
         warm.Exit();
     }
@@ -66,9 +67,9 @@ internal sealed class FaultScenario : IScenario
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(bytes);
         long start = Stopwatch.GetTimestamp();
-        for (ulong off = 0; off < bytes; off += 4096)
+        for (ulong off = 0; off < bytes; off += Topology.PageSize)
             p.Write<byte>(va + off, 1);
-        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / (bytes / 4096);
+        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / (bytes / Topology.PageSize);
         p.Exit();
         return ns;
     }
@@ -93,7 +94,7 @@ internal sealed class CowScenario : IScenario
         MmScenario.WarmUp(() =>
         {
             VmProcess warm = parent.Fork();
-            for (ulong off = 0; off < bytes; off += 4096)
+            for (ulong off = 0; off < bytes; off += Topology.PageSize)
                 warm.Write<byte>(va + off, 1);
             warm.Exit();
         });
@@ -102,9 +103,9 @@ internal sealed class CowScenario : IScenario
         {
             VmProcess child = parent.Fork();
             long start = Stopwatch.GetTimestamp();
-            for (ulong off = 0; off < bytes; off += 4096)
+            for (ulong off = 0; off < bytes; off += Topology.PageSize)
                 child.Write<byte>(va + off, 1);
-            double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / (bytes / 4096);
+            double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds / (bytes / Topology.PageSize);
             child.Exit();
             if (r > 0)
                 results.Add(ns); // the first round warms up the JIT
@@ -128,10 +129,10 @@ internal sealed class AccessScenario : IScenario
         using Machine machine = MmScenario.NewMachine(256);
         VmProcess p = machine.CreateProcess();
         const int hotPages = 16; // fits the 64-entry software TLB
-        ulong hot = p.Mmap(hotPages * 4096);
-        p.Fill(hot, hotPages * 4096, 1);
+        ulong hot = p.Mmap(hotPages * Topology.PageSize);
+        p.Fill(hot, hotPages * Topology.PageSize, 1);
         int ops = args.Has("copy-only") ? 1 : 20_000_000; // --copy-only: skip the 8-byte loops (for profiling)
-        ulong mask = hotPages * 4096 - 8;
+        ulong mask = hotPages * Topology.PageSize - 8;
 
         double read8 = MmScenario.Median(Enumerable.Range(0, reps).Select(_ =>
         {
@@ -170,7 +171,7 @@ internal sealed class AccessScenario : IScenario
                 p.Write(big + (ulong)i * mib, host);
             return (double)mib * buffers / Stopwatch.GetElapsedTime(start).TotalNanoseconds;
         }));
-        byte* native = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)mib * buffers, 4096);
+        byte* native = (byte*)System.Runtime.InteropServices.NativeMemory.AlignedAlloc((nuint)mib * buffers, Topology.PageSize);
         new Span<byte>(native, mib).Fill(3);
         for (int i = 0; i < buffers; i++)
             new Span<byte>(native + (long)i * mib, mib).Fill(3);
@@ -196,7 +197,7 @@ internal sealed class AccessScenario : IScenario
         }
         // The same bytes copied 4 KiB at a time from the frames the process's pages really occupy, in
         // virtual order: the cost of scattered frames without any translation.
-        long[] frames = [.. Enumerable.Range(0, mib / 4096 * buffers).Select(i => p.GetPagemap(big + (ulong)i * 4096).Pfn)];
+        long[] frames = [.. Enumerable.Range(0, mib / Topology.PageSize * buffers).Select(i => p.GetPagemap(big + (ulong)i * Topology.PageSize).Pfn)];
         double scattered;
         fixed (byte* h = host)
         {
@@ -205,7 +206,7 @@ internal sealed class AccessScenario : IScenario
             {
                 long start = Stopwatch.GetTimestamp();
                 for (int i = 0; i < frames.Length; i++)
-                    Buffer.MemoryCopy(machine.Arena.FrameAddress(frames[i]), hp + (i & 255) * 4096, 4096, 4096);
+                    Buffer.MemoryCopy(machine.Arena.FrameAddress(frames[i]), hp + (i & 255) * Topology.PageSize, Topology.PageSize, Topology.PageSize);
                 return (double)mib * buffers / Stopwatch.GetElapsedTime(start).TotalNanoseconds;
             }));
         }
@@ -250,7 +251,7 @@ internal sealed class ForkScenario : IScenario
                 results.Add(ms);
         }
         double median = MmScenario.Median(results);
-        Console.WriteLine($"fork of {bytes >> 20} MiB touched: {median:F1} ms ({median * 1e6 / (bytes / 4096):F0} ns per page)");
+        Console.WriteLine($"fork of {bytes >> 20} MiB touched: {median:F1} ms ({median * 1e6 / (bytes / Topology.PageSize):F0} ns per page)");
         return [new("fork_ms", median), new("size_mib", (int)(bytes >> 20))];
     }
 }
@@ -271,8 +272,8 @@ internal sealed class FlushScenario : IScenario
         int count = args.GetInt("count", 20_000);
         using Machine machine = MmScenario.NewMachine(128);
         VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(16 * 4096);
-        p.Fill(va, 16 * 4096, 1);
+        ulong va = p.Mmap(16 * Topology.PageSize);
+        p.Fill(va, 16 * Topology.PageSize, 1);
 
         MmScenario.WarmUp(() => Measure(count / 10), rounds: 2);
         double idle = Measure(count);
@@ -285,7 +286,7 @@ internal sealed class FlushScenario : IScenario
             while (!stop.IsCancellationRequested)
             {
                 for (int i = 0; i < 1024; i++)
-                    n += p.Read<long>(va + (ulong)(i & 15) * 4096);
+                    n += p.Read<long>(va + (ulong)(i & 15) * Topology.PageSize);
                 Interlocked.Add(ref reads, 1024);
             }
             GC.KeepAlive(n);

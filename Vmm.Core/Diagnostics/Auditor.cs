@@ -30,7 +30,7 @@ internal static unsafe class Auditor
     {
         var problems = new List<string>();
         var ksmZeroPtes = new Dictionary<AddressSpace, long>();
-        machine.FlushTlb(); // release deferred references so that refcounts are final
+        machine.Tlb.Flush(); // release deferred references so that refcounts are final
         MemMap memMap = machine.MemMap;
         var mapcount = new Dictionary<long, int>();
         var references = new Dictionary<long, int>();

@@ -126,7 +126,7 @@ public sealed partial class Ksm
                 foreach (AddressSpace mm in _narrowed)
                     mm.BumpGeneration();
                 _narrowed.Clear();
-                _machine.FlushTlb();
+                _machine.Tlb.Flush();
             }
 
             // 3. Compare and replace, in queue order (a pair before the merges that join its new page).
@@ -175,7 +175,7 @@ public sealed partial class Ksm
                 mm.BumpGeneration();
             _replacedIn.Clear();
             foreach (long pfn in _replacedFrames)
-                _machine.DeferPutPage(pfn, 1024);
+                _machine.Tlb.DeferPutPage(pfn, 1024);
             _replacedFrames.Clear();
             // Unlock and drop references (a page to retry keeps its own).
             UnlockMm();
@@ -398,7 +398,7 @@ public sealed partial class Ksm
         if (_mergedSinceRelease < ReleaseThreshold)
             return;
         _mergedSinceRelease = 0;
-        _machine.FlushTlb(); // the replaced frames' last references: they are free from here
+        _machine.Tlb.Flush(); // the replaced frames' last references: they are free from here
         lock (_releaseLock)
         {
             if (!_machine.Options.BackgroundThreads)

@@ -72,7 +72,7 @@ public sealed partial class Ksm
         }
         RemoveAllStableNodes();
         Volatile.Write(ref _seqnr, 0);
-        _machine.FlushTlb(); // the merged pages the copies replaced are free now
+        _machine.Tlb.Flush(); // the merged pages the copies replaced are free now
         return Errno.None;
     }
 

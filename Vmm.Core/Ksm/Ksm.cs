@@ -22,9 +22,9 @@
 // a stable node's item list only under its KSM page's lock as well.
 using System.Diagnostics;
 using System.Globalization;
-using System.Security.Cryptography;
 using Vmm.Diagnostics;
 using Vmm.Mm;
+using Vmm.Native;
 
 namespace Vmm;
 
@@ -135,8 +135,6 @@ public sealed partial class Ksm
         _nodeCount = nodes;
         _domainSecrets[0] = NewSecret();
     }
-
-    private static ulong NewSecret() => BitConverter.ToUInt64(RandomNumberGenerator.GetBytes(8)) | 1;
 
     // ================================================================================================
     // Knobs
@@ -463,7 +461,7 @@ public sealed partial class Ksm
         return new KsmStats(shared, sharing, unshared, volatilePages, Volatile.Read(ref _pagesScanned),
             Volatile.Read(ref _pagesSkipped), Volatile.Read(ref _seqnr), Volatile.Read(ref _stableNodeChains),
             Volatile.Read(ref _stableNodeDups), zero, items,
-            (sharing + zero) * 4096 - items * RmapItemBytes, Volatile.Read(ref _cowKsm), MetadataBytes);
+            (sharing + zero) * Topology.PageSize - items * RmapItemBytes, Volatile.Read(ref _cowKsm), MetadataBytes);
     }
 
     /// <summary>What KSM's own structures hold: item chunks, index buckets and stable nodes.</summary>
@@ -492,7 +490,7 @@ public sealed partial class Ksm
         {
             mm.MmapLock.ExitReadLock();
         }
-        return new ProcessKsmStats(items, zero, merging, (merging + zero) * 4096 - items * RmapItemBytes, mm.KsmMergeAny, mergeable);
+        return new ProcessKsmStats(items, zero, merging, (merging + zero) * Topology.PageSize - items * RmapItemBytes, mm.KsmMergeAny, mergeable);
     }
 
     internal void ZeroPagesChanged(int delta) => Interlocked.Add(ref _zeroPages, delta);

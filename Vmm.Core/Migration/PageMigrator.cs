@@ -14,6 +14,7 @@
 //   6. unlock; the old frame is freed when the caller drops its reference.
 using Vmm.Diagnostics;
 using Vmm.Memory;
+using Vmm.Mm;
 using Vmm.Native;
 using Vmm.Rmap;
 
@@ -101,7 +102,7 @@ internal static class PageMigrator
         }
 
         // 3. Verify, 4. copy and 5. commit. For shared memory all three run under the object's lock:
-        // a fault takes its reference under that lock (ShmemGetPage), so none can appear between the
+        // a fault takes its reference under that lock (ShmemObject.GetPage), so none can appear between the
         // check and the switch of the page cache, and an object that lost its last mapping meanwhile
         // (its cache emptied) is noticed.
         Errno verdict;

@@ -158,12 +158,12 @@ internal sealed unsafe partial class AddressSpace
     {
         LockAssert.MmapLockHeld(this);
         ShmemObject shmem = vma.Shmem!;
-        long pfn = _machine.ShmemGetPage(shmem, (long)vma.PageIndex(va), HomeNode);
+        long pfn = shmem.GetPage((long)vma.PageIndex(va), HomeNode);
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
         if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
-        Interlocked.Increment(ref _machine.MemMap[pfn].MapCount); // page_add_file_rmap; the reference came with ShmemGetPage
+        Interlocked.Increment(ref _machine.MemMap[pfn].MapCount); // page_add_file_rmap; the reference came with GetPage
         Volatile.Write(ref *slot, Pte.Make(pfn, write: write && vma.CanWrite, dirty: write, accessed: true).Value);
         UnlockPte(ptePfn);
         Interlocked.Increment(ref RssShmem);
@@ -244,7 +244,7 @@ internal sealed unsafe partial class AddressSpace
                 _machine.Ksm?.CountCowKsm();
             PageRemoveRmap(oldPfn, vma);
             _machine.PutPage(oldPfn);        // our temporary reference
-            _machine.DeferPutPage(oldPfn);   // the mapping's: only after a flush
+            _machine.Tlb.DeferPutPage(oldPfn);   // the mapping's: only after a flush
         }
         return FaultResult.Done;
     }

@@ -76,7 +76,7 @@ internal sealed unsafe partial class AddressSpace
             if (writeProtected)
             {
                 BumpGeneration();
-                _machine.FlushTlb();
+                _machine.Tlb.Flush();
             }
             MmapLock.ExitWriteLock();
         }
@@ -87,7 +87,7 @@ internal sealed unsafe partial class AddressSpace
         if (writeProtected)
         {
             BumpGeneration();
-            _machine.FlushTlb();
+            _machine.Tlb.Flush();
         }
         child.Teardown();
     }

@@ -125,11 +125,7 @@ internal sealed unsafe partial class AddressSpace
                 cursor = to;
                 if (vma.KsmDomain == domain)
                     continue;
-                Vma target = vma;
-                if (target.Start < from)
-                    target = SplitVma(target, from);
-                if (target.End > to)
-                    SplitVma(target, to);
+                Vma target = SplitToRange(vma, from, to);
                 if (target.AnonVma is not null && KsmUnmergeRange(target, target.Start, target.End) != Errno.None)
                     return Errno.ENOMEM;
                 target.KsmDomain = domain;

@@ -8,13 +8,15 @@
 using System.Runtime.CompilerServices;
 using Vmm.Diagnostics;
 using Vmm.Memory;
+using Vmm.Native;
 
 namespace Vmm.Mm;
 
 internal sealed unsafe partial class AddressSpace
 {
-    public const int PageShift = 12;
-    public const ulong PageSize = 1UL << PageShift;
+    // The page size of the machinery is Topology's; here as ulong, the type of virtual addresses.
+    public const int PageShift = Topology.PageShift;
+    public const ulong PageSize = Topology.PageSize;
     public const ulong PageMask = PageSize - 1;
 
     /// <summary>TASK_SIZE: user addresses lie below it (47 bits, as on x86-64 with 4-level tables).</summary>

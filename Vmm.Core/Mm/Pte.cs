@@ -37,21 +37,21 @@ internal readonly record struct Pte(ulong Value)
 
     /// <summary>A present mapping of <paramref name="pfn"/>; without <paramref name="user"/> it is PROT_NONE.</summary>
     public static Pte Make(long pfn, bool write, bool dirty = false, bool accessed = false, bool special = false, bool user = true) =>
-        new(((ulong)pfn << 12) | PresentBit | (user ? UserBit : 0) | (write ? WriteBit : 0) | (dirty ? DirtyBit : 0) |
+        new(((ulong)pfn << AddressSpace.PageShift) | PresentBit | (user ? UserBit : 0) | (write ? WriteBit : 0) | (dirty ? DirtyBit : 0) |
             (accessed ? AccessedBit : 0) | (special ? SpecialBit : 0));
 
     /// <summary>The same entry pointing at another frame.</summary>
-    public Pte WithPfn(long pfn) => new((Value & ~PfnMask) | ((ulong)pfn << 12));
+    public Pte WithPfn(long pfn) => new((Value & ~PfnMask) | ((ulong)pfn << AddressSpace.PageShift));
 
     /// <summary>An upper-level entry pointing at the next table.</summary>
-    public static Pte Table(long pfn) => new(((ulong)pfn << 12) | PresentBit | WriteBit | UserBit);
+    public static Pte Table(long pfn) => new(((ulong)pfn << AddressSpace.PageShift) | PresentBit | WriteBit | UserBit);
 
     /// <summary>A non-present swap-format entry.</summary>
     public static Pte SwapEntry(int type, long offset)
     {
         if (type is < 1 or > 31)
             throw new ArgumentOutOfRangeException(nameof(type), type, "swap types are 1 to 31");
-        return new(((ulong)offset << 12) | ((ulong)type << TypeShift));
+        return new(((ulong)offset << AddressSpace.PageShift) | ((ulong)type << TypeShift));
     }
 
     public bool IsNone => Value == 0;
@@ -74,7 +74,7 @@ internal readonly record struct Pte(ulong Value)
     public long Pfn
     {
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        get => (long)((Value & PfnMask) >> 12);
+        get => (long)((Value & PfnMask) >> AddressSpace.PageShift);
     }
 
     /// <summary>A non-present, non-none entry: swap or migration.</summary>
@@ -82,7 +82,7 @@ internal readonly record struct Pte(ulong Value)
 
     public int SwapType => (int)((Value & TypeMask) >> TypeShift);
 
-    public long SwapOffset => (long)((Value & PfnMask) >> 12);
+    public long SwapOffset => (long)((Value & PfnMask) >> AddressSpace.PageShift);
 
     public bool IsMigrationEntry => IsSwapFormat && SwapType >= MigrationReadExclusiveType;
 

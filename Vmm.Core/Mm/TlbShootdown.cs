@@ -18,6 +18,9 @@
 // (and the flusher waits for it), or the reader's loads come after the barrier and see the new PTE and
 // the new generation. The cost moves to the flusher, which is rare and batched.
 //
+// The per-machine side of a flush, the references that may be dropped only after it (deferred puts),
+// lives beside this file in TlbFlusher.cs (Machine.Tlb).
+//
 // Sections never block: a thread that must fault, lock or allocate leaves its section first. A thread
 // must never call Flush from inside a section (it would wait for itself).
 //

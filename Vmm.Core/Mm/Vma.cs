@@ -64,17 +64,17 @@ internal sealed class Vma
 
     public bool CanWrite => (Flags & VmaFlags.Write) != 0;
 
-    public ulong Pages => (End - Start) >> 12;
+    public ulong Pages => (End - Start) >> AddressSpace.PageShift;
 
     /// <summary>The page index (linear_page_index) of an address inside the VMA.</summary>
-    public ulong PageIndex(ulong address) => PgOff + ((address - Start) >> 12);
+    public ulong PageIndex(ulong address) => PgOff + ((address - Start) >> AddressSpace.PageShift);
 
     /// <summary>The address of a page index in this VMA, or null if the VMA does not cover it.</summary>
     public ulong? AddressOf(ulong index)
     {
         if (index < PgOff)
             return null;
-        ulong address = Start + ((index - PgOff) << 12);
+        ulong address = Start + ((index - PgOff) << AddressSpace.PageShift);
         return address >= Start && address < End ? address : null;
     }
 

@@ -39,21 +39,3 @@ internal sealed class AnonVma
 /// <param name="Vma">the VMA.</param>
 /// <param name="AnonVma">the anon_vma.</param>
 internal sealed record AnonVmaChain(Vma Vma, AnonVma AnonVma);
-
-/// <summary>The object behind shared anonymous mappings (Linux's shmem inode): a page cache by index.</summary>
-internal sealed class ShmemObject
-{
-    public ShmemObject(long handle) => Handle = handle;
-
-    /// <summary>Immutable: the key stored in page mapping words.</summary>
-    public long Handle { get; }
-
-    /// <summary>The lock of the page cache and the VMA list.</summary>
-    public readonly object Lock = new();
-
-    /// <summary>Cached pages by index; each holds one reference. Protected by Lock.</summary>
-    public readonly Dictionary<long, long> Pages = [];
-
-    /// <summary>VMAs mapping the object (i_mmap). Protected by Lock.</summary>
-    public readonly List<Vma> Vmas = [];
-}

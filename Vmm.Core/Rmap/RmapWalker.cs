@@ -256,7 +256,7 @@ internal sealed unsafe class RmapWalker
         foreach (AddressSpace mm in touched)
             mm.BumpGeneration();
         if (touched.Count > 0)
-            _machine.FlushTlb();
+            _machine.Tlb.Flush();
         return memMap.MapCount(pfn) == 0;
     }
 

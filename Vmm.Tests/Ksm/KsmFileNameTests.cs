@@ -7,12 +7,13 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmFileNameTests
 {
     [Test]
     public void An_unknown_name_is_ENOENT_for_write_and_TryRead_and_an_ArgumentException_naming_it_for_Read()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("no_such_file", "1"), Is.EqualTo(Errno.ENOENT));
         Assert.That(ksm.TryRead("no_such_file", out string value), Is.EqualTo(Errno.ENOENT));
@@ -28,7 +29,7 @@ public sealed class KsmFileNameTests
     [Test]
     public void Counters_read_by_name_match_the_record_and_refuse_writes_with_EACCES()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(8 * 4096);
@@ -64,9 +65,8 @@ public sealed class KsmFileNameTests
     [Test]
     public void Vmstat_counters_read_by_name_and_an_unknown_name_is_ENOENT()
     {
-        using var machine = new Machine(MachineOptions.Small);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<byte>(va, 1);
         VmStats stats = machine.GetVmStats();
         Assert.That(machine.ReadVmStat("nr_page_table_pages", out long tables), Is.EqualTo(Errno.None));

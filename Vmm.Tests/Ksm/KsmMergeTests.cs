@@ -1,16 +1,18 @@
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
+using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Ksm;
 
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmMergeTests
 {
     [Test]
     public void Identical_pages_merge_into_one_KSM_page_after_two_full_scans()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 0x5A);
@@ -37,7 +39,7 @@ public sealed class KsmMergeTests
     [Test]
     public void A_write_to_a_merged_page_copies_it_and_the_others_keep_sharing()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 10, _ => 7);
@@ -58,7 +60,7 @@ public sealed class KsmMergeTests
     [Test]
     public void Unique_pages_never_merge()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         MapPattern(p, 50, i => (byte)(i + 1));
@@ -73,7 +75,7 @@ public sealed class KsmMergeTests
     [Test]
     public void Unmergeable_unmerges_by_copying()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 20, i => (byte)(i % 2));
@@ -94,7 +96,7 @@ public sealed class KsmMergeTests
     [Test]
     public void Run_2_unmerges_everything_and_resets_full_scans()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 30, _ => 3);
@@ -113,9 +115,8 @@ public sealed class KsmMergeTests
     [Test]
     public void Madvise_mergeable_is_einval_without_ksm()
     {
-        using Machine machine = NewMachine(ksm: false);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoLargeNodes with { EnableKsm = false });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         Assert.That(p.Madvise(va, 4096, Advice.Mergeable), Is.EqualTo(Errno.EINVAL));
         Assert.That(p.Madvise(va, 4096, Advice.Unmergeable), Is.EqualTo(Errno.EINVAL));
         Assert.That(p.SetMemoryMerge(true), Is.EqualTo(Errno.EINVAL));

@@ -1,5 +1,6 @@
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
+using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Ksm;
 
@@ -9,13 +10,14 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmRegressionTests
 {
     // Finding: a slot dropped mid-mm (no mergeable VMA left) is freed with the items before the cursor still on it.
     [Test]
     public void A_slot_dropped_mid_scan_takes_all_its_items_with_it()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         VmProcess q = machine.CreateProcess();
@@ -75,7 +77,7 @@ public sealed class KsmRegressionTests
     [TestCase(true)]
     public void An_unmerge_or_domain_change_during_a_batch_flush_wins_over_the_pending_pair(bool domain)
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         VmProcess q = machine.CreateProcess();
@@ -109,7 +111,7 @@ public sealed class KsmRegressionTests
     [Test]
     public void Scanning_after_run_2_failed_with_ENOMEM_finds_the_indexes_consistent()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0 });
+        using var machine = Create(OneNode with { BlockSizeBytes = 2L << 20 });
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p1 = machine.CreateProcess();
         VmProcess p2 = machine.CreateProcess();
@@ -141,7 +143,7 @@ public sealed class KsmRegressionTests
     [Test]
     public void A_domain_change_during_a_batch_flush_stops_a_stable_join()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         VmProcess q = machine.CreateProcess();
@@ -171,7 +173,7 @@ public sealed class KsmRegressionTests
     [Test]
     public void An_unstable_partner_moved_to_another_domain_does_not_pair()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         VmProcess q = machine.CreateProcess();
@@ -190,7 +192,7 @@ public sealed class KsmRegressionTests
     [Test]
     public void A_failed_pair_leaves_no_chain_behind()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", "2"), Is.EqualTo(Errno.None));
         VmProcess p = machine.CreateProcess();
@@ -210,7 +212,7 @@ public sealed class KsmRegressionTests
     [Test]
     public void A_frame_queued_twice_in_a_batch_never_leaves_an_item_flagged_for_two_passes()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 3, i => i switch { 0 => (byte)0xB0, 1 => (byte)0xA0, _ => (byte)0xC0 }); // W=B, X=A, Q=C

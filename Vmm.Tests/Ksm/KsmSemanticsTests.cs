@@ -1,5 +1,6 @@
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
+using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Ksm;
 
@@ -10,6 +11,7 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Smoke")]
+[Category("Ksm")]
 public sealed class KsmSemanticsTests
 {
     /// <summary>Σ ksm_merging_pages over processes = pages_shared + pages_sharing, and the profit formulas.</summary>
@@ -32,7 +34,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Knob_defaults_are_Linux_s()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         KsmKnobs k = machine.Ksm!.GetKnobs();
         Assert.That(k, Is.EqualTo(new KsmKnobs(0, 100, 20, true, false, 256, 2000, true, KsmAdvisorMode.None, 70, 200, 500, 30000)));
         Assert.That(machine.Ksm.Read("advisor_mode"), Is.EqualTo("[none] scan-time"));
@@ -69,14 +71,14 @@ public sealed class KsmSemanticsTests
     [TestCase("advisor_min_pages_to_scan", "q", Errno.EINVAL)]
     public void Knob_writes_follow_Linux_s_rules(string knob, string value, Errno expected)
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Assert.That(machine.Ksm!.Write(knob, value), Is.EqualTo(expected));
     }
 
     [Test]
     public void A_rejected_knob_write_changes_nothing_and_an_unknown_knob_is_ENOENT()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         KsmKnobs before = ksm.GetKnobs();
         foreach ((string knob, string value) in new[] { ("run", "7"), ("pages_to_scan", "-1"), ("max_page_sharing", "1"), ("merge_across_nodes", "5"), ("smart_scan", "x") })
@@ -88,7 +90,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void The_advisor_owns_pages_to_scan_and_switching_it_resets_the_value()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("pages_to_scan", "777"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("advisor_min_pages_to_scan", "1234"), Is.EqualTo(Errno.None));
@@ -104,7 +106,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void The_scan_time_advisor_raises_pages_to_scan_when_a_full_scan_is_quicker_than_its_target()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         MapPattern(p, 64, i => (byte)i);
@@ -124,7 +126,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Knobs_that_rebuild_the_index_are_EBUSY_while_pages_are_merged_and_free_after_run_2()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         MapPattern(p, 8, _ => 1);
@@ -149,7 +151,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Pairs_merge_into_one_KSM_page_each()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 40, i => (byte)(i / 2 + 1));
@@ -167,7 +169,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Merging_gives_the_frames_back_to_the_allocator()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         long before = machine.GetStats().AllFreePages;
@@ -188,7 +190,7 @@ public sealed class KsmSemanticsTests
     [TestCase(5, 23)]
     public void Max_page_sharing_splits_identical_pages_over_KSM_copies_by_Linux_s_formula(int maxSharing, int pages)
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", maxSharing.ToString(System.Globalization.CultureInfo.InvariantCulture)), Is.EqualTo(Errno.None));
         VmProcess p = machine.CreateProcess();
@@ -215,7 +217,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Without_use_zero_pages_zero_filled_pages_merge_into_one_KSM_page()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 30, _ => 0);
@@ -229,7 +231,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void With_use_zero_pages_zero_filled_pages_map_the_zero_page_and_are_counted_until_written_or_unmapped()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("use_zero_pages", "1"), Is.EqualTo(Errno.None));
         VmProcess p = machine.CreateProcess();
@@ -263,7 +265,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Pages_never_written_are_not_scanned()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(64 * 4096);
@@ -277,7 +279,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void A_pinned_page_is_never_merged_until_it_is_unpinned()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 4, _ => 8);
@@ -297,7 +299,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void A_page_that_changes_between_visits_is_volatile_and_does_not_merge()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 3, _ => 4);
@@ -333,7 +335,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Unmergeable_out_of_memory_is_EAGAIN_and_the_range_stays_mergeable_and_consistent()
     {
-        using Machine machine = new(MachineOptions.Small);
+        using Machine machine = TestMachines.Create();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 3);
@@ -357,7 +359,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Run_2_out_of_memory_reports_ENOMEM_and_stops_ksm()
     {
-        using Machine machine = new(MachineOptions.Small);
+        using Machine machine = TestMachines.Create();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 100, _ => 3);
@@ -376,7 +378,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void A_KSM_page_whose_mappings_were_all_copied_is_freed_and_its_node_removed_as_stale()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 5, _ => 4);
@@ -398,7 +400,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Stale_copies_of_a_chain_are_pruned_and_a_chain_with_one_copy_left_collapses()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", "2"), Is.EqualTo(Errno.None));
         Assert.That(ksm.Write("stable_node_chains_prune_millisecs", "0"), Is.EqualTo(Errno.None));
@@ -435,7 +437,7 @@ public sealed class KsmSemanticsTests
     {
         foreach (bool across in new[] { true, false })
         {
-            using Machine machine = NewMachine();
+            using Machine machine = CreateForKsm();
             Vmm.Ksm ksm = machine.Ksm!;
             Assert.That(ksm.Write("merge_across_nodes", across ? "1" : "0"), Is.EqualTo(Errno.None));
             VmProcess a = machine.CreateProcess(homeNode: 0), b = machine.CreateProcess(homeNode: 1);
@@ -461,7 +463,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void A_forked_child_shares_the_KSM_pages_and_ksmd_links_its_mappings_without_a_partner()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess parent = machine.CreateProcess();
         ulong va = MapPattern(parent, 10, _ => 6);
@@ -487,7 +489,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Process_wide_merging_marks_new_mappings_is_inherited_by_fork_and_unmerges_when_disabled()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         Assert.That(p.SetMemoryMerge(true), Is.EqualTo(Errno.None));
@@ -513,7 +515,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void An_exiting_process_is_let_go_by_ksmd_and_its_counters_leave_with_it()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         MapPattern(a, 20, _ => 1);
@@ -535,7 +537,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void A_new_slot_joins_behind_the_cursor_but_at_the_tail_once_run_is_2()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         MapPattern(a, 4, _ => 1);
@@ -553,7 +555,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Madvise_reports_holes_with_ENOMEM_and_still_advises_the_mapped_parts()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         VmProcess p = machine.CreateProcess();
         ulong va = MapPattern(p, 6, _ => 7, mergeable: false);
         Assert.That(p.Munmap(va + 2 * 4096, 4096), Is.EqualTo(Errno.None));
@@ -570,7 +572,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Pages_merge_only_within_their_dedupe_domain()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         Assert.That(b.SetDedupeDomain(7), Is.EqualTo(Errno.None));
@@ -590,7 +592,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Smart_scan_skips_pages_that_never_merge_more_and_more()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         MapPattern(p, 1, _ => 9);
@@ -607,7 +609,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Twins_copied_on_write_in_different_passes_merge_again_under_smart_scan()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess a = machine.CreateProcess(), b = machine.CreateProcess();
         ulong va = MapPattern(a, 8, _ => 1), vb = MapPattern(b, 8, _ => 1);
@@ -626,7 +628,7 @@ public sealed class KsmSemanticsTests
     [Test]
     public void Ksmd_merges_in_the_background_while_run_is_1()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         VmProcess p = machine.CreateProcess();
         MapPattern(p, 50, _ => 3);

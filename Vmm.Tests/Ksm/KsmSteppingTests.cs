@@ -1,5 +1,6 @@
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
+using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Ksm;
 
@@ -13,11 +14,7 @@ namespace Vmm.Tests.Ksm;
 [Category("Smoke")]
 public sealed class KsmSteppingTests
 {
-    private static Machine NewMachine(bool backgroundThreads) => new(new MachineOptions
-    {
-        NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0,
-        BackgroundThreads = backgroundThreads,
-    });
+    private static Machine NewMachine(bool backgroundThreads) => Create(TwoLargeNodes with { BackgroundThreads = backgroundThreads });
 
     /// <summary>64 pages: 16 copies each of 4 contents, mergeable.</summary>
     private static ulong MapDuplicates(VmProcess p) => MapPattern(p, 64, i => (byte)(1 + i % 4));

@@ -15,6 +15,7 @@ namespace Vmm.Tests.Ksm;
 /// </summary>
 [TestFixture]
 [Category("Stress")]
+[Category("Ksm")]
 public sealed class KsmStressTests
 {
     private const int PagesPerWriter = 24;
@@ -23,10 +24,7 @@ public sealed class KsmStressTests
     [Test]
     public void No_write_is_lost_or_misplaced_while_ksmd_merges_at_full_speed()
     {
-        using var machine = new Machine(new MachineOptions
-        {
-            NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = true,
-        });
+        using var machine = TestMachines.Create(TestMachines.TwoLargeNodes with { PoisonFreedFrames = true });
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("max_page_sharing", "3"), Is.EqualTo(Errno.None)); // chains and dups too
         Assert.That(ksm.Write("use_zero_pages", "1"), Is.EqualTo(Errno.None));

@@ -20,7 +20,7 @@ public sealed class AllocatorModelTests
     {
         var random = new Random(TestEnvironment.Seed(seed));
         var options = new MachineOptions { NodeCount = 2, NodeSizeBytes = 8L << 20, BlockSizeBytes = 4L << 20, MinFreeKbytes = 0 };
-        using var machine = new Machine(options);
+        using var machine = TestMachines.Create(options);
         PageAllocator allocator = machine.Allocator;
         long total = machine.Topology.TotalFrames;
         var owner = new Block?[total];

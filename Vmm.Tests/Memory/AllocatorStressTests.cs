@@ -11,7 +11,7 @@ public sealed class AllocatorStressTests
     {
         const int threads = 4;
         int iterations = 100_000 * TestEnvironment.StressScale;
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         PageAllocator allocator = machine.Allocator;
         long total = machine.Topology.TotalFrames;
         var owners = new int[total]; // 0 free, else thread id + 1; written with Interlocked to catch double hand-outs
@@ -93,7 +93,7 @@ public sealed class AllocatorStressTests
     [Test]
     public void Isolation_under_concurrent_allocation_hands_out_nothing_from_the_isolated_range()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MovableBlocksPerNode = 1, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(TestMachines.OneNode with { MovableBlocksPerNode = 1 });
         PageAllocator allocator = machine.Allocator;
         // Half of the MOVABLE block: the zone stays allocatable (above its watermark) while isolated,
         // so frees and allocations keep racing with the isolation and its per-CPU drain.

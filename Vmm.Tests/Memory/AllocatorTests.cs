@@ -7,13 +7,11 @@ namespace Vmm.Tests.Memory;
 [Category("Smoke")]
 public sealed class AllocatorTests
 {
-    private static MachineOptions Small => MachineOptions.Small;
-
     [Test]
     public void A_frame_descriptor_takes_at_most_64_bytes()
     {
         Assert.That(Unsafe.SizeOf<PageDescriptor>(), Is.EqualTo(64), "the budget is one cache line per 4 KiB frame");
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         Assert.That(machine.GetStats().DescriptorBytes, Is.Zero, "a new machine has initialised no memmap section");
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.FramesPerSection * 64), "the first allocation initialised one section");
@@ -23,7 +21,7 @@ public sealed class AllocatorTests
     [Test]
     public void A_new_machine_has_every_frame_free_in_max_order_blocks()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         MachineStats stats = machine.GetStats();
         Assert.That(stats.MemTotalBytes, Is.EqualTo(32L << 20));
         Assert.That(stats.MemFreeBytes, Is.EqualTo(32L << 20));
@@ -38,7 +36,7 @@ public sealed class AllocatorTests
     [Test]
     public void Allocation_prefers_the_requested_node_and_zone()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         long movable = machine.Allocator.AllocPages(0, AllocFlags.Movable, preferredNode: 1);
         long kernel = machine.Allocator.AllocPages(0, AllocFlags.None, preferredNode: 1);
         Assert.That(machine.GetPageInfo(movable).Node, Is.EqualTo(1));
@@ -54,7 +52,7 @@ public sealed class AllocatorTests
     [Test]
     public void Unmovable_allocations_never_come_from_ZONE_MOVABLE_even_when_NORMAL_is_full()
     {
-        using var machine = new Machine(Small with { NodeCount = 1 });
+        using var machine = TestMachines.Create(TestMachines.Small with { NodeCount = 1 });
         var taken = new List<long>();
         long pfn;
         while ((pfn = machine.Allocator.AllocPages(0, AllocFlags.None)) != PageAllocator.NoPfn)
@@ -67,7 +65,7 @@ public sealed class AllocatorTests
     [Test]
     public void ThisNode_allocations_fail_rather_than_fall_back()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         var taken = new List<long>();
         long pfn;
         while ((pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.ThisNode, 0)) != PageAllocator.NoPfn)
@@ -86,7 +84,7 @@ public sealed class AllocatorTests
             NodeCount = 3, NodeSizeBytes = 2L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0, MovableBlocksPerNode = 0,
             NodeDistances = new[,] { { 10, 40, 20 }, { 40, 10, 20 }, { 20, 20, 10 } },
         };
-        using var machine = new Machine(options);
+        using var machine = TestMachines.Create(options);
         for (int i = 0; i < 512; i++)
             Assert.That(machine.GetPageInfo(machine.Allocator.AllocPages(0, AllocFlags.Movable, 0)).Node, Is.EqualTo(0));
         Assert.That(machine.GetPageInfo(machine.Allocator.AllocPages(0, AllocFlags.Movable, 0)).Node, Is.EqualTo(2),
@@ -96,7 +94,7 @@ public sealed class AllocatorTests
     [Test]
     public void Every_allocated_frame_reads_zero_even_after_a_previous_owner_wrote_it()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         var first = new List<long>();
         for (int i = 0; i < 64; i++)
         {
@@ -120,7 +118,7 @@ public sealed class AllocatorTests
     [Test]
     public void Compound_pages_carry_head_and_tail_and_redirect_head_policy_flags()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         long head = machine.Allocator.AllocPages(2, AllocFlags.Movable | AllocFlags.Compound);
         MemMap map = machine.MemMap;
         Assert.That(machine.GetPageInfo(head).Flags.HasFlag(PageFlags.Head), Is.True);
@@ -155,7 +153,7 @@ public sealed class AllocatorTests
     [Test]
     public void A_double_free_is_caught_and_changes_nothing()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.Allocator.FreePages(pfn);
         machine.Allocator.DrainAllPages();
@@ -168,7 +166,7 @@ public sealed class AllocatorTests
     [Test]
     public void With_poisoning_a_write_to_a_freed_frame_is_caught_when_it_is_allocated_again()
     {
-        using var machine = new Machine(Small with { PoisonFreedFrames = true, NodeCount = 1 });
+        using var machine = TestMachines.Create(TestMachines.Small with { PoisonFreedFrames = true, NodeCount = 1 });
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.GetFrameSpan(pfn).Fill(1);
         machine.Allocator.FreePages(pfn);
@@ -183,7 +181,7 @@ public sealed class AllocatorTests
     [Test]
     public void GetPage_on_a_free_frame_is_refused_and_cannot_resurrect_it()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.Allocator.FreePages(pfn);
         Assert.Throws<VmBugException>(() => machine.MemMap.GetPage(pfn));
@@ -195,7 +193,7 @@ public sealed class AllocatorTests
     [Test]
     public void Freeing_a_page_that_is_still_mapped_is_refused_and_leaves_the_reference()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.MemMap[pfn].MapCount = 0; // one mapping
         Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(pfn));
@@ -207,7 +205,7 @@ public sealed class AllocatorTests
     [Test]
     public void Bad_arguments_are_rejected()
     {
-        using var machine = new Machine(Small);
+        using var machine = TestMachines.Create();
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(10), "2 MiB blocks allow order 9 at most");
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(-1));
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.AllocPages(0, AllocFlags.None, 2));
@@ -215,14 +213,14 @@ public sealed class AllocatorTests
         long pfn = machine.Allocator.AllocPages(1);
         Assert.Throws<ArgumentOutOfRangeException>(() => machine.Allocator.FreePages(pfn + 1, 1), "not aligned to the order");
         machine.Allocator.FreePages(pfn, 1);
-        Assert.Throws<ArgumentException>(() => new Machine(Small with { NodeSizeBytes = 3L << 20 }));
-        Assert.Throws<ArgumentOutOfRangeException>(() => new Machine(Small with { BlockSizeBytes = 1L << 20 }));
+        Assert.Throws<ArgumentException>(() => new Machine(TestMachines.Small with { NodeSizeBytes = 3L << 20 }));
+        Assert.Throws<ArgumentOutOfRangeException>(() => new Machine(TestMachines.Small with { BlockSizeBytes = 1L << 20 }));
     }
 
     [Test]
     public void Watermarks_hold_back_the_reserve_from_ordinary_allocations()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 64L << 20, BlockSizeBytes = 32L << 20, MovableBlocksPerNode = 0 });
+        using var machine = TestMachines.Create(new MachineOptions { NodeCount = 1, NodeSizeBytes = 64L << 20, BlockSizeBytes = 32L << 20, MovableBlocksPerNode = 0 });
         ZoneStats zone = machine.GetStats().Nodes[0].Zones[0];
         Assert.That(zone.Watermarks.Min, Is.GreaterThan(0));
         Assert.That(zone.Watermarks.Low, Is.GreaterThan(zone.Watermarks.Min));
@@ -246,7 +244,7 @@ public sealed class AllocatorTests
     [Test]
     public void Unmovable_allocations_claim_pageblocks_and_everything_coalesces_back()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 16L << 20, MovableBlocksPerNode = 0, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(new MachineOptions { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 16L << 20, MovableBlocksPerNode = 0, MinFreeKbytes = 0 });
         var pages = new List<long>();
         for (int i = 0; i < 100; i++)
             pages.Add(machine.Allocator.AllocPages(0));

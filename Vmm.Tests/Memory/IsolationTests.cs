@@ -6,12 +6,13 @@ namespace Vmm.Tests.Memory;
 [Category("Smoke")]
 public sealed class IsolationTests
 {
-    private static MachineOptions OneNode => new() { NodeCount = 1, NodeSizeBytes = 8L << 20, BlockSizeBytes = 4L << 20, MovableBlocksPerNode = 1, MinFreeKbytes = 0 };
+    /// <summary>One node of 8 MiB in two 4 MiB blocks, one of them movable: a block to isolate and one to allocate from.</summary>
+    private static MachineOptions OneNode => TestMachines.OneNode with { NodeSizeBytes = 8L << 20, BlockSizeBytes = 4L << 20, MovableBlocksPerNode = 1 };
 
     [Test]
     public void An_isolated_free_range_is_never_allocated_and_comes_back_after_undo()
     {
-        using var machine = new Machine(OneNode);
+        using var machine = TestMachines.Create(OneNode);
         PageAllocator allocator = machine.Allocator;
         long start = machine.Topology.FirstPfnOfBlock(1);
         long end = start + machine.Topology.FramesPerBlock;
@@ -37,7 +38,7 @@ public sealed class IsolationTests
     [Test]
     public void A_page_freed_inside_an_isolated_range_goes_to_the_isolate_list()
     {
-        using var machine = new Machine(OneNode);
+        using var machine = TestMachines.Create(OneNode);
         PageAllocator allocator = machine.Allocator;
         long start = machine.Topology.FirstPfnOfBlock(1);
         long end = start + machine.Topology.FramesPerBlock;
@@ -54,7 +55,7 @@ public sealed class IsolationTests
     [Test]
     public void An_unmovable_page_in_ZONE_NORMAL_makes_isolation_fail_with_EBUSY_and_isolates_nothing()
     {
-        using var machine = new Machine(OneNode);
+        using var machine = TestMachines.Create(OneNode);
         PageAllocator allocator = machine.Allocator;
         long pfn = allocator.AllocPages(0, AllocFlags.None);
         long pageblock = pfn & ~(long)(PageAllocator.PageblockFrames - 1);
@@ -75,7 +76,7 @@ public sealed class IsolationTests
     [Test]
     public void Isolating_one_pageblock_of_a_max_order_block_splits_it()
     {
-        using var machine = new Machine(OneNode);
+        using var machine = TestMachines.Create(OneNode);
         PageAllocator allocator = machine.Allocator;
         long start = machine.Topology.FirstPfnOfBlock(1) + PageAllocator.PageblockFrames; // second half of a 4 MiB block
         Assert.That(allocator.IsolatePageRange(start, start + PageAllocator.PageblockFrames), Is.EqualTo(Errno.None));
@@ -90,7 +91,7 @@ public sealed class IsolationTests
     [Test]
     public void Misaligned_ranges_are_rejected()
     {
-        using var machine = new Machine(OneNode);
+        using var machine = TestMachines.Create(OneNode);
         Assert.Throws<ArgumentException>(() => machine.Allocator.IsolatePageRange(1, 512));
         Assert.Throws<ArgumentException>(() => machine.Allocator.IsolatePageRange(0, 100));
         Assert.Throws<ArgumentException>(() => machine.Allocator.IsolatePageRange(512, 512));

@@ -9,7 +9,7 @@ public sealed class PageLockTests
     [Test]
     public void Trylock_fails_while_held_and_succeeds_after_unlock()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         PageLock pageLock = machine.PageLock;
         Assert.That(pageLock.TryLock(pfn), Is.True);
@@ -26,7 +26,7 @@ public sealed class PageLockTests
     [Test]
     public void Freeing_a_locked_page_is_refused()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.PageLock.Lock(pfn);
         Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(pfn));
@@ -37,7 +37,7 @@ public sealed class PageLockTests
     [Test]
     public void Contended_lockers_exclude_each_other_and_all_get_through()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         long[] pages = [.. Enumerable.Range(0, 3).Select(_ => machine.Allocator.AllocPages(0, AllocFlags.Movable))];
         PageLock pageLock = machine.PageLock;
         var counters = new long[pages.Length];
@@ -72,7 +72,7 @@ public sealed class PageLockTests
     [Test]
     public void A_sleeping_waiter_is_woken_by_unlock()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         PageLock pageLock = machine.PageLock;
         pageLock.Lock(pfn);
@@ -95,7 +95,7 @@ public sealed class PageLockTests
     [Test]
     public void WaitUnlocked_returns_once_the_holder_unlocks_and_cancellation_abandons_a_wait()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         PageLock pageLock = machine.PageLock;
         pageLock.Lock(pfn);

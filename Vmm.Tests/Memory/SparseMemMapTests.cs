@@ -11,8 +11,6 @@ namespace Vmm.Tests.Memory;
 [Category("Smoke")]
 public sealed class SparseMemMapTests
 {
-    private static MachineOptions TwoBlocksPerNode => new() { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
-
     private static long[] InitialisedSections(Machine machine) =>
         [.. Enumerable.Range(0, (int)machine.MemMap.SectionCount).Where(s => machine.MemMap.IsSectionInitialised(s)).Select(s => (long)s)];
 
@@ -21,7 +19,7 @@ public sealed class SparseMemMapTests
     {
         if (!OperatingSystem.IsLinux())
             Assert.Ignore("RSS is read from /proc, and the memmap is sparse only where mmap(MAP_NORESERVE) exists");
-        using (var warm = new Machine(MachineOptions.Small))
+        using (var warm = TestMachines.Create())
         {
             VmProcess p = warm.CreateProcess();
             p.Write<long>(p.Mmap(1 << 20), 1);
@@ -33,7 +31,7 @@ public sealed class SparseMemMapTests
         Machine machine;
         try
         {
-            machine = new Machine(options);
+            machine = TestMachines.Create(options);
         }
         catch (ArgumentException e) when (e.InnerException is ArenaException)
         {
@@ -76,7 +74,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Touching_memory_on_one_node_initialises_only_that_nodes_top_sections()
     {
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 512L << 20, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(new MachineOptions { NodeCount = 2, NodeSizeBytes = 512L << 20, MinFreeKbytes = 0 });
         VmProcess process = machine.CreateProcess(homeNode: 1);
         ulong va = process.Mmap(6 << 20);
         process.Fill(va, 6 << 20, 0x5A);
@@ -98,7 +96,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Deferred_frames_count_as_free_in_every_counter()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         MachineStats fresh = machine.GetStats();
         foreach (ZoneStats zone in fresh.Nodes.SelectMany(n => n.Zones))
         {
@@ -121,7 +119,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Looking_at_a_never_used_frame_reports_it_free_and_initialises_nothing()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         long head = machine.Topology.FirstPfnOfNode(1);
         PageInfo info = machine.GetPageInfo(head);
         Assert.That(info.RefCount, Is.Zero);
@@ -142,7 +140,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void A_section_initialised_on_demand_looks_exactly_as_reported_before()
     {
-        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
+        using var machine = TestMachines.Create(TestMachines.Small with { NodeCount = 1 });
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         long section = machine.MemMap.SectionOf(pfn) * machine.MemMap.FramesPerSection;
         Assert.That(pfn, Is.EqualTo(section), "a fresh zone hands out the lowest frame of its highest section first");
@@ -157,7 +155,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void The_allocator_grows_through_every_section_and_every_frame_can_be_allocated()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         var pages = new List<long>();
         long pfn;
         while ((pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoWatermark)) != PageAllocator.NoPfn)
@@ -176,7 +174,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void A_large_order_allocation_on_a_fresh_machine_initialises_a_section()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         long pfn = machine.Allocator.AllocPages(PageAllocator.MaxOrder, AllocFlags.Movable);
         Assert.That(pfn, Is.Not.EqualTo(PageAllocator.NoPfn), "the watermark check sees deferred sections as max-order blocks");
         long unmovable = machine.Allocator.AllocPages(5);
@@ -193,7 +191,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Isolating_a_never_used_range_initialises_it_and_undo_gives_it_back()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         PageAllocator allocator = machine.Allocator;
         long start = machine.Topology.FirstPfnOfBlock(1);
         long end = start + machine.Topology.FramesPerBlock;
@@ -216,7 +214,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Freeing_a_frame_that_was_never_allocated_is_a_bug_and_commits_nothing()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(machine.Topology.FirstPfnOfNode(1)));
         Assert.That(machine.GetStats().DescriptorBytes, Is.Zero);
         Assert.That(machine.Audit(), Is.Empty);
@@ -225,7 +223,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Audit_notices_deferred_pages_that_no_section_explains()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         Zone zone = machine.Allocator.GetZone(1, ZoneType.Normal);
         zone.DeferredPages -= machine.MemMap.FramesPerSection;
         try
@@ -242,7 +240,7 @@ public sealed class SparseMemMapTests
     [Test]
     public void Audit_notices_a_deferred_section_the_zone_can_no_longer_grow_into()
     {
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         Zone zone = machine.Allocator.GetZone(1, ZoneType.Movable);
         long cursor = zone.DeferredCursor;
         zone.DeferredCursor = machine.MemMap.SectionOf(zone.StartPfn); // as if every section had been passed
@@ -261,9 +259,8 @@ public sealed class SparseMemMapTests
     [Test]
     public void The_portable_memmap_initialises_sections_the_same_way()
     {
-        using var machine = new Machine(TwoBlocksPerNode with { ForcePortableArena = true });
-        VmProcess process = machine.CreateProcess();
-        ulong va = process.Mmap(4 << 20);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 << 20, options: TestMachines.TwoNodes with { ForcePortableArena = true });
+        (Machine machine, VmProcess process, ulong va, _) = region;
         process.Fill(va, 4 << 20, 7);
         Assert.That(process.Read<byte>(va + 12345), Is.EqualTo(7));
         Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(machine.MemMap.InitialisedSections * machine.MemMap.FramesPerSection * 64));
@@ -276,10 +273,9 @@ public sealed class SparseMemMapTests
     {
         // Every host commit fails: no section can be initialised, so the first fault (its page table and
         // its page both need one) cannot be served.
-        var options = TwoBlocksPerNode with { FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit } };
-        using var machine = new Machine(options);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4 * 4096);
+        var options = TestMachines.TwoNodes with { FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit } };
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 * 4096, options: options);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         long sectionsBefore = machine.MemMap.InitialisedSections;
         Assert.That(() => p.Write<long>(va, 1), Throws.TypeOf<InsufficientMemoryException>(), "no section could be committed");
         Assert.That(machine.GetFaultInjectionStats().HostCommitFailures, Is.GreaterThanOrEqualTo(1));
@@ -304,7 +300,7 @@ public sealed class SparseMemMapTests
             NodeCount = 1, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MovableBlocksPerNode = 2, MinFreeKbytes = 0,
             FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit, Times = 0 },
         };
-        using var machine = new Machine(options);
+        using var machine = TestMachines.Create(options);
         PageAllocator allocator = machine.Allocator;
         Zone zone = allocator.GetZone(0, ZoneType.Movable);
         long frames = machine.MemMap.FramesPerSection;
@@ -342,7 +338,7 @@ public sealed class SparseMemMapTests
             NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 2L << 20, MovableBlocksPerNode = 3, MinFreeKbytes = 0,
             FaultInjection = new FaultInjection { Sites = FaultSites.HostCommit, Probability = 0.3, Seed = 11 },
         };
-        using var machine = new Machine(options);
+        using var machine = TestMachines.Create(options);
         PageAllocator allocator = machine.Allocator;
         int maxOrder = machine.MemMap.SectionShift;
         int iterations = 4_000 * TestEnvironment.StressScale;
@@ -446,7 +442,7 @@ public sealed class SparseMemMapTests
             Assert.Ignore("/proc/self/smaps is Linux's");
         if (!Directory.Exists("/sys/kernel/mm/transparent_hugepage"))
             Assert.Ignore("a kernel without transparent huge pages has nothing to avoid (and no nh flag)");
-        using var machine = new Machine(TwoBlocksPerNode);
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
         ulong start = (ulong)machine.MemMap.BaseAddress;
         // smaps: a header line "start-end perms ..." per mapping, then fields; VmFlags "nh" is MADV_NOHUGEPAGE.
         string? flags = null;

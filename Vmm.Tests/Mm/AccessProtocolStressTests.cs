@@ -21,7 +21,7 @@ public sealed class AccessProtocolStressTests
     public void No_write_is_lost_or_misplaced_while_frames_are_replaced_and_processes_fork()
     {
         // Poisoning turns a write into a freed frame into an exception at its next allocation.
-        using var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, PoisonFreedFrames = true });
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { PoisonFreedFrames = true });
         // A shared mapping made before the fork: both processes map the same frames, through the page cache.
         VmProcess first = machine.CreateProcess(homeNode: 0);
         Assert.That(first.Mmap(0, PagesPerWriter * 4096UL, Protection.ReadWrite, MapFlags.Shared, out ulong sharedBase), Is.EqualTo(Errno.None));

@@ -21,10 +21,8 @@ public sealed class AddressValidationTests
     [SetUp]
     public void SetUp()
     {
-        _machine = new Machine(MachineOptions.Small);
-        _p = _machine.CreateProcess();
-        _va = _p.Mmap(2 * Page);
-        _p.Fill(_va, 2 * Page, 0x5A); // both pages present: a walk that ignored the high bits would find them
+        // Both pages present: a walk that ignored the high bits would find them.
+        (_machine, _p, _va, _) = TestMachines.CreateWithRegion(2 * Page, fill: 0x5A);
     }
 
     [TearDown]

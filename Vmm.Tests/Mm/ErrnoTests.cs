@@ -14,10 +14,7 @@ public sealed class ErrnoTests
     [SetUp]
     public void SetUp()
     {
-        _machine = new Machine(MachineOptions.Small);
-        _p = _machine.CreateProcess();
-        _va = _p.Mmap(4 * 4096);
-        _p.Fill(_va, 4 * 4096, 1);
+        (_machine, _p, _va, _) = TestMachines.CreateWithRegion(4 * 4096, fill: 1);
     }
 
     [TearDown]

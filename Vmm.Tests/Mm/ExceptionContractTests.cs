@@ -16,9 +16,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Every_throwing_call_on_an_exited_process_is_an_InvalidOperationException()
     {
-        using var machine = new Machine(MachineOptions.Small);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 * Page);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 2 * Page, 3);
         p.Exit();
         Assert.Throws<InvalidOperationException>(() => p.Read(va, new byte[8]), "Read");
@@ -53,9 +52,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Out_of_frames_is_InsufficientMemoryException_in_every_throwing_path_and_leaves_nothing_behind()
     {
-        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(64 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(64 * Page, options: TestMachines.Small with { NodeCount = 1 });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Write<byte>(va, 1); // its page table exists, so the paths below fail for want of a data frame
         ExhaustMemory(machine);
         var write = Assert.Throws<InsufficientMemoryException>(() => p.Write(va + Page, new byte[16]), "Write");
@@ -73,7 +71,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void Mmap_ignores_protection_bits_it_does_not_know_as_Linux_does()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess p = machine.CreateProcess();
         foreach (int bits in new[] { 0x8, 0x10, 0x40, 0x0100_0000, 0x0200_0000 })
         {
@@ -88,9 +86,8 @@ public sealed class ExceptionContractTests
     [Test]
     public void Mprotect_accepts_PROT_SEM_and_rejects_unknown_bits_and_growing()
     {
-        using var machine = new Machine(MachineOptions.Small);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 * Page);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 * Page);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         Assert.That(p.Mprotect(va, Page, Protection.Read | Protection.Sem), Is.EqualTo(Errno.None), "PROT_SEM is valid on every architecture");
         Assert.Throws<SegmentationFault>(() => p.Write<byte>(va, 1), "and it changed the protection");
         Assert.That(p.Mprotect(va, Page, (Protection)0x10), Is.EqualTo(Errno.EINVAL), "an unknown bit");
@@ -106,7 +103,7 @@ public sealed class ExceptionContractTests
     [Test]
     public void PR_GET_MEMORY_MERGE_is_EINVAL_without_KSM_and_reports_the_mode_with_it()
     {
-        using (var bare = new Machine(MachineOptions.Small with { EnableKsm = false }))
+        using (var bare = TestMachines.Create(TestMachines.Small with { EnableKsm = false }))
         {
             VmProcess p = bare.CreateProcess();
             Assert.That(p.GetMemoryMerge(out bool enabled), Is.EqualTo(Errno.EINVAL));
@@ -114,7 +111,7 @@ public sealed class ExceptionContractTests
             Assert.That(p.IsMemoryMergeEnabled, Is.False);
             Assert.That(p.ReadKsmStat("ksm_merge_any", out _), Is.EqualTo(Errno.ENOENT), "no /proc/pid/ksm_stat without KSM");
         }
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         VmProcess q = machine.CreateProcess();
         Assert.That(q.GetMemoryMerge(out bool before), Is.EqualTo(Errno.None));
         Assert.That(before, Is.False);
@@ -134,7 +131,7 @@ public sealed class ExceptionContractTests
         // is under way is found by the access's next fault, which reports SegvReason.Exited. Nothing else
         // may come out, and the machine stays consistent.
         int rounds = 20 * TestEnvironment.StressScale;
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = TestMachines.Create();
         for (int round = 0; round < rounds; round++)
         {
             VmProcess p = machine.CreateProcess();

@@ -21,9 +21,7 @@ public sealed class LengthValidationTests
     [SetUp]
     public void SetUp()
     {
-        _machine = new Machine(MachineOptions.Small);
-        _p = _machine.CreateProcess();
-        _va = _p.Mmap(Page);
+        (_machine, _p, _va, _) = TestMachines.CreateWithRegion(Page);
         _p.Write<byte>(_va, 1);
     }
 
@@ -33,7 +31,7 @@ public sealed class LengthValidationTests
         _machine.Dispose();
     }
 
-    private void AssertAuditClean() => Assert.That(_machine.Audit(), Is.Empty);
+    private void AssertAuditClean() => TestMachines.AssertAuditClean(_machine);
 
     // ============================================================================================
     // Pin

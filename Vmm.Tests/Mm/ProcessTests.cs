@@ -1,4 +1,5 @@
 using Vmm.Mm;
+using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Mm;
 
@@ -6,16 +7,11 @@ namespace Vmm.Tests.Mm;
 [Category("Smoke")]
 public sealed class ProcessTests
 {
-    private static Machine NewMachine() => new(new MachineOptions { NodeCount = 2, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 });
-
-    private static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
-
     [Test]
     public void Written_bytes_read_back_across_page_boundaries()
     {
-        using Machine machine = NewMachine();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(5 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(5 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         byte[] data = new byte[3 * 4096 + 123];
         new Random(1).NextBytes(data);
         p.Write(va + 4000, data);
@@ -31,7 +27,7 @@ public sealed class ProcessTests
     [Test]
     public void Large_writes_and_reads_stream_across_neighbouring_frames_and_keep_every_byte()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         VmProcess p = machine.CreateProcess();
         const int size = 1 << 20;
         ulong va = p.Mmap(size + 8192);
@@ -58,7 +54,7 @@ public sealed class ProcessTests
     [Test]
     public void Reading_untouched_memory_maps_the_zero_page_and_allocates_nothing()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         VmProcess p = machine.CreateProcess();
         long freeBefore = machine.GetStats().AllFreePages;
         ulong va = p.Mmap(64 * 4096);
@@ -77,9 +73,8 @@ public sealed class ProcessTests
     [Test]
     public void Fork_shares_pages_copy_on_write()
     {
-        using Machine machine = NewMachine();
-        VmProcess parent = machine.CreateProcess();
-        ulong va = parent.Mmap(16 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(16 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess parent, ulong va, _) = region;
         parent.Fill(va, 16 * 4096, 0xAA);
         VmProcess child = parent.Fork();
         AssertAuditClean(machine);
@@ -104,7 +99,7 @@ public sealed class ProcessTests
     [Test]
     public void Shared_mappings_stay_shared_across_fork()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         VmProcess parent = machine.CreateProcess();
         Assert.That(parent.Mmap(0, 8 * 4096, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
         parent.Write<int>(va, 1);
@@ -122,9 +117,8 @@ public sealed class ProcessTests
     [Test]
     public void Unmapping_zero_page_mappings_invalidates_other_threads_translations()
     {
-        using Machine machine = NewMachine();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         using var read = new AutoResetEvent(false);
         using var go = new AutoResetEvent(false);
         object? seen = null;
@@ -163,7 +157,7 @@ public sealed class ProcessTests
     [Test]
     public void Exit_of_every_process_frees_every_frame()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         long free = machine.GetStats().AllFreePages;
         VmProcess a = machine.CreateProcess();
         ulong va = a.Mmap(100 * 4096);
@@ -187,7 +181,7 @@ public sealed class ProcessTests
     [Test]
     public void Munmap_frees_pages_and_page_tables_and_later_access_faults()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         VmProcess p = machine.CreateProcess();
         long free = machine.GetStats().AllFreePages;
         ulong va = p.Mmap(1024 * 4096);
@@ -207,7 +201,7 @@ public sealed class ProcessTests
     {
         // One 2 TiB mapping touched at a few pages that live under different PGD and PUD entries:
         // mprotect, fork and munmap each walk it in one pass and must skip the holes at every level.
-        using Machine machine = NewMachine();
+        using Machine machine = Create(TwoNodes);
         VmProcess p = machine.CreateProcess();
         const ulong GiB = 1UL << 30;
         const ulong start = 512 * GiB - 3 * 4096; // the first pages sit at the very end of PGD entry 0
@@ -251,9 +245,8 @@ public sealed class ProcessTests
     [Test]
     public void Partial_munmap_splits_the_mapping()
     {
-        using Machine machine = NewMachine();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(10 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(10 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 10 * 4096, 5);
         Assert.That(p.Munmap(va + 3 * 4096, 2 * 4096), Is.EqualTo(Errno.None));
         Assert.That(p.Read<byte>(va + 2 * 4096), Is.EqualTo(5));
@@ -266,9 +259,8 @@ public sealed class ProcessTests
     [Test]
     public void Mprotect_read_only_makes_writes_fault_and_restoring_write_works()
     {
-        using Machine machine = NewMachine();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 4 * 4096, 1);
         Assert.That(p.Mprotect(va + 4096, 4096, Protection.Read), Is.EqualTo(Errno.None));
         var fault = Assert.Throws<SegmentationFault>(() => p.Write<byte>(va + 4096, 2));
@@ -286,9 +278,8 @@ public sealed class ProcessTests
     [Test]
     public void Madvise_dontneed_drops_private_pages_which_then_read_zero()
     {
-        using Machine machine = NewMachine();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(8 * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(8 * 4096, options: TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 8 * 4096, 7);
         Assert.That(p.Madvise(va, 4 * 4096, Advice.DontNeed), Is.EqualTo(Errno.None));
         Assert.That(p.RssAnonPages, Is.EqualTo(4));
@@ -300,9 +291,8 @@ public sealed class ProcessTests
     [Test]
     public void Running_out_of_frames_is_the_documented_out_of_memory_exception_and_changes_nothing()
     {
-        using var machine = new Machine(MachineOptions.Small with { NodeCount = 1 });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(4096UL * 4096);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(4096UL * 4096, options: TestMachines.Small with { NodeCount = 1 });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         ulong touched = 0;
         var fault = Assert.Throws<InsufficientMemoryException>(() =>
         {

@@ -58,7 +58,7 @@ public sealed unsafe class ArenaTests
     [Test]
     public void The_portable_arena_works_the_same_except_for_RSS()
     {
-        using var machine = new Machine(MachineOptions.Small with { ForcePortableArena = true });
+        using var machine = TestMachines.Create(TestMachines.Small with { ForcePortableArena = true });
         Assert.That(machine.Arena.ReturnsMemoryToHost, Is.False);
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         machine.GetFrameSpan(pfn).Fill(7);
@@ -72,7 +72,7 @@ public sealed unsafe class ArenaTests
     {
         if (!OperatingSystem.IsLinux())
             Assert.Ignore("RSS is read from /proc");
-        using var machine = new Machine(new MachineOptions { NodeCount = 1, NodeSizeBytes = 64L << 20, BlockSizeBytes = 32L << 20, MinFreeKbytes = 0 });
+        using var machine = TestMachines.Create(new MachineOptions { NodeCount = 1, NodeSizeBytes = 64L << 20, BlockSizeBytes = 32L << 20, MinFreeKbytes = 0 });
         var pages = new List<long>();
         long pfn;
         while ((pfn = machine.Allocator.AllocPages(9, AllocFlags.Movable)) != PageAllocator.NoPfn)
@@ -99,7 +99,7 @@ public sealed unsafe class ArenaTests
     [Test]
     public void Dispose_releases_the_machine_and_later_calls_throw()
     {
-        var machine = new Machine(MachineOptions.Small);
+        var machine = TestMachines.Create();
         machine.Dispose();
         machine.Dispose();
         Assert.Throws<ObjectDisposedException>(() => machine.GetStats());

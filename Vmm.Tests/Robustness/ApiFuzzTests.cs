@@ -317,7 +317,7 @@ public sealed class ApiFuzzTests
                 NodeCount = 2, NodeSizeBytes = 8L << 20, BlockSizeBytes = 2L << 20, MinFreeKbytes = 0, EnableKsm = s.Ksm,
                 FaultInjection = new FaultInjection { Seed = s.FaultSeed, Probability = s.FaultRate, Sites = s.FaultRate > 0 ? FaultSites.All : FaultSites.None },
             };
-            using var machine = new Machine(options);
+            using var machine = TestMachines.Create(options);
             long freeAtBoot = machine.GetStats().AllFreePages;
             var world = new FuzzWorld(machine);
             for (int i = 0; i < 2; i++)
@@ -1127,7 +1127,7 @@ public sealed class ApiFuzzTests
             _store?.Dispose();
             foreach (ShadowProcess sp in _live)
                 sp.Process.Exit();
-            _machine.FlushTlb();
+            _machine.Tlb.Flush();
             AssertAudit("after every exit");
             long zeroPage = _machine.ZeroPagePfnIfAllocated >= 0 ? 1 : 0;
             long free = _machine.GetStats().AllFreePages;

@@ -235,7 +235,7 @@ public sealed class FaultInjectionTests
                 Assert.That(w.P.Munmap(big, 6 << 20), Is.EqualTo(Errno.None));
                 w.Machine.Allocator.DrainAllPages();
             },
-            w => { w.Machine.ReleaseFreeMemory(); return null; }, w => AssertPattern(w.P, w.Va), Retry: true, Options: LargerMachine);
+            w => { w.Machine.ReleaseFreeMemory(); return null; }, w => AssertPattern(w.P, w.Va), Retry: true, Options: TestMachines.OneNode);
         yield return new("Ksm.WaitForMemoryRelease after merging", w =>
             {
                 // More than the release threshold (2 MiB) merged, so the release worker has work.
@@ -245,7 +245,7 @@ public sealed class FaultInjectionTests
                 Assert.That(w.P.Madvise(va, 3 << 20, Advice.Mergeable), Is.EqualTo(Errno.None));
                 w.Ksm.RunFullScans(2);
             },
-            w => { w.Ksm.WaitForMemoryRelease(); return null; }, Retry: true, Options: LargerMachine);
+            w => { w.Ksm.WaitForMemoryRelease(); return null; }, Retry: true, Options: TestMachines.OneNode);
         yield return new("DedupeStore constructor", _ => { }, w => { w.Store = new DedupeStore(w.Machine); return null; });
         yield return new("DedupeStore.Allocate", w => w.Store = new DedupeStore(w.Machine),
             w => { w.Buffer = w.Store!.Allocate(Pages * Page); return null; });
@@ -290,11 +290,8 @@ public sealed class FaultInjectionTests
             w => { w.Buffer!.Dispose(); return null; });
     }
 
-    /// <summary>One node of 16 MiB in 8 MiB blocks: whole free pageblocks to give back.</summary>
-    private static readonly MachineOptions LargerMachine = new() { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
-
     private static Machine NewMachine(MachineOptions? options) =>
-        new((options ?? MachineOptions.Small) with { PoisonFreedFrames = true, FaultInjection = Disarmed });
+        TestMachines.Create((options ?? TestMachines.Small) with { PoisonFreedFrames = true, FaultInjection = Disarmed });
 
     [TestCaseSource(nameof(Scenarios))]
     public void Every_allocation_of_a_call_can_fail_and_the_call_fails_cleanly(object scenarioObject)
@@ -325,9 +322,8 @@ public sealed class FaultInjectionTests
     [Test]
     public void A_refused_decommit_leaves_the_block_free_and_is_tried_again_later()
     {
-        using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(2 << 20);
+        using MachineWithRegion region = TestMachines.CreateWithRegion(2 << 20, options: TestMachines.Small with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Times = 1 } });
+        (Machine machine, VmProcess p, ulong va, _) = region;
         p.Fill(va, 2 << 20, 1);
         p.Exit();
         machine.Allocator.DrainAllPages(); // the per-CPU caches hold some of the frames back from their pageblock
@@ -346,7 +342,7 @@ public sealed class FaultInjectionTests
     {
         // Before: Arena.Decommit's ArenaException escaped ReleaseFreeMemory into the background release
         // task, which stayed faulted, so every later WaitForMemoryRelease and Machine.Dispose threw.
-        var machine = new Machine(LargerMachine with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit } });
+        var machine = TestMachines.Create(TestMachines.OneNode with { FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit } });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(3 << 20);
         p.Fill(va, 3 << 20, 0x66);
@@ -358,67 +354,6 @@ public sealed class FaultInjectionTests
         p.Exit();
         Assert.That(machine.Audit(), Is.Empty);
         Assert.That(() => machine.Dispose(), Throws.Nothing);
-    }
-
-    [Test]
-    public void The_same_seed_fails_the_same_allocations()
-    {
-        static long[] Failures(ulong seed)
-        {
-            using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Seed = seed, Probability = 0.25 } });
-            VmProcess p = machine.CreateProcess();
-            ulong va = p.Mmap(64 * Page);
-            var failedAt = new List<long>();
-            for (int i = 0; i < 64; i++)
-            {
-                try
-                {
-                    p.Write<int>(va + (ulong)(i * Page), i);
-                }
-                catch (InsufficientMemoryException)
-                {
-                    failedAt.Add(i);
-                }
-            }
-            return [.. failedAt];
-        }
-        long[] first = Failures(42);
-        Assert.That(first, Is.Not.Empty, "a quarter of 64 allocations failed");
-        Assert.That(Failures(42), Is.EqualTo(first), "same seed, same calls: same failures");
-        Assert.That(Failures(43), Is.Not.EqualTo(first), "another seed fails other allocations");
-    }
-
-    [Test]
-    public void Fault_injection_settings_are_checked_and_name_the_option()
-    {
-        Assert.That(() => new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Probability = 1.5 } }),
-            Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Probability"));
-        Assert.That(() => new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Interval = 0 } }),
-            Throws.InstanceOf<ArgumentOutOfRangeException>().With.Message.Contains("Interval"));
-    }
-
-    [Test]
-    public void Interval_space_and_times_follow_linux_fault_attr()
-    {
-        using var machine = new Machine(MachineOptions.Small with { FaultInjection = new FaultInjection { Space = 3, Interval = 2, Times = 2, IgnoreUnmovable = true } });
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(16 * Page);
-        var failedAt = new List<int>();
-        for (int i = 0; i < 16; i++)
-        {
-            try
-            {
-                p.Write<int>(va + (ulong)(i * Page), i);
-            }
-            catch (InsufficientMemoryException)
-            {
-                failedAt.Add(i);
-            }
-        }
-        // Movable allocations only (page tables ignored), one per write: calls 1-3 pass (space), then
-        // every second one fails (calls 5 and 7), and then no more (times).
-        Assert.That(failedAt, Is.EqualTo((int[])[4, 6]), "the 5th and 7th allocations fail, and only they");
-        Assert.That(machine.GetFaultInjectionStats().FrameAllocationFailures, Is.EqualTo(2));
     }
 
     /// <summary>One run of a scenario: setup, the call under injection, checks, retry, teardown, leak check. Returns the failures injected.</summary>
@@ -471,7 +406,7 @@ public sealed class FaultInjectionTests
         w.Store?.Dispose();
         foreach (VmProcess p in machine.Processes)
             p.Exit();
-        machine.FlushTlb();
+        machine.Tlb.Flush();
         AssertAudit(machine, $"{context}, after every exit");
         long zeroPage = machine.ZeroPagePfnIfAllocated >= 0 ? 1 : 0;
         Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeAtBoot - zeroPage), $"{context}: every frame but the zero page is free after every exit");

@@ -1,8 +1,9 @@
 using System.Buffers;
 using Vmm.Mm;
 using Vmm.Native;
+using static Vmm.Tests.TestMachines;
 
-namespace Vmm.Tests.Ksm;
+namespace Vmm.Tests.Buffers;
 
 /// <summary>
 /// The host API for deduplicated buffers: DedupeStore, VmmBuffer, PinnedBuffer and the dry-run
@@ -13,13 +14,6 @@ namespace Vmm.Tests.Ksm;
 public sealed class DedupeStoreTests
 {
     private const int Page = 4096;
-
-    private static Machine NewMachine(bool ksm = true) => new(new MachineOptions
-    {
-        NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0, EnableKsm = ksm,
-    });
-
-    private static void AssertAuditClean(Machine machine) => Assert.That(machine.Audit(), Is.Empty, "Audit recounts everything from the page tables");
 
     private static byte[] PagePattern(int seed)
     {
@@ -48,7 +42,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void A_buffer_reads_back_what_was_written_across_page_boundaries_and_zeros_elsewhere()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         long length = 3L * Page + 100;
         VmmBuffer buffer = store.Allocate(length);
@@ -82,7 +76,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void Ranges_outside_a_buffer_throw_ArgumentOutOfRangeException_and_change_nothing()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         VmmBuffer buffer = store.Allocate(2 * Page);
         var page = new byte[Page];
@@ -105,7 +99,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void A_store_needs_a_machine_with_KSM()
     {
-        using Machine machine = NewMachine(ksm: false);
+        using Machine machine = CreateForKsm(ksm: false);
         var e = Assert.Throws<InvalidOperationException>(() => _ = new DedupeStore(machine));
         Assert.That(e!.Message, Does.Contain("KSM"), "the message says what is missing");
         Assert.That(machine.Processes, Is.Empty, "no process is left behind");
@@ -114,7 +108,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void A_store_merges_its_process_memory_in_its_domain()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine, domain: 7, homeNode: 1);
         Assert.That(store.Process.IsMemoryMergeEnabled, Is.True, "PR_SET_MEMORY_MERGE");
         Assert.That(store.Domain, Is.EqualTo(7));
@@ -129,7 +123,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void A_disposed_buffer_is_unmapped_and_every_later_use_throws_ObjectDisposedException()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         VmmBuffer keep = CreatePages(store, 2, i => i);
         VmmBuffer buffer = CreatePages(store, 3, i => 10 + i);
@@ -154,7 +148,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void Disposing_the_store_disposes_every_buffer_and_exits_its_process()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         long freeBefore = machine.GetStats().AllFreePages;
         var store = new DedupeStore(machine);
         VmmBuffer a = CreatePages(store, 2, i => i);
@@ -177,7 +171,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void Dispose_waits_for_reads_in_flight_so_a_reader_never_sees_the_next_buffer_at_the_same_address()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         for (int round = 0; round < 50; round++)
         {
@@ -223,7 +217,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void Different_buffers_can_be_written_and_read_from_different_threads_while_ksm_scans()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         const int threads = 4, pages = 32;
         VmmBuffer[] buffers = [.. Enumerable.Range(0, threads).Select(_ => store.Allocate(pages * Page))];
@@ -263,7 +257,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void The_pinned_sequence_and_page_spans_hold_the_buffer_bytes_until_the_pin_is_disposed()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         byte[] data = new byte[5 * Page + 123];
         new Random(2).NextBytes(data);
@@ -308,7 +302,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void Writes_through_a_writable_pin_are_what_the_buffer_reads()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         VmmBuffer buffer = store.Allocate(2 * Page + 10); // never written: the pin allocates the pages
         using (PinnedBuffer pin = buffer.Pin(writable: true))
@@ -330,7 +324,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void A_pin_of_an_unaligned_range_gives_a_sequence_of_exactly_that_range()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         byte[] data = new byte[3 * Page];
         new Random(3).NextBytes(data);
@@ -343,7 +337,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void A_pinned_buffer_is_not_merged_while_pinned_and_merges_after_unpinning()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         VmmBuffer a = CreatePages(store, 4, i => 100 + i);
@@ -368,7 +362,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void Pinning_a_merged_buffer_gives_it_its_own_copy_again()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         VmmBuffer a = CreatePages(store, 3, _ => 9);
@@ -403,7 +397,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void The_estimate_predicts_what_merging_then_saves()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         FillMixedStore(store);
@@ -434,7 +428,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void With_use_zero_pages_the_estimate_counts_every_zero_page_as_savable()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         Assert.That(ksm.Write("use_zero_pages", "1"), Is.EqualTo(Errno.None));
         using var store = new DedupeStore(machine);
@@ -458,7 +452,7 @@ public sealed class DedupeStoreTests
     [TestCase(257)]
     public void Identical_sets_larger_than_max_page_sharing_keep_several_copies_in_the_estimate_too(int pages)
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         CreatePages(store, pages, _ => 77);
@@ -476,7 +470,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void With_merge_across_nodes_0_the_estimate_keeps_identical_pages_of_two_nodes_apart()
     {
-        using var machine = new Machine(MachineOptions.Small); // 1024 frames a node: the store spills over to node 1
+        using var machine = TestMachines.Create(); // 1024 frames a node: the store spills over to node 1
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine, homeNode: 0);
         VmmBuffer buffer = CreatePages(store, 1100, i => i % 8);
@@ -504,7 +498,7 @@ public sealed class DedupeStoreTests
     [Category("Smoke")]
     public void The_estimate_merges_nothing_and_changes_no_KSM_counter()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         FillMixedStore(store);
@@ -533,7 +527,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void The_estimate_confirms_candidates_by_bytes_beyond_the_cached_copies()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var store = new DedupeStore(machine);
         // More distinct contents than the estimate keeps copies of: the last ones are confirmed by re-reading.
@@ -556,7 +550,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void Stores_in_different_domains_never_merge_with_each_other()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         Vmm.Ksm ksm = machine.Ksm!;
         using var first = new DedupeStore(machine, domain: 1);
         using var second = new DedupeStore(machine, domain: 2);
@@ -585,7 +579,7 @@ public sealed class DedupeStoreTests
     {
         if (!OperatingSystem.IsLinux())
             Assert.Ignore("RSS is read from /proc");
-        var machine = new Machine(new MachineOptions { NodeCount = 2, NodeSizeBytes = 256L << 20, BlockSizeBytes = 128L << 20, MinFreeKbytes = 0 });
+        var machine = TestMachines.Create(new MachineOptions { NodeCount = 2, NodeSizeBytes = 256L << 20, BlockSizeBytes = 128L << 20, MinFreeKbytes = 0 });
         if (!machine.Arena.ReturnsMemoryToHost)
         {
             machine.Dispose();
@@ -649,7 +643,7 @@ public sealed class DedupeStoreTests
     [Test]
     public void The_estimate_of_a_huge_sparse_buffer_costs_what_it_holds_not_its_length()
     {
-        using Machine machine = NewMachine();
+        using Machine machine = CreateForKsm();
         using var store = new DedupeStore(machine);
         VmmBuffer huge = store.Allocate(1L << 40);
         huge.Write(0, PagePattern(7));

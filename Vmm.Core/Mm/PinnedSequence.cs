@@ -11,9 +11,8 @@
 // instead of reading frames the pin no longer holds. A span taken before Dispose cannot be recalled:
 // that is the same contract as MemoryPool's memory.
 using System.Buffers;
-using Vmm.Mm;
 
-namespace Vmm;
+namespace Vmm.Mm;
 
 /// <summary>Builds the sequence of a pin. Immutable once built.</summary>
 internal static unsafe class PinnedSequence
