@@ -17,7 +17,7 @@ public sealed class LockAssertTests
     [Test]
     public void A_page_table_walk_without_the_mmap_lock_fails_naming_the_method_and_the_lock()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out _), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -39,7 +39,7 @@ public sealed class LockAssertTests
     [Test]
     public unsafe void Allocating_a_page_table_without_the_mmap_lock_fails()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         AddressSpace mm = machine.CreateProcess().Mm;
         Assert.Throws<VmBugException>(() => mm.AllocPte(0x10_0000, out _));
     }
@@ -47,7 +47,7 @@ public sealed class LockAssertTests
     [Test]
     public unsafe void The_pte_lock_records_its_owner_and_only_the_owner_may_release_it()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out ulong va), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -95,7 +95,7 @@ public sealed class LockAssertTests
     [Test]
     public void A_buddy_list_primitive_without_the_zone_lock_fails()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Zone zone = machine.Allocator.ZoneOf(pfn);
         MethodInfo headLocked = typeof(PageAllocator).GetMethod("FreeListHeadLocked", BindingFlags.Instance | BindingFlags.NonPublic)!;
@@ -112,7 +112,7 @@ public sealed class LockAssertTests
     [Test]
     public void Freeing_a_frame_that_still_has_a_reference_fails()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Assert.Throws<VmBugException>(() => machine.Allocator.FreeFrozenPages(pfn, 0), "FreeFrozenPages requires refcount 0");
         machine.Allocator.FreePages(pfn);
@@ -121,7 +121,7 @@ public sealed class LockAssertTests
     [Test]
     public void An_rmap_unmap_without_the_page_lock_fails()
     {
-        using var machine = new Machine(MachineOptions.Small);
+        using var machine = new Machine(TestMachines.Small);
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out ulong va), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -139,6 +139,33 @@ public sealed class LockAssertTests
         var failure = Assert.Throws<VmBugException>(() => machine.Rmap.TryToMigrate(pfn));
         Assert.That(failure!.Message, Is.EqualTo($"TryToMigrate requires the page lock of frame {pfn} held"));
         Assert.That(machine.MemMap.MapCount(pfn), Is.EqualTo(1), "nothing was unmapped");
+    }
+
+    [Test]
+    public void A_call_that_needs_the_mmap_lock_for_write_is_refused_under_the_read_lock()
+    {
+        using var machine = new Machine(TestMachines.Small);
+        AddressSpace mm = machine.CreateProcess().Mm;
+        mm.MmapLock.EnterReadLock();
+        try
+        {
+            var failure = Assert.Throws<VmBugException>(() => machine.Ksm!.Enter(mm), "ksm_enter needs mmap_write_lock");
+            Assert.That(failure!.Message, Is.EqualTo("Enter requires the mmap_lock held for write"));
+        }
+        finally
+        {
+            mm.MmapLock.ExitReadLock();
+        }
+        Assert.That(mm.KsmSlot, Is.Null, "nothing was registered");
+    }
+
+    [Test]
+    public void KSM_bookkeeping_without_the_ksm_thread_mutex_fails()
+    {
+        using var machine = new Machine(TestMachines.Small);
+        var failure = Assert.Throws<VmBugException>(() => machine.Ksm!.Audit([], []));
+        Assert.That(failure!.Message, Is.EqualTo("Audit requires the ksm_thread_mutex held"));
+        Assert.That(machine.Audit(), Is.Empty, "through its public path (which takes the mutex) the audit runs");
     }
 
     private static Exception? Catch(Action action)
