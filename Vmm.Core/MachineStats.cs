@@ -40,10 +40,10 @@ public sealed record ZoneStats(
 public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
 {
     /// <summary>MemTotal: bytes managed by the allocator on this node.</summary>
-    public long MemTotalBytes => Zones.Sum(z => z.ManagedPages) * Native.Topology.PageSize;
+    public long MemTotalBytes => Zones.Sum(z => z.ManagedPages) * Topology.PageSize;
 
     /// <summary>MemFree: free bytes that can be allocated (buddy and per-CPU lists; not isolated).</summary>
-    public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Native.Topology.PageSize;
+    public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Topology.PageSize;
 }
 
 /// <summary>A snapshot of the machine's memory.</summary>

@@ -118,6 +118,8 @@ public sealed class VmProcess
     /// fixed address (use the errno overload), or has an unknown flag with SharedValidate.</exception>
     /// <exception cref="InsufficientMemoryException">no room left in the address space (ENOMEM).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("ApiDesign", "RS0027", Justification =
+        "Deliberate pair: the errno form takes every mmap argument; this throwing form takes the common ones, with defaults.")]
     public ulong Mmap(ulong length, Protection protection = Protection.ReadWrite, MapFlags flags = MapFlags.Private)
     {
         ArgumentOutOfRangeException.ThrowIfZero(length);

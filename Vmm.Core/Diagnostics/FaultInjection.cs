@@ -52,7 +52,7 @@ public enum FaultSites
 }
 
 /// <summary>One site of <see cref="FaultSites"/>, as the injector counts them.</summary>
-public enum FaultSite
+internal enum FaultSite
 {
     /// <summary>A frame allocation.</summary>
     FrameAllocation = 0,
@@ -165,14 +165,14 @@ internal sealed class FaultInjector
     }
 
     /// <summary>should_fail_alloc_page: the filters for frame allocations, then the common rule.</summary>
-    internal bool ShouldFailAlloc(int order, Memory.AllocFlags flags)
+    internal bool ShouldFailAlloc(int order, AllocFlags flags)
     {
         FaultInjection s = _settings;
         if ((s.Sites & FaultSites.FrameAllocation) == 0 || order < s.MinOrder)
             return false;
-        if (s.IgnoreUnmovable && (flags & Memory.AllocFlags.Movable) == 0)
+        if (s.IgnoreUnmovable && (flags & AllocFlags.Movable) == 0)
             return false;
-        if (s.IgnoreNoWatermark && (flags & Memory.AllocFlags.NoWatermark) != 0)
+        if (s.IgnoreNoWatermark && (flags & AllocFlags.NoWatermark) != 0)
             return false;
         return Decide(s, FaultSite.FrameAllocation);
     }

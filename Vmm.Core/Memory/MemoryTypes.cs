@@ -1,4 +1,4 @@
-namespace Vmm.Memory;
+namespace Vmm;
 
 /// <summary>The zones of a node (Linux's ZONE_NORMAL and ZONE_MOVABLE).</summary>
 public enum ZoneType
@@ -22,7 +22,7 @@ public enum MigrateType : byte
 
 /// <summary>How an allocation may be satisfied (a small subset of Linux's gfp_t and alloc_flags).</summary>
 [Flags]
-public enum AllocFlags
+internal enum AllocFlags
 {
     /// <summary>GFP_KERNEL-like: unmovable, zeroed, any node by distance, above the min watermark.</summary>
     None = 0,

@@ -24,8 +24,9 @@
 // allocated again.
 using System.Buffers;
 using Vmm.Memory;
+using Vmm.Mm;
 
-namespace Vmm.Mm;
+namespace Vmm;
 
 /// <summary>Pinned pages of a process, with a span per page. Dispose to unpin.</summary>
 /// <remarks>
