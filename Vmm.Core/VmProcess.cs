@@ -7,8 +7,8 @@ namespace Vmm;
 
 /// <summary>A process of a <see cref="Machine"/>: credentials, a home node and an address space.</summary>
 /// <remarks>
-/// Thread safety and lifetime: every member may be called from any thread at once, as the threads of a
-/// Linux process share one mm: reads and writes from different threads run in parallel (concurrent
+/// This type is thread-safe: all members may be used concurrently from multiple threads, as the threads
+/// of a Linux process share one mm: reads and writes from different threads run in parallel (concurrent
 /// writes to the same bytes race as they would in real memory), while mmap, munmap, mprotect, madvise
 /// and fork serialize on the process's mmap_lock. A process lives until Exit (idempotent) or until its
 /// machine is disposed. After Exit, the throwing API (Read, Write, Fill, Pin, GetPagemap, Fork) throws

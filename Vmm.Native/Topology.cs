@@ -4,9 +4,14 @@
 // blocks: the unit that is onlined and offlined), each block into 4 KiB frames. Frames are numbered by
 // page frame number (pfn) from 0 at the start of the arena; node n owns one contiguous pfn span, so
 // every mapping between pfn, block and node is a shift or a division by a constant.
+//
+// Public as far as a host needs it (Machine.Topology: the machine's shape and the page size), in
+// namespace Vmm like every public type, so that `using Vmm;` is all a host writes; the constructor and
+// the pfn arithmetic are the machinery's (internal).
 namespace Vmm;
 
-/// <summary>Nodes made of blocks made of 4 KiB frames, and the pfn arithmetic between them. Immutable.</summary>
+/// <summary>Nodes made of blocks made of 4 KiB frames, and the pfn arithmetic between them.</summary>
+/// <remarks>Instances are immutable: all members may be used concurrently from multiple threads.</remarks>
 public sealed class Topology
 {
     /// <summary>log2 of the frame size.</summary>

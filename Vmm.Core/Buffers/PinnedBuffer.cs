@@ -22,8 +22,10 @@ namespace Vmm;
 /// span taken earlier cannot be recalled (it reads zeros once the machine is gone, never unmapped memory,
 /// and with <see cref="MachineOptions.PoisonFreedFrames"/> a write into a frame freed meanwhile is
 /// reported when the frame is reused). Dispose is idempotent, and a no-op after the machine's.</para>
-/// <para>Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with their
-/// use (a span taken before Dispose points at frames the pin no longer holds).</para>
+/// <para>Not thread-safe with respect to <see cref="Dispose"/>: every other member, and the spans and
+/// sequence it hands out, may be used concurrently from multiple threads, but Dispose must not race with
+/// them (a span taken before Dispose points at frames the pin no longer holds). Concurrent Disposes are
+/// harmless.</para>
 /// </remarks>
 public sealed class PinnedBuffer : IDisposable
 {

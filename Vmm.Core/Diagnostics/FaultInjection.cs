@@ -68,6 +68,7 @@ internal enum FaultSite
 /// <see cref="Interval"/>-th call fails with <see cref="Probability"/>, at most <see cref="Times"/> times.
 /// Deterministic: the same <see cref="Seed"/> and the same sequence of calls fail the same calls.
 /// </summary>
+/// <remarks>Instances are immutable (init-only properties; <c>with</c> makes a changed copy): one may be shared by threads and machines.</remarks>
 /// <example>Fail the third frame allocation, once: <c>new FaultInjection { Space = 2, Times = 1 }</c>.
 /// Fail one allocation in ten at random: <c>new FaultInjection { Seed = 7, Probability = 0.1 }</c>.</example>
 public sealed record FaultInjection
@@ -111,6 +112,7 @@ public sealed record FaultInjection
 }
 
 /// <summary>What fault injection did so far: calls seen and failures injected, per site.</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="FrameAllocations">frame allocations seen (after the filters).</param>
 /// <param name="FrameAllocationFailures">frame allocations failed on purpose.</param>
 /// <param name="HostCommits">host commits seen.</param>

@@ -41,6 +41,7 @@ internal enum AllocFlags
 }
 
 /// <summary>A zone's free-memory thresholds, in pages (Linux's WMARK_MIN / LOW / HIGH).</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="Min">below it only HighPriority and NoWatermark allocations succeed.</param>
 /// <param name="Low">below it reclaim should start (kswapd).</param>
 /// <param name="High">reclaim stops above it.</param>

@@ -74,6 +74,7 @@ public enum Capabilities
 }
 
 /// <summary>Who a process runs as.</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="Uid">user id; 0 is root.</param>
 /// <param name="Capabilities">capabilities held.</param>
 public readonly record struct Credentials(int Uid, Capabilities Capabilities)
@@ -124,6 +125,8 @@ public enum SegvReason
 /// that starts at or above TASK_SIZE touches nothing; one that runs into TASK_SIZE faults there, as at an
 /// unmapped page. Out of frames is not a
 /// segmentation fault: the access throws <see cref="InsufficientMemoryException"/>.
+/// Thread safety: the properties this exception adds are immutable; the members it inherits from
+/// <see cref="Exception"/> are not thread-safe.
 /// </remarks>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Naming", "CA1710", Justification = "The name a kernel reader expects (SIGSEGV).")]
 public sealed class SegmentationFault : Exception
@@ -157,6 +160,7 @@ public sealed class SegmentationFault : Exception
 }
 
 /// <summary>What /proc/pid/pagemap (with kpageflags) says about one virtual page.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Present">a frame is mapped.</param>
 /// <param name="Pfn">the frame, or -1.</param>
 /// <param name="Node">the frame's node, or -1.</param>
