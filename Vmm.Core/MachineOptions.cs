@@ -1,5 +1,3 @@
-using Vmm.Native;
-
 namespace Vmm;
 
 /// <summary>

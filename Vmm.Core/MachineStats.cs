@@ -1,5 +1,3 @@
-using Vmm.Memory;
-
 namespace Vmm;
 
 /// <summary>A snapshot of one zone (exact when no other thread is allocating or freeing).</summary>

@@ -17,7 +17,6 @@
 // MaxCachedCopies pages; beyond that a candidate is confirmed by reading its first page again, so the
 // estimate's own memory stays bounded however large the store is.
 using System.Runtime.InteropServices;
-using Vmm.Mm;
 using Vmm.Native;
 
 namespace Vmm;

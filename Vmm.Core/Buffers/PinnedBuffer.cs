@@ -6,7 +6,6 @@
 // whose references are not all explained by mappings, so a pinned page is never merged. The price is
 // that a long-lived pin keeps its pages out of deduplication: pin, use, dispose.
 using System.Buffers;
-using Vmm.Mm;
 
 namespace Vmm;
 

@@ -11,7 +11,6 @@
 // would then read or write the new buffer's bytes. With the count, an operation either completes on
 // this buffer's pages or throws ObjectDisposedException; it never touches another buffer.
 using System.Buffers;
-using Vmm.Mm;
 
 namespace Vmm;
 

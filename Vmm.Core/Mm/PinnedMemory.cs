@@ -23,7 +23,6 @@
 // stale span into a frame that was freed meanwhile is reported (VmBugException) when the frame is
 // allocated again.
 using System.Buffers;
-using Vmm.Memory;
 using Vmm.Mm;
 
 namespace Vmm;
