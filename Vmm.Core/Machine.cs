@@ -113,7 +113,7 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>The options it was built with.</summary>
     public MachineOptions Options { get; }
 
-    /// <summary>Nodes, blocks, frames and the pfn arithmetic.</summary>
+    /// <summary>The machine's shape: nodes, memory blocks, frames, and the page size.</summary>
     public Topology Topology { get; }
 
     /// <summary>The native memory behind the frames. Machinery: hosts use the calls below.</summary>

@@ -10,7 +10,7 @@
 // the pfn arithmetic are the machinery's (internal).
 namespace Vmm;
 
-/// <summary>Nodes made of blocks made of 4 KiB frames, and the pfn arithmetic between them.</summary>
+/// <summary>The shape of a machine: nodes made of memory blocks made of 4 KiB frames.</summary>
 /// <remarks>Instances are immutable: all members may be used concurrently from multiple threads.</remarks>
 public sealed class Topology
 {
