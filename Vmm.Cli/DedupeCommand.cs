@@ -21,7 +21,6 @@
 using System.CommandLine;
 using System.Diagnostics;
 using Spectre.Console;
-using Vmm.Mm;
 
 namespace Vmm.Cli;
 
@@ -125,7 +124,9 @@ internal static class DedupeCommand
         return ExitCodes.Success;
     }
 
-    private static long HostRss() => Native.HostMemory.ReadRssBytes();
+    // The host's RSS, also before the machine exists (MachineStats.HostRssBytes needs one): the BCL's
+    // reading of the same kernel counter (VmRSS) on Linux.
+    private static long HostRss() => Environment.WorkingSet;
 
     // ---- collecting the files ------------------------------------------------------------------------
 

@@ -12,7 +12,6 @@
 //   4. ksmd stops (run = 0) and the machine audits itself: every mapcount, refcount, rmap link and
 //      KSM counter recounted from the page tables. A difference fails the run (exit code 1).
 using Spectre.Console;
-using Vmm.Mm;
 
 namespace Vmm.Cli;
 
@@ -103,10 +102,10 @@ internal sealed class KsmDemo
 
     private void Introduce()
     {
-        Native.Topology topology = _machine.Topology;
+        Topology topology = _machine.Topology;
         _console.Write(new Rule("[bold]Vmm: kernel samepage merging (KSM)[/]").LeftJustified());
         _console.MarkupLineInterpolated(
-            $"A machine of {topology.NodeCount} NUMA nodes x {topology.FramesPerNode * Native.Topology.PageSize / Units.MiB} MiB of real memory; {_options.Processes} processes, each with a {_options.BufferMib} MiB buffer ({_layout.Pages:N0} pages) laid out as:");
+            $"A machine of {topology.NodeCount} NUMA nodes x {topology.FramesPerNode * Topology.PageSize / Units.MiB} MiB of real memory; {_options.Processes} processes, each with a {_options.BufferMib} MiB buffer ({_layout.Pages:N0} pages) laid out as:");
         var table = new Table().AddColumns("region", "pages", "content", "what KSM can do");
         table.Columns[1].RightAligned();
         table.AddRow("library", _layout.Library.ToString("N0"), "the same image in every process", $"keep one copy: save {_options.Processes - 1} of {_options.Processes}");

@@ -3,8 +3,6 @@
 // parent that writes its memory and forks twice, children whose writes copy on write, the host's RSS
 // as the processes exit and free blocks go back, and an Audit.
 using Spectre.Console;
-using Vmm.Memory;
-using Vmm.Native;
 
 namespace Vmm.Cli;
 
@@ -39,7 +37,7 @@ internal static class MachineView
 
     private static int Demo(Machine machine, long touchBytes, IAnsiConsole console, bool showTables)
     {
-        long rssBoot = HostMemory.ReadRssBytes();
+        long rssBoot = machine.GetStats().HostRssBytes;
         ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~4095UL;
         ulong pages = bytes / Topology.PageSize;
 
@@ -62,11 +60,11 @@ internal static class MachineView
             "The left child wrote half of its pages, the right child a quarter: copy-on-write gave them their own");
         console.MarkupLineInterpolated($"copy-on-write copies: {machine.GetVmStats().CowFaults:N0}; the parent still reads its own data: {parent.Read<ulong>(va) == 1}");
 
-        long rssTouched = HostMemory.ReadRssBytes();
+        long rssTouched = machine.GetStats().HostRssBytes;
         foreach (VmProcess p in new[] { parent, left, right })
             p.Exit();
         long released = machine.ReleaseFreeMemory();
-        long rssReleased = HostMemory.ReadRssBytes();
+        long rssReleased = machine.GetStats().HostRssBytes;
         if (showTables)
             ShowStats(machine, console, "After every process exited (every frame free again)");
 
@@ -89,7 +87,7 @@ internal static class MachineView
             long shared = 0, exclusive = 0, node0 = 0, node1 = 0;
             for (ulong page = 0; page < pages; page++)
             {
-                Vmm.Mm.PagemapEntry entry = p.GetPagemap(va + page * Topology.PageSize);
+                PagemapEntry entry = p.GetPagemap(va + page * Topology.PageSize);
                 if (!entry.Present)
                     continue;
                 if (entry.MapCount > 1)

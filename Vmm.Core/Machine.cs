@@ -13,7 +13,8 @@ namespace Vmm;
 /// mechanisms that manage them. Dispose it to give all native memory back.
 /// </summary>
 /// <remarks>
-/// Thread safety and lifetime: every member may be called from any thread at once. A machine owns
+/// This type is thread-safe: all members may be used concurrently from multiple threads (Dispose
+/// included, but not from inside a call into the same machine: see below). Lifetime: a machine owns
 /// everything made from it: its processes, DedupeStores and their buffers, pins, and its Ksm. Dispose
 /// stops the machine's background threads (ksmd, the memory-release worker), waits for the calls other
 /// threads are making into the machine to return, and only then gives the native memory back. From the
@@ -113,7 +114,7 @@ public sealed unsafe class Machine : IDisposable
     /// <summary>The options it was built with.</summary>
     public MachineOptions Options { get; }
 
-    /// <summary>Nodes, blocks, frames and the pfn arithmetic.</summary>
+    /// <summary>The machine's shape: nodes, memory blocks, frames, and the page size.</summary>
     public Topology Topology { get; }
 
     /// <summary>The native memory behind the frames. Machinery: hosts use the calls below.</summary>

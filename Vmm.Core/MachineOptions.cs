@@ -1,5 +1,3 @@
-using Vmm.Native;
-
 namespace Vmm;
 
 /// <summary>
@@ -9,6 +7,11 @@ namespace Vmm;
 /// touched. <see cref="Validate"/> says which settings cannot work; the <see cref="Machine"/>
 /// constructor runs it first.
 /// </summary>
+/// <remarks>
+/// Instances are immutable (init-only properties; <c>with</c> makes a changed copy), except the elements of the
+/// <see cref="NodeDistances"/> array, which stay the caller's: a machine copies them when it is built,
+/// so changing them later reaches only machines built afterwards. One instance may be shared by threads and machines.
+/// </remarks>
 public sealed record MachineOptions
 {
     /// <summary>NUMA nodes (1 to 64). Default 2.</summary>

@@ -1,8 +1,7 @@
-using Vmm.Memory;
-
 namespace Vmm;
 
 /// <summary>A snapshot of one zone (exact when no other thread is allocating or freeing).</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Node">the node.</param>
 /// <param name="Zone">NORMAL or MOVABLE.</param>
 /// <param name="ManagedPages">frames given to the allocator.</param>
@@ -35,18 +34,20 @@ public sealed record ZoneStats(
 }
 
 /// <summary>A snapshot of one NUMA node.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Node">the node number.</param>
 /// <param name="Zones">its zones, NORMAL then MOVABLE.</param>
 public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
 {
     /// <summary>MemTotal: bytes managed by the allocator on this node.</summary>
-    public long MemTotalBytes => Zones.Sum(z => z.ManagedPages) * Native.Topology.PageSize;
+    public long MemTotalBytes => Zones.Sum(z => z.ManagedPages) * Topology.PageSize;
 
     /// <summary>MemFree: free bytes that can be allocated (buddy and per-CPU lists; not isolated).</summary>
-    public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Native.Topology.PageSize;
+    public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Topology.PageSize;
 }
 
 /// <summary>A snapshot of the machine's memory.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Nodes">each node.</param>
 /// <param name="TotalFrames">frames in the arena.</param>
 /// <param name="DescriptorBytes">bytes of host memory committed to frame descriptors: 64 per frame of
@@ -65,6 +66,7 @@ public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFram
 }
 
 /// <summary>What one frame's descriptor says, copied out for tests and tools.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Pfn">the frame.</param>
 /// <param name="Node">its node.</param>
 /// <param name="Zone">its zone.</param>
@@ -79,6 +81,7 @@ public readonly record struct PageInfo(
     int RefCount, int MapCount, int BuddyOrder, long CompoundHead);
 
 /// <summary>One memory block (the hotplug unit), as /sys/devices/system/memory/memoryN shows it.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Block">the block number.</param>
 /// <param name="Node">its node.</param>
 /// <param name="Zone">the zone it was onlined to.</param>
@@ -90,6 +93,7 @@ public readonly record struct PageInfo(
 public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone, long StartPfn, long Frames, long FreeFrames, long IsolatedFreeFrames);
 
 /// <summary>Event counters of a machine (a subset of /proc/vmstat).</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="CowFaults">copy-on-write faults that copied a page.</param>
 /// <param name="PgMigrateSuccess">pages moved to another frame (pgmigrate_success).</param>
 /// <param name="PageTablePages">page-table frames of all processes (nr_page_table_pages).</param>

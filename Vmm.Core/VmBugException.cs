@@ -5,6 +5,7 @@ namespace Vmm;
 /// free, a flag used against its compound-page policy, a page freed while still mapped. It names a
 /// bug in Vmm or in a caller that reached past the public API, never an expected failure.
 /// </summary>
+/// <remarks>Thread safety: the properties this exception adds are immutable; the members it inherits from <see cref="Exception"/> are not thread-safe.</remarks>
 public sealed class VmBugException : Exception
 {
     /// <summary>Creates the exception.</summary>

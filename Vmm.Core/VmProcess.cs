@@ -7,8 +7,8 @@ namespace Vmm;
 
 /// <summary>A process of a <see cref="Machine"/>: credentials, a home node and an address space.</summary>
 /// <remarks>
-/// Thread safety and lifetime: every member may be called from any thread at once, as the threads of a
-/// Linux process share one mm: reads and writes from different threads run in parallel (concurrent
+/// This type is thread-safe: all members may be used concurrently from multiple threads, as the threads
+/// of a Linux process share one mm: reads and writes from different threads run in parallel (concurrent
 /// writes to the same bytes race as they would in real memory), while mmap, munmap, mprotect, madvise
 /// and fork serialize on the process's mmap_lock. A process lives until Exit (idempotent) or until its
 /// machine is disposed. After Exit, the throwing API (Read, Write, Fill, Pin, GetPagemap, Fork) throws
@@ -118,6 +118,8 @@ public sealed class VmProcess
     /// fixed address (use the errno overload), or has an unknown flag with SharedValidate.</exception>
     /// <exception cref="InsufficientMemoryException">no room left in the address space (ENOMEM).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    [System.Diagnostics.CodeAnalysis.SuppressMessage("ApiDesign", "RS0027", Justification =
+        "Deliberate pair: the errno form takes every mmap argument; this throwing form takes the common ones, with defaults.")]
     public ulong Mmap(ulong length, Protection protection = Protection.ReadWrite, MapFlags flags = MapFlags.Private)
     {
         ArgumentOutOfRangeException.ThrowIfZero(length);

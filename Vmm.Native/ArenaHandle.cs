@@ -82,7 +82,7 @@ internal sealed class ArenaHandle : SafeHandle
 }
 
 /// <summary>The host could not reserve, commit or release arena memory.</summary>
-public sealed class ArenaException : Exception
+internal sealed class ArenaException : Exception
 {
     /// <summary>Creates the exception.</summary>
     public ArenaException() { }

@@ -3,7 +3,7 @@ using System.Globalization;
 namespace Vmm.Native;
 
 /// <summary>What the host operating system says about this process's memory.</summary>
-public static class HostMemory
+internal static class HostMemory
 {
     /// <summary>
     /// Resident set size in bytes (VmRSS of /proc/self/status), or -1 where the host does not say.

@@ -71,7 +71,7 @@ internal enum PageOpsCrc
 /// Pointers must be non-null and address <see cref="PageSize"/> readable (and, for the destination,
 /// writable) bytes. They need not be aligned; page-aligned pointers are merely the common case.
 /// </remarks>
-public static unsafe class PageOps
+internal static unsafe class PageOps
 {
     /// <summary>
     /// Copies <paramref name="length"/> bytes (a multiple of 64) to a 32-byte aligned destination with

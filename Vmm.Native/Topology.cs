@@ -4,9 +4,14 @@
 // blocks: the unit that is onlined and offlined), each block into 4 KiB frames. Frames are numbered by
 // page frame number (pfn) from 0 at the start of the arena; node n owns one contiguous pfn span, so
 // every mapping between pfn, block and node is a shift or a division by a constant.
-namespace Vmm.Native;
+//
+// Public as far as a host needs it (Machine.Topology: the machine's shape and the page size), in
+// namespace Vmm like every public type, so that `using Vmm;` is all a host writes; the constructor and
+// the pfn arithmetic are the machinery's (internal).
+namespace Vmm;
 
-/// <summary>Nodes made of blocks made of 4 KiB frames, and the pfn arithmetic between them. Immutable.</summary>
+/// <summary>The shape of a machine: nodes made of memory blocks made of 4 KiB frames.</summary>
+/// <remarks>Instances are immutable: all members may be used concurrently from multiple threads.</remarks>
 public sealed class Topology
 {
     /// <summary>log2 of the frame size.</summary>
@@ -25,7 +30,7 @@ public sealed class Topology
     /// <param name="blocksPerNode">memory blocks per node, at least 1.</param>
     /// <param name="blockSizeBytes">bytes per block: a power of two, at least 2 MiB.</param>
     /// <exception cref="ArgumentOutOfRangeException">a size is out of range.</exception>
-    public Topology(int nodeCount, int blocksPerNode, long blockSizeBytes)
+    internal Topology(int nodeCount, int blocksPerNode, long blockSizeBytes)
     {
         ArgumentOutOfRangeException.ThrowIfLessThan(nodeCount, 1);
         ArgumentOutOfRangeException.ThrowIfGreaterThan(nodeCount, 64);
@@ -72,26 +77,26 @@ public sealed class Topology
     public long TotalBytes => TotalFrames << PageShift;
 
     /// <summary>True if <paramref name="pfn"/> names a frame of the arena.</summary>
-    public bool IsValidPfn(long pfn) => (ulong)pfn < (ulong)TotalFrames;
+    internal bool IsValidPfn(long pfn) => (ulong)pfn < (ulong)TotalFrames;
 
     /// <summary>The node that owns a frame (Linux's pfn_to_nid).</summary>
-    public int NodeOf(long pfn) => (int)(pfn / FramesPerNode);
+    internal int NodeOf(long pfn) => (int)(pfn / FramesPerNode);
 
     /// <summary>The memory block that holds a frame (Linux's pfn_to_section_nr, at block size).</summary>
-    public int BlockOf(long pfn) => (int)(pfn >> _frameShiftPerBlock);
+    internal int BlockOf(long pfn) => (int)(pfn >> _frameShiftPerBlock);
 
     /// <summary>The node a memory block belongs to.</summary>
-    public int NodeOfBlock(int block) => block / BlocksPerNode;
+    internal int NodeOfBlock(int block) => block / BlocksPerNode;
 
     /// <summary>The first frame of a memory block.</summary>
-    public long FirstPfnOfBlock(int block) => (long)block << _frameShiftPerBlock;
+    internal long FirstPfnOfBlock(int block) => (long)block << _frameShiftPerBlock;
 
     /// <summary>The first frame of a node (its node_start_pfn).</summary>
-    public long FirstPfnOfNode(int node) => node * FramesPerNode;
+    internal long FirstPfnOfNode(int node) => node * FramesPerNode;
 
     /// <summary>Byte offset of a frame from the arena's base.</summary>
-    public static long OffsetOf(long pfn) => pfn << PageShift;
+    internal static long OffsetOf(long pfn) => pfn << PageShift;
 
     /// <summary>The frame that holds a byte offset from the arena's base.</summary>
-    public static long PfnOfOffset(long offset) => offset >> PageShift;
+    internal static long PfnOfOffset(long offset) => offset >> PageShift;
 }

@@ -19,6 +19,7 @@ namespace Vmm;
 /// frame (never-written pages hold none and are not counted). <c>Pages = DistinctPages +
 /// DuplicatePages</c> unless an identical set exceeds max_page_sharing (it then keeps several copies).
 /// </summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="Pages">resident pages of the store's buffers, each mapping counted once (already merged pages too).</param>
 /// <param name="ZeroPages">of those, pages whose 4096 bytes are all zero.</param>
 /// <param name="DistinctPages">

@@ -17,7 +17,6 @@
 // MaxCachedCopies pages; beyond that a candidate is confirmed by reading its first page again, so the
 // estimate's own memory stays bounded however large the store is.
 using System.Runtime.InteropServices;
-using Vmm.Mm;
 using Vmm.Native;
 
 namespace Vmm;
@@ -31,7 +30,7 @@ namespace Vmm;
 /// <para>The store does not run KSM: start ksmd (<c>machine.Ksm.Write("run", "1")</c>) or step it
 /// (<see cref="Ksm.RunFullScans"/>). A page merges at the earliest in the second scan that visits it
 /// (the first only records its checksum), and only if it did not change in between.</para>
-/// <para>Thread-safety: every member may be called from any thread. Allocation, buffer disposal and
+/// <para>This type is thread-safe: all members may be used concurrently from multiple threads. Allocation, buffer disposal and
 /// the store's <see cref="Dispose"/> are serialized by one lock; reads and writes of buffers take no
 /// store lock, so different buffers (or different parts of one) may be used from different threads at
 /// once. <see cref="EstimateSavings"/> may run while buffers are written; it then reports a mix of

@@ -6,7 +6,6 @@
 // whose references are not all explained by mappings, so a pinned page is never merged. The price is
 // that a long-lived pin keeps its pages out of deduplication: pin, use, dispose.
 using System.Buffers;
-using Vmm.Mm;
 
 namespace Vmm;
 
@@ -22,8 +21,10 @@ namespace Vmm;
 /// span taken earlier cannot be recalled (it reads zeros once the machine is gone, never unmapped memory,
 /// and with <see cref="MachineOptions.PoisonFreedFrames"/> a write into a frame freed meanwhile is
 /// reported when the frame is reused). Dispose is idempotent, and a no-op after the machine's.</para>
-/// <para>Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with their
-/// use (a span taken before Dispose points at frames the pin no longer holds).</para>
+/// <para>Not thread-safe with respect to <see cref="Dispose"/>: every other member, and the spans and
+/// sequence it hands out, may be used concurrently from multiple threads, but Dispose must not race with
+/// them (a span taken before Dispose points at frames the pin no longer holds). Concurrent Disposes are
+/// harmless.</para>
 /// </remarks>
 public sealed class PinnedBuffer : IDisposable
 {

@@ -11,7 +11,6 @@
 // would then read or write the new buffer's bytes. With the count, an operation either completes on
 // this buffer's pages or throws ObjectDisposedException; it never touches another buffer.
 using System.Buffers;
-using Vmm.Mm;
 
 namespace Vmm;
 
@@ -21,7 +20,8 @@ namespace Vmm;
 /// <see cref="DedupeStore.Create"/>; dispose it to give its memory back.
 /// </summary>
 /// <remarks>
-/// Thread-safety: any number of threads may read and write one buffer at once (concurrent writes to the
+/// This type is thread-safe: all members may be used concurrently from multiple threads. Any number of
+/// threads may read and write one buffer at once (concurrent writes to the
 /// same bytes race as they would in ordinary memory); <see cref="Dispose"/> waits for the operations in
 /// flight, and every later operation throws <see cref="ObjectDisposedException"/>.
 /// </remarks>

@@ -52,7 +52,7 @@ public enum FaultSites
 }
 
 /// <summary>One site of <see cref="FaultSites"/>, as the injector counts them.</summary>
-public enum FaultSite
+internal enum FaultSite
 {
     /// <summary>A frame allocation.</summary>
     FrameAllocation = 0,
@@ -68,6 +68,7 @@ public enum FaultSite
 /// <see cref="Interval"/>-th call fails with <see cref="Probability"/>, at most <see cref="Times"/> times.
 /// Deterministic: the same <see cref="Seed"/> and the same sequence of calls fail the same calls.
 /// </summary>
+/// <remarks>Instances are immutable (init-only properties; <c>with</c> makes a changed copy): one may be shared by threads and machines.</remarks>
 /// <example>Fail the third frame allocation, once: <c>new FaultInjection { Space = 2, Times = 1 }</c>.
 /// Fail one allocation in ten at random: <c>new FaultInjection { Seed = 7, Probability = 0.1 }</c>.</example>
 public sealed record FaultInjection
@@ -111,6 +112,7 @@ public sealed record FaultInjection
 }
 
 /// <summary>What fault injection did so far: calls seen and failures injected, per site.</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="FrameAllocations">frame allocations seen (after the filters).</param>
 /// <param name="FrameAllocationFailures">frame allocations failed on purpose.</param>
 /// <param name="HostCommits">host commits seen.</param>
@@ -165,14 +167,14 @@ internal sealed class FaultInjector
     }
 
     /// <summary>should_fail_alloc_page: the filters for frame allocations, then the common rule.</summary>
-    internal bool ShouldFailAlloc(int order, Memory.AllocFlags flags)
+    internal bool ShouldFailAlloc(int order, AllocFlags flags)
     {
         FaultInjection s = _settings;
         if ((s.Sites & FaultSites.FrameAllocation) == 0 || order < s.MinOrder)
             return false;
-        if (s.IgnoreUnmovable && (flags & Memory.AllocFlags.Movable) == 0)
+        if (s.IgnoreUnmovable && (flags & AllocFlags.Movable) == 0)
             return false;
-        if (s.IgnoreNoWatermark && (flags & Memory.AllocFlags.NoWatermark) != 0)
+        if (s.IgnoreNoWatermark && (flags & AllocFlags.NoWatermark) != 0)
             return false;
         return Decide(s, FaultSite.FrameAllocation);
     }

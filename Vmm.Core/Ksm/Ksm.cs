@@ -39,6 +39,7 @@ public enum KsmAdvisorMode
 }
 
 /// <summary>Every KSM knob, as /sys/kernel/mm/ksm shows them.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="Run">0 stop, 1 run, 2 unmerge everything.</param>
 /// <param name="PagesToScan">pages per batch.</param>
 /// <param name="SleepMillisecs">pause between batches.</param>
@@ -64,7 +65,7 @@ public sealed record KsmKnobs(
 /// <c>run</c> is 1, or step by step through <see cref="ScanPages"/> and <see cref="RunFullScans"/>.
 /// </summary>
 /// <remarks>
-/// Thread safety and lifetime: every member may be called from any thread. Scan batches (ksmd's and
+/// This type is thread-safe: all members may be used concurrently from multiple threads. Scan batches (ksmd's and
 /// those of ScanPages / RunFullScans), run=2 and the knob writes that rebuild the indexes serialize on
 /// one mutex (Linux's ksm_thread_mutex); counters and knobs are read without it, so a snapshot taken
 /// while a batch runs may mix before and after. KSM lives exactly as long as its machine: the machine's

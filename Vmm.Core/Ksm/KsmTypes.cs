@@ -224,6 +224,7 @@ internal sealed class KsmMmSlot
 }
 
 /// <summary>The KSM counters of the whole machine, as /sys/kernel/mm/ksm shows them.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="PagesShared">KSM pages in use (with at least one linked mapping).</param>
 /// <param name="PagesSharing">further mappings of them: the pages saved.</param>
 /// <param name="PagesUnshared">pages in the unstable index (seen twice unchanged, no partner yet).</param>
@@ -244,6 +245,7 @@ public sealed record KsmStats(
     long RmapItems, long GeneralProfit, long CowKsm, long MetadataBytes);
 
 /// <summary>One process's KSM counters, as /proc/pid/ksm_stat shows them.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
 /// <param name="RmapItems">ksm_rmap_items.</param>
 /// <param name="ZeroPages">ksm_zero_pages.</param>
 /// <param name="MergingPages">ksm_merging_pages: its mappings of KSM pages that KSM has linked.</param>

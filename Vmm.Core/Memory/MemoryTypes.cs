@@ -1,4 +1,4 @@
-namespace Vmm.Memory;
+namespace Vmm;
 
 /// <summary>The zones of a node (Linux's ZONE_NORMAL and ZONE_MOVABLE).</summary>
 public enum ZoneType
@@ -22,7 +22,7 @@ public enum MigrateType : byte
 
 /// <summary>How an allocation may be satisfied (a small subset of Linux's gfp_t and alloc_flags).</summary>
 [Flags]
-public enum AllocFlags
+internal enum AllocFlags
 {
     /// <summary>GFP_KERNEL-like: unmovable, zeroed, any node by distance, above the min watermark.</summary>
     None = 0,
@@ -41,6 +41,7 @@ public enum AllocFlags
 }
 
 /// <summary>A zone's free-memory thresholds, in pages (Linux's WMARK_MIN / LOW / HIGH).</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="Min">below it only HighPriority and NoWatermark allocations succeed.</param>
 /// <param name="Low">below it reclaim should start (kswapd).</param>
 /// <param name="High">reclaim stops above it.</param>

@@ -9,7 +9,7 @@
 //   NoTail     tests on a tail are redirected to the head; changing it through a tail is a bug
 //              (PG_locked, PG_swapbacked, ...).
 //   NoCompound the flag is meaningless on compound pages; any use on one is a bug (PG_reserved).
-namespace Vmm.Memory;
+namespace Vmm;
 
 /// <summary>The state bits of a frame descriptor (Linux's page->flags).</summary>
 [Flags]

@@ -3,23 +3,6 @@ using Vmm.Memory;
 
 namespace Vmm.Mm;
 
-/// <summary>What /proc/pid/pagemap (with kpageflags) says about one virtual page.</summary>
-/// <param name="Present">a frame is mapped.</param>
-/// <param name="Pfn">the frame, or -1.</param>
-/// <param name="Node">the frame's node, or -1.</param>
-/// <param name="Writable">the PTE allows writes.</param>
-/// <param name="Dirty">the PTE is dirty.</param>
-/// <param name="Anonymous">a private anonymous page.</param>
-/// <param name="Exclusive">the page is mapped exclusively (PG_anon_exclusive).</param>
-/// <param name="ZeroPage">the shared zero page.</param>
-/// <param name="Ksm">a KSM page.</param>
-/// <param name="Swapped">swapped out (or being migrated).</param>
-/// <param name="MapCount">mappings of the frame.</param>
-/// <param name="Pinned">FOLL_PIN pins of the frame.</param>
-public readonly record struct PagemapEntry(
-    bool Present, long Pfn, int Node, bool Writable, bool Dirty, bool Anonymous, bool Exclusive,
-    bool ZeroPage, bool Ksm, bool Swapped, int MapCount, int Pinned);
-
 internal sealed unsafe partial class AddressSpace
 {
     private static readonly PagemapEntry NotPresent = new(false, -1, -1, false, false, false, false, false, false, false, 0, 0);

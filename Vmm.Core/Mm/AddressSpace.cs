@@ -12,7 +12,6 @@
 // Locking: the mmap_lock (reader/writer) protects the VMA list and every VMA's fields; faults take it
 // for read, mmap / munmap / mprotect / fork / exit for write. See docs/locking.md.
 using Vmm.Diagnostics;
-using Vmm.Memory;
 using Vmm.Rmap;
 
 namespace Vmm.Mm;

@@ -1,4 +1,4 @@
-namespace Vmm.Mm;
+namespace Vmm;
 
 /// <summary>PROT_* bits of mmap and mprotect.</summary>
 [Flags]
@@ -74,6 +74,7 @@ public enum Capabilities
 }
 
 /// <summary>Who a process runs as.</summary>
+/// <remarks>Instances are immutable: safe to share between threads.</remarks>
 /// <param name="Uid">user id; 0 is root.</param>
 /// <param name="Capabilities">capabilities held.</param>
 public readonly record struct Credentials(int Uid, Capabilities Capabilities)
@@ -124,6 +125,8 @@ public enum SegvReason
 /// that starts at or above TASK_SIZE touches nothing; one that runs into TASK_SIZE faults there, as at an
 /// unmapped page. Out of frames is not a
 /// segmentation fault: the access throws <see cref="InsufficientMemoryException"/>.
+/// Thread safety: the properties this exception adds are immutable; the members it inherits from
+/// <see cref="Exception"/> are not thread-safe.
 /// </remarks>
 [System.Diagnostics.CodeAnalysis.SuppressMessage("Naming", "CA1710", Justification = "The name a kernel reader expects (SIGSEGV).")]
 public sealed class SegmentationFault : Exception
@@ -155,3 +158,21 @@ public sealed class SegmentationFault : Exception
     /// <summary>Why.</summary>
     public SegvReason Reason { get; }
 }
+
+/// <summary>What /proc/pid/pagemap (with kpageflags) says about one virtual page.</summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
+/// <param name="Present">a frame is mapped.</param>
+/// <param name="Pfn">the frame, or -1.</param>
+/// <param name="Node">the frame's node, or -1.</param>
+/// <param name="Writable">the PTE allows writes.</param>
+/// <param name="Dirty">the PTE is dirty.</param>
+/// <param name="Anonymous">a private anonymous page.</param>
+/// <param name="Exclusive">the page is mapped exclusively (PG_anon_exclusive).</param>
+/// <param name="ZeroPage">the shared zero page.</param>
+/// <param name="Ksm">a KSM page.</param>
+/// <param name="Swapped">swapped out (or being migrated).</param>
+/// <param name="MapCount">mappings of the frame.</param>
+/// <param name="Pinned">FOLL_PIN pins of the frame.</param>
+public readonly record struct PagemapEntry(
+    bool Present, long Pfn, int Node, bool Writable, bool Dirty, bool Anonymous, bool Exclusive,
+    bool ZeroPage, bool Ksm, bool Swapped, int MapCount, int Pinned);

@@ -23,9 +23,9 @@
 // stale span into a frame that was freed meanwhile is reported (VmBugException) when the frame is
 // allocated again.
 using System.Buffers;
-using Vmm.Memory;
+using Vmm.Mm;
 
-namespace Vmm.Mm;
+namespace Vmm;
 
 /// <summary>Pinned pages of a process, with a span per page. Dispose to unpin.</summary>
 /// <remarks>
@@ -37,8 +37,10 @@ namespace Vmm.Mm;
 /// <see cref="MachineOptions.PoisonFreedFrames"/> a write into a frame freed meanwhile is reported when the
 /// frame is reused. If the machine is disposed while pins are held, their spans read zeros (never
 /// unmapped memory) until the pins are disposed.</para>
-/// <para>Thread-safety: the spans may be used from any thread; <see cref="Dispose"/> must not race with
-/// their use. Dispose is idempotent, and a no-op after the machine's Dispose (the machine's memory is
+/// <para>Not thread-safe with respect to <see cref="Dispose"/>: every other member, and the spans and
+/// sequence it hands out, may be used concurrently from multiple threads, but Dispose must not race with
+/// them (a span taken before Dispose points at frames the pin no longer holds). Dispose is idempotent
+/// (concurrent Disposes are harmless), and a no-op after the machine's Dispose (the machine's memory is
 /// already gone).</para>
 /// </remarks>
 public sealed unsafe class PinnedMemory : IDisposable

@@ -35,7 +35,7 @@ public sealed class KsmFileNameTests
         ulong va = p.Mmap(8 * 4096);
         for (int i = 0; i < 8; i++)
             p.Write<long>(va + (ulong)i * 4096, 42);
-        Assert.That(p.Madvise(va, 8 * 4096, Vmm.Mm.Advice.Mergeable), Is.EqualTo(Errno.None));
+        Assert.That(p.Madvise(va, 8 * 4096, Advice.Mergeable), Is.EqualTo(Errno.None));
         ksm.RunFullScans(2);
         KsmStats stats = ksm.GetStats();
         Assert.That(stats.PagesSharing, Is.GreaterThan(0), "something merged, so the counters are not all zero");

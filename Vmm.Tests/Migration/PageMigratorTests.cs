@@ -81,7 +81,7 @@ public sealed class PageMigratorTests
         Assert.That(machine.Rmap.TryToMigrate(pfn), Is.True);
         VmProcess child = parent.Fork();
         Assert.That(child.GetPagemap(va).Swapped, Is.True, "the child copied the migration entry");
-        long newPfn = machine.Allocator.AllocPages(0, Vmm.Memory.AllocFlags.Movable | Vmm.Memory.AllocFlags.NoZero, 1);
+        long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, 1);
         PageMigrator.CopyPage(machine, pfn, newPfn);
         machine.PageLock.Lock(newPfn); // as the migrator does: both pages locked
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
