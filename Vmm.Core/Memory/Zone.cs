@@ -58,6 +58,9 @@ internal sealed class PerCpuPages
 
     private void EnterContended()
     {
+        // In Debug, a lock this thread already holds is a self-deadlock; say so instead of spinning.
+        LockAssert.That(Volatile.Read(ref Lock) != Environment.CurrentManagedThreadId,
+            "the pcp lock not already held by this thread (it would spin forever)");
         var spinner = new SpinWait();
         while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
             spinner.SpinOnce();

@@ -224,6 +224,9 @@ internal sealed unsafe partial class AddressSpace
         ref ulong word = ref _machine.MemMap[ptePfn].Private;
         if (Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) == 0)
             return;
+        // Contended: in Debug, a lock this thread already holds is a self-deadlock; say so instead of spinning.
+        LockAssert.That(Volatile.Read(ref word) != (ulong)Environment.CurrentManagedThreadId,
+            $"the pte lock of table frame {ptePfn} not already held by this thread (it would spin forever)");
         var spinner = new SpinWait();
         while (Volatile.Read(ref word) != 0 || Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) != 0)
             spinner.SpinOnce();

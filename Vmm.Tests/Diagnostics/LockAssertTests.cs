@@ -58,6 +58,7 @@ public sealed class LockAssertTests
         try
         {
             Assert.That(mm.IsPteLockHeldByCurrentThread(ptePfn), Is.True);
+            Assert.Throws<VmBugException>(() => mm.LockPte(ptePfn), "taking it again would spin forever");
             bool heldElsewhere = true;
             Exception? elsewhere = null;
             var other = new Thread(() =>
@@ -88,6 +89,8 @@ public sealed class LockAssertTests
         other.Start();
         other.Join();
         Assert.That(heldElsewhere, Is.False);
+        var recursive = Assert.Throws<VmBugException>(pcp.Enter, "taking it again would spin forever");
+        Assert.That(recursive!.Message, Does.StartWith("EnterContended requires the pcp lock not already held by this thread"));
         pcp.Exit();
         Assert.That(pcp.IsHeldByCurrentThread, Is.False);
     }
