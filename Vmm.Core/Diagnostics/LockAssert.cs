@@ -13,8 +13,9 @@
 // A failure throws VmBugException instead of calling Debug.Assert. Why: on .NET a failed Debug.Assert
 // goes to the trace listeners, and the DefaultTraceListener ends the process with FailFast (or breaks
 // into a debugger), so under `dotnet test` one broken precondition would kill the test host and hide
-// which test broke it, while an exception fails that test with its stack. On a background thread (ksmd,
-// the KSM release worker) an unhandled exception also ends the process, loudly, as a bug should.
+// which test broke it, while an exception fails that test with its stack. On ksmd's thread the scan
+// loop catches it into Ksm.Failure and stops ksmd (tests that run ksmd check Failure); an exception
+// that escapes any other background thread ends the process, loudly, as a bug should.
 //
 // What cannot be checked cheaply is said where it is asserted: "no other thread can reach the frames"
 // (an ownership argument, not a lock), and which page locks a thread holds (PG_locked has no owner, as
