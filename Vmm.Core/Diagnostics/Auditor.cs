@@ -21,6 +21,11 @@ internal static unsafe class Auditor
         return RunLocked(machine);
     }
 
+    /// <summary>
+    /// The audit proper. Preconditions: the ksm_thread_mutex held when the machine has KSM (checked
+    /// in Ksm.Audit, which needs it); no other thread changes memory meanwhile (not checkable: the
+    /// host's promise).
+    /// </summary>
     private static List<string> RunLocked(Machine machine)
     {
         var problems = new List<string>();

@@ -16,6 +16,7 @@
 // splits one content over several KSM pages.
 using System.Diagnostics;
 using System.Security.Cryptography;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Native;
@@ -215,10 +216,13 @@ public sealed partial class Ksm
 
     /// <summary>
     /// Takes an item off its stable node's list: the last item to leave was the "shared" one, the others
-    /// "sharing". Preconditions: the KSM page locked (or gone: a stale node's page can be found by nobody).
+    /// "sharing". Preconditions: the thread mutex held; the KSM page locked (or gone: a stale node's page
+    /// can be found by nobody; so only the thread mutex is checked).
     /// </summary>
     private void UnlinkFromNode(int handle, KsmStableNode node)
     {
+        // The KSM page's own lock is not checked: a stale node's page may be gone (freed, even reused).
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
         ref KsmRmapItem item = ref _items[handle];
         if (item.HashPrev >= 0)
             _items[item.HashPrev].HashNext = item.HashNext;
@@ -237,9 +241,11 @@ public sealed partial class Ksm
         item.Address = item.PageAddress;
     }
 
-    /// <summary>stable_tree_append: links an item to the node of the KSM page it maps. Preconditions: the KSM page locked.</summary>
+    /// <summary>stable_tree_append: links an item to the node of the KSM page it maps. Preconditions: the thread mutex held; the KSM page locked.</summary>
     private void Append(int handle, KsmStableNode node, AnonVma anonVma, bool bypassLimit)
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
+        LockAssert.PageLocked(_machine.PageLock, node.Kpfn);
         if (!bypassLimit && node.HlistLen >= _maxPageSharing)
             throw new VmBugException($"KSM page {node.Kpfn} would exceed max_page_sharing ({_maxPageSharing})");
         ref KsmRmapItem item = ref _items[handle];

@@ -16,6 +16,7 @@
 // does: no allocation, no copy. Its stable node was indexed when the pair was queued, so later pages
 // of the same batch can already join it; if the pair fails, they fail with it and retry next pass.
 using System.Runtime.InteropServices;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Native;
@@ -79,6 +80,19 @@ public sealed partial class Ksm
     /// <summary>Commits every queued merge (see the overview). Preconditions: thread mutex held; no mmap_lock held.</summary>
     private unsafe void CommitBatch()
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
+        LockAssert.That(_lockedMm is null, "no mmap_lock held (KSM's own, _lockedMm, released)");
+#if DEBUG
+        // Nor one the caller took: step 1 takes the mmap_lock of each queued page's mm, and would
+        // deadlock (NoRecursion) or break the lock order on one already held by this thread.
+        foreach (MergeOp queued in _batch)
+        {
+            if (Volatile.Read(ref _slots)[_items[queued.Item].Slot] is { } queuedSlot)
+                LockAssert.MmapLockNotHeld(queuedSlot.Mm);
+            if (queued.Kind == MergeKind.Pair && Volatile.Read(ref _slots)[_items[queued.TreeItem].Slot] is { } treeSlot)
+                LockAssert.MmapLockNotHeld(treeSlot.Mm);
+        }
+#endif
         if (_batch.Count == 0)
             return;
         Span<MergeOp> ops = CollectionsMarshal.AsSpan(_batch);
@@ -203,6 +217,7 @@ public sealed partial class Ksm
     /// </summary>
     private void AbortBatch()
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
         UnlockMm();
         foreach (long pfn in _lockedInBatch)
             _machine.PageLock.Unlock(pfn);

@@ -4,6 +4,7 @@
 // address and the anon_vma of the VMA it was merged in. Fork copies KSM mappings into children before
 // ksmd links them, so a walk makes two passes over the items: first the VMAs of each item's own mm,
 // then the VMAs of other mms that share the item's anon_vma family (the children).
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Rmap;
@@ -15,10 +16,12 @@ public sealed partial class Ksm
     /// <summary>
     /// rmap_walk_ksm: visits every VMA that may map the KSM page <paramref name="pfn"/>, whose mapping
     /// word names stable node <paramref name="handle"/>. Preconditions: the page lock held (it protects
-    /// the node's item list).
+    /// the node's item list), or the thread mutex (under which the list is changed too: the Auditor).
     /// </summary>
     internal void RmapWalk(long pfn, long handle, RmapWalkControl control)
     {
+        LockAssert.That(_machine.PageLock.IsLocked(pfn) || Monitor.IsEntered(_threadMutex),
+            $"the page lock of KSM page {pfn} held (or the ksm_thread_mutex)");
         KsmStableNode? node = _machine.Mappings.Find<KsmStableNode>(handle);
         if (node is null)
             return;
@@ -54,6 +57,11 @@ public sealed partial class Ksm
         }
     }
 
+#if DEBUG
+    /// <summary>Debug only: whether this thread holds ksm_thread_mutex (a monitor: Monitor.IsEntered).</summary>
+    internal bool IsThreadMutexHeldByCurrentThread => Monitor.IsEntered(_threadMutex);
+
+#endif
     /// <summary>Runs <paramref name="action"/> with the thread mutex held (no batch runs meanwhile).</summary>
     internal void WithThreadMutex(Action action)
     {
@@ -67,6 +75,8 @@ public sealed partial class Ksm
     /// </summary>
     internal void Audit(List<string> problems, Dictionary<AddressSpace, long> zeroPtes)
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
+        // "No other thread changes memory" is the caller's promise (Audit runs on a quiet machine): not checkable.
         long shared = 0, sharing = 0, chains = 0, dups = 0, unshared = 0, items = 0;
         var merging = new Dictionary<AddressSpace, long>();
         foreach (KsmStableNode? maybe in _nodeTable)

@@ -4,6 +4,7 @@
 // looked up in the indexes (Ksm.Index.cs: the stable index of KSM pages, the unstable index of this
 // pass's candidates), and a match is queued for the merge batch (Ksm.Merge.cs).
 using System.Diagnostics;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Native;
@@ -42,6 +43,7 @@ public sealed partial class Ksm
     [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)]
     private int DoScan(int budget)
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
         _busy.Start();
         try
         {

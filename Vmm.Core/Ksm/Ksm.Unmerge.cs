@@ -2,6 +2,7 @@
 // teardown of the stable index (remove_all_stable_nodes, seed 004), the knobs that need an empty
 // index (merge_across_nodes, max_page_sharing), and the scan-time advisor.
 using System.Diagnostics;
+using Vmm.Diagnostics;
 using Vmm.Mm;
 
 namespace Vmm;
@@ -17,6 +18,8 @@ public sealed partial class Ksm
     /// </summary>
     private Errno UnmergeAndRemoveAllRmapItems()
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
+        LockAssert.That(_run == 2, "run already 2");
         lock (_mmListLock)
             _cursorSlot = _head.Next;
         while (true)
@@ -81,6 +84,7 @@ public sealed partial class Ksm
     /// </summary>
     private bool RemoveAllStableNodes()
     {
+        LockAssert.Held(_threadMutex, "the ksm_thread_mutex");
         bool busy = false;
         foreach (KsmStableNode node in AllStableNodes())
         {

@@ -22,6 +22,7 @@
 // a stable node's item list only under its KSM page's lock as well.
 using System.Diagnostics;
 using System.Globalization;
+using Vmm.Diagnostics;
 using Vmm.Mm;
 using Vmm.Native;
 
@@ -656,6 +657,7 @@ public sealed partial class Ksm
     /// </summary>
     internal void Enter(AddressSpace mm)
     {
+        LockAssert.MmapLockHeld(mm, write: true);
         bool wasEmpty;
         lock (_mmListLock)
         {
@@ -707,6 +709,8 @@ public sealed partial class Ksm
     /// <summary>Preconditions: the mm-list lock held; the slot unlinked and without items.</summary>
     private void FreeSlotLocked(KsmMmSlot slot)
     {
+        LockAssert.Held(_mmListLock, "the KSM mm-list lock");
+        LockAssert.That(slot.Next == slot && slot.Prev == slot, $"KSM slot {slot.Index} unlinked");
         if (slot.RmapList >= 0)
             throw new VmBugException($"KSM slot {slot.Index} freed with rmap items still on it");
         slot.Mm.KsmSlot = null;

@@ -99,7 +99,8 @@ internal sealed unsafe class MemMap : IDisposable
     /// caller then hands the frames to the buddy lists (PageAllocator.InitSectionLocked). Called by the
     /// allocator when a zone grows into a deferred section and, when memory hot-add exists, by hot-add
     /// for each section of an added block: it is the one place descriptors come to life.
-    /// Preconditions: the zone lock of the section's zone held; the section not initialised.
+    /// Preconditions: the zone lock of the section's zone held (checked by the one caller,
+    /// PageAllocator.InitSectionLocked: the memmap does not know the zones); the section not initialised.
     /// </summary>
     /// <exception cref="VmBugException">the section was already initialised.</exception>
     public void InitSection(long section)

@@ -16,6 +16,7 @@
 // Isolation initialises the deferred sections of its range first (it moves free blocks between lists).
 //
 // Locking: each pageblock is changed under its zone's lock; the saved types are protected by it too.
+using Vmm.Diagnostics;
 using Vmm.Native;
 
 namespace Vmm.Memory;
@@ -67,6 +68,7 @@ internal sealed unsafe partial class PageAllocator
 
     private Errno SetMigratetypeIsolateLocked(Zone zone, long pageblockPfn, out long unmovablePfn)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         unmovablePfn = NoPfn;
         int index = (int)(pageblockPfn >> PageblockOrder);
         if ((MigrateType)_pageblockType[index] == MigrateType.Isolate)
@@ -92,6 +94,7 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     private long FindUnmovablePageLocked(Zone zone, long pageblockPfn)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         if (CoveringFreeBlock(zone, pageblockPfn) != NoPfn)
             return NoPfn;
         long end = pageblockPfn + PageblockFrames;

@@ -41,6 +41,7 @@
 using System.Diagnostics;
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using Vmm.Diagnostics;
 using Vmm.Native;
 
 namespace Vmm.Memory;
@@ -288,6 +289,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>rmqueue_bulk: moves up to Batch order-0 frames from the buddy lists to a pcp list. Preconditions: pcp lock held.</summary>
     private void RefillPcpLocked(Zone zone, PerCpuPages pcp, ref uint head, MigrateType mt)
     {
+        LockAssert.PcpLockHeld(pcp);
         Debug.Assert(head == PageDescriptor.NoLink, "refilled only when empty");
         lock (zone.Lock)
         {
@@ -334,6 +336,7 @@ internal sealed unsafe partial class PageAllocator
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private uint FreeListHeadLocked(Zone zone, int o, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         uint head = zone.FreeHead[Zone.ListIndex(o, mt)];
         if (head == PageDescriptor.NoLink && o == zone.MaxOrder && mt == MigrateType.Movable && zone.DeferredPages != 0 && GrowZoneLocked(zone))
             head = zone.FreeHead[Zone.ListIndex(o, mt)];
@@ -343,6 +346,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>__rmqueue_smallest: the smallest free block of the type that fits, split down. Preconditions: zone lock held.</summary>
     private long RmqueueSmallestLocked(Zone zone, int order, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         for (int o = order; o <= zone.MaxOrder; o++)
         {
             uint head = FreeListHeadLocked(zone, o, mt);
@@ -363,6 +367,7 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     private long RmqueueFallbackLocked(Zone zone, int order, MigrateType startType)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         MigrateType fallback = Fallback(startType);
         for (int o = zone.MaxOrder; o >= order; o--)
         {
@@ -401,6 +406,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>expand: splits a block of order high, keeping the first 2^low frames. Preconditions: zone lock held.</summary>
     private void ExpandLocked(Zone zone, long pfn, int low, int high, MigrateType mt, bool reported)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         while (high > low)
         {
             high--;
@@ -489,6 +495,8 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     internal void FreeFrozenPages(long pfn, int order)
     {
+        // "No other thread can reach the frames" is an ownership argument (the last reference was ours): not checkable.
+        LockAssert.That(_memMap[pfn].RefCount == 0, $"frame {pfn} with refcount 0");
         FreePagesPrepare(pfn, order);
         if (order == 0)
             FreeToPcp(pfn);
@@ -579,6 +587,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>free_pcppages_bulk: returns up to <paramref name="count"/> cached frames to the buddy lists. Preconditions: pcp lock held.</summary>
     private void FreePcpBatchLocked(Zone zone, PerCpuPages pcp, int count)
     {
+        LockAssert.PcpLockHeld(pcp);
         lock (zone.Lock)
         {
             while (count-- > 0 && pcp.Count > 0)
@@ -614,6 +623,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>__free_one_page: puts a block on its free list, merging with free buddies. Preconditions: zone lock held.</summary>
     private void FreeOneLocked(Zone zone, long pfn, int order, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         while (order < zone.MaxOrder)
         {
             long buddy = pfn ^ (1L << order);
@@ -646,6 +656,7 @@ internal sealed unsafe partial class PageAllocator
 
     private void AddToFreeListLocked(Zone zone, long pfn, int order, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         ref PageDescriptor page = ref _memMap[pfn];
         Debug.Assert((page.Flags & (ulong)PageFlags.Buddy) == 0, "frame already on a free list");
         int index = Zone.ListIndex(order, mt);
@@ -667,6 +678,7 @@ internal sealed unsafe partial class PageAllocator
 
     private void DelFromFreeListLocked(Zone zone, long pfn)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         ref PageDescriptor page = ref _memMap[pfn];
         Debug.Assert((page.Flags & (ulong)PageFlags.Buddy) != 0, "frame not on a free list");
         int order = (int)page.Private;
@@ -693,6 +705,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>Moves one free block to the list of another type, keeping its order and reported state.</summary>
     private void MoveFreeBlockLocked(Zone zone, long pfn, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         int order = (int)_memMap[pfn].Private;
         bool reported = (_memMap[pfn].Flags & (ulong)PageFlags.Reported) != 0;
         DelFromFreeListLocked(zone, pfn);
@@ -707,6 +720,7 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     private void SplitCoveringBlockLocked(Zone zone, long pageblockPfn)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         for (int o = PageblockOrder + 1; o <= zone.MaxOrder; o++)
         {
             long start = pageblockPfn & ~((1L << o) - 1);
@@ -728,6 +742,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>move_freepages_block: puts every free block inside one pageblock on the lists of <paramref name="mt"/>.</summary>
     private void MoveFreePagesBlockLocked(Zone zone, long pageblockPfn, MigrateType mt)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         SplitCoveringBlockLocked(zone, pageblockPfn);
         long end = pageblockPfn + PageblockFrames;
         for (long pfn = pageblockPfn; pfn < end;)
@@ -748,6 +763,7 @@ internal sealed unsafe partial class PageAllocator
 
     private long CountFreeInPageblockLocked(long pfn)
     {
+        LockAssert.Held(ZoneOf(pfn).Lock, "the zone lock");
         long start = pfn & ~(long)(PageblockFrames - 1);
         long free = 0;
         for (long p = start; p < start + PageblockFrames;)
@@ -769,6 +785,7 @@ internal sealed unsafe partial class PageAllocator
 
     private void SetTypeRangeLocked(long pfn, long count, MigrateType mt)
     {
+        LockAssert.Held(ZoneOf(pfn).Lock, "the zone lock");
         for (long p = pfn; p < pfn + count; p += PageblockFrames)
             _pageblockType[p >> PageblockOrder] = (byte)mt;
     }
@@ -885,6 +902,7 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     private bool GrowZoneLocked(Zone zone)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         long first = _memMap.SectionOf(zone.StartPfn);
         while (zone.DeferredCursor > first)
         {
@@ -915,6 +933,7 @@ internal sealed unsafe partial class PageAllocator
     /// </summary>
     private void InitSectionLocked(Zone zone, long section)
     {
+        LockAssert.Held(zone.Lock, "the zone lock");
         long pfn = section << _memMap.SectionShift;
         long frames = _memMap.FramesPerSection;
         Debug.Assert(ZoneOf(pfn) == zone, "section of another zone");

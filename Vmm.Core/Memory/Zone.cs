@@ -20,13 +20,15 @@
 // (PageAllocator.GrowZoneLocked, Linux's deferred_grow_zone), from the top of the zone down, the order
 // in which a fully initialised zone would hand its max-order blocks out.
 using System.Runtime.CompilerServices;
+using Vmm.Diagnostics;
 
 namespace Vmm.Memory;
 
 /// <summary>A per-processor cache of free order-0 frames, one list per pcp migratetype.</summary>
 internal sealed class PerCpuPages
 {
-    // Protected by the spin word Lock (0 free, 1 held). Lock order: pcp lock -> zone lock.
+    // Protected by the spin word Lock (0 free; held: 1 in Release, the owner's managed thread id in
+    // Debug, so that LockAssert.PcpLockHeld can ask "held by this thread"). Lock order: pcp lock -> zone lock.
     public int Lock;
     public int Count;
     public uint HeadUnmovable = PageDescriptor.NoLink;
@@ -39,22 +41,42 @@ internal sealed class PerCpuPages
     private readonly long _pad0, _pad1, _pad2, _pad3, _pad4;
 #pragma warning restore CS0169, IDE0051
 
+    // The value a holder stores: a constant in Release (the fast path is the same CompareExchange as
+    // before), the owner in Debug (the cost of a thread-id read is paid only there).
+#if DEBUG
+    private static int HeldValue => Environment.CurrentManagedThreadId;
+#else
+    private const int HeldValue = 1;
+#endif
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void Enter()
     {
-        if (Interlocked.CompareExchange(ref Lock, 1, 0) != 0)
+        if (Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
             EnterContended();
     }
 
     private void EnterContended()
     {
+        // In Debug, a lock this thread already holds is a self-deadlock; say so instead of spinning.
+        LockAssert.That(Volatile.Read(ref Lock) != Environment.CurrentManagedThreadId,
+            "the pcp lock not already held by this thread (it would spin forever)");
         var spinner = new SpinWait();
-        while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, 1, 0) != 0)
+        while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
             spinner.SpinOnce();
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public void Exit() => Volatile.Write(ref Lock, 0);
+    public void Exit()
+    {
+        LockAssert.PcpLockHeld(this);
+        Volatile.Write(ref Lock, 0);
+    }
+
+#if DEBUG
+    /// <summary>Debug only: whether this thread holds the spin word (it stores its managed thread id).</summary>
+    public bool IsHeldByCurrentThread => Volatile.Read(ref Lock) == Environment.CurrentManagedThreadId;
+#endif
 }
 
 /// <summary>One zone of one node: free lists, counters, watermarks, per-CPU caches.</summary>

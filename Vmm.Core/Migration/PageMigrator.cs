@@ -12,6 +12,7 @@
 //   4. copy the contents and the descriptor's identity (mapping, index, flags) to the new frame;
 //   5. commit, the point of no return: the page cache and every migration entry now name the new frame;
 //   6. unlock; the old frame is freed when the caller drops its reference.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Native;
@@ -46,6 +47,7 @@ internal static class PageMigrator
     /// ENOMEM (no frame on the target node).</returns>
     public static unsafe Errno MovePage(Machine machine, long pfn, int targetNode)
     {
+        LockAssert.Referenced(machine.MemMap, pfn);
         MemMap memMap = machine.MemMap;
         if (!machine.PageLock.TryLock(pfn))
             return Errno.EBUSY;
@@ -86,6 +88,10 @@ internal static class PageMigrator
     /// <summary>Steps 2 to 5. Preconditions: both pages locked; the caller holds a reference to each.</summary>
     private static Errno MoveLocked(Machine machine, long pfn, long newPfn, ShmemObject? shmem)
     {
+        LockAssert.PageLocked(machine.PageLock, pfn);
+        LockAssert.PageLocked(machine.PageLock, newPfn);
+        LockAssert.Referenced(machine.MemMap, pfn);
+        LockAssert.Referenced(machine.MemMap, newPfn);
         MemMap memMap = machine.MemMap;
         ref PageDescriptor oldPage = ref memMap[pfn];
         // 2. Freeze.

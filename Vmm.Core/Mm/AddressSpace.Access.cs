@@ -14,6 +14,7 @@
 // A call into an exited process is the host's misuse (InvalidOperationException); an exit that begins
 // while an access is under way is found by its next fault (SegmentationFault, SegvReason.Exited).
 using System.Runtime.CompilerServices;
+using Vmm.Diagnostics;
 using Vmm.Native;
 
 namespace Vmm.Mm;
@@ -29,6 +30,7 @@ internal sealed unsafe partial class AddressSpace
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public byte* Translate(AccessContext context, ulong va, bool write)
     {
+        LockAssert.InAccessSection(context);
         ulong vpn = va >> PageShift;
         ref TlbEntry entry = ref context.Tlb[(int)(vpn & (AccessContext.TlbEntries - 1))];
         long generation = Volatile.Read(ref Generation);
@@ -89,6 +91,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private int ExtendRun(AccessContext context, byte* frame, ulong address, int chunk, int remaining, bool write)
     {
+        LockAssert.InAccessSection(context);
         if (chunk >= remaining)
             return chunk;
         // Follow the PTEs of the next pages directly (the same PTE table, one slot after another)

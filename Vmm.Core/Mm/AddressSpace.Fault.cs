@@ -11,6 +11,7 @@
 // process is its only user (PG_anon_exclusive, or one mapping and one reference), and copies it
 // otherwise. The old frame's mapping reference is dropped only after a TLB flush, because another
 // thread may still be reading it through a translation it cached before the PTE changed.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Native;
 using Vmm.Rmap;
@@ -126,9 +127,10 @@ internal sealed unsafe partial class AddressSpace
         return same;
     }
 
-    /// <summary>do_anonymous_page.</summary>
+    /// <summary>do_anonymous_page. Preconditions: mmap_lock held.</summary>
     private FaultResult AnonymousFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write, bool mapWritable = true)
     {
+        LockAssert.MmapLockHeld(this);
         if (!write)
         {
             // A read of memory never written: the shared zero page, read-only, not refcounted per mapping.
@@ -151,9 +153,10 @@ internal sealed unsafe partial class AddressSpace
         return FaultResult.Done;
     }
 
-    /// <summary>do_shared_fault for shared anonymous memory: the page comes from the shmem object's page cache.</summary>
+    /// <summary>do_shared_fault for shared anonymous memory: the page comes from the shmem object's page cache. Preconditions: mmap_lock held.</summary>
     private FaultResult SharedFault(Vma vma, ulong va, ulong* slot, long ptePfn, bool write)
     {
+        LockAssert.MmapLockHeld(this);
         ShmemObject shmem = vma.Shmem!;
         long pfn = shmem.GetPage((long)vma.PageIndex(va), HomeNode);
         if (pfn == PageAllocator.NoPfn)
@@ -167,9 +170,10 @@ internal sealed unsafe partial class AddressSpace
         return FaultResult.Done;
     }
 
-    /// <summary>do_wp_page: a write to a present, read-only PTE in a writable VMA.</summary>
+    /// <summary>do_wp_page: a write to a present, read-only PTE in a writable VMA. Preconditions: mmap_lock held.</summary>
     private FaultResult WriteProtectFault(Vma vma, ulong va, ulong* slot, long ptePfn, Pte pte, bool unshare)
     {
+        LockAssert.MmapLockHeld(this);
         if (vma.IsShared)
         {
             UpdatePte(slot, ptePfn, pte, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit));

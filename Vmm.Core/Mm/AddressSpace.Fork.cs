@@ -6,6 +6,7 @@
 // the child at once (Linux's page_needs_cow_for_dma), so the pin keeps pointing at the parent's page.
 // The parent's write-protected PTEs are flushed before fork returns: after fork, no parent write can
 // reach a frame the child sees.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Native;
 using Vmm.Rmap;
@@ -19,6 +20,13 @@ internal sealed unsafe partial class AddressSpace
     {
         var child = new AddressSpace(_machine, childHomeNode) { KsmMergeAny = KsmMergeAny, KsmDefaultDomain = KsmDefaultDomain };
         MmapLock.EnterWriteLock();
+        // dup_mmap's mmap_write_lock_nested: the child is built under its own mmap_lock for write too.
+        // No other thread can take it yet (ksmd finds the child only through ksm_fork, at the end, and
+        // then waits for fork to return), so this costs one uncontended acquire; it makes the child's
+        // VMA insertion, table allocation and KSM registration meet their preconditions like any mm's.
+        // Lock order: parent before child, and nobody can hold the child's while waiting for a parent's.
+        child.MmapLock.EnterWriteLock();
+        bool childLocked = true;
         bool writeProtected = false;
         try
         {
@@ -48,6 +56,8 @@ internal sealed unsafe partial class AddressSpace
                 child.InsertVma(copy);
                 if (!CopyPageRange(vma, copy, child, ref writeProtected))
                 {
+                    child.MmapLock.ExitWriteLock(); // Teardown takes it again
+                    childLocked = false;
                     AbortFork(child, writeProtected);
                     writeProtected = false;
                     return null;
@@ -61,6 +71,8 @@ internal sealed unsafe partial class AddressSpace
         }
         finally
         {
+            if (childLocked)
+                child.MmapLock.ExitWriteLock();
             if (writeProtected)
             {
                 BumpGeneration();
@@ -121,6 +133,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>copy_page_range for one VMA. Preconditions: this mm's mmap_lock held for write.</summary>
     private bool CopyPageRange(Vma parentVma, Vma childVma, AddressSpace child, ref bool writeProtected)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         MemMap memMap = _machine.MemMap;
         for (ulong va = parentVma.Start; ;)
         {

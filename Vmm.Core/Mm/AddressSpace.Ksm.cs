@@ -5,6 +5,7 @@
 // A KSM page is always mapped read-only and clean, and never PG_anon_exclusive. A KSM zero PTE (the
 // zero page put in place of a zero-filled page by use_zero_pages) is the zero page's special PTE with
 // the dirty bit set: nothing else ever sets the dirty bit on a zero-page PTE, so the bit marks it.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Rmap;
 
@@ -141,6 +142,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Joins every pair of neighbouring VMAs that became identical. Preconditions: mmap_lock held for write.</summary>
     private void MergeAllVmas()
     {
+        LockAssert.MmapLockHeld(this, write: true);
         for (int i = _vmas.Count - 1; i > 0; i--)
         {
             if (i < _vmas.Count && CanMerge(_vmas[i - 1], _vmas[i]))
@@ -164,6 +166,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public Vma? FindMergeableVma(ulong va)
     {
+        LockAssert.MmapLockHeld(this);
         if (Exited || KsmExiting)
             return null;
         Vma? vma = VmaAt(va);
@@ -177,6 +180,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public bool KsmNextAnonPage(ref ulong va, ulong end, out long pfn)
     {
+        LockAssert.MmapLockHeld(this);
         MemMap memMap = _machine.MemMap;
         pfn = -1;
         while (true)
@@ -223,6 +227,9 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public bool KsmWriteProtect(ulong va, long pfn, out Pte orig, out bool changed)
     {
+        LockAssert.MmapLockHeld(this);
+        LockAssert.PageLocked(_machine.PageLock, pfn);
+        LockAssert.Referenced(_machine.MemMap, pfn);
         orig = Pte.None;
         changed = false;
         MemMap memMap = _machine.MemMap;
@@ -268,6 +275,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Whether the PTE at va is exactly orig. Preconditions: mmap_lock held.</summary>
     public bool KsmPteIs(ulong va, Pte orig)
     {
+        LockAssert.MmapLockHeld(this);
         ulong* slot = FindPte(va, out _);
         return slot != null && Volatile.Read(ref *slot) == orig.Value;
     }
@@ -284,6 +292,11 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public bool KsmReplacePage(ulong va, long pfn, long kpfn, Pte orig)
     {
+        LockAssert.MmapLockHeld(this);
+        LockAssert.PageLocked(_machine.PageLock, pfn);
+        LockAssert.Referenced(_machine.MemMap, pfn);
+        LockAssert.That(kpfn < 0 || (_machine.PageLock.IsLocked(kpfn) && _machine.MemMap.RefCount(kpfn) > 0),
+            $"the KSM page {kpfn} locked and referenced");
         MemMap memMap = _machine.MemMap;
         ulong* slot = FindPte(va, out long ptePfn);
         if (slot == null)
@@ -336,6 +349,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public Errno KsmUnmergeRange(Vma vma, ulong start, ulong end)
     {
+        LockAssert.MmapLockHeld(this);
         for (ulong va = start; ;)
         {
             ulong* table = NextPteTable(ref va, end, out long ptePfn);

@@ -7,6 +7,7 @@
 // and frees the page tables (FlushAndRelease: the order AddressSpace.cs's header describes).
 //
 // Locking: mmap and munmap take the mmap_lock for write; the zap takes each pte lock in turn.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Rmap;
 
@@ -131,6 +132,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>do_vmi_munmap: removes every mapping in [address, address + length). Preconditions: mmap_lock held for write.</summary>
     private Errno UnmapLocked(ulong address, ulong length)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         ulong end = address + length;
         Vma? first = FindVma(address);
         if (first is null || first.Start >= end)
@@ -174,6 +176,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private bool ZapRange(Vma vma, ulong start, ulong end, List<long> pagesToPut)
     {
+        LockAssert.MmapLockHeld(this);
         bool cleared = false;
         for (ulong va = start; ;)
         {

@@ -6,6 +6,7 @@
 // Readers (the access path, inside an access section) walk without locks: a table is freed only after
 // a TLB flush, so a walker never follows a pointer into a freed frame.
 using System.Runtime.CompilerServices;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Native;
 
@@ -77,6 +78,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private ulong* NextPteTable(ref ulong va, ulong end, out long ptePfn)
     {
+        LockAssert.MmapLockHeld(this);
         ptePfn = -1;
         long pgd = Volatile.Read(ref _pgdPfn);
         while (pgd >= 0 && va < end)
@@ -131,6 +133,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public ulong* AllocPte(ulong va, out long ptePfn)
     {
+        LockAssert.MmapLockHeld(this);
         ptePfn = -1;
         long pfn = EnsurePgd();
         if (pfn < 0)
@@ -206,18 +209,41 @@ internal sealed unsafe partial class AddressSpace
 
     // ---- the pte lock ------------------------------------------------------------------------------
 
+    // The value a holder stores in the table frame's Private word: 1 in Release (the same
+    // CompareExchange as ever on the fault path), the owner's managed thread id in Debug, so that
+    // LockAssert.PteLockHeld can ask "held by this thread" (ids are never 0, the free value).
+#if DEBUG
+    private static ulong PteLockHeldValue => (ulong)Environment.CurrentManagedThreadId;
+#else
+    private const ulong PteLockHeldValue = 1;
+#endif
+
     /// <summary>Takes the pte lock of a PTE table (a spin lock: holders never block).</summary>
     public void LockPte(long ptePfn)
     {
         ref ulong word = ref _machine.MemMap[ptePfn].Private;
-        if (Interlocked.CompareExchange(ref word, 1, 0) == 0)
+        if (Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) == 0)
             return;
+        // Contended: in Debug, a lock this thread already holds is a self-deadlock; say so instead of spinning.
+        LockAssert.That(Volatile.Read(ref word) != (ulong)Environment.CurrentManagedThreadId,
+            $"the pte lock of table frame {ptePfn} not already held by this thread (it would spin forever)");
         var spinner = new SpinWait();
-        while (Volatile.Read(ref word) != 0 || Interlocked.CompareExchange(ref word, 1, 0) != 0)
+        while (Volatile.Read(ref word) != 0 || Interlocked.CompareExchange(ref word, PteLockHeldValue, 0) != 0)
             spinner.SpinOnce();
     }
 
-    public void UnlockPte(long ptePfn) => Volatile.Write(ref _machine.MemMap[ptePfn].Private, 0UL);
+    /// <summary>Releases the pte lock of a PTE table. Preconditions: this thread holds it.</summary>
+    public void UnlockPte(long ptePfn)
+    {
+        LockAssert.PteLockHeld(this, ptePfn);
+        Volatile.Write(ref _machine.MemMap[ptePfn].Private, 0UL);
+    }
+
+#if DEBUG
+    /// <summary>Debug only: whether this thread holds the pte lock of <paramref name="ptePfn"/>.</summary>
+    public bool IsPteLockHeldByCurrentThread(long ptePfn) =>
+        Volatile.Read(ref _machine.MemMap[ptePfn].Private) == (ulong)Environment.CurrentManagedThreadId;
+#endif
 
     // ---- freeing tables ------------------------------------------------------------------------------
 
@@ -228,6 +254,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private void FreePageTables(ulong floor, ulong ceiling, List<long> tablesToFree)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd < 0 || floor >= ceiling)
             return;
@@ -278,6 +305,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Every page-table frame of the mm, the PGD included. Preconditions: mmap_lock held.</summary>
     public List<long> EnumerateTablePages()
     {
+        LockAssert.MmapLockHeld(this);
         var result = new List<long>();
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd >= 0)
@@ -301,6 +329,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Every non-none leaf entry with its address. Preconditions: mmap_lock held.</summary>
     public IEnumerable<(ulong Va, Pte Pte)> EnumeratePtes()
     {
+        LockAssert.MmapLockHeld(this);
         var result = new List<(ulong, Pte)>();
         long pgd = Volatile.Read(ref _pgdPfn);
         if (pgd >= 0)

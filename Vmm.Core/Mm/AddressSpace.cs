@@ -11,6 +11,7 @@
 //
 // Locking: the mmap_lock (reader/writer) protects the VMA list and every VMA's fields; faults take it
 // for read, mmap / munmap / mprotect / fork / exit for write. See docs/locking.md.
+using Vmm.Diagnostics;
 using Vmm.Rmap;
 
 namespace Vmm.Mm;
@@ -55,7 +56,14 @@ internal sealed unsafe partial class AddressSpace
     public long RssShmem;
 
     /// <summary>The VMAs, in address order. Preconditions: mmap_lock held.</summary>
-    public IReadOnlyList<Vma> Vmas => _vmas;
+    public IReadOnlyList<Vma> Vmas
+    {
+        get
+        {
+            LockAssert.MmapLockHeld(this);
+            return _vmas;
+        }
+    }
 
     public void BumpGeneration() => Interlocked.Increment(ref Generation);
 
@@ -94,8 +102,10 @@ internal sealed unsafe partial class AddressSpace
         return index >= 0 && ReferenceEquals(_vmas[index], vma) ? index : throw new VmBugException($"VMA {vma} is not in its mm");
     }
 
+    /// <summary>Links a VMA into the list, in address order. Preconditions: mmap_lock held for write.</summary>
     private void InsertVma(Vma vma)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         int index = _vmas.BinarySearch(vma, VmaStartComparer.Instance);
         if (index >= 0)
             throw new VmBugException($"VMA {vma} overlaps {_vmas[index]}");
@@ -108,6 +118,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private Vma SplitVma(Vma vma, ulong address)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         var upper = new Vma(this, address, vma.End, vma.Flags, vma.PgOff + ((address - vma.Start) >> PageShift))
         {
             AnonVma = vma.AnonVma,
@@ -132,6 +143,7 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     private Vma SplitToRange(Vma vma, ulong from, ulong to)
     {
+        LockAssert.MmapLockHeld(this, write: true);
         Vma target = vma;
         if (target.Start < from)
             target = SplitVma(target, from);
@@ -200,6 +212,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>anon_vma_prepare: gives a VMA its anon_vma before its first anonymous page. Preconditions: mmap_lock held.</summary>
     public AnonVma PrepareAnonVma(Vma vma)
     {
+        LockAssert.MmapLockHeld(this);
         if (vma.AnonVma is { } existing)
             return existing;
         lock (vma)

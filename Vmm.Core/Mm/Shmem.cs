@@ -16,6 +16,7 @@
 // Why Mm/ and not Rmap/: the object is the backing store of a kind of VMA (it lists Vmas, and the fault
 // path and mmap/munmap are its callers); the reverse map only looks it up by handle (RmapWalker,
 // PageMigrator), as it looks up anon_vmas.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 
 namespace Vmm.Mm;
@@ -78,6 +79,7 @@ internal sealed class ShmemObject
     /// <summary>The last VMA of the object went away: drop its page cache. Preconditions: Lock held.</summary>
     public void Release()
     {
+        LockAssert.Held(Lock, "the shmem object lock");
         _machine.Mappings.Unregister(Handle);
         foreach (long pfn in Pages.Values)
             _machine.Tlb.DeferPutPage(pfn);

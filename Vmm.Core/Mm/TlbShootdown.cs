@@ -29,6 +29,7 @@
 // barrier-then-scan argument. Calls, unlike sections, may block.
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using Vmm.Diagnostics;
 
 namespace Vmm.Mm;
 
@@ -59,6 +60,7 @@ internal static class TlbShootdown
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static unsafe void Enter(AccessContext context)
     {
+        LockAssert.NotInAccessSection(context);
         // A plain store: ordering against the loads that follow is provided by the flusher's
         // process-wide barrier (see the overview).
         Volatile.Write(ref *context.Epoch, Volatile.Read(ref _globalEpoch));
@@ -79,6 +81,8 @@ internal static class TlbShootdown
     /// </summary>
     public static void WaitForMachineCalls(long machineId)
     {
+        // The preconditions are not checked here: the flag and the barrier are the caller's
+        // (Machine.Dispose, the one caller), and nothing here knows the machine.
         int count = Volatile.Read(ref _highWater);
         for (int i = 0; i < count; i++)
         {

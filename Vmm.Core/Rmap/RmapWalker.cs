@@ -10,6 +10,7 @@
 // page, or its replacement, back where the migration entries are).
 //
 // Lock order: page lock -> anon_vma lock (or shmem lock) -> pte lock.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
 
@@ -46,7 +47,9 @@ internal sealed unsafe class RmapWalker
 
     /// <summary>
     /// rmap_walk: visits every VMA that may map <paramref name="pfn"/>. Preconditions: the caller holds
-    /// the page lock (or a reference and TryLock), so the page's mapping cannot change under the walk.
+    /// the page lock (or a reference and TryLock), so the page's mapping cannot change under the walk;
+    /// for a KSM page the ksm_thread_mutex will do too (the Auditor's walk), as its stable node's item
+    /// list is changed only with both held.
     /// </summary>
     public void Walk(long pfn, RmapWalkControl control)
     {
@@ -54,6 +57,11 @@ internal sealed unsafe class RmapWalker
         ulong mapping = Volatile.Read(ref page.Mapping);
         ulong tag = mapping & PageDescriptor.MappingTagMask;
         long handle = (long)(mapping >> 2);
+#if DEBUG
+        LockAssert.That(_machine.PageLock.IsLocked(pfn) || (control.TryLock && _machine.MemMap.RefCount(pfn) > 0) ||
+                        (tag == PageDescriptor.MappingKsm && _machine.Ksm is { IsThreadMutexHeldByCurrentThread: true }),
+            $"the page lock of frame {pfn} held, or a reference to it and TryLock (or, for a KSM page, the ksm_thread_mutex)");
+#endif
         if (mapping == 0 || tag == PageDescriptor.MappingMovable)
             return;
         ulong index = page.Index;
@@ -194,6 +202,8 @@ internal sealed unsafe class RmapWalker
     /// </summary>
     public bool TryToMigrate(long pfn)
     {
+        LockAssert.PageLocked(_machine.PageLock, pfn);
+        LockAssert.Referenced(_machine.MemMap, pfn);
         MemMap memMap = _machine.MemMap;
         // Exclusivity is read for each PTE under its pte lock, not once before the walk: a fork that
         // runs meanwhile clears PG_anon_exclusive (under the parent's pte lock) before it shares the
@@ -217,6 +227,8 @@ internal sealed unsafe class RmapWalker
     /// </summary>
     public bool TryToUnmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma)
     {
+        LockAssert.PageLocked(_machine.PageLock, pfn);
+        LockAssert.Referenced(_machine.MemMap, pfn);
         MemMap memMap = _machine.MemMap;
         var touched = new HashSet<AddressSpace>();
         Walk(pfn, new RmapWalkControl
@@ -254,10 +266,13 @@ internal sealed unsafe class RmapWalker
     /// of <paramref name="newPfn"/> again, with a reference and a mapcount each. Protection comes from
     /// the VMA as it is now (an mprotect may have run meanwhile), writability from the entry; an
     /// exclusive entry makes the page PG_anon_exclusive again.
-    /// Preconditions: both pages locked (or the new one not yet visible to anyone else).
+    /// Preconditions: both pages locked (the walk of the new page needs its lock, as Linux's
+    /// rmap_walk_locked does; the migrator locks the new frame before any PTE or cache names it).
     /// </summary>
     public void RemoveMigrationPtes(long oldPfn, long newPfn)
     {
+        LockAssert.PageLocked(_machine.PageLock, oldPfn);
+        LockAssert.PageLocked(_machine.PageLock, newPfn);
         MemMap memMap = _machine.MemMap;
         Walk(newPfn, new RmapWalkControl
         {

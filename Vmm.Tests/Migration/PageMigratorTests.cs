@@ -83,7 +83,9 @@ public sealed class PageMigratorTests
         Assert.That(child.GetPagemap(va).Swapped, Is.True, "the child copied the migration entry");
         long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, 1);
         PageMigrator.CopyPage(machine, pfn, newPfn);
+        machine.PageLock.Lock(newPfn); // as the migrator does: both pages locked
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+        machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(pfn);
         machine.PutPage(pfn);

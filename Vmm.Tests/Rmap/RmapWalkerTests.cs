@@ -23,9 +23,8 @@ public sealed class RmapWalkerTests
         Assert.That(a.GetPagemap(va + 8192).MapCount, Is.EqualTo(3));
 
         var found = new List<(long Mm, ulong Address)>();
-        machine.PageLock.Lock(pfn);
+        machine.PageLock.Lock(pfn); // rmap_walk's precondition, for every walk below
         machine.Rmap.Walk(pfn, new Vmm.Rmap.RmapWalkControl { RmapOne = (_, vma, address) => { found.Add((vma.Mm.Id, address)); return true; } });
-        machine.PageLock.Unlock(pfn);
         Assert.That(found.Select(f => f.Address), Is.All.EqualTo(va + 8192), "each VMA yields the page's address");
         Assert.That(found.Select(f => f.Mm), Is.EquivalentTo(new[] { a.Mm.Id, b.Mm.Id, c.Mm.Id }), "and every process that maps it");
 
@@ -38,6 +37,7 @@ public sealed class RmapWalkerTests
             RmapOne = (_, vma, _) => { skipped.Add(vma.Mm.Id); return true; },
             InvalidVma = vma => vma.Mm == b.Mm,
         });
+        machine.PageLock.Unlock(pfn);
         Assert.That(skipped, Is.EquivalentTo(new[] { a.Mm.Id, c.Mm.Id }), "invalid_vma skips a VMA");
     }
 
