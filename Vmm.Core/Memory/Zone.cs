@@ -26,7 +26,9 @@ namespace Vmm.Memory;
 /// <summary>A per-processor cache of free order-0 frames, one list per pcp migratetype.</summary>
 internal sealed class PerCpuPages
 {
-    // Protected by the spin word Lock (0 free, 1 held). Lock order: pcp lock -> zone lock.
+    // Lock is the slot's spin word (0 free, 1 held; Enter / Exit). Lock order: pcp lock -> zone lock.
+    // Count, the list heads, Allocs and Frees are protected by it (Count is also read racily, for
+    // PcpPages). High and Batch are set once at boot, then immutable.
     public int Lock;
     public int Count;
     public uint HeadUnmovable = PageDescriptor.NoLink;

@@ -34,12 +34,12 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Immutable: a process-wide unique id (keys the software TLB).</summary>
     public long Id { get; }
 
-    /// <summary>The node new pages are allocated on first.</summary>
+    /// <summary>The node new pages are allocated on first. Set at creation, then not changed.</summary>
     public int HomeNode { get; set; }
 
     public Machine Machine => _machine;
 
-    /// <summary>The mmap_lock.</summary>
+    /// <summary>The mmap_lock: protects the VMA list, every VMA's fields (see Vma) and Exited. Immutable reference.</summary>
     public readonly ReaderWriterLockSlim MmapLock = new(LockRecursionPolicy.NoRecursion);
 
     /// <summary>Bumped whenever a translation is removed or narrowed; software TLB entries of older generations are stale. Atomic.</summary>
