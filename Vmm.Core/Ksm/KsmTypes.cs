@@ -6,6 +6,9 @@
 // map walker that holds a KSM page's lock can follow hlist links while the scanner allocates elsewhere.
 // Stable nodes are objects (one per KSM page, far fewer than items), registered in the machine's
 // MappingRegistry so that a KSM page's mapping word can name one by handle.
+//
+// Locking: items, nodes and slots are protected by the KSM thread mutex; a stable node's item list also
+// by its KSM page's lock; the slot list by the mm-list lock. Each field says which.
 using Vmm.Mm;
 using Vmm.Rmap;
 

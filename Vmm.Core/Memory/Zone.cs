@@ -1,5 +1,8 @@
 // Zone: one node's NORMAL or MOVABLE memory, with its buddy free lists and per-CPU page caches.
 //
+// Locking: the zone lock (Zone.Lock) protects the free lists and the counters its fields name; each pcp
+// slot has its own spin word (PerCpuPages.Lock), taken before the zone lock, never after.
+//
 // Free lists: for each order 0..MaxOrder and each migratetype, a doubly linked list threaded through
 // the descriptors' LruNext / LruPrev (pfn links). The head frame of a free block carries PG_buddy, its
 // order in Private and the list's migratetype in Index, so a block can be unlinked from whatever list
@@ -23,12 +26,14 @@ using System.Runtime.CompilerServices;
 
 namespace Vmm.Memory;
 
-/// <summary>A per-processor cache of free order-0 frames, one list per pcp migratetype.</summary>
+/// <summary>
+/// A per-processor cache of free order-0 frames, one list per pcp migratetype. Count, the list heads,
+/// Allocs and Frees are protected by the spin word Lock (Count is also read racily, for PcpPages);
+/// High and Batch are set once at boot, then immutable.
+/// </summary>
 internal sealed class PerCpuPages
 {
-    // Lock is the slot's spin word (0 free, 1 held; Enter / Exit). Lock order: pcp lock -> zone lock.
-    // Count, the list heads, Allocs and Frees are protected by it (Count is also read racily, for
-    // PcpPages). High and Batch are set once at boot, then immutable.
+    // Protected by the spin word Lock (0 free, 1 held). Lock order: pcp lock -> zone lock.
     public int Lock;
     public int Count;
     public uint HeadUnmovable = PageDescriptor.NoLink;

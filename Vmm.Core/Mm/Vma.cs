@@ -2,6 +2,8 @@
 // one kind (private or shared anonymous) and one reverse-map identity. An address space keeps its
 // VMAs sorted and non-overlapping; mmap, munmap and mprotect split them at range boundaries, and
 // neighbours that became identical merge again.
+//
+// Locking: the owning mm's mmap_lock; the anon_vma fields are the one exception (see the class docs).
 using Vmm.Rmap;
 
 namespace Vmm.Mm;
