@@ -9,6 +9,10 @@
 // mm's generation (so software TLB entries go stale), flush (TlbShootdown), and only then release
 // frames or page tables. That order is what makes the access protocol's rule hold.
 //
+// Writers of the mmap_lock besides those named below: madvise, PR_SET_MEMORY_MERGE and SetDedupeDomain.
+// A VMA's first anon_vma is the one VMA field installed under it held only for read (with the VMA's
+// monitor: AddressSpace.PrepareAnonVma, Vma.cs).
+//
 // Locking: the mmap_lock (reader/writer) protects the VMA list and every VMA's fields; faults take it
 // for read, mmap / munmap / mprotect / fork / exit for write. See docs/locking.md.
 using Vmm.Rmap;
