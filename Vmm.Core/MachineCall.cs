@@ -27,6 +27,9 @@
 //
 // Dispose from a thread that is itself inside the machine would wait for itself: it throws
 // InvalidOperationException instead.
+//
+// Locking: a call is not a lock, and it is ordered above every lock (docs/locking.md): a thread inside
+// one may block, fault and take any lock. The marker is the thread's own; only the disposer reads others'.
 using System.Runtime.CompilerServices;
 using Vmm.Mm;
 

@@ -1,6 +1,10 @@
-// Process: a managed "process" whose memory is real: its address space maps virtual ranges onto the
+// VmProcess: a managed "process" whose memory is real: its address space maps virtual ranges onto the
 // machine's frames. The host reads and writes it through virtual addresses; a bad access throws
 // SegmentationFault. Syscall-shaped calls return Linux's errno and never throw for an expected failure.
+// The process is a thin public face over its AddressSpace (Mm/AddressSpace.cs), which does the work.
+//
+// Locking: none of its own; every call opens a MachineCall, and the address space takes its mmap_lock
+// (docs/locking.md).
 using Vmm.Mm;
 
 namespace Vmm;

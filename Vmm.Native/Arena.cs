@@ -4,6 +4,8 @@
 // touched. Decommit (madvise MADV_DONTNEED) hands the host memory of a run of frames back to the
 // operating system: the host's RSS falls at once and the next touch reads zeros. Off Linux the arena
 // is an ordinary aligned heap block; decommit then only zeroes (the memory stays committed).
+// Locking: none; the arena never decides who owns a frame (the allocator does, under its locks), and
+// the pin count on its handle is atomic.
 //
 // Pins outlive nothing, but a host may hold a span of a pin when the machine is disposed. Each pin
 // holds a reference on the arena's handle (SafeHandle's count): Dispose with pins still held gives the

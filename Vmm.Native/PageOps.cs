@@ -2,10 +2,12 @@
 //
 // Every operation here works on exactly one page of PageOps.PageSize (4096) bytes, given by pointer:
 //
-//   * PageEquals / Compare / Checksum are the KSM (same-page merging) kernels. The scanner checksums a
+//   * Checksum64 and PageEquals are the KSM (same-page merging) kernels. The scanner checksums a
 //     candidate page on each visit and only considers it for merging once the checksum stops changing;
-//     stable candidates are then ordered and matched with Compare (memcmp order, used as the tree key)
-//     and confirmed with PageEquals right before two frames are merged.
+//     the same checksum (mixed with a per-domain secret) keys KSM's hash indexes, and PageEquals
+//     confirms a match right before two frames are merged. DedupeStore.EstimateSavings uses Checksum64
+//     too. Checksum (32 bits, the same pass) and Compare (memcmp order, what Linux's ordered trees use)
+//     are kept as kernels with tests and benchmarks; no mechanism calls them today.
 //   * Copy backs copy-on-write breaks and page migration. The destination is used right after the copy,
 //     so it deliberately uses ordinary (cache-allocating) stores, not non-temporal ones.
 //   * Zero and IsZero fill fresh frames and detect zero pages (which are mapped to the shared zero frame).
@@ -25,6 +27,9 @@
 // without software prefetch, while the sequential pass is as fast as in cache. The result is therefore not
 // the plain CRC32C of the page; see Checksum(byte*) for the exact definition, which every code path
 // (SSE4.2, ARM64, portable) implements bit for bit.
+//
+// Locking: none. Pure functions of the bytes they are given; the caller keeps the page stable (a
+// reference, a page lock or a pin) for as long as the answer must hold.
 using System.Diagnostics;
 using System.Diagnostics.CodeAnalysis;
 using System.Numerics;

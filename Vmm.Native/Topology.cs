@@ -8,6 +8,8 @@
 // Public as far as a host needs it (Machine.Topology: the machine's shape and the page size), in
 // namespace Vmm like every public type, so that `using Vmm;` is all a host writes; the constructor and
 // the pfn arithmetic are the machinery's (internal).
+//
+// Locking: none; a Topology is immutable once built.
 namespace Vmm;
 
 /// <summary>The shape of a machine: nodes made of memory blocks made of 4 KiB frames.</summary>

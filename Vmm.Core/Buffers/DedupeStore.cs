@@ -16,6 +16,10 @@
 // touches no KSM structure or counter. Copies of the distinct contents are kept up to
 // MaxCachedCopies pages; beyond that a candidate is confirmed by reading its first page again, so the
 // estimate's own memory stays bounded however large the store is.
+//
+// Locking: the store's lock (_lock) protects its buffer table and disposed flag, and is held across the
+// mmap of Allocate and the munmap of a buffer's Dispose (so a range is unmapped before it can be handed
+// out again): store lock -> mmap_lock. EstimateSavings copies the table under it and reads outside it.
 using System.Runtime.InteropServices;
 using Vmm.Native;
 

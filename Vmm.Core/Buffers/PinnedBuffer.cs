@@ -5,6 +5,8 @@
 // a pin count on each page, which every such mechanism checks; KSM's write-protect step refuses a page
 // whose references are not all explained by mappings, so a pinned page is never merged. The price is
 // that a long-lived pin keeps its pages out of deduplication: pin, use, dispose.
+//
+// Locking: none of its own; pinning and unpinning are PinnedMemory's (AddressSpace.Pin.cs).
 using System.Buffers;
 
 namespace Vmm;

@@ -10,6 +10,9 @@
 // the store may map a new buffer at the same address, and an operation that started before Dispose
 // would then read or write the new buffer's bytes. With the count, an operation either completes on
 // this buffer's pages or throws ObjectDisposedException; it never touches another buffer.
+//
+// Locking: none of its own beyond the atomic _state word (count in flight | disposed bit); unmapping is
+// the store's (DedupeStore.cs).
 using System.Buffers;
 
 namespace Vmm;

@@ -1,6 +1,9 @@
 // Auditor: recounts every counter, mapcount and refcount from ground truth (the page tables, the
 // page caches, the free lists) and reports each difference. Tests call it after every scenario; it is
 // exact only when no other thread changes memory meanwhile.
+//
+// Locking: Run takes the KSM thread mutex when KSM is built in (no batch runs while it recounts), and
+// the locks of the structures it reads as it walks them.
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Rmap;

@@ -33,6 +33,9 @@
 // an error path Vmm can take back, as failslab cannot fail a __GFP_NOFAIL slab.
 //
 // Cost when off: the allocator holds a null reference and tests it once per allocation.
+//
+// Locking: none; the per-site call and failure counts are atomic, and a draw is a pure hash, so
+// ShouldFail may be called under any lock (the allocator calls it under the zone lock).
 namespace Vmm;
 
 /// <summary>Where a machine asks for memory, for <see cref="FaultInjection"/>.</summary>

@@ -1,4 +1,7 @@
 // Merging, in batches (Linux's try_to_merge_one_page, try_to_merge_two_pages, stable_tree_append).
+// Locking: under the thread mutex; per merge the mm's mmap_lock for read (another mm's only with a zero
+// timeout while page locks are held) and the page lock by trylock only; the PTE changes are
+// AddressSpace.Ksm.cs's, under the pte lock.
 //
 // Linux write-protects, flushes and compares one page at a time; a flush here costs microseconds (the
 // process-wide barrier of the access protocol), so the scanner queues up to BatchSize merges and

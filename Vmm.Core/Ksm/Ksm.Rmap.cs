@@ -1,4 +1,6 @@
 // The reverse map of KSM pages (Linux's rmap_walk_ksm) and the audit of KSM's bookkeeping.
+// Locking: the walk runs with the KSM page's lock held (it protects the stable node's item list) and
+// takes each item's anon_vma lock; the audit runs under the thread mutex.
 //
 // A KSM page has no anon_vma of its own: its mappings are its stable node's items, each with the
 // address and the anon_vma of the VMA it was merged in. Fork copies KSM mappings into children before

@@ -1,6 +1,8 @@
 // Undoing merges and rebuilding the indexes: run = 2 (unmerge_and_remove_all_rmap_items), the
 // teardown of the stable index (remove_all_stable_nodes, seed 004), the knobs that need an empty
 // index (merge_across_nodes, max_page_sharing), and the scan-time advisor.
+// Locking: the thread mutex; run = 2 takes the mm-list lock for the cursor and each mm's mmap_lock for
+// read while it unmerges that mm (madvise(UNMERGEABLE) unmerges in AddressSpace.Ksm.cs, under it for write).
 using System.Diagnostics;
 using Vmm.Diagnostics;
 using Vmm.Mm;

@@ -6,12 +6,19 @@
 // map walker that holds a KSM page's lock can follow hlist links while the scanner allocates elsewhere.
 // Stable nodes are objects (one per KSM page, far fewer than items), registered in the machine's
 // MappingRegistry so that a KSM page's mapping word can name one by handle.
+//
+// Locking: items, nodes and slots are protected by the KSM thread mutex; a stable node's item list also
+// by its KSM page's lock; the slot list by the mm-list lock. Each field says which.
 using Vmm.Mm;
 using Vmm.Rmap;
 
 namespace Vmm;
 
-/// <summary>One scanned (mm, virtual page): Linux's ksm_rmap_item. 56 bytes.</summary>
+/// <summary>
+/// One scanned (mm, virtual page): Linux's ksm_rmap_item. 56 bytes. Every field is protected by the KSM
+/// thread mutex; while the item is on a stable node's list, HashNext / HashPrev (and the node's Hlist)
+/// change only with that KSM page's lock held as well, so rmap walkers holding the page lock can follow them.
+/// </summary>
 internal struct KsmRmapItem
 {
     /// <summary>Low byte of the full-scan count when the item entered the unstable index.</summary>
@@ -138,7 +145,8 @@ internal enum KsmNodeKind
 /// <summary>
 /// ksm_stable_node: one KSM page (or a chain of copies of one content). It names its page by frame
 /// number and holds no reference to it: every use checks that the frame's mapping word still names this
-/// node (the "keyhole" check), and a node whose page went away is removed then.
+/// node (the "keyhole" check), and a node whose page went away is removed then. The mutable fields are
+/// protected by the KSM thread mutex, Hlist also by the KSM page's lock (see each field).
 /// </summary>
 internal sealed class KsmStableNode
 {
@@ -158,6 +166,7 @@ internal sealed class KsmStableNode
     /// <summary>Immutable: the node's slot in the KSM node table (what rmap items store).</summary>
     public int Index { get; }
 
+    /// <summary>Regular, chain or dup. Protected by the thread mutex.</summary>
     public KsmNodeKind Kind;
 
     /// <summary>Immutable: the index key (domain-keyed content checksum).</summary>
@@ -166,36 +175,38 @@ internal sealed class KsmStableNode
     /// <summary>Immutable: the dedupe domain.</summary>
     public ushort Domain { get; }
 
-    /// <summary>The tree (NUMA node with merge_across_nodes = 0, else 0) it is filed in.</summary>
+    /// <summary>The tree (NUMA node with merge_across_nodes = 0, else 0) it is filed in. Protected by the thread mutex.</summary>
     public int Nid;
 
-    /// <summary>The KSM page's frame (not for a chain). Written with a barrier before a moved page's old frame lets go.</summary>
+    /// <summary>The KSM page's frame (not for a chain). Written under the thread mutex, with a barrier
+    /// before a moved page's old frame lets go; read without a lock, then re-validated (keyhole check).</summary>
     public long Kpfn = -1;
 
     /// <summary>Head of the items mapping the page (rmap hlist). Protected by the KSM page's lock.</summary>
     public int Hlist = -1;
 
-    /// <summary>rmap_hlist_len: items on the list.</summary>
+    /// <summary>rmap_hlist_len: items on the list. Protected by the thread mutex.</summary>
     public int HlistLen;
 
-    /// <summary>Merges queued in the current batch that will add to this node.</summary>
+    /// <summary>Merges queued in the current batch that will add to this node. Protected by the thread mutex.</summary>
     public int Reserved;
 
-    /// <summary>Created by a merge of the current batch that has not been committed yet.</summary>
+    /// <summary>Created by a merge of the current batch that has not been committed yet. Protected by the thread mutex.</summary>
     public bool Pending;
 
-    /// <summary>For a pending node: its pair passed the batch's write-protect step.</summary>
+    /// <summary>For a pending node: its pair passed the batch's write-protect step. Protected by the thread mutex.</summary>
     public bool PendingOk;
 
-    /// <summary>Removed from the index: every later use must treat it as gone.</summary>
+    /// <summary>Removed from the index: every later use must treat it as gone. Set under the thread mutex.</summary>
     public bool Dead;
 
-    /// <summary>For a chain: its dups, the preferred one first. For a dup: the chain it belongs to.</summary>
+    /// <summary>For a chain: its dups, the preferred one first. Protected by the thread mutex.</summary>
     public List<KsmStableNode>? Dups;
 
+    /// <summary>For a dup: the chain it belongs to. Protected by the thread mutex.</summary>
     public KsmStableNode? Chain;
 
-    /// <summary>For a chain: when its dups were last pruned (Environment.TickCount64).</summary>
+    /// <summary>For a chain: when its dups were last pruned (Environment.TickCount64). Protected by the thread mutex.</summary>
     public long ChainPruneTime;
 
     public ulong MappingWord => ((ulong)Handle << 2) | Memory.PageDescriptor.MappingKsm;
@@ -211,12 +222,13 @@ internal sealed class KsmMmSlot
         Next = Prev = this;
     }
 
+    /// <summary>Immutable: the registered address space.</summary>
     public AddressSpace Mm { get; }
 
     /// <summary>Immutable: the slot's index (what rmap items store).</summary>
     public int Index { get; }
 
-    /// <summary>Head of the mm's items, sorted by address; -1 if none.</summary>
+    /// <summary>Head of the mm's items, sorted by address; -1 if none. Protected by the thread mutex.</summary>
     public int RmapList = -1;
 
     /// <summary>The scan list (circular, through the head sentinel). Protected by the mm-list lock.</summary>

@@ -15,6 +15,10 @@
 // Flag operations follow each flag's compound policy (PageFlags.cs); the atomic ones use Interlocked on
 // the descriptor in place, so any thread that holds a reference to a frame (or the frame's zone lock,
 // for free frames) may use them.
+//
+// Locking: who writes each descriptor field under which lock is on the fields (PageDescriptor.cs);
+// initialising a section runs under the zone lock of its zone, and the section bit is published after
+// the descriptors (Interlocked.Or), so a lock-free IsInitialised reader sees initialised descriptors.
 using System.Diagnostics;
 using System.Runtime.CompilerServices;
 using Vmm.Native;

@@ -1,5 +1,8 @@
 // Zone: one node's NORMAL or MOVABLE memory, with its buddy free lists and per-CPU page caches.
 //
+// Locking: the zone lock (Zone.Lock) protects the free lists and the counters its fields name; each pcp
+// slot has its own spin word (PerCpuPages.Lock), taken before the zone lock, never after.
+//
 // Free lists: for each order 0..MaxOrder and each migratetype, a doubly linked list threaded through
 // the descriptors' LruNext / LruPrev (pfn links). The head frame of a free block carries PG_buddy, its
 // order in Private and the list's migratetype in Index, so a block can be unlinked from whatever list
@@ -24,7 +27,11 @@ using Vmm.Diagnostics;
 
 namespace Vmm.Memory;
 
-/// <summary>A per-processor cache of free order-0 frames, one list per pcp migratetype.</summary>
+/// <summary>
+/// A per-processor cache of free order-0 frames, one list per pcp migratetype. Count, the list heads,
+/// Allocs and Frees are protected by the spin word Lock (Count is also read racily, for PcpPages);
+/// High and Batch are set once at boot, then immutable.
+/// </summary>
 internal sealed class PerCpuPages
 {
     // Protected by the spin word Lock (0 free; held: 1 in Release, the owner's managed thread id in

@@ -1,7 +1,13 @@
 // PageMigrator: moves one page to a new frame while the processes that map it keep running (Linux's
-// unmap_and_move: migrate_folio_unmap, then migrate_folio_move). The engine of migrate_pages, KSM
-// page migration and hot-remove is built on it; here it moves anonymous and shared-anonymous pages
-// wherever they are mapped, through the reverse map.
+// unmap_and_move: migrate_folio_unmap, then migrate_folio_move), the engine that migrate_pages, KSM
+// page migration and hot-remove are to be built on. Today it moves anonymous and shared-anonymous pages
+// (not KSM pages, not compound pages) wherever they are mapped, through the reverse map; its caller is
+// AddressSpace.TryReplacePage (Mm/AddressSpace.Replace.cs).
+//
+// Locking: the old page's lock (trylock) and the new frame's; the reverse map takes the anon_vma or shmem
+// lock and the pte locks (RmapWalker.cs); for shared memory the verify, copy and page-cache switch run
+// under the shmem object's lock. No mmap_lock: fork copies PTEs under the pte lock (docs/locking.md,
+// "Fork versus the migrator").
 //
 // Freeze, verify, commit:
 //   1. trylock the page (a mechanism never sleeps on a page lock another one holds);

@@ -1,5 +1,9 @@
 // The user access path: Read, Write and Fill through virtual addresses, page by page.
 //
+// Locking: none on the fast path: an access section (TlbShootdown) is not a lock, and a thread inside one
+// takes no lock, allocates nothing and never blocks. The slow path leaves the section and faults
+// (AddressSpace.Fault.cs, mmap_lock for read).
+//
 // Each page is touched inside one access section (TlbShootdown): enter, translate through the
 // per-thread software TLB (validated against the mm's generation) or a lock-free page walk, copy,
 // leave. A translation that does not allow the access leaves the section and faults, holding no lock,

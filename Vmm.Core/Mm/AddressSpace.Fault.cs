@@ -1,5 +1,10 @@
 // Page faults (Linux's handle_mm_fault, do_anonymous_page, do_shared_fault, do_wp_page).
 //
+// Locking: the mmap_lock for read; a VMA's first anon_vma under the VMA's monitor (PrepareAnonVma);
+// the shmem object's lock inside ShmemObject.GetPage; the pte lock for every install and for the
+// copy-on-write reuse decision; a fault on a migration entry sleeps once on the page lock, holding none.
+// KSM hooks: CountCowKsm and the KSM zero-page count (docs/architecture.md, "KSM hooks").
+//
 // The access path calls TryHandleFault after leaving its access section, holding no lock. The fault
 // takes the mmap_lock for read, finds the VMA, checks the access against it, and makes the PTE allow the
 // access; the access path then retries. Frames are allocated with no pte lock held; every PTE install

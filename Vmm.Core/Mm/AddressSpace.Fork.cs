@@ -1,5 +1,10 @@
 // Fork (Linux's dup_mmap, anon_vma_fork, copy_page_range).
 //
+// Locking: the parent's mmap_lock for write (and the child's, nested under it: dup_mmap's
+// mmap_write_lock_nested); each anon_vma or shmem object's lock while the child's VMA is linked; the
+// parent's pte lock while each PTE is copied and write-protected (the migrator and KSM change PTEs
+// without the mmap_lock). KSM hears of the child through ksm_fork (Ksm.Enter) at the end.
+//
 // The child gets a copy of every VMA. Shared mappings keep sharing their frames. Private anonymous
 // pages are shared copy-on-write: both PTEs become read-only and the page loses PG_anon_exclusive, so
 // the first write on either side copies. A pinned exclusive page is the exception: it is copied for

@@ -2,6 +2,10 @@
 // page-table walk). The scan and merge policy lives in Ksm/; here are only the PTE changes, each under
 // the pte lock and each checked against what the PTE held when the decision was made.
 //
+// Locking: the caller holds the mmap_lock (read for the scanner's calls, write for madvise,
+// PR_SET_MEMORY_MERGE and SetDedupeDomain) and, for write-protect and replace, the page locks; each PTE
+// changes under its pte lock. The KSM fields of the mm say what protects each.
+//
 // A KSM page is always mapped read-only and clean, and never PG_anon_exclusive. A KSM zero PTE (the
 // zero page put in place of a zero-filled page by use_zero_pages) is the zero page's special PTE with
 // the dirty bit set: nothing else ever sets the dirty bit on a zero-page PTE, so the bit marks it.

@@ -1,6 +1,10 @@
 // The page tables of an address space: 4 levels (PGD, PUD, PMD, PTE table) of 512 64-bit entries,
 // each table one arena frame allocated unmovable, flagged PG_table and counted in PageTables.
 //
+// Locking: page_table_lock (per mm) to install an upper-level entry; the pte lock (the spin word in the
+// PTE table frame's PageDescriptor.Private) for leaf entries; tables are freed under the mmap_lock for
+// write, after their VMAs are unlinked from the reverse map and after a flush.
+//
 // Upper-level entries are installed under the mm's page_table_lock; leaf entries are changed under the
 // pte lock of their PTE table, a spin word kept in the table frame's descriptor (Linux's split ptlock).
 // Readers (the access path, inside an access section) walk without locks: a table is freed only after

@@ -1,4 +1,8 @@
 // pin_user_pages and the pagemap (see PinnedMemory.cs).
+//
+// Locking: the mmap_lock for read; a pin's reference and PinCount are taken under the pte lock of the
+// PTE it pins through, where the copy-on-write reuse check, KSM's write-protect and the migrator look.
+// Unpinning takes no lock (atomic).
 using Vmm.Memory;
 
 namespace Vmm.Mm;

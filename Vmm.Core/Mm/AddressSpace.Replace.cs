@@ -2,6 +2,9 @@
 // look the page up, take a reference under the pte lock, and hand it to the page migrator, which finds
 // every mapping through the reverse map (see Migration/PageMigrator.cs for the freeze-verify-commit
 // sequence).
+//
+// Locking: the mmap_lock for read and the pte lock only to find the page and take a reference; the
+// migrator runs after both are released (it needs neither).
 using Vmm.Migration;
 
 namespace Vmm.Mm;

@@ -9,6 +9,10 @@
 // mm's generation (so software TLB entries go stale), flush (TlbShootdown), and only then release
 // frames or page tables. That order is what makes the access protocol's rule hold.
 //
+// Writers of the mmap_lock besides those named below: madvise, PR_SET_MEMORY_MERGE and SetDedupeDomain.
+// A VMA's first anon_vma is the one VMA field installed under it held only for read (with the VMA's
+// monitor: AddressSpace.PrepareAnonVma, Vma.cs).
+//
 // Locking: the mmap_lock (reader/writer) protects the VMA list and every VMA's fields; faults take it
 // for read, mmap / munmap / mprotect / fork / exit for write. See docs/locking.md.
 using Vmm.Diagnostics;
@@ -35,12 +39,12 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Immutable: a process-wide unique id (keys the software TLB).</summary>
     public long Id { get; }
 
-    /// <summary>The node new pages are allocated on first.</summary>
+    /// <summary>The node new pages are allocated on first. Set at creation, then not changed.</summary>
     public int HomeNode { get; set; }
 
     public Machine Machine => _machine;
 
-    /// <summary>The mmap_lock.</summary>
+    /// <summary>The mmap_lock: protects the VMA list, every VMA's fields (see Vma) and Exited. Immutable reference.</summary>
     public readonly ReaderWriterLockSlim MmapLock = new(LockRecursionPolicy.NoRecursion);
 
     /// <summary>Bumped whenever a translation is removed or narrowed; software TLB entries of older generations are stale. Atomic.</summary>

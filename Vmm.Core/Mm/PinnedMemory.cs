@@ -1,4 +1,6 @@
 // PinnedMemory: zero-copy host access to a process's pages (Linux's pin_user_pages, FOLL_PIN).
+// Locking: pinning is AddressSpace.Pin.cs's (mmap_lock for read, the pte lock per page); Dispose drops
+// pins atomically and guards against a second Dispose with Interlocked.
 //
 // Each pinned page holds one reference and one pin (PinCount), so every mechanism that verifies
 // references (migration, KSM, hot-remove) sees it as busy and leaves it alone. Pinning first makes the
@@ -6,8 +8,8 @@
 // later copy-on-write can never separate the pinned frame from the process: fork copies a pinned page
 // for the child instead of sharing it.
 //
-// AsSequence exposes the pinned bytes as a ReadOnlySequence<byte> without copying (PinnedSequence.cs
-// in Buffers/): a pin holds its frames, so the sequence is valid exactly as long as the pin.
+// AsSequence exposes the pinned bytes as a ReadOnlySequence<byte> without copying (PinnedSequence.cs,
+// beside this file): a pin holds its frames, so the sequence is valid exactly as long as the pin.
 //
 // Lifetime. A span handed out (GetSpan, GetReadOnlySpan, a segment of AsSequence) must not outlive the
 // pin, nor the machine: it is a raw view of a frame, and once the pin is released the frame may be

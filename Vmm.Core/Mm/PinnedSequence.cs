@@ -1,4 +1,6 @@
 // PinnedSequence: a ReadOnlySequence<byte> over pinned arena frames, without copying.
+// Locking: none; the pin holds the frames, and a segment checks the pin's and the machine's disposed
+// flags each time its Span is asked for.
 //
 // A pinned range is a list of frames in virtual-page order. Frames with consecutive numbers are
 // adjacent in the arena (FrameAddress(pfn) = base + pfn x 4096), so each run of consecutive frames

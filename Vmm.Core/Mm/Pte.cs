@@ -1,4 +1,6 @@
 // Pte: the 64-bit page-table entry, laid out like x86-64's where the hardware defines bits.
+// A value type: entries live in page-table frames and change under the pte lock
+// (AddressSpace.PageTable.cs); bits the access path sets (accessed, dirty) change atomically.
 //
 // Present entry:      bit 0 present, 1 write, 2 user, 5 accessed, 6 dirty, 9 special (no struct page
 //                     behind it: the shared zero page), bits 12-51 the pfn.

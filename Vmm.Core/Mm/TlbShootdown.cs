@@ -1,4 +1,6 @@
 // TlbShootdown: the access protocol that replaces the hardware TLB flush.
+// Locking: none; a section is a published epoch, the flush a barrier and a wait (docs/locking.md:
+// sections are ordered below every lock, machine calls above).
 //
 // The rule every mechanism relies on: once a PTE change has been flushed, no thread still reads or
 // writes the frame through the old translation.

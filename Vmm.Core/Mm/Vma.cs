@@ -2,6 +2,8 @@
 // one kind (private or shared anonymous) and one reverse-map identity. An address space keeps its
 // VMAs sorted and non-overlapping; mmap, munmap and mprotect split them at range boundaries, and
 // neighbours that became identical merge again.
+//
+// Locking: the owning mm's mmap_lock; the anon_vma fields are the one exception (see the class docs).
 using Vmm.Rmap;
 
 namespace Vmm.Mm;
@@ -21,7 +23,11 @@ internal enum VmaFlags
     Locked = 1 << 5,
 }
 
-/// <summary>One VMA. All fields are protected by the owning mm's mmap_lock (written under it held for write).</summary>
+/// <summary>
+/// One VMA. Its fields are protected by the owning mm's mmap_lock: written under it held for write,
+/// read under it held for read or write. The exception is the anon_vma pair (AnonVma, AnonVmaChains),
+/// which the first anonymous fault installs under the mmap_lock held only for read (see each field).
+/// </summary>
 internal sealed class Vma
 {
     public Vma(AddressSpace mm, ulong start, ulong end, VmaFlags flags, ulong pgOff)
@@ -33,6 +39,7 @@ internal sealed class Vma
         PgOff = pgOff;
     }
 
+    /// <summary>Immutable: the address space the VMA belongs to.</summary>
     public AddressSpace Mm { get; }
 
     /// <summary>First byte (page aligned).</summary>
@@ -41,21 +48,27 @@ internal sealed class Vma
     /// <summary>One past the last byte (page aligned).</summary>
     public ulong End;
 
+    /// <summary>VM_* flags. Written under the mmap_lock for write (KSM reads VM_MERGEABLE under it for read).</summary>
     public VmaFlags Flags;
 
     /// <summary>vm_pgoff: the page index of Start in its object (for anonymous memory, Start >> 12 at creation).</summary>
     public ulong PgOff;
 
-    /// <summary>The anon_vma new anonymous pages of this VMA point at; null until the first fault.</summary>
+    /// <summary>The anon_vma new anonymous pages of this VMA point at; null until the first fault.
+    /// Installed once by anon_vma_prepare (AddressSpace.PrepareAnonVma) under the mmap_lock for read and
+    /// the VMA's own monitor (Linux uses the page_table_lock there), published with Volatile.Write; set
+    /// under the mmap_lock for write by fork and split.</summary>
     public AnonVma? AnonVma;
 
-    /// <summary>Links to this VMA's anon_vma and its ancestors'.</summary>
+    /// <summary>Links to this VMA's anon_vma and its ancestors'. Changed like <see cref="AnonVma"/>; each
+    /// link is also on its anon_vma's list, which that anon_vma's lock protects.</summary>
     public List<AnonVmaChain> AnonVmaChains = [];
 
-    /// <summary>For a shared mapping: the object behind it.</summary>
+    /// <summary>For a shared mapping: the object behind it. Set at creation (mmap, fork, split).</summary>
     public ShmemObject? Shmem;
 
-    /// <summary>The dedupe domain: KSM merges pages only with pages of the same domain.</summary>
+    /// <summary>The dedupe domain: KSM merges pages only with pages of the same domain. Written under
+    /// the mmap_lock for write.</summary>
     public ushort KsmDomain;
 
     public bool IsShared => (Flags & VmaFlags.Shared) != 0;

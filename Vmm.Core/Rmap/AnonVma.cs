@@ -4,11 +4,16 @@
 // its index is its linear page index in that VMA. Each VMA links, through anon_vma_chains, to its own
 // anon_vma and to those of every ancestor it was forked from; each anon_vma lists the VMAs linked to
 // it. So the VMAs that may map a page are exactly those on its anon_vma's list, and the address in each
-// is vma.Start + ((index - vma.PgOff) << 12).
+// is vma.Start + ((index - vma.PgOff) << PageShift).
 //
 // Fork: the child VMA is linked to every anon_vma its parent VMA is linked to (pages shared
 // copy-on-write stay findable from the parent's anon_vma), then gets an anon_vma of its own for the
-// pages it creates later. Split: both halves keep the same links.
+// pages it creates later. Split: both halves keep the same links. The code that builds and breaks the
+// links (anon_vma_prepare, anon_vma_fork, unlink_anon_vmas) lives with the VMA list in
+// Mm/AddressSpace.cs; this file holds the types, and RmapWalker.cs walks them.
+//
+// Locking: an anon_vma family shares one lock, the root's monitor (AnonVma.Lock), which protects every
+// Chains list of the family. A VMA's own AnonVma / AnonVmaChains fields: see Vma.cs.
 using Vmm.Mm;
 
 namespace Vmm.Rmap;

@@ -1,9 +1,16 @@
+// MappingRegistry: handle -> object for the objects a frame's mapping word names (Linux stores a
+// pointer there; a descriptor in unmanaged memory cannot hold a managed reference, so it holds a handle).
+//
+// Locking: none of its own: a ConcurrentDictionary and an atomic handle counter, so faults, rmap walkers
+// and KSM look handles up without a lock. A handle is registered before any mapping word names it and
+// unregistered when its object dies (the last chain of an anon_vma, a shmem object's Release, a stable
+// node's removal).
 using System.Collections.Concurrent;
 
 namespace Vmm.Rmap;
 
 /// <summary>
-/// The objects a frame's mapping word can name (anon_vma, shmem object, later KSM stable nodes and
+/// The objects a frame's mapping word can name (anon_vma, shmem object, KSM stable node; later
 /// movable-ops owners), by handle. Handles are never reused, so a stale mapping word of a freed page
 /// can name only a missing object, never a different one.
 /// </summary>

@@ -6,8 +6,10 @@
 // its page tables alive: munmap and exit unlink a VMA under that lock before they free its tables.
 //
 // On top of the walk: PageReferenced (test and clear accessed bits), TryToUnmap (replace every mapping
-// with a non-present entry: a migration entry, later a swap entry) and RemoveMigrationPtes (map the
-// page, or its replacement, back where the migration entries are).
+// with a non-present entry; TryToMigrate makes them migration entries, later swap entries) and
+// RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). A KSM
+// page has no anon_vma of its own: Walk hands it to Ksm.RmapWalk (rmap_walk_ksm, Ksm/Ksm.Rmap.cs).
+// The caller holds the page lock; the walk takes the anon_vma lock (or shmem lock), then each pte lock.
 //
 // Lock order: page lock -> anon_vma lock (or shmem lock) -> pte lock.
 using Vmm.Diagnostics;
