@@ -3,6 +3,13 @@
 // hand the range to KSM (AddressSpace.Ksm.cs). TryMadviseEnd is the length rule shared with
 // SetDedupeDomain.
 //
+// Errors, in Linux's order and idiom (madvise_walk_vmas): a misaligned start, an advice the Advice enum
+// does not define (the enum is the accepted list), or a length that wraps is EINVAL before anything is
+// done. Then the walk goes VMA by VMA: a hole in the range is remembered and the walk goes on (the
+// mapped parts are still advised) and the call ends ENOMEM; a VMA that refuses the advice (DONTNEED on
+// mlocked memory: EINVAL; UNMERGEABLE out of memory: EAGAIN) stops the walk there, and what was done
+// before it stays done.
+//
 // Locking: the mmap_lock for write (WILLNEED: for read, only to check the range is mapped).
 using Vmm.Memory;
 using Vmm.Rmap;
@@ -29,8 +36,8 @@ internal sealed unsafe partial class AddressSpace
         // Linux's order: a misaligned start, then the advice, then the length.
         if ((address & PageMask) != 0)
             return Errno.EINVAL;
-        if (advice is not (Advice.Normal or Advice.WillNeed or Advice.DontNeed or Advice.Mergeable or Advice.Unmergeable))
-            return Errno.EINVAL;
+        if (!Enum.IsDefined(advice))
+            return Errno.EINVAL; // the enum is the list of advice Vmm implements
         if (advice is Advice.Mergeable or Advice.Unmergeable && _machine.Ksm is null)
             return Errno.EINVAL; // built without KSM: the advice does not exist
         if (!TryMadviseEnd(address, length, out ulong end))

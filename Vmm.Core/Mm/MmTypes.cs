@@ -44,7 +44,7 @@ public enum MapFlags
     FixedNoReplace = 0x100000,
 }
 
-/// <summary>madvise advice values (Linux's numbers).</summary>
+/// <summary>madvise advice values (Linux's numbers). These are exactly the values madvise accepts; any other is EINVAL.</summary>
 public enum Advice
 {
     /// <summary>MADV_NORMAL.</summary>
