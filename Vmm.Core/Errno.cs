@@ -1,8 +1,9 @@
 namespace Vmm;
 
 /// <summary>
-/// Linux error numbers, returned (never thrown) by the syscall-shaped operations: madvise, mprotect,
-/// move_pages, migrate_pages, mbind, knob writes, isolation and offline. <see cref="None"/> is success.
+/// Linux error numbers, returned (never thrown) by the syscall-shaped operations: VmProcess's Mmap,
+/// Munmap, Mprotect, Madvise, SetMemoryMerge / GetMemoryMerge, SetDedupeDomain and ReadKsmStat; Ksm's
+/// Write, TryRead and SetRun; Machine.ReadVmStat. <see cref="None"/> is success.
 /// </summary>
 public enum Errno
 {

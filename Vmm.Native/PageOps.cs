@@ -1,6 +1,6 @@
 // PageOps: the 4 KiB page kernels of the virtual memory manager.
 //
-// Every operation here works on exactly one page of PageOps.PageSize (4096) bytes, given by pointer:
+// Every operation here works on exactly one page of PageOps.PageSize (Topology.PageSize, 4096) bytes, given by pointer:
 //
 //   * Checksum64 and PageEquals are the KSM (same-page merging) kernels. The scanner checksums a
 //     candidate page on each visit and only considers it for merging once the checksum stops changing;

@@ -25,12 +25,12 @@ internal static unsafe class Auditor
     }
 
     /// <summary>
-    /// The audit proper. Preconditions: the ksm_thread_mutex held when the machine has KSM (checked
-    /// in Ksm.Audit, which needs it); no other thread changes memory meanwhile (not checkable: the
-    /// host's promise).
+    /// The audit proper. Preconditions: the ksm_thread_mutex held when the machine has KSM; no other
+    /// thread changes memory meanwhile (not checkable: the host's promise).
     /// </summary>
     private static List<string> RunLocked(Machine machine)
     {
+        LockAssert.That(machine.Ksm is null || machine.Ksm.IsThreadMutexHeldByCurrentThread, "the ksm_thread_mutex held");
         var problems = new List<string>();
         var ksmZeroPtes = new Dictionary<AddressSpace, long>();
         machine.Tlb.Flush(); // release deferred references so that refcounts are final

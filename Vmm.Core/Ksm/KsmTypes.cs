@@ -69,7 +69,12 @@ internal struct KsmRmapItem
     public readonly ulong PageAddress => Address & ~AddressSpace.PageMask;
 }
 
-/// <summary>The chunked store of rmap items. Preconditions for every method: the KSM thread mutex held.</summary>
+/// <summary>
+/// The chunked store of rmap items. Preconditions: Allocate and Free, the KSM thread mutex held; the
+/// indexer, the thread mutex or the page lock of the KSM page whose stable node lists the item (rmap
+/// walkers). Not asserted here (the pool does not know the mutex): its callers are Ksm methods that
+/// assert the thread mutex (LockAssert) or the page lock at their entry.
+/// </summary>
 internal sealed class KsmRmapItemPool
 {
     private const int ChunkShift = 12;

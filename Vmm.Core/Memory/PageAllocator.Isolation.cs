@@ -1,5 +1,5 @@
-// PageAllocator.Isolation: MIGRATE_ISOLATE ranges (Linux's mm/page_isolation.c), for hot-remove and
-// contiguous allocation.
+// PageAllocator.Isolation: MIGRATE_ISOLATE ranges (Linux's mm/page_isolation.c), what memory offline and
+// contiguous allocation will stand on (neither exists yet: today only tests call it).
 //
 // IsolatePageRange marks every pageblock of a range ISOLATE (saving its old type): its free blocks move
 // to the ISOLATE lists, and frames freed there later go there too, so the allocator hands out nothing
@@ -66,6 +66,9 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>Same as <see cref="IsolatePageRange(long, long, out long)"/> without the diagnostic.</summary>
     public Errno IsolatePageRange(long startPfn, long endPfn) => IsolatePageRange(startPfn, endPfn, out _);
 
+    /// <summary>set_migratetype_isolate for one pageblock: refuses (EBUSY, the frame in <paramref name="unmovablePfn"/>)
+    /// when it is already isolated or something unmovable is in it, else marks it ISOLATE and moves its free
+    /// blocks to the ISOLATE lists. Preconditions: zone lock held.</summary>
     private Errno SetMigratetypeIsolateLocked(Zone zone, long pageblockPfn, out long unmovablePfn)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
@@ -91,6 +94,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>
     /// has_unmovable_pages: a frame in use that migration could never move out (reserved, or in
     /// ZONE_NORMAL without PG_lru or PG_movable). ZONE_MOVABLE holds only movable pages by construction.
+    /// Preconditions: zone lock held.
     /// </summary>
     private long FindUnmovablePageLocked(Zone zone, long pageblockPfn)
     {

@@ -33,8 +33,8 @@
 // Isolation initialises the sections of its range first; GetBlockInfo, GetPageInfo and Audit read
 // never-initialised sections as free, never-touched frames.
 //
-// Beside this file: PageAllocator.Isolation.cs (MIGRATE_ISOLATE ranges for hot-remove and contiguous
-// allocation, Linux's mm/page_isolation.c) and PageAllocator.Reporting.cs (giving free memory back to
+// Beside this file: PageAllocator.Isolation.cs (MIGRATE_ISOLATE ranges for the coming hot-remove and
+// contiguous allocation, Linux's mm/page_isolation.c) and PageAllocator.Reporting.cs (giving free memory back to
 // the host, Linux's mm/page_reporting.c).
 //
 // Locking: pcp spin word -> zone lock. Never take a zone lock, then a pcp lock.
@@ -654,6 +654,7 @@ internal sealed unsafe partial class PageAllocator
     // Free-list primitives (all: zone lock held)
     // ================================================================================================
 
+    /// <summary>Links a free block at the head of its list and counts it. Preconditions: zone lock held.</summary>
     private void AddToFreeListLocked(Zone zone, long pfn, int order, MigrateType mt)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
@@ -676,6 +677,7 @@ internal sealed unsafe partial class PageAllocator
             zone.FreePages += 1L << order;
     }
 
+    /// <summary>Unlinks a free block from whatever list it is on and uncounts it. Preconditions: zone lock held.</summary>
     private void DelFromFreeListLocked(Zone zone, long pfn)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
@@ -702,7 +704,7 @@ internal sealed unsafe partial class PageAllocator
             zone.FreePages -= 1L << order;
     }
 
-    /// <summary>Moves one free block to the list of another type, keeping its order and reported state.</summary>
+    /// <summary>Moves one free block to the list of another type, keeping its order and reported state. Preconditions: zone lock held.</summary>
     private void MoveFreeBlockLocked(Zone zone, long pfn, MigrateType mt)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
@@ -716,7 +718,7 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>
     /// If a free block larger than a pageblock covers <paramref name="pageblockPfn"/>, splits it into
-    /// pageblock-sized blocks, each on the list of its own pageblock's type.
+    /// pageblock-sized blocks, each on the list of its own pageblock's type. Preconditions: zone lock held.
     /// </summary>
     private void SplitCoveringBlockLocked(Zone zone, long pageblockPfn)
     {
@@ -739,7 +741,7 @@ internal sealed unsafe partial class PageAllocator
         }
     }
 
-    /// <summary>move_freepages_block: puts every free block inside one pageblock on the lists of <paramref name="mt"/>.</summary>
+    /// <summary>move_freepages_block: puts every free block inside one pageblock on the lists of <paramref name="mt"/>. Preconditions: zone lock held.</summary>
     private void MoveFreePagesBlockLocked(Zone zone, long pageblockPfn, MigrateType mt)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
@@ -761,6 +763,7 @@ internal sealed unsafe partial class PageAllocator
         }
     }
 
+    /// <summary>Free frames in the pageblock of <paramref name="pfn"/> (buddy blocks only). Preconditions: the zone lock of its zone held.</summary>
     private long CountFreeInPageblockLocked(long pfn)
     {
         LockAssert.Held(ZoneOf(pfn).Lock, "the zone lock");
@@ -783,6 +786,7 @@ internal sealed unsafe partial class PageAllocator
         return free;
     }
 
+    /// <summary>Sets the migratetype of every pageblock in the range. Preconditions: the zone lock of its zone held.</summary>
     private void SetTypeRangeLocked(long pfn, long count, MigrateType mt)
     {
         LockAssert.Held(ZoneOf(pfn).Lock, "the zone lock");

@@ -49,9 +49,12 @@ internal struct PageDescriptor
     /// get-unless-zero); the allocator publishes 1 last, after resetting the descriptor; the last put frees.</summary>
     [FieldOffset(8)] public int RefCount;
 
-    /// <summary>_mapcount (4 B) with Linux's bias: -1 means mapped by no page table. Atomic, changed by
-    /// whoever installs or removes a PTE of the frame, under that PTE table's pte lock (fault, fork, zap,
-    /// KSM replace, migration restore); set to 0 by the owner for a new page's first mapping.</summary>
+    /// <summary>_mapcount (4 B) with Linux's bias: -1 means mapped by no page table. Atomic. Raised
+    /// under that PTE table's pte lock by whoever installs a PTE of the frame (fault, fork, KSM replace,
+    /// migration restore; set to 0 by the owner for a new page's first mapping). Lowered by whoever
+    /// cleared a PTE: KSM replace under the pte lock, zap and copy-on-write after the clear, once the pte
+    /// lock is released; so a reader may briefly count a mapping that is already gone, and the decisions
+    /// that read it (copy-on-write reuse, KSM's reference check) then err towards "shared".</summary>
     [FieldOffset(12)] public int MapCount;
 
     /// <summary>The tagged mapping word (8 B): handle &lt;&lt; 2 | tag (see MappingAnon and friends).
@@ -75,7 +78,8 @@ internal struct PageDescriptor
     [FieldOffset(36)] public uint LruPrev;
 
     /// <summary>private (8 B): buddy order of a free block (under the zone lock); for a PTE-table frame,
-    /// the pte lock's spin word itself (0 free, 1 held; Linux's split ptlock in ptdesc), cleared when the
+    /// the pte lock's spin word itself (0 free; held: 1 in Release, the holder's managed thread id in Debug;
+    /// Linux's split ptlock in ptdesc), cleared when the
     /// table is freed; later the swap entry of a swap-cache page. Cleared by the freeing thread.</summary>
     [FieldOffset(40)] public ulong Private;
 

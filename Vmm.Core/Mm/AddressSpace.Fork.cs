@@ -3,7 +3,12 @@
 // Locking: the parent's mmap_lock for write (and the child's, nested under it: dup_mmap's
 // mmap_write_lock_nested); each anon_vma or shmem object's lock while the child's VMA is linked; the
 // parent's pte lock while each PTE is copied and write-protected (the migrator and KSM change PTEs
-// without the mmap_lock). KSM hears of the child through ksm_fork (Ksm.Enter) at the end.
+// without the mmap_lock). KSM hears of the child through ksm_fork (Ksm.Enter) at the end. The child's
+// page tables are installed under the child's page_table_lock (AllocPte) and its PTEs are written
+// without its pte lock: no fault or syscall can reach the child before fork returns, and a reverse-map
+// walker that reaches a child VMA through a shared anon_vma or shmem object can see a child PTE appear
+// only after fork took that page's reference, so the migrator's reference check refuses the page (it is
+// retried) instead of missing a mapping.
 //
 // The child gets a copy of every VMA. Shared mappings keep sharing their frames. Private anonymous
 // pages are shared copy-on-write: both PTEs become read-only and the page loses PG_anon_exclusive, so

@@ -7,7 +7,8 @@
 // queues the reference here (DeferPutPage) instead; Flush runs the shootdown (TlbShootdown.Flush: no
 // thread still uses a translation that existed before) and only then drops every reference queued before
 // it. Queued references are batched: a flush runs by itself once enough are queued, and the mechanisms
-// that flush anyway (munmap, fork, the KSM scanner) release them with their own flush.
+// that flush anyway release them with their own flush. munmap and exit do not queue here: they collect
+// their frames in a list of their own and put them after their one flush (AddressSpace.FlushAndRelease).
 //
 // Locking: the deferred list is protected by a private lock, held only to add to it or to swap it out;
 // the shootdown and the puts run outside it (a flush waits for other threads, and a put may free).

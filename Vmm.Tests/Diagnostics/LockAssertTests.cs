@@ -17,7 +17,7 @@ public sealed class LockAssertTests
     [Test]
     public void A_page_table_walk_without_the_mmap_lock_fails_naming_the_method_and_the_lock()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out _), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -39,7 +39,7 @@ public sealed class LockAssertTests
     [Test]
     public unsafe void Allocating_a_page_table_without_the_mmap_lock_fails()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         AddressSpace mm = machine.CreateProcess().Mm;
         Assert.Throws<VmBugException>(() => mm.AllocPte(0x10_0000, out _));
     }
@@ -47,7 +47,7 @@ public sealed class LockAssertTests
     [Test]
     public unsafe void The_pte_lock_records_its_owner_and_only_the_owner_may_release_it()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out ulong va), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -98,7 +98,7 @@ public sealed class LockAssertTests
     [Test]
     public void A_buddy_list_primitive_without_the_zone_lock_fails()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Zone zone = machine.Allocator.ZoneOf(pfn);
         MethodInfo headLocked = typeof(PageAllocator).GetMethod("FreeListHeadLocked", BindingFlags.Instance | BindingFlags.NonPublic)!;
@@ -115,7 +115,7 @@ public sealed class LockAssertTests
     [Test]
     public void Freeing_a_frame_that_still_has_a_reference_fails()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         long pfn = machine.Allocator.AllocPages(0, AllocFlags.Movable);
         Assert.Throws<VmBugException>(() => machine.Allocator.FreeFrozenPages(pfn, 0), "FreeFrozenPages requires refcount 0");
         machine.Allocator.FreePages(pfn);
@@ -124,7 +124,7 @@ public sealed class LockAssertTests
     [Test]
     public void An_rmap_unmap_without_the_page_lock_fails()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         VmProcess process = machine.CreateProcess();
         Assert.That(process.Mmap(0, Page, Protection.ReadWrite, MapFlags.Private | MapFlags.Populate, out ulong va), Is.EqualTo(Errno.None));
         AddressSpace mm = process.Mm;
@@ -147,7 +147,7 @@ public sealed class LockAssertTests
     [Test]
     public void A_call_that_needs_the_mmap_lock_for_write_is_refused_under_the_read_lock()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         AddressSpace mm = machine.CreateProcess().Mm;
         mm.MmapLock.EnterReadLock();
         try
@@ -165,7 +165,7 @@ public sealed class LockAssertTests
     [Test]
     public void KSM_bookkeeping_without_the_ksm_thread_mutex_fails()
     {
-        using var machine = new Machine(TestMachines.Small);
+        using var machine = TestMachines.Create();
         var failure = Assert.Throws<VmBugException>(() => machine.Ksm!.Audit([], []));
         Assert.That(failure!.Message, Is.EqualTo("Audit requires the ksm_thread_mutex held"));
         Assert.That(machine.Audit(), Is.Empty, "through its public path (which takes the mutex) the audit runs");
