@@ -30,7 +30,9 @@ internal static unsafe class Auditor
     /// </summary>
     private static List<string> RunLocked(Machine machine)
     {
+#if DEBUG
         LockAssert.That(machine.Ksm is null || machine.Ksm.IsThreadMutexHeldByCurrentThread, "the ksm_thread_mutex held");
+#endif
         var problems = new List<string>();
         var ksmZeroPtes = new Dictionary<AddressSpace, long>();
         machine.Tlb.Flush(); // release deferred references so that refcounts are final
