@@ -125,8 +125,9 @@ internal static class DedupeCommand
     }
 
     // The host's RSS, also before the machine exists (MachineStats.HostRssBytes needs one): the BCL's
-    // reading of the same kernel counter (VmRSS) on Linux.
-    private static long HostRss() => Environment.WorkingSet;
+    // reading of the same kernel counter (VmRSS) on Linux. It reads 0 where that cannot be read, which
+    // would print "0 MiB"; -1 prints "n/a", as MachineStats.HostRssBytes does.
+    private static long HostRss() => Environment.WorkingSet is > 0 and long rss ? rss : -1;
 
     // ---- collecting the files ------------------------------------------------------------------------
 

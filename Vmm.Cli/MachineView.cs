@@ -38,7 +38,7 @@ internal static class MachineView
     private static int Demo(Machine machine, long touchBytes, IAnsiConsole console, bool showTables)
     {
         long rssBoot = machine.GetStats().HostRssBytes;
-        ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~4095UL;
+        ulong bytes = (ulong)Math.Min(touchBytes, machine.Topology.TotalBytes / 4) & ~((ulong)Topology.PageSize - 1);
         ulong pages = bytes / Topology.PageSize;
 
         // A parent writes its memory, then forks two children: all three share every page copy-on-write.

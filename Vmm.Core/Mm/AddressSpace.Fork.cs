@@ -35,11 +35,14 @@ internal sealed unsafe partial class AddressSpace
         // then waits for fork to return), so this costs one uncontended acquire; it makes the child's
         // VMA insertion, table allocation and KSM registration meet their preconditions like any mm's.
         // Lock order: parent before child, and nobody can hold the child's while waiting for a parent's.
-        child.MmapLock.EnterWriteLock();
-        bool childLocked = true;
+        // The child's lock is released before the finally's flush: once ksm_fork has run, ksmd may be
+        // waiting for it.
+        bool childLocked = false;
         bool writeProtected = false;
         try
         {
+            child.MmapLock.EnterWriteLock();
+            childLocked = true;
             if (Exited)
                 return null;
             foreach (Vma vma in _vmas)

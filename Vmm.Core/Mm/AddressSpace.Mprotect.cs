@@ -1,6 +1,6 @@
 // AddressSpace.Mprotect: mprotect (Linux's mm/mprotect.c): splits the VMAs at the range's edges,
-// changes their flags, merges them with their neighbours again, and write-protects (or, for PROT_NONE,
-// clears access to) the PTEs that lost a permission, followed by the flush.
+// changes their flags, write-protects (or, for PROT_NONE, clears access to) the PTEs that lost a
+// permission, merges each VMA with its neighbours again, and flushes once at the end.
 //
 // Locking: the mmap_lock for write; each pte lock in turn while the PTEs change.
 using Vmm.Memory;
