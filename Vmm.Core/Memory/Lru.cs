@@ -176,7 +176,9 @@ internal sealed class LruLists
         long head = _memMap.CompoundHead(pfn);
         LockAssert.Referenced(_memMap, head);
         LockAssert.That(!_memMap.TestFlag(head, PageFlags.Lru), $"frame {head} not on an LRU list already (PG_lru clear)");
-        _memMap.GetPage(head); // the batch's reference
+        // The batch's reference: get_page without its second head lookup (the fault path pays for this line).
+        if (Interlocked.Increment(ref _memMap[head].RefCount) <= 1)
+            throw new VmBugException($"folio_add_lru of frame {head}, which had no reference");
         LruAddBatch batch = _batches[Thread.GetCurrentProcessorId() & _batchMask];
         batch.Enter();
         // Read under the spin word: DisableCache raises the counter and then drains every batch under
