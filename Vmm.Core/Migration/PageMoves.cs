@@ -31,8 +31,9 @@
 // mask; here it is EINVAL, as the project's semantics say.
 //
 // Locking: the target's mmap_lock for read while pages are looked up and taken (a reference under the
-// pte lock; AddressSpace.MovePages.cs); the migration itself runs with no lock held, on pages that hold
-// the reference. Credentials are read at each check (VmProcess.Credentials takes its lock), so a
+// pte lock; AddressSpace.MovePages.cs), then isolated from their LRU lists (lru_lock) with the LRU add
+// cache disabled for the whole call (lru_cache_disable); the migration itself runs with no lock held,
+// on isolated pages. Credentials are read at each check (VmProcess.Credentials takes its lock), so a
 // seteuid or capset on another thread is seen by the next call.
 using Microsoft.Extensions.ObjectPool;
 using Vmm.Memory;
@@ -156,6 +157,9 @@ internal static class PageMoves
     private static void PagesMove(AddressSpace mm, ulong[] pages, int[] nodes, int[] status, bool moveAll)
     {
         MoveContext context = Contexts.Get();
+        // lru_cache_disable: new pages go straight to their lists and the add batches are drained, so a
+        // page that is on an LRU can always be isolated (one sitting in a batch could not).
+        mm.Machine.Lru.DisableCache();
         try
         {
             context.Machine = mm.Machine;
@@ -179,6 +183,7 @@ internal static class PageMoves
         {
             context.ReleaseRun();
             Contexts.Return(context);
+            mm.Machine.Lru.EnableCache();
         }
     }
 
@@ -250,6 +255,7 @@ internal static class PageMoves
     {
         notMoved = 0;
         MoveContext context = Contexts.Get();
+        mm.Machine.Lru.DisableCache();
         try
         {
             context.Machine = mm.Machine;
@@ -286,6 +292,7 @@ internal static class PageMoves
         {
             context.ReleaseRun();
             Contexts.Return(context);
+            mm.Machine.Lru.EnableCache();
         }
     }
 
@@ -357,7 +364,7 @@ internal static class PageMoves
         /// <summary>The status index of each page of the run (-1 for migrate_pages, which has none).</summary>
         public readonly List<int> RunIndexes = [];
 
-        /// <summary>The run's pages, each taken for migration (holding the reference <see cref="Isolate"/> left).</summary>
+        /// <summary>The run's pages, each isolated (<see cref="Isolate"/>) and holding the caller's reference too.</summary>
         public readonly List<long> RunPages = [];
 
         /// <summary>After <see cref="MigrateRun"/>: each page's status, in run order.</summary>
@@ -370,24 +377,28 @@ internal static class PageMoves
         public readonly List<long> Found = [];
 
         /// <summary>
-        /// Takes a page the caller holds a reference to for migration. The reference becomes the run's;
-        /// a page already on the run is refused (as isolating it twice is), the reference dropped.
-        /// Preconditions: the caller holds a reference to <paramref name="pfn"/>.
+        /// folio_isolate_lru for the run: the page leaves its LRU list and holds the isolation's
+        /// reference, and the caller's reference stays with it for the migrator. False (the caller's
+        /// reference dropped) when the page is not on an LRU list: already isolated (by this run or
+        /// another mechanism), or not an LRU page. Preconditions: the caller holds a reference to
+        /// <paramref name="pfn"/>; the LRU cache disabled (no page waits in an add batch).
         /// </summary>
         public bool Isolate(long pfn)
         {
-            if (!Seen.Add(pfn))
+            if (!Machine.Lru.Isolate(pfn))
             {
                 Machine.PutPage(pfn);
                 return false;
             }
+            Seen.Add(pfn);
             RunPages.Add(pfn);
             return true;
         }
 
         /// <summary>
         /// Migrates the run to <paramref name="node"/>: each page is tried for up to
-        /// <see cref="MaxPasses"/> passes while busy. Fills <see cref="RunResults"/>, drops every page's
+        /// <see cref="MaxPasses"/> passes while busy. Fills <see cref="RunResults"/>, ends every page's
+        /// isolation (released when it moved, put back on its list otherwise), drops the caller's
         /// reference and empties <see cref="RunPages"/>.
         /// </summary>
         /// <returns>true when a page found no frame on the node.</returns>
@@ -410,7 +421,11 @@ internal static class PageMoves
                         Thread.Yield();
                     }
                 }
-                RunPages[i] = NoPage; // its reference goes now: ReleaseRun must not drop it again
+                RunPages[i] = NoPage; // its references go now: ReleaseRun must not drop them again
+                if (error == Errno.None)
+                    Machine.Lru.ReleaseIsolated(pfn); // the old frame: off the isolated list, freed with the last put
+                else
+                    Machine.Lru.Putback(pfn);
                 Machine.PutPage(pfn);
                 outOfMemory |= error == Errno.ENOMEM;
                 RunResults.Add(error switch
@@ -424,13 +439,16 @@ internal static class PageMoves
             return outOfMemory;
         }
 
-        /// <summary>Gives back the pages of a run that was not migrated (an exception on the way).</summary>
+        /// <summary>Gives back the pages of a run that was not migrated (an exception on the way) and the walk's pages.</summary>
         public void ReleaseRun()
         {
             foreach (long pfn in RunPages)
             {
                 if (pfn != NoPage)
+                {
+                    Machine.Lru.Putback(pfn);
                     Machine.PutPage(pfn);
+                }
             }
             RunPages.Clear();
             Seen.Clear();

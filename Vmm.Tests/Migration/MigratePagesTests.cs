@@ -221,6 +221,9 @@ public sealed class MigratePagesTests
             Assert.That(p.MigratePages(0, NodeMask.Of(0), NodeMask.Of(1), out long notMoved), Is.EqualTo(Errno.None));
             Assert.That(notMoved, Is.EqualTo(1));
             Assert.That(NodesOf(p, va, 4), Is.EqualTo(Expected(1, 0, 1, 1)));
+            Assert.That(machine.ReadVmStat("nr_isolated_anon", out long isolated), Is.EqualTo(Errno.None));
+            Assert.That(isolated, Is.Zero, "the pinned page went back on its LRU list");
+            TestMachines.AssertAuditClean(machine);
         }
         Assert.That(p.MigratePages(0, NodeMask.Of(0), NodeMask.Of(1), out long rest), Is.EqualTo(Errno.None));
         Assert.That(rest, Is.Zero);

@@ -304,6 +304,9 @@ public sealed class MovePagesTests
             Assert.That(p.MovePages(0, PagesOf(va, 2), [1, 1], status), Is.EqualTo(Errno.None));
             Assert.That(status, Is.EqualTo(Expected(EBUSY, 1)), "a pinned page cannot move (its pin would point at the old frame)");
             Assert.That(NodeOf(p, va), Is.Zero);
+            Assert.That(machine.ReadVmStat("nr_isolated_anon", out long isolated), Is.EqualTo(Errno.None));
+            Assert.That(isolated, Is.Zero, "the page that stayed went back on its LRU list");
+            TestMachines.AssertAuditClean(machine);
         }
         Assert.That(p.MovePages(0, [va], [1], status), Is.EqualTo(Errno.None));
         Assert.That(status[0], Is.EqualTo(1), "unpinned, it moves");
