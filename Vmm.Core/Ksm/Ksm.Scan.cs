@@ -269,6 +269,8 @@ public sealed partial class Ksm
         // which keep dead KSM pages alive and their nodes from going stale. Release them.
         if (_machine.Tlb.DeferredPutCount > 0)
             _machine.Tlb.Flush();
+        // Nodes on migrate_nodes are found by no lookup: those whose pages went away are pruned here.
+        PruneMigrateNodes();
         // The unstable index starts empty on every pass, sized for the items there are.
         int wanted = InitialBuckets;
         while (wanted < _rmapItemCount && wanted < 1 << 28)
@@ -344,8 +346,17 @@ public sealed partial class Ksm
             // Already a KSM page: nothing to do if this mapping is linked; otherwise it is a mapping
             // fork made (the child shares the KSM page): link it, no compare needed.
             KsmStableNode? node = _machine.Mappings.Find<KsmStableNode>((long)(mapping >> 2));
-            if (node is null || node.Dead)
+            if (node is null || node.Dead || node.Kind == KsmNodeKind.Chain)
                 return false;
+            // merge_across_nodes = 0: a page migrated to another NUMA node leaves its node's index for
+            // migrate_nodes, and this visit re-homes it (Ksm.Migrate.cs). The scanner holds a reference, so
+            // the page cannot move on meanwhile (the migrator would see it and back off).
+            if (IsMisplaced(node))
+                LeaveForMigrateNodes(node);
+            else if (node.Nid == NidOf(pfn))
+                Volatile.Write(ref node.MovedAcrossNodes, false);
+            if (node.Migrating)
+                return RehomeKsmPage(handle, pfn, node);
             ref KsmRmapItem linked = ref _items[handle];
             if ((linked.Address & KsmRmapItem.StableFlag) != 0 && linked.Node == node.Index)
                 return false;
