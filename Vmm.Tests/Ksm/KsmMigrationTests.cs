@@ -1,4 +1,6 @@
 using System.Collections.Concurrent;
+using Vmm.Memory;
+using Vmm.Migration;
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
 using static Vmm.Tests.TestMachines;
@@ -94,6 +96,57 @@ public sealed class KsmMigrationTests
         AssertReads([sharers[0], sharers[1], sharers[3]], 0x37);
         ksm.RunFullScans(1);
         Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((1L, 2L)), "the copy is counted when ksmd next visits it");
+        AssertInvariants(machine);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void A_lookup_while_a_KSM_page_migrates_finds_its_stable_node_on_the_new_frame_and_the_merge_waits([Values(true, false)] bool mergeAcrossNodes)
+    {
+        using Machine machine = CreateMachine(mergeAcrossNodes);
+        Vmm.Ksm ksm = machine.Ksm!;
+        Assert.That(ksm.Write("smart_scan", "0"), Is.EqualTo(Errno.None)); // the latecomer is visited every pass
+        // The latecomer registers first, so that a one-page scan step visits only its page.
+        VmProcess late = machine.CreateProcess(homeNode: 1);
+        ulong lateVa = MapPattern(late, 1, _ => 0x01);
+        var sharers = Sharers(machine, 2, node: 1, fill: 0x7E);
+        ksm.RunFullScans(2);
+        long oldPfn = sharers[0].Process.GetPagemap(sharers[0].Va).Pfn;
+        Assert.That(sharers[1].Process.GetPagemap(sharers[1].Va).Pfn, Is.EqualTo(oldPfn));
+        late.Fill(lateVa, 4096, 0x7E);
+        ksm.ScanPages(1);    // the latecomer's new checksum
+        ksm.RunFullScans(1); // the rest of that pass (the sharers' pages, not moving yet)
+
+        // The migrator's steps, stopped after Ksm.MigratePage and before the PTEs come back.
+        machine.MemMap.GetPage(oldPfn);
+        Assert.That(machine.PageLock.TryLock(oldPfn), Is.True);
+        long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, 1);
+        machine.PageLock.Lock(newPfn);
+        Assert.That(machine.Rmap.TryToMigrate(oldPfn), Is.True);
+        Assert.That(machine.MemMap.RefCount(oldPfn), Is.EqualTo(1), "a KSM page holds no reference of KSM's: only the migrator's is left");
+        PageMigrator.CopyPage(machine, oldPfn, newPfn);
+        ksm.MigratePage(oldPfn, newPfn);
+
+        // A lookup now: the latecomer's page finds the stable node, whose old frame no longer names it.
+        // The keyhole check must follow kpfn to the new frame, not declare the node stale; the merge
+        // itself backs off (the new frame is locked by the migration).
+        ksm.ScanPages(1);
+        Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1), "the stable node survived the lookup");
+        Assert.That(late.GetPagemap(lateVa).Ksm, Is.False, "the merge waits for the migration");
+
+        machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
+        machine.PageLock.Unlock(newPfn);
+        machine.PutPage(newPfn);
+        machine.PageLock.Unlock(oldPfn);
+        machine.PutPage(oldPfn);
+        Assert.That(machine.MemMap.RefCount(oldPfn), Is.Zero, "the old frame is free");
+        Assert.That(sharers.Select(s => s.Process.GetPagemap(s.Va).Pfn), Is.All.EqualTo(newPfn));
+        AssertAuditClean(machine);
+
+        ksm.RunFullScans(2);
+        Assert.That(late.GetPagemap(lateVa).Pfn, Is.EqualTo(newPfn), "the latecomer merges into the moved KSM page");
+        Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((1L, 2L)));
+        AssertReads([.. sharers, (late, lateVa)], 0x7E);
         AssertInvariants(machine);
         AssertAuditClean(machine);
     }
