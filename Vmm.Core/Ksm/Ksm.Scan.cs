@@ -158,7 +158,7 @@ public sealed partial class Ksm
             try
             {
                 bool keep = !mm.Exited && !mm.KsmExiting && (mm.KsmMergeAny || mm.Vmas.Any(v => (v.Flags & VmaFlags.Mergeable) != 0));
-                RemoveTrailingRmapItems(slot, keep ? _cursorPrev : -1);
+                RemoveTrailingRmapItems(slot, keep ? _cursorPrev : -1, keepMigrating: keep);
                 lock (_mmListLock)
                 {
                     next = slot.Next;
@@ -214,6 +214,13 @@ public sealed partial class Ksm
             if (address > va)
                 break;
             int next = _items[current].Next;
+            if (IsMappingInMigration(slot, current))
+            {
+                // Its page is being moved (Ksm.Migrate.cs): the mapping comes back, keep it linked.
+                prev = current;
+                current = next;
+                continue;
+            }
             RemoveRmapItemFromTree(current);
             SetLink(slot, prev, next);
             FreeItem(slot, current);
@@ -247,19 +254,40 @@ public sealed partial class Ksm
         slot.Mm.KsmRmapItems--;
     }
 
-    /// <summary>remove_trailing_rmap_items: every item after <paramref name="prev"/> (-1: all of them).</summary>
-    private void RemoveTrailingRmapItems(KsmMmSlot slot, int prev)
+    /// <summary>
+    /// remove_trailing_rmap_items: every item after <paramref name="prev"/> (-1: all of them), except, when
+    /// <paramref name="keepMigrating"/>, the stable items of mappings that are migration entries now.
+    /// </summary>
+    private void RemoveTrailingRmapItems(KsmMmSlot slot, int prev, bool keepMigrating = false)
     {
         int current = prev < 0 ? slot.RmapList : _items[prev].Next;
         SetLink(slot, prev, -1);
         while (current >= 0)
         {
             int next = _items[current].Next;
+            if (keepMigrating && IsMappingInMigration(slot, current))
+            {
+                SetLink(slot, prev, current);
+                _items[current].Next = -1;
+                prev = current;
+                current = next;
+                continue;
+            }
             RemoveRmapItemFromTree(current);
             FreeItem(slot, current);
             current = next;
         }
     }
+
+    /// <summary>
+    /// A stable item whose address holds a migration entry: its KSM page is being moved, and the mapping
+    /// comes back when the move ends. Linux's walk skips such an entry and drops the item, to link the
+    /// mapping again on a later visit; until then no item leads to the mapping, and a second move of the
+    /// page could not find it (it would fail). So the scanner keeps such items. Preconditions: the mm's
+    /// mmap_lock held (the scanner's).
+    /// </summary>
+    private bool IsMappingInMigration(KsmMmSlot slot, int handle) =>
+        (_items[handle].Address & KsmRmapItem.StableFlag) != 0 && slot.Mm.KsmIsMigrationEntry(_items[handle].PageAddress);
 
     private void StartFullScan()
     {

@@ -133,12 +133,20 @@ public sealed class KsmMigrationTests
         ksm.ScanPages(1);
         Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1), "the stable node survived the lookup");
         Assert.That(late.GetPagemap(lateVa).Ksm, Is.False, "the merge waits for the migration");
+        // The rest of the pass meets the sharers' mappings as migration entries: their items stay linked
+        // (the scan neither drops them nor waits for the page lock the migration holds).
+        Task rest = Task.Run(() => ksm.RunFullScans(1));
+        bool scanEndedDuringMigration = rest.Wait(TimeSpan.FromSeconds(10));
+        KsmStats during = ksm.GetStats();
 
         machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
         machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(oldPfn);
         machine.PutPage(oldPfn);
+        rest.Wait(); // (a scan that did wait is released by the unlocks above)
+        Assert.That(scanEndedDuringMigration, Is.True, "the scan does not wait for the migration");
+        Assert.That((during.PagesShared, during.PagesSharing), Is.EqualTo((1L, 1L)), "the mappings in migration stay linked");
         Assert.That(machine.MemMap.RefCount(oldPfn), Is.Zero, "the old frame is free");
         Assert.That(sharers.Select(s => s.Process.GetPagemap(s.Va).Pfn), Is.All.EqualTo(newPfn));
         AssertAuditClean(machine);
