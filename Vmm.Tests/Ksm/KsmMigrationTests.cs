@@ -286,6 +286,29 @@ public sealed class KsmMigrationTests
     }
 
     [Test]
+    public void Audit_reports_a_stable_node_in_another_nodes_index_unless_a_migration_moved_its_page_there()
+    {
+        using Machine machine = CreateMachine(mergeAcrossNodes: false);
+        Vmm.Ksm ksm = machine.Ksm!;
+        var sharers = Sharers(machine, 2, node: 0, fill: 0x2C);
+        ksm.RunFullScans(2);
+        Assert.That(sharers[0].Process.Mm.TryReplacePage(sharers[0].Va, 1), Is.EqualTo(Errno.None));
+        long moved = sharers[0].Process.GetPagemap(sharers[0].Va).Pfn;
+        KsmStableNode node = ksm.NodeOfPage(moved)!;
+        Assert.That(node.Nid, Is.Zero, "until the scanner meets it, the node stays in node 0's index");
+        AssertAuditClean(machine); // licensed: the migration moved it
+
+        node.MovedAcrossNodes = false; // as if the page had got there some other way
+        Assert.That(machine.Audit(), Has.Some.Contains("is in the index of node 0 but its page"));
+        node.MovedAcrossNodes = true;
+
+        ksm.RunFullScans(1);
+        Assert.That(node.Nid, Is.EqualTo(1), "re-homed");
+        Assert.That(node.MovedAcrossNodes, Is.False);
+        AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_node_waiting_on_migrate_nodes_is_torn_down_by_run_2_and_merge_across_nodes_can_switch()
     {
         using Machine machine = CreateMachine(mergeAcrossNodes: false);
