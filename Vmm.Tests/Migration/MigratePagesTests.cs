@@ -270,4 +270,29 @@ public sealed class MigratePagesTests
         Assert.That(NodeOf(p, first), Is.EqualTo(1), "one page: both mappings follow");
         TestMachines.AssertAuditClean(machine);
     }
+
+    [Test]
+    public void A_KSM_page_mapped_twice_in_one_process_is_moved_once_and_only_with_CAP_SYS_NICE()
+    {
+        using Machine machine = TestMachines.CreateForKsm();
+        VmProcess p = machine.CreateProcess(Credentials.User(1000));
+        ulong va = p.Mmap(3 * Page);
+        p.Fill(va, 2 * Page, 0x6B);   // two equal pages: merged into one KSM page mapped twice
+        p.Fill(va + 2 * Page, Page, 0x01);
+        Assert.That(p.Madvise(va, 3 * Page, Advice.Mergeable), Is.EqualTo(Errno.None));
+        machine.Ksm!.RunFullScans(2);
+        Assert.That(p.GetPagemap(va).Pfn, Is.EqualTo(p.GetPagemap(va + Page).Pfn), "setup: one KSM page at both addresses");
+
+        Assert.That(p.MigratePages(0, NodeMask.Of(0), NodeMask.Of(1), out long notMoved), Is.EqualTo(Errno.None));
+        Assert.That(notMoved, Is.Zero, "the shared KSM page stays without CAP_SYS_NICE, and that is no failure");
+        Assert.That(NodesOf(p, va, 3), Is.EqualTo(Expected(0, 0, 1)));
+
+        VmProcess admin = machine.CreateProcess();
+        Assert.That(admin.MigratePages(p.Pid, NodeMask.Of(0), NodeMask.Of(1), out notMoved), Is.EqualTo(Errno.None));
+        Assert.That(notMoved, Is.Zero, "met at two addresses, taken once: the second sight is not a failed isolation");
+        Assert.That(NodesOf(p, va, 3), Is.All.EqualTo(1));
+        Assert.That(p.GetPagemap(va).Pfn, Is.EqualTo(p.GetPagemap(va + Page).Pfn), "still one KSM page");
+        Assert.That(p.Read<byte>(va + Page + 5), Is.EqualTo(0x6B));
+        TestMachines.AssertAuditClean(machine);
+    }
 }

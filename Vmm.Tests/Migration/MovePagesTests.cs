@@ -423,4 +423,31 @@ public sealed class MovePagesTests
         Assert.That(machine.GetFaultInjectionStats().TotalFailures, Is.EqualTo(1));
         TestMachines.AssertAuditClean(machine);
     }
+
+    [Test]
+    public void A_merged_KSM_page_needs_MoveAll_and_then_moves_and_stays_merged()
+    {
+        using Machine machine = TestMachines.CreateForKsm();
+        VmProcess a = machine.CreateProcess();
+        VmProcess b = machine.CreateProcess();
+        ulong va = a.Mmap(Page), vb = b.Mmap(Page);
+        a.Fill(va, Page, 0x5A);
+        b.Fill(vb, Page, 0x5A);
+        Assert.That(a.Madvise(va, Page, Advice.Mergeable), Is.EqualTo(Errno.None));
+        Assert.That(b.Madvise(vb, Page, Advice.Mergeable), Is.EqualTo(Errno.None));
+        machine.Ksm!.RunFullScans(2);
+        Assert.That(a.GetPagemap(va).Ksm && a.GetPagemap(va).Pfn == b.GetPagemap(vb).Pfn, Is.True, "setup: one KSM page");
+        var status = new int[1];
+
+        Assert.That(a.MovePages(0, [va], [1], status), Is.EqualTo(Errno.None));
+        Assert.That(status[0], Is.EqualTo(EACCES), "a KSM page shared by two processes is mapped twice");
+        Assert.That(a.MovePages(0, [va], [1], status, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.None));
+        Assert.That(status[0], Is.EqualTo(1));
+
+        PagemapEntry ea = a.GetPagemap(va), eb = b.GetPagemap(vb);
+        Assert.That((ea.Node, ea.Ksm, eb.Pfn), Is.EqualTo((1, true, ea.Pfn)), "still one KSM page, now on node 1, for both");
+        Assert.That(b.Read<byte>(vb + 100), Is.EqualTo(0x5A));
+        Assert.That(machine.Ksm.GetStats().PagesSharing, Is.EqualTo(1L));
+        TestMachines.AssertAuditClean(machine);
+    }
 }
