@@ -450,4 +450,60 @@ public sealed class MovePagesTests
         Assert.That(machine.Ksm.GetStats().PagesSharing, Is.EqualTo(1L));
         TestMachines.AssertAuditClean(machine);
     }
+
+    [Test]
+    [Category("Stress")]
+    public void Pages_moving_back_and_forth_under_a_writer_and_a_reporter_lose_no_write()
+    {
+        const int count = 16;
+        int rounds = 40 * TestEnvironment.StressScale;
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(count * Page);
+        p.Fill(va, count * Page, 0);
+        ulong[] pages = PagesOf(va, count);
+        var last = new long[count];
+        using var stop = new CancellationTokenSource();
+
+        var writer = Task.Run(() =>
+        {
+            for (long value = 1; !stop.IsCancellationRequested; value++)
+            {
+                int page = (int)(value % count);
+                p.Write(pages[page] + (ulong)(8 * (value % 16)), value);
+                p.Write(pages[page], value);
+                Volatile.Write(ref last[page], value);
+            }
+        });
+        var reporter = Task.Run(() =>
+        {
+            var status = new int[count];
+            while (!stop.IsCancellationRequested)
+            {
+                Assert.That(p.MovePages(0, pages, null, status), Is.EqualTo(Errno.None));
+                Assert.That(status, Is.All.InRange(0, 1), "a page under migration is waited for, never reported missing");
+            }
+        });
+        try
+        {
+            var status = new int[count];
+            int moved = 0;
+            for (int round = 0; round < rounds; round++)
+            {
+                int node = round % 2 == 0 ? 1 : 0;
+                Assert.That(p.MovePages(0, pages, [.. Enumerable.Repeat(node, count)], status), Is.EqualTo(Errno.None));
+                Assert.That(status, Is.All.EqualTo(node).Or.EqualTo(EBUSY), "moved, or busy for every pass under the writer");
+                moved += status.Count(s => s == node);
+            }
+            Assert.That(moved, Is.GreaterThan(rounds * count / 2), "most moves succeed while the writer runs");
+        }
+        finally
+        {
+            stop.Cancel();
+            Task.WaitAll(writer, reporter);
+        }
+        for (int page = 0; page < count; page++)
+            Assert.That(p.Read<long>(pages[page]), Is.EqualTo(last[page]), $"page {page} kept its last write");
+        TestMachines.AssertAuditClean(machine);
+    }
 }
