@@ -140,6 +140,7 @@ public sealed class KsmMigrationTests
         KsmStats during = ksm.GetStats();
 
         machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
+        machine.Lru.Add(newPfn); // the migrator puts its new frame on the LRU
         machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(oldPfn);
