@@ -1,10 +1,11 @@
 // Moving the page behind one virtual address to a new frame while the process's threads keep using it:
-// look the page up, take a reference under the pte lock, and hand it to the page migrator, which finds
-// every mapping through the reverse map (see Migration/PageMigrator.cs for the freeze-verify-commit
-// sequence).
+// look the page up, take a reference under the pte lock, isolate it, and hand it to the migration
+// engine as a list of one page in SYNC mode; the engine finds every mapping through the reverse map
+// (see Migration/MigrationEngine.cs for the freeze-verify-commit sequence).
 //
 // Locking: the mmap_lock for read and the pte lock only to find the page and take a reference; the
-// migrator runs after both are released (it needs neither).
+// isolation and the engine run after both are released (they need neither).
+using Vmm.Memory;
 using Vmm.Migration;
 
 namespace Vmm.Mm;
@@ -12,8 +13,9 @@ namespace Vmm.Mm;
 internal sealed unsafe partial class AddressSpace
 {
     /// <summary>Moves the page mapped at <paramref name="va"/> to a new frame on <paramref name="targetNode"/>.</summary>
-    /// <returns>None; EFAULT if nothing is mapped there; ENOENT for the zero page; otherwise the
-    /// migrator's answer (EBUSY, EAGAIN, ENOMEM).</returns>
+    /// <returns>None; EFAULT if nothing is mapped there; ENOENT for the zero page; EBUSY if the page
+    /// is being migrated already, is pinned, locked or in use elsewhere through every pass, or is of a
+    /// kind the engine does not move; ENOMEM if no frame is free on the target node.</returns>
     public Errno TryReplacePage(ulong va, int targetNode)
     {
         long pfn;
@@ -40,13 +42,23 @@ internal sealed unsafe partial class AddressSpace
         {
             MmapLock.ExitReadLock();
         }
+
+        // The reference just taken stands for the isolation's: the engine drops it when the page moves,
+        // PutbackMovablePages when it does not.
+        MigrationEngine engine = _machine.Migration;
+        List<long> from = engine.RentList();
         try
         {
-            return PageMigrator.MovePage(_machine, pfn, targetNode);
+            from.Add(pfn);
+            int rc = engine.MigratePages(from,
+                _ => _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, targetNode),
+                null, MigrateMode.Sync, MigrateReason.Syscall, out _);
+            return rc == 0 ? Errno.None : rc == -(int)Errno.ENOMEM ? Errno.ENOMEM : Errno.EBUSY;
         }
         finally
         {
-            _machine.PutPage(pfn);
+            engine.PutbackMovablePages(from);
+            engine.ReturnList(from);
         }
     }
 }
