@@ -98,6 +98,18 @@ internal sealed class MigrationEngine
         public int FailedPages;
     }
 
+    /// <summary>
+    /// The most pages unmapped before one flush: <see cref="MaxBatch"/>, lowered only by benchmarks that
+    /// measure what batching saves (1 gives the unbatched engine: one flush per page).
+    /// </summary>
+    internal int BatchLimit
+    {
+        get => _batchLimit;
+        set => _batchLimit = value is >= 1 and <= MaxBatch ? value : throw new ArgumentOutOfRangeException(nameof(value), value, "1 to 512");
+    }
+
+    private int _batchLimit = MaxBatch;
+
     /// <summary>A work list from the engine's pool, for callers that build a <c>from</c> list; give it back with <see cref="ReturnList"/>.</summary>
     public List<long> RentList() => _lists.Get();
 
@@ -164,7 +176,7 @@ internal sealed class MigrationEngine
             batch.Free = free;
             while (next < from.Count)
             {
-                int n = Math.Min(MaxBatch, from.Count - next);
+                int n = Math.Min(_batchLimit, from.Count - next);
                 for (int i = 0; i < n; i++)
                     batch.Work.Add(from[next + i]);
                 next += n;
