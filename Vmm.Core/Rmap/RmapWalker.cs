@@ -7,7 +7,9 @@
 //
 // On top of the walk: PageReferenced (test and clear accessed bits), TryToUnmap (replace every mapping
 // with a non-present entry; TryToMigrate makes them migration entries, later swap entries) and
-// RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). A KSM
+// RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). The
+// migration engine unmaps a whole batch of pages before one flush: TryToMigrate with an UnmapBatch
+// (UnmapBatch.cs, Linux's TTU_BATCH_FLUSH) collects the touched mms and FlushBatch flushes them. A KSM
 // page has no anon_vma of its own: Walk hands it to Ksm.RmapWalk (rmap_walk_ksm, Ksm/Ksm.Rmap.cs).
 // The caller holds the page lock; the walk takes the anon_vma lock (or shmem lock), then each pte lock.
 //

@@ -382,6 +382,18 @@ public sealed class MigrationEngineTests
     }
 
     [Test]
+    public void Audit_reports_a_mapped_page_left_locked()
+    {
+        using MachineWithRegion region = TestMachines.CreateWithRegion(PageSize, fill: 1, options: TestMachines.TwoNodes);
+        (Machine machine, VmProcess p, ulong va, _) = region;
+        long pfn = p.GetPagemap(va).Pfn;
+        machine.PageLock.Lock(pfn);
+        Assert.That(machine.Audit(), Has.Some.Contains("still PG_locked"), "a leaked page lock (a migration that forgot one) is caught");
+        machine.PageLock.Unlock(pfn);
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_page_shared_by_three_processes_moves_to_another_node_and_stays_shared()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
