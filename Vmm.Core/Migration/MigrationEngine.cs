@@ -366,10 +366,11 @@ internal sealed class MigrationEngine
     {
         LockAssert.Referenced(_machine.MemMap, src);
         MemMap memMap = _machine.MemMap;
-        if (memMap.RefCount(src) == 1)
+        if (memMap.RefCount(src) == 1 && (Volatile.Read(ref memMap[src].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingKsm)
         {
-            // Freed from under us: only the isolation reference is left (its last mapping went away).
-            // Nothing to move: done, as Linux counts it.
+            // Freed from under us: only the isolation reference is left (its last mapping went away,
+            // or the page cache dropped it), and nothing can map it again. Nothing to move: done, as
+            // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge.
             ReleaseSource(src);
             return Outcome.Done;
         }
