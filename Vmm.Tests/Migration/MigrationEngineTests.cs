@@ -382,6 +382,27 @@ public sealed class MigrationEngineTests
     }
 
     [Test]
+    public void A_KSM_page_is_a_permanent_failure_until_KSM_pages_can_migrate()
+    {
+        using Machine machine = TestMachines.CreateForKsm();
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(8 * PageSize);
+        p.Fill(va, 8 * PageSize, 0x5A);
+        Assert.That(p.Madvise(va, 8 * PageSize, Advice.Mergeable), Is.EqualTo(Errno.None));
+        machine.Ksm!.RunFullScans(2);
+        Assert.That(p.GetPagemap(va).Ksm, Is.True);
+        var from = new List<long> { Isolate(machine, p, va) };
+        int allocations = 0;
+        Func<long, long> onNode1 = OnNode(machine, 1);
+        int rc = machine.Migration.MigratePages(from, src => { allocations++; return onNode1(src); }, null, MigrateMode.Async, MigrateReason.Syscall, out _);
+        Assert.That(rc, Is.EqualTo(1));
+        Assert.That(allocations, Is.EqualTo(1), "a permanent failure is not retried in the next pass");
+        machine.Migration.PutbackMovablePages(from);
+        Assert.That(p.Read<byte>(va + 5 * PageSize), Is.EqualTo(0x5A));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Audit_reports_a_mapped_page_left_locked()
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(PageSize, fill: 1, options: TestMachines.TwoNodes);
