@@ -75,6 +75,7 @@ internal sealed class MigrateScenario : IScenario
     private static double Move(Machine machine, VmProcess process, ulong va, int pages, List<long> from, ref int node)
     {
         from.Clear();
+        machine.Lru.DrainAll(); // the new frames of the last move may still sit in add batches
         for (int i = 0; i < pages; i++)
             from.Add(Isolate(machine, process, va + (ulong)i * Topology.PageSize));
         int target = 1 - node;
@@ -90,12 +91,14 @@ internal sealed class MigrateScenario : IScenario
         return ns;
     }
 
-    /// <summary>The isolation reference the engine expects (LRU isolation once the LRU lists exist).</summary>
+    /// <summary>LRU isolation, as the engine expects of each page it is given (the batches were drained before).</summary>
     private static long Isolate(Machine machine, VmProcess process, ulong va)
     {
         long pfn = process.GetPagemap(va).Pfn;
         machine.MemMap.GetPage(pfn);
-        return pfn;
+        bool isolated = machine.Lru.Isolate(pfn);
+        machine.PutPage(pfn);
+        return isolated ? pfn : throw new InvalidOperationException($"frame {pfn} is not on an LRU list");
     }
 
     /// <summary>The same bytes copied frame to frame onto the other node with the engine's copy; returns ns.</summary>

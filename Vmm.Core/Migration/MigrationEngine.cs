@@ -217,8 +217,8 @@ internal sealed class MigrationEngine
         ArgumentNullException.ThrowIfNull(from);
         foreach (long pfn in from)
         {
-            // Non-LRU movable pages (issue 13) go back to their owner here, as Linux's putback_movable_ops_page.
-            _machine.PutPage(pfn);
+            // Non-LRU movable pages (issue 13) will go back to their owner here (putback_movable_ops_page).
+            _machine.Lru.Putback(pfn);
         }
         from.Clear();
     }
@@ -481,7 +481,10 @@ internal sealed class MigrationEngine
             // A KSM page's stable node will follow it here (Ksm.MigratePage), before the PTEs name dst.
         }
 
-        // Past this line the page lives in the new frame.
+        // Past this line the page lives in the new frame. It joins the LRU (the list PG_active names)
+        // before its PTEs come back, as Linux's migrate_folio_move does; the allocation's reference is
+        // still ours, the add batch takes its own.
+        _machine.Lru.Add(dst);
         if (entry.WasMapped)
             _machine.Rmap.RemoveMigrationPtes(src, dst, batch.Unmap);
         Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
@@ -518,8 +521,11 @@ internal sealed class MigrationEngine
             _machine.PutPage(dst);
     }
 
-    /// <summary>migrate_folio_done: the isolation reference of a page that moved (or was freed under us) is dropped.</summary>
-    private void ReleaseSource(long src) => _machine.PutPage(src);
+    /// <summary>
+    /// migrate_folio_done: a page that moved (or was freed under us) leaves the isolated list and loses
+    /// the isolation reference, which frees it.
+    /// </summary>
+    private void ReleaseSource(long src) => _machine.Lru.ReleaseIsolated(src);
 
     /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
     internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)

@@ -1,10 +1,10 @@
 // Moving the page behind one virtual address to a new frame while the process's threads keep using it:
-// look the page up, take a reference under the pte lock, isolate it, and hand it to the migration
-// engine as a list of one page in SYNC mode; the engine finds every mapping through the reverse map
-// (see Migration/MigrationEngine.cs for the freeze-verify-commit sequence).
+// look the page up, take a reference under the pte lock, isolate it from its LRU list, and hand it to
+// the migration engine as a list of one page in SYNC mode; the engine finds every mapping through the
+// reverse map (see Migration/MigrationEngine.cs for the freeze-verify-commit sequence).
 //
 // Locking: the mmap_lock for read and the pte lock only to find the page and take a reference; the
-// isolation and the engine run after both are released (they need neither).
+// LRU isolation (lru_lock) and the engine run after both are released (they need neither).
 using Vmm.Memory;
 using Vmm.Migration;
 
@@ -14,8 +14,9 @@ internal sealed unsafe partial class AddressSpace
 {
     /// <summary>Moves the page mapped at <paramref name="va"/> to a new frame on <paramref name="targetNode"/>.</summary>
     /// <returns>None; EFAULT if nothing is mapped there; ENOENT for the zero page; EBUSY if the page
-    /// is being migrated already, is pinned, locked or in use elsewhere through every pass, or is of a
-    /// kind the engine does not move; ENOMEM if no frame is free on the target node.</returns>
+    /// is being migrated already (isolated by another mover), is pinned, locked or in use elsewhere
+    /// through every pass, or is of a kind the engine does not move; ENOMEM if no frame is free on the
+    /// target node.</returns>
     public Errno TryReplacePage(ulong va, int targetNode)
     {
         long pfn;
@@ -43,8 +44,25 @@ internal sealed unsafe partial class AddressSpace
             MmapLock.ExitReadLock();
         }
 
-        // The reference just taken stands for the isolation's: the engine drops it when the page moves,
-        // PutbackMovablePages when it does not.
+        // Isolate it from its LRU list; a new page may still sit in an add batch (PG_lru clear): drain
+        // this processor's, then all, as the migration calls do. The isolation holds its own reference,
+        // which the engine drops when the page moves and PutbackMovablePages when it does not.
+        LruLists lru = _machine.Lru;
+        bool isolated = lru.Isolate(pfn);
+        if (!isolated)
+        {
+            lru.DrainLocal();
+            isolated = lru.Isolate(pfn);
+            if (!isolated)
+            {
+                lru.DrainAll();
+                isolated = lru.Isolate(pfn);
+            }
+        }
+        _machine.PutPage(pfn); // ours; the isolation's (if any) keeps the page
+        if (!isolated)
+            return Errno.EBUSY; // isolated by another mover, or not an LRU page
+
         MigrationEngine engine = _machine.Migration;
         List<long> from = engine.RentList();
         try

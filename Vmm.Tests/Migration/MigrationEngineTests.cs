@@ -16,11 +16,21 @@ public sealed class MigrationEngineTests
 {
     private const int PageSize = 4096;
 
-    /// <summary>Takes the isolation reference the engine expects on each page of <paramref name="from"/>.</summary>
+    /// <summary>
+    /// Isolates the page at <paramref name="va"/> from its LRU list, as the engine expects of each page of
+    /// <c>from</c> (draining the add batches when it is still in one). Only the test's thread moves
+    /// pages, so the pfn read from the pagemap stays valid for the moment its reference is taken.
+    /// </summary>
     private static long Isolate(Machine machine, VmProcess process, ulong va)
     {
         long pfn = process.GetPagemap(va).Pfn;
         machine.MemMap.GetPage(pfn);
+        if (!machine.Lru.Isolate(pfn))
+        {
+            machine.Lru.DrainAll();
+            Assert.That(machine.Lru.Isolate(pfn), Is.True, $"frame {pfn} at 0x{va:x} isolates after a drain");
+        }
+        machine.PutPage(pfn);
         return pfn;
     }
 
@@ -484,6 +494,7 @@ public sealed class MigrationEngineTests
         MigrationEngine.CopyPage(machine, pfn, newPfn);
         machine.PageLock.Lock(newPfn); // as the engine does: both pages locked
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+        machine.Lru.Add(newPfn); // as the engine does: the new frame joins the LRU
         machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(pfn);
