@@ -7,8 +7,8 @@
 // Locking: page locks of the old pages and of their new frames (trylock in ASYNC mode and in the batched
 // phase; waited for only when a page is migrated alone, so a batch that holds many page locks never
 // sleeps on another one); the reverse map takes the anon_vma or shmem lock and the pte locks
-// (RmapWalker.cs); for shared memory the verify, copy and page-cache switch run under the shmem
-// object's lock. No mmap_lock: fork copies PTEs under the pte lock (docs/locking.md, "Fork versus the
+// (RmapWalker.cs; for a KSM page, the stable node's items: Ksm.RmapWalk); for shared memory the verify,
+// copy and page-cache switch run under the shmem object's lock. No mmap_lock: fork copies PTEs under the pte lock (docs/locking.md, "Fork versus the
 // migrator"). Lock order: page lock (old) -> page lock (new) -> anon_vma / shmem lock -> pte lock.
 //
 // The caller isolates the pages first: each page of `from` holds one reference that the engine owns
@@ -25,8 +25,8 @@
 //      for shared memory). Anything more is a pin or a racing user: EAGAIN, retried in the next pass
 //      with the page still frozen (as Linux does), mapped back to its old frame after the last pass;
 //   4. copy the contents and the descriptor's identity (mapping, index, flags) to the new frame;
-//   5. commit, the point of no return: the page cache and every migration entry now name the new frame
-//      (a KSM page's stable node follows it here, once Ksm.MigratePage exists);
+//   5. commit, the point of no return: the page cache (shared memory) or the stable node (KSM,
+//      Ksm.MigratePage) and every migration entry now name the new frame;
 //   6. unlock both; the new frame goes on its LRU, the old one loses the isolation reference and is freed.
 //
 // The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
@@ -435,7 +435,7 @@ internal sealed class MigrationEngine
         if (tag == PageDescriptor.MappingMovable)
             return Outcome.Failed; // non-LRU movable pages (movable_operations) come with issue 13
         if (tag == PageDescriptor.MappingKsm)
-            return Outcome.Failed; // until Ksm.MigratePage exists (branch ksm-migrate), KSM pages stay
+            return _machine.Ksm is null ? Outcome.Failed : Outcome.Unmapped; // its mappings: the stable node's items
         if (tag == PageDescriptor.MappingAnon)
             return Outcome.Unmapped;
         shmem = _machine.Mappings.Find<ShmemObject>((long)(mapping >> 2));
@@ -475,10 +475,16 @@ internal sealed class MigrationEngine
         {
             // Anonymous: the isolation reference only. A pin, a fork that copied the page, or a fault
             // that took a reference before the freeze shows up here.
+            // A KSM page holds no reference of KSM's (its stable node names it by pfn): the same check.
             if (memMap.RefCount(src) != 1 || oldPage.PinCount != 0)
                 return Outcome.Again;
+            bool ksm = (oldPage.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm;
             CopyPage(_machine, src, dst);
-            // A KSM page's stable node will follow it here (Ksm.MigratePage), before the PTEs name dst.
+            // ksm_migrate_folio: after the copy and before any PTE names the new frame, with both pages
+            // locked, the stable node switches to it; the KSM reverse-map walk of the restore below
+            // finds the mappings only through a node that names the new frame.
+            if (ksm)
+                _machine.Ksm!.MigratePage(src, dst);
         }
 
         // Past this line the page lives in the new frame. It joins the LRU (the list PG_active names)

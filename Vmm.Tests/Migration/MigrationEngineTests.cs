@@ -392,7 +392,7 @@ public sealed class MigrationEngineTests
     }
 
     [Test]
-    public void A_KSM_page_is_a_permanent_failure_until_KSM_pages_can_migrate()
+    public void A_KSM_page_moves_with_every_mapping_and_stays_merged()
     {
         using Machine machine = TestMachines.CreateForKsm();
         VmProcess p = machine.CreateProcess();
@@ -400,15 +400,22 @@ public sealed class MigrationEngineTests
         p.Fill(va, 8 * PageSize, 0x5A);
         Assert.That(p.Madvise(va, 8 * PageSize, Advice.Mergeable), Is.EqualTo(Errno.None));
         machine.Ksm!.RunFullScans(2);
+        long kpfn = p.GetPagemap(va).Pfn;
         Assert.That(p.GetPagemap(va).Ksm, Is.True);
+        Assert.That(machine.Topology.NodeOf(kpfn), Is.Zero);
         var from = new List<long> { Isolate(machine, p, va) };
-        int allocations = 0;
-        Func<long, long> onNode1 = OnNode(machine, 1);
-        int rc = machine.Migration.MigratePages(from, src => { allocations++; return onNode1(src); }, null, MigrateMode.Async, MigrateReason.Syscall, out _);
-        Assert.That(rc, Is.EqualTo(1));
-        Assert.That(allocations, Is.EqualTo(1), "a permanent failure is not retried in the next pass");
-        machine.Migration.PutbackMovablePages(from);
-        Assert.That(p.Read<byte>(va + 5 * PageSize), Is.EqualTo(0x5A));
+        int rc = machine.Migration.MigratePages(from, OnNode(machine, 1), null, MigrateMode.Sync, MigrateReason.Syscall, out int succeeded);
+        Assert.That((rc, succeeded), Is.EqualTo((0, 1)));
+        long moved = p.GetPagemap(va).Pfn;
+        Assert.That(machine.Topology.NodeOf(moved), Is.EqualTo(1));
+        for (int page = 0; page < 8; page++)
+        {
+            PagemapEntry entry = p.GetPagemap(va + (ulong)(page * PageSize));
+            Assert.That((entry.Pfn, entry.Ksm), Is.EqualTo((moved, true)), $"page {page} follows the KSM page and stays merged");
+        }
+        Assert.That(p.Read<byte>(va + 5 * PageSize + 3), Is.EqualTo(0x5A));
+        p.Write<byte>(va, 1); // copy-on-write of the moved KSM page
+        Assert.That(p.Read<byte>(va + PageSize), Is.EqualTo(0x5A));
         TestMachines.AssertAuditClean(machine);
     }
 
