@@ -141,6 +141,7 @@ public sealed class KsmMigrationTests
 
         machine.Lru.Add(newPfn); // as the engine does: the new frame joins the LRU
         machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
+        machine.Lru.Add(newPfn); // the migrator puts its new frame on the LRU
         machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(oldPfn);
