@@ -139,7 +139,6 @@ public sealed class KsmMigrationTests
         bool scanEndedDuringMigration = rest.Wait(TimeSpan.FromSeconds(10));
         KsmStats during = ksm.GetStats();
 
-        machine.Lru.Add(newPfn); // as the engine does: the new frame joins the LRU
         machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
         machine.Lru.Add(newPfn); // the migrator puts its new frame on the LRU
         machine.PageLock.Unlock(newPfn);
