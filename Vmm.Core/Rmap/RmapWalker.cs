@@ -86,9 +86,12 @@ internal sealed unsafe class RmapWalker
             }
             try
             {
-                foreach (AnonVmaChain chain in anonVma.Chains.ToArray())
+                // No copy of the list: every change to it is made under the lock held here, and no
+                // visitor changes it (a copy per walk was two allocations per migrated page).
+                List<AnonVmaChain> chains = anonVma.Chains;
+                for (int i = 0; i < chains.Count; i++)
                 {
-                    if (!Visit(pfn, chain.Vma, index, control))
+                    if (!Visit(pfn, chains[i].Vma, index, control))
                         return;
                 }
             }
