@@ -432,6 +432,49 @@ public sealed class MigrationEngineTests
     }
 
     [Test]
+    public void Processes_that_unmap_fork_and_exit_while_their_pages_move_leave_nothing_behind()
+    {
+        const int Pages = 64;
+        int rounds = 30 * TestEnvironment.StressScale;
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
+        for (int round = 0; round < rounds; round++)
+        {
+            VmProcess p = machine.CreateProcess();
+            ulong va = p.Mmap(Pages * PageSize);
+            p.Fill(va, Pages * PageSize, (byte)round);
+            VmProcess child = p.Fork();
+            var from = new List<long>();
+            for (int page = 0; page < Pages; page++)
+                from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+            using var go = new Barrier(2);
+            var meddler = new Thread(() =>
+            {
+                go.SignalAndWait();
+                Assert.That(p.Munmap(va + 8 * PageSize, 8 * PageSize), Is.EqualTo(Errno.None));
+                child.Write<byte>(va, 1); // copy-on-write of a page that may be frozen: waits, then copies
+                child.Exit();
+                Assert.That(p.Munmap(va + 32 * PageSize, 16 * PageSize), Is.EqualTo(Errno.None));
+            });
+            meddler.Start();
+            go.SignalAndWait();
+            int rc = machine.Migration.MigratePages(from, OnNode(machine, round % 2 == 0 ? 1 : 0), null,
+                round % 3 == 0 ? MigrateMode.Async : MigrateMode.Sync, MigrateReason.Syscall, out int succeeded);
+            meddler.Join();
+            Assert.That(rc, Is.GreaterThanOrEqualTo(0));
+            Assert.That(succeeded + from.Count, Is.EqualTo(Pages), "every page moved, was freed under the engine, or is handed back");
+            machine.Migration.PutbackMovablePages(from);
+            for (int page = 0; page < Pages; page++)
+            {
+                if (page is >= 8 and < 16 or >= 32 and < 48)
+                    continue;
+                Assert.That(p.Read<byte>(va + (ulong)(page * PageSize) + 17), Is.EqualTo((byte)round), $"round {round} page {page}");
+            }
+            p.Exit();
+            TestMachines.AssertAuditClean(machine);
+        }
+    }
+
+    [Test]
     public void A_page_shared_by_three_processes_moves_to_another_node_and_stays_shared()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
