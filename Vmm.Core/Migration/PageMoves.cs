@@ -8,8 +8,9 @@
 // gathered in runs that go to the same node (a run ends where the next page goes elsewhere); each page is
 // looked up (add_page_for_migration: -EFAULT no VMA, -ENOENT nothing or the zero page, its node when it
 // is there already, -EACCES when it is mapped more than once and MOVE_ALL was not given, -EBUSY when it
-// cannot be taken for migration), and each run is migrated to its node, its pages' status being the node
-// or why they did not move.
+// cannot be taken for migration: Lru.Isolate failed), and each run is migrated to its node by the engine
+// (MigrationEngine.MigratePages, SYNC, MR_SYSCALL, frames allocated on that node only), what did not move
+// is put back on its LRU list, and each page's status is the node or why it did not move.
 //
 // Deliberate differences from Linux, each so that every outcome shows and a failed call changes nothing:
 //   - the target nodes are all checked before any page is touched: ENODEV (not a node of the machine)
@@ -43,9 +44,6 @@ namespace Vmm.Migration;
 
 internal static class PageMoves
 {
-    /// <summary>NR_MAX_MIGRATE_PAGES_RETRY: passes over a page that is busy for now.</summary>
-    private const int MaxPasses = 10;
-
     /// <summary>DO_PAGES_STAT_CHUNK_NR: a report takes the mmap_lock for this many pages at a time.</summary>
     private const int StatChunk = 16;
 
@@ -356,16 +354,26 @@ internal static class PageMoves
     /// <summary>A call's work lists (pooled): the run being built and its outcome.</summary>
     private sealed class MoveContext
     {
-        private const long NoPage = -1;
-
         /// <summary>The machine of the call under way.</summary>
         public Machine Machine = null!;
 
         /// <summary>The status index of each page of the run (-1 for migrate_pages, which has none).</summary>
         public readonly List<int> RunIndexes = [];
 
-        /// <summary>The run's pages, each isolated (<see cref="Isolate"/>) and holding the caller's reference too.</summary>
+        /// <summary>The run's pages, each isolated (<see cref="Isolate"/>): the engine's <c>from</c> list.</summary>
         public readonly List<long> RunPages = [];
+
+        /// <summary>The run's pages in status order, while the engine reorders <see cref="RunPages"/>.</summary>
+        public readonly List<long> RunOrder = [];
+
+        /// <summary>The node the run goes to: <see cref="Allocate"/> takes frames there only (__GFP_THISNODE).</summary>
+        public int TargetNode;
+
+        /// <summary>alloc_migration_target with __GFP_THISNODE: a frame on <see cref="TargetNode"/>, not zeroed; built once per context.</summary>
+        public readonly Func<long, long> Allocate;
+
+        public MoveContext() =>
+            Allocate = _ => Machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, TargetNode);
 
         /// <summary>After <see cref="MigrateRun"/>: each page's status, in run order.</summary>
         public readonly List<int> RunResults = [];
@@ -378,78 +386,53 @@ internal static class PageMoves
 
         /// <summary>
         /// folio_isolate_lru for the run: the page leaves its LRU list and holds the isolation's
-        /// reference, and the caller's reference stays with it for the migrator. False (the caller's
-        /// reference dropped) when the page is not on an LRU list: already isolated (by this run or
-        /// another mechanism), or not an LRU page. Preconditions: the caller holds a reference to
-        /// <paramref name="pfn"/>; the LRU cache disabled (no page waits in an add batch).
+        /// reference; the caller's reference is dropped either way. False when the page is not on an LRU
+        /// list: already isolated (by this run or another mechanism), or not an LRU page.
+        /// Preconditions: the caller holds a reference to <paramref name="pfn"/>; the LRU cache disabled.
         /// </summary>
         public bool Isolate(long pfn)
         {
-            if (!Machine.Lru.Isolate(pfn))
-            {
-                Machine.PutPage(pfn);
+            bool isolated = Machine.Lru.Isolate(pfn);
+            Machine.PutPage(pfn);
+            if (!isolated)
                 return false;
-            }
             Seen.Add(pfn);
             RunPages.Add(pfn);
             return true;
         }
 
         /// <summary>
-        /// Migrates the run to <paramref name="node"/>: each page is tried for up to
-        /// <see cref="MaxPasses"/> passes while busy. Fills <see cref="RunResults"/>, ends every page's
-        /// isolation (released when it moved, put back on its list otherwise), drops the caller's
-        /// reference and empties <see cref="RunPages"/>.
+        /// Migrates the run to <paramref name="node"/> with the engine (SYNC, MR_SYSCALL, frames from that
+        /// node only), fills <see cref="RunResults"/> (the node, or -EBUSY, or -ENOMEM once the engine
+        /// stopped for want of a frame) and puts back what did not move. Empties <see cref="RunPages"/>.
         /// </summary>
-        /// <returns>true when a page found no frame on the node.</returns>
+        /// <returns>true when the engine stopped for want of a frame on the node.</returns>
         public bool MigrateRun(int node)
         {
             RunResults.Clear();
             Seen.Clear();
-            bool outOfMemory = false;
-            for (int i = 0; i < RunPages.Count; i++)
-            {
-                long pfn = RunPages[i];
-                Errno error = Errno.ENOMEM;
-                if (!outOfMemory)
-                {
-                    for (int pass = 0; pass < MaxPasses; pass++)
-                    {
-                        error = PageMigrator.MovePage(Machine, pfn, node);
-                        if (error is not (Errno.EAGAIN or Errno.EBUSY))
-                            break;
-                        Thread.Yield();
-                    }
-                }
-                RunPages[i] = NoPage; // its references go now: ReleaseRun must not drop them again
-                if (error == Errno.None)
-                    Machine.Lru.ReleaseIsolated(pfn); // the old frame: off the isolated list, freed with the last put
-                else
-                    Machine.Lru.Putback(pfn);
-                Machine.PutPage(pfn);
-                outOfMemory |= error == Errno.ENOMEM;
-                RunResults.Add(error switch
-                {
-                    Errno.None => node,
-                    Errno.EAGAIN => -(int)Errno.EBUSY,
-                    _ => -(int)error,
-                });
-            }
-            RunPages.Clear();
-            return outOfMemory;
+            RunOrder.Clear();
+            RunOrder.AddRange(RunPages);
+            TargetNode = node;
+            MigrationEngine engine = Machine.Migration;
+            int rc = engine.MigratePages(RunPages, Allocate, null, MigrateMode.Sync, MigrateReason.Syscall, out _);
+            // RunPages now holds exactly the pages that did not move, still isolated.
+            foreach (long pfn in RunPages)
+                Seen.Add(pfn);
+            int failure = rc == -(int)Errno.ENOMEM ? -(int)Errno.ENOMEM : -(int)Errno.EBUSY;
+            foreach (long pfn in RunOrder)
+                RunResults.Add(Seen.Contains(pfn) ? failure : node);
+            Seen.Clear();
+            RunOrder.Clear();
+            engine.PutbackMovablePages(RunPages);
+            return rc == -(int)Errno.ENOMEM;
         }
 
         /// <summary>Gives back the pages of a run that was not migrated (an exception on the way) and the walk's pages.</summary>
         public void ReleaseRun()
         {
             foreach (long pfn in RunPages)
-            {
-                if (pfn != NoPage)
-                {
-                    Machine.Lru.Putback(pfn);
-                    Machine.PutPage(pfn);
-                }
-            }
+                Machine.Lru.Putback(pfn);
             RunPages.Clear();
             Seen.Clear();
             foreach (long pfn in Found)
@@ -468,10 +451,12 @@ internal static class PageMoves
             context.RunIndexes.Clear();
             context.RunPages.Clear();
             context.RunResults.Clear();
+            context.RunOrder.Clear();
             context.Seen.Clear();
             context.Found.Clear();
             // A huge call's lists are not kept: the next call grows its own.
-            return context.RunPages.Capacity <= 4096 && context.Found.Capacity <= 4096 && context.RunResults.Capacity <= 4096;
+            return context.RunPages.Capacity <= 4096 && context.Found.Capacity <= 4096 && context.RunResults.Capacity <= 4096 &&
+                context.RunOrder.Capacity <= 4096;
         }
     }
 }

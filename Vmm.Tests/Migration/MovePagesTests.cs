@@ -246,6 +246,9 @@ public sealed class MovePagesTests
         Assert.That(Enumerable.Range(0, count).Select(i => NodeOf(p, va + (ulong)(i * Page))), Is.All.EqualTo(1));
         Assert.That(ReadAll(p, va, count), Is.EqualTo(before), "every byte moved with its page");
         Assert.That(p.RssAnonPages, Is.EqualTo(count));
+        MigrationStats stats = machine.GetMigrationStats();
+        Assert.That((stats.SucceededByReason[MigrateReason.Syscall], stats.Failed), Is.EqualTo(((long)count, 0L)),
+            "the engine moved them for MR_SYSCALL (pgmigrate_success)");
         p.Write<long>(va, 42); // the moved pages are still writable in place
         Assert.That(p.Read<long>(va), Is.EqualTo(42));
         TestMachines.AssertAuditClean(machine);
@@ -306,6 +309,7 @@ public sealed class MovePagesTests
             Assert.That(NodeOf(p, va), Is.Zero);
             Assert.That(machine.ReadVmStat("nr_isolated_anon", out long isolated), Is.EqualTo(Errno.None));
             Assert.That(isolated, Is.Zero, "the page that stayed went back on its LRU list");
+            Assert.That(machine.GetMigrationStats().FailedByReason[MigrateReason.Syscall], Is.EqualTo(1L), "pgmigrate_fail counts it");
             TestMachines.AssertAuditClean(machine);
         }
         Assert.That(p.MovePages(0, [va], [1], status), Is.EqualTo(Errno.None));
