@@ -43,7 +43,7 @@ namespace Vmm;
 /// process.Write&lt;long&gt;(va, 42);
 /// </code>
 /// </example>
-public sealed unsafe class Machine : IDisposable
+public sealed unsafe partial class Machine : IDisposable
 {
     private static long s_lastId;
 
@@ -75,6 +75,9 @@ public sealed unsafe class Machine : IDisposable
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
+            NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
+            _interleaveWeights = CreateDefaultInterleaveWeights();
+            RootCpuset = new Cpuset(this, "/", null, NodesWithMemory);
         }
         catch
         {
@@ -249,6 +252,8 @@ public sealed unsafe class Machine : IDisposable
         if ((uint)homeNode >= (uint)Topology.NodeCount)
             throw new ArgumentOutOfRangeException(nameof(homeNode), homeNode, "no such node");
         var process = new VmProcess(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
+        lock (CpusetLock)
+            RootCpuset.JoinLocked(process);
         _processes[process.Pid] = process;
         return process;
     }
@@ -264,11 +269,20 @@ public sealed unsafe class Machine : IDisposable
     internal VmProcess RegisterFork(VmProcess parent, AddressSpace mm)
     {
         var child = new VmProcess(this, Interlocked.Increment(ref _nextPid), parent.Credentials, mm);
+        // The child joins its parent's cpuset as it is now (cpuset_fork), after fork released the
+        // parent's mmap_lock: the cpuset lock is taken before mmap_locks, never under one.
+        lock (CpusetLock)
+            parent.CpusetLocked.JoinLocked(child);
         _processes[child.Pid] = child;
         return child;
     }
 
-    internal void Unregister(VmProcess process) => _processes.TryRemove(process.Pid, out _);
+    internal void Unregister(VmProcess process)
+    {
+        lock (CpusetLock)
+            process.CpusetLocked.LeaveLocked(process);
+        _processes.TryRemove(process.Pid, out _);
+    }
 
     /// <summary>put_page: drops a reference; frees the frame when it was the last.</summary>
     internal void PutPage(long pfn)

@@ -172,7 +172,25 @@ internal sealed unsafe partial class PageAllocator
     /// <param name="preferredNode">the node to try first, or <see cref="NumaNoNode"/>.</param>
     /// <returns>The first frame, or <see cref="NoPfn"/> if no zone could satisfy the request.</returns>
     /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
-    public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode)
+    public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode) =>
+        AllocPagesNodemask(order, flags, preferredNode, AllNodes);
+
+    /// <summary>The node mask that restricts nothing (every node allowed).</summary>
+    public const ulong AllNodes = ulong.MaxValue;
+
+    /// <summary>
+    /// __alloc_pages(gfp, order, nid, nodemask): <see cref="AllocPages"/> on the zonelist of
+    /// <paramref name="preferredNode"/>, filtered by <paramref name="nodemask"/> (bit n: node n may be
+    /// used). Memory policies (BIND, PREFERRED_MANY) and cpusets pass their nodes here; a mask that
+    /// allows no node of the zonelist fails (NoPfn). <see cref="AllNodes"/> costs one test per zone tried.
+    /// </summary>
+    /// <param name="order">0 to <see cref="MaxOrder"/>.</param>
+    /// <param name="flags">how the allocation may be satisfied.</param>
+    /// <param name="preferredNode">the node whose zonelist is walked, or <see cref="NumaNoNode"/>; it may be outside the mask (the walk then starts at the nearest allowed node).</param>
+    /// <param name="nodemask">the nodes that may be used.</param>
+    /// <returns>The first frame, or <see cref="NoPfn"/>.</returns>
+    /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
+    public long AllocPagesNodemask(int order, AllocFlags flags, int preferredNode, ulong nodemask)
     {
         ThrowIfDisposed();
         if ((uint)order > (uint)_nodeZones[0][0].MaxOrder)
@@ -191,19 +209,22 @@ internal sealed unsafe partial class PageAllocator
         MigrateType mt = movable ? MigrateType.Movable : MigrateType.Unmovable;
 
         // Fast path: the first zone above its low watermark.
-        long pfn = TryZonelist(zonelist, order, mt, WatermarkLevel.Low);
+        long pfn = TryZonelist(zonelist, order, mt, WatermarkLevel.Low, nodemask);
         if (pfn == NoPfn)
         {
             // Slow path: down to min (or below it for the flags that allow it), then once more after
             // pulling the frames cached on per-CPU lists back into the buddy lists.
             WatermarkLevel level = (flags & AllocFlags.NoWatermark) != 0 ? WatermarkLevel.None
                 : (flags & AllocFlags.HighPriority) != 0 ? WatermarkLevel.HalfMin : WatermarkLevel.Min;
-            pfn = TryZonelist(zonelist, order, mt, level);
+            pfn = TryZonelist(zonelist, order, mt, level, nodemask);
             if (pfn == NoPfn)
             {
                 foreach (Zone zone in zonelist)
-                    DrainZone(zone);
-                pfn = TryZonelist(zonelist, order, mt, level);
+                {
+                    if (((nodemask >> zone.Node) & 1) != 0)
+                        DrainZone(zone);
+                }
+                pfn = TryZonelist(zonelist, order, mt, level, nodemask);
             }
             if (pfn == NoPfn)
                 return NoPfn;
@@ -214,10 +235,14 @@ internal sealed unsafe partial class PageAllocator
 
     private enum WatermarkLevel { Low, Min, HalfMin, None }
 
-    private long TryZonelist(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level)
+    private long TryZonelist(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level, ulong nodemask)
     {
         foreach (Zone zone in zonelist)
         {
+            // for_each_zone_zonelist_nodemask: a zone of a node outside the mask is not a candidate
+            // (and not a failure of that zone).
+            if (((nodemask >> zone.Node) & 1) == 0)
+                continue;
             if (!WatermarkOk(zone, order, mt, level))
             {
                 Interlocked.Increment(ref zone.AllocFailures);
