@@ -173,7 +173,7 @@ internal sealed unsafe partial class PageAllocator
     /// <returns>The first frame, or <see cref="NoPfn"/> if no zone could satisfy the request.</returns>
     /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
     public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode) =>
-        AllocPagesNodemask(order, flags, preferredNode, AllNodes);
+        AllocPagesFiltered(order, flags, preferredNode, default(AnyNode));
 
     /// <summary>The node mask that restricts nothing (every node allowed).</summary>
     public const ulong AllNodes = ulong.MaxValue;
@@ -182,7 +182,7 @@ internal sealed unsafe partial class PageAllocator
     /// __alloc_pages(gfp, order, nid, nodemask): <see cref="AllocPages"/> on the zonelist of
     /// <paramref name="preferredNode"/>, filtered by <paramref name="nodemask"/> (bit n: node n may be
     /// used). Memory policies (BIND, PREFERRED_MANY) and cpusets pass their nodes here; a mask that
-    /// allows no node of the zonelist fails (NoPfn). <see cref="AllNodes"/> costs one test per zone tried.
+    /// allows no node of the zonelist fails (NoPfn). <see cref="AllNodes"/> is <see cref="AllocPages"/> itself.
     /// </summary>
     /// <param name="order">0 to <see cref="MaxOrder"/>.</param>
     /// <param name="flags">how the allocation may be satisfied.</param>
@@ -190,7 +190,32 @@ internal sealed unsafe partial class PageAllocator
     /// <param name="nodemask">the nodes that may be used.</param>
     /// <returns>The first frame, or <see cref="NoPfn"/>.</returns>
     /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
-    public long AllocPagesNodemask(int order, AllocFlags flags, int preferredNode, ulong nodemask)
+    public long AllocPagesNodemask(int order, AllocFlags flags, int preferredNode, ulong nodemask) =>
+        nodemask == AllNodes
+            ? AllocPagesFiltered(order, flags, preferredNode, default(AnyNode))
+            : AllocPagesFiltered(order, flags, preferredNode, new InNodemask(nodemask));
+
+    /// <summary>Which zones of a zonelist may be used (for_each_zone_zonelist_nodemask's mask).</summary>
+    private interface INodeFilter
+    {
+        bool Allows(int node);
+    }
+
+    /// <summary>No nodemask. A struct type argument, so the JIT compiles the unfiltered walk without any test:
+    /// the default allocation (every fault without a policy) pays nothing for nodemasks.</summary>
+    private readonly struct AnyNode : INodeFilter
+    {
+        public bool Allows(int node) => true;
+    }
+
+    /// <summary>A nodemask: bit n allows node n.</summary>
+    private readonly struct InNodemask(ulong mask) : INodeFilter
+    {
+        public bool Allows(int node) => ((mask >> node) & 1) != 0;
+    }
+
+    private long AllocPagesFiltered<TFilter>(int order, AllocFlags flags, int preferredNode, TFilter nodemask)
+        where TFilter : struct, INodeFilter
     {
         ThrowIfDisposed();
         if ((uint)order > (uint)_nodeZones[0][0].MaxOrder)
@@ -221,7 +246,7 @@ internal sealed unsafe partial class PageAllocator
             {
                 foreach (Zone zone in zonelist)
                 {
-                    if (((nodemask >> zone.Node) & 1) != 0)
+                    if (nodemask.Allows(zone.Node))
                         DrainZone(zone);
                 }
                 pfn = TryZonelist(zonelist, order, mt, level, nodemask);
@@ -235,13 +260,14 @@ internal sealed unsafe partial class PageAllocator
 
     private enum WatermarkLevel { Low, Min, HalfMin, None }
 
-    private long TryZonelist(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level, ulong nodemask)
+    private long TryZonelist<TFilter>(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level, TFilter nodemask)
+        where TFilter : struct, INodeFilter
     {
         foreach (Zone zone in zonelist)
         {
             // for_each_zone_zonelist_nodemask: a zone of a node outside the mask is not a candidate
             // (and not a failure of that zone).
-            if (((nodemask >> zone.Node) & 1) == 0)
+            if (!nodemask.Allows(zone.Node))
                 continue;
             if (!WatermarkOk(zone, order, mt, level))
             {
