@@ -253,4 +253,47 @@ public sealed class CpusetTests
         Assert.Throws<ArgumentException>(() => cs.Attach(other.CreateProcess()));
         Assert.Throws<ArgumentException>(() => other.CreateCpuset("c", NodeMask.Of(0), cs));
     }
+
+    [Test]
+    [Category("Stress")]
+    public void Faults_racing_with_mems_changes_mbind_and_fork_stay_inside_the_nodes_ever_allowed()
+    {
+        using Machine machine = TestMachines.Create(FourNodes with { NodeSizeBytes = 8L << 20 });
+        Cpuset cs = machine.CreateCpuset("race", NodeMask.Of(0, 1));
+        VmProcess p = machine.CreateProcess(homeNode: 3);
+        Assert.That(cs.Attach(p), Is.EqualTo(Errno.None));
+        const int pages = 256;
+        ulong va = p.Mmap(pages * Page);
+        Assert.That(p.SetMempolicy(MempolicyMode.Interleave, NodeMask.Of(0, 1)), Is.EqualTo(Errno.None));
+        int rounds = 40 * TestEnvironment.StressScale;
+        NodeMask[] choices = [NodeMask.Of(0, 1), NodeMask.Of(1, 2), NodeMask.Of(0, 2), NodeMask.Of(1)];
+        using var done = new CancellationTokenSource();
+        var writers = Enumerable.Range(0, 2).Select(w => Task.Run(() =>
+        {
+            for (int r = 0; !done.IsCancellationRequested; r++)
+            {
+                for (ulong i = (ulong)w; i < pages; i += 2)
+                    p.Write<long>(va + i * Page, r);
+                Assert.That(p.Madvise(va + (ulong)w * Page, Page, Advice.DontNeed), Is.EqualTo(Errno.None));
+            }
+        })).ToArray();
+        for (int round = 0; round < rounds; round++)
+        {
+            Assert.That(cs.SetMems(choices[round % choices.Length]), Is.EqualTo(Errno.None));
+            Errno bound = p.Mbind(va + (ulong)(round % 8) * 16 * Page, 16 * Page, MempolicyMode.Bind, NodeMask.Of(round % 3));
+            Assert.That(bound, Is.AnyOf(Errno.None, Errno.EINVAL), "EINVAL when the node is outside the mems of the moment");
+            VmProcess child = p.Fork();
+            child.Write<long>(va, round);
+            child.Exit();
+        }
+        done.Cancel();
+        Task.WaitAll(writers);
+        for (ulong i = 0; i < pages; i++)
+        {
+            PagemapEntry entry = p.GetPagemap(va + i * Page);
+            if (entry.Present && !entry.ZeroPage)
+                Assert.That(entry.Node, Is.AnyOf(0, 1, 2), $"page {i}: never on node 3, the home node no mems ever allowed");
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
 }
