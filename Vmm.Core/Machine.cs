@@ -1,6 +1,6 @@
 // Machine: the simulated computer, and the hub through which the mechanisms reach each other. Owns the
 // arena ("physical memory"), the frame descriptors (MemMap), the page lock, the page allocator, the
-// reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the mapping-handle registry, KSM
+// reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the LRU lists (Lru), the mapping-handle registry, KSM
 // (with ksmd and its memory-release worker), the shared zero page, and the processes; later kswapd and
 // the offliner. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
 // GetPageInfo, GetMemoryBlock, Audit); Dispose's order is in MachineCall.cs and docs/architecture.md.
@@ -72,6 +72,7 @@ public sealed unsafe partial class Machine : IDisposable
             _memMap = ReserveOrExplain(() => new MemMap(Topology.TotalFrames, MemMap.SectionShiftFor(Topology), Options.ForcePortableArena), "frame descriptors");
             PageLock = new PageLock(_memMap);
             Allocator = new PageAllocator(Topology, Arena, _memMap, Options, FaultInjector);
+            Lru = new LruLists(this);
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
@@ -221,6 +222,9 @@ public sealed unsafe partial class Machine : IDisposable
     /// <summary>pgmigrate_success: pages moved to a new frame under running threads. Atomic.</summary>
     internal long PagesMigrated;
 
+    /// <summary>The per-node LRU lists of user pages and their per-CPU add batches (Memory/Lru.cs).</summary>
+    internal LruLists Lru { get; }
+
     /// <summary>The reverse-map walks.</summary>
     internal RmapWalker Rmap { get; }
 
@@ -284,11 +288,17 @@ public sealed unsafe partial class Machine : IDisposable
         _processes.TryRemove(process.Pid, out _);
     }
 
-    /// <summary>put_page: drops a reference; frees the frame when it was the last.</summary>
+    /// <summary>
+    /// put_page: drops a reference; frees the frame when it was the last, after taking it off its LRU
+    /// list (__page_cache_release). Every put of a user page goes through here.
+    /// </summary>
     internal void PutPage(long pfn)
     {
         if (_memMap.PutPageTestZero(pfn))
+        {
+            Lru.PageCacheRelease(pfn);
             Allocator.FreeFrozenPages(pfn, 0);
+        }
     }
 
     /// <summary>A snapshot of every node's memory (exact when no other thread allocates meanwhile).</summary>
@@ -299,11 +309,17 @@ public sealed unsafe partial class Machine : IDisposable
         var nodes = new NodeStats[Topology.NodeCount];
         for (int node = 0; node < nodes.Length; node++)
         {
+            (long inactive, long active, long isolated) = Lru.GetCounts(node);
             nodes[node] = new NodeStats(node,
             [
                 PageAllocator.GetZoneStats(Allocator.GetZone(node, ZoneType.Normal)),
                 PageAllocator.GetZoneStats(Allocator.GetZone(node, ZoneType.Movable)),
-            ]);
+            ])
+            {
+                InactiveAnonPages = inactive,
+                ActiveAnonPages = active,
+                IsolatedAnonPages = isolated,
+            };
         }
         return new MachineStats(nodes, Topology.TotalFrames, _memMap.CommittedBytes, HostMemory.ReadRssBytes());
     }
@@ -332,11 +348,13 @@ public sealed unsafe partial class Machine : IDisposable
     /// <summary>
     /// The counters <see cref="ReadVmStat"/> knows, by their /proc/vmstat names: nr_free_pages,
     /// nr_page_table_pages, pgmigrate_success, cow_ksm, nr_tlb_remote_flush (the TLB shootdowns of this
-    /// host process), and Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no
-    /// such line).
+    /// host process), nr_inactive_anon, nr_active_anon, nr_isolated_anon (pages on the LRU lists of all
+    /// nodes, and isolated from them; pages still in a per-CPU add batch are on none), and Vmm's own
+    /// cow_faults (copy-on-write faults that copied a page; Linux has no such line).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
-        ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "cow_ksm", "nr_tlb_remote_flush", "cow_faults"];
+        ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
+         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon"];
 
     /// <summary>
     /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
@@ -359,6 +377,9 @@ public sealed unsafe partial class Machine : IDisposable
             "pgmigrate_success" => stats.PgMigrateSuccess,
             "cow_ksm" => stats.CowKsm,
             "nr_tlb_remote_flush" => stats.TlbFlushes,
+            "nr_inactive_anon" => GetStats().Nodes.Sum(n => n.InactiveAnonPages),
+            "nr_active_anon" => GetStats().Nodes.Sum(n => n.ActiveAnonPages),
+            "nr_isolated_anon" => GetStats().Nodes.Sum(n => n.IsolatedAnonPages),
             _ => stats.CowFaults,
         };
         return Errno.None;

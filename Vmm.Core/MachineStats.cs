@@ -44,6 +44,15 @@ public sealed record NodeStats(int Node, IReadOnlyList<ZoneStats> Zones)
 
     /// <summary>MemFree: free bytes that can be allocated (buddy and per-CPU lists; not isolated).</summary>
     public long MemFreeBytes => Zones.Sum(z => z.FreePages + z.PcpPages) * Topology.PageSize;
+
+    /// <summary>nr_inactive_anon: pages on this node's inactive anonymous LRU list (new pages land here once their per-CPU add batch is drained).</summary>
+    public long InactiveAnonPages { get; init; }
+
+    /// <summary>nr_active_anon: pages on this node's active anonymous LRU list (accessed twice while inactive).</summary>
+    public long ActiveAnonPages { get; init; }
+
+    /// <summary>nr_isolated_anon: this node's pages taken off the LRU lists by a mechanism that moves them (migration).</summary>
+    public long IsolatedAnonPages { get; init; }
 }
 
 /// <summary>A snapshot of the machine's memory.</summary>

@@ -23,13 +23,13 @@ namespace Vmm;
 /// Credentials, HomeNode, HasExited) throws <see cref="ObjectDisposedException"/>, and Exit is a no-op.
 /// Pins taken from a process outlive its Exit (they hold their frames) but not its machine.
 /// </remarks>
-public sealed class VmProcess
+public sealed partial class VmProcess
 {
     internal VmProcess(Machine machine, int pid, Credentials credentials, AddressSpace mm)
     {
         Machine = machine;
         Pid = pid;
-        Credentials = credentials;
+        _credentials = credentials;
         Mm = mm;
     }
 
@@ -39,8 +39,15 @@ public sealed class VmProcess
     /// <summary>VmProcess id, unique per machine.</summary>
     public int Pid { get; }
 
-    /// <summary>Who it runs as.</summary>
-    public Credentials Credentials { get; }
+    /// <summary>Who it runs as now (its credentials change through <see cref="SetUid"/> and friends; a fork inherits the current ones).</summary>
+    public Credentials Credentials
+    {
+        get
+        {
+            lock (_credentialsLock)
+                return _credentials;
+        }
+    }
 
     /// <summary>The node its new pages are allocated on first.</summary>
     public int HomeNode => Mm.HomeNode;

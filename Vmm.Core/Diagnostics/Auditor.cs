@@ -1,5 +1,5 @@
 // Auditor: recounts every counter, mapcount and refcount from ground truth (the page tables, the
-// page caches, the free lists) and reports each difference. Tests call it after every scenario; it is
+// page caches, the free lists, the LRU lists and their add batches) and reports each difference. Tests call it after every scenario; it is
 // exact only when no other thread changes memory meanwhile.
 //
 // Locking: Run takes the KSM thread mutex when KSM is built in (no batch runs while it recounts), and
@@ -138,6 +138,21 @@ internal static unsafe class Auditor
             }
         }
 
+        // The LRU: every list walked (links, flags, node, count); every user page (mapped by a user PTE or
+        // in a page cache; the zero page is special) is on its node's list, in an add batch or isolated;
+        // the references batches and isolations hold are part of the recount below.
+        machine.Lru.Audit(problems, out HashSet<long> onLruLists, out Dictionary<long, int> lruHeld, out _);
+        foreach (long pfn in mapcount.Keys)
+        {
+            if (!onLruLists.Contains(pfn) && !lruHeld.ContainsKey(pfn))
+                problems.Add($"frame {pfn} is a user page (flags {memMap.RawFlags(pfn)}) but on no LRU list, in no add batch and not isolated");
+        }
+        foreach ((long pfn, int count) in lruHeld)
+        {
+            references[pfn] = references.GetValueOrDefault(pfn) + count;
+            mapcount.TryAdd(pfn, 0);
+        }
+
         foreach ((long pfn, int expected) in mapcount)
         {
             if (expected > 1 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
@@ -149,14 +164,14 @@ internal static unsafe class Auditor
                 problems.Add($"frame {pfn}: mapcount {actualMap}, mappings found {expected}");
             int refs = references[pfn] + pins;
             if (actualRef != refs)
-                problems.Add($"frame {pfn}: refcount {actualRef}, references explained {refs} (mappings, page cache, {pins} pins)");
+                problems.Add($"frame {pfn}: refcount {actualRef}, references explained {refs} (mappings, page cache, LRU batch or isolation, {pins} pins)");
         }
 
         if (Volatile.Read(ref machine.PageTablePagesTotal) != tableTotal)
             problems.Add($"NR_PAGETABLE {machine.PageTablePagesTotal}, tables found {tableTotal}");
 
         // Every frame is free, or in use by an owner found above: a page table, the zero page, a mapping or
-        // a page cache (whose references were checked above, pins included), or only pins (PinnedMemory,
+        // a page cache, an LRU add batch or isolation (whose references were checked above, pins included), or only pins (PinnedMemory,
         // after its page was unmapped: then the pins are all its references). Nothing else may hold a frame
         // while the machine is quiet: KSM holds no reference on its stable pages (their mappings do), the
         // deferred puts were released by the flush above, and the allocator's per-cpu lists hold free
@@ -188,6 +203,8 @@ internal static unsafe class Auditor
                 continue;
             }
             ref PageDescriptor page = ref memMap[pfn];
+            if ((page.Flags & (ulong)PageFlags.Lru) != 0 && !onLruLists.Contains(pfn))
+                problems.Add($"frame {pfn} has PG_lru (refcount {page.RefCount}) but is on no LRU list");
             if (page.RefCount == 0)
             {
                 if (page.PinCount != 0)

@@ -115,6 +115,16 @@ internal static class LockAssert
 #endif
     }
 
+    /// <summary>The spin word of an LRU add batch held by this thread.</summary>
+    [Conditional("DEBUG")]
+    public static void LruBatchLockHeld(LruAddBatch batch, [CallerMemberName] string caller = "")
+    {
+#if DEBUG
+        if (!batch.IsHeldByCurrentThread)
+            Fail(caller, "the LRU add-batch spin word held");
+#endif
+    }
+
     /// <summary>The pte lock of the PTE table <paramref name="ptePfn"/> held by this thread.</summary>
     [Conditional("DEBUG")]
     public static void PteLockHeld(AddressSpace mm, long ptePfn, [CallerMemberName] string caller = "")

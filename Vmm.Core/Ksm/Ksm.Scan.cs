@@ -264,8 +264,10 @@ public sealed partial class Ksm
     private void StartFullScan()
     {
         _scanStartTicks = Stopwatch.GetTimestamp();
-        // Linux drains the per-CPU LRU caches here, whose extra references would make pages look
-        // pinned; the references Vmm holds back are the deferred puts (frames copied away on write),
+        // lru_add_drain_all, as Linux's scan_get_next_rmap_item: a page still in a per-CPU add batch
+        // holds the batch's reference, which would make it look pinned to the merge.
+        _machine.Lru.DrainAll();
+        // The other references Vmm holds back are the deferred puts (frames copied away on write),
         // which keep dead KSM pages alive and their nodes from going stale. Release them.
         if (_machine.Tlb.DeferredPutCount > 0)
             _machine.Tlb.Flush();

@@ -70,8 +70,10 @@ internal struct PageDescriptor
     [FieldOffset(24)] public ulong Index;
 
     /// <summary>lru.next (4 B): next frame on the list this frame is on, or NoLink. The list's lock
-    /// protects it: a buddy free list's zone lock, a pcp list's spin word (the LRU lists, to come, their
-    /// own lock).</summary>
+    /// protects it: a free frame's buddy free list (the zone lock) or pcp list (its spin word); a user
+    /// page's LRU list (inactive, active, or the isolated list of its node's lruvec: that lruvec's
+    /// lru_lock, Memory/Lru.cs). A page in use on no list (in an add batch, a page table, the zero page)
+    /// leaves it NoLink or stale; nobody reads it then.</summary>
     [FieldOffset(32)] public uint LruNext;
 
     /// <summary>lru.prev (4 B): previous frame on the list, or NoLink. Protected like <see cref="LruNext"/>.</summary>

@@ -13,11 +13,13 @@
 //   1. trylock the page (a mechanism never sleeps on a page lock another one holds);
 //   2. replace every PTE that maps it with a migration entry (TryToMigrate), which flushes: from here
 //      no thread touches the old frame, and a thread that faults on an entry sleeps on the page lock;
-//   3. verify: the only references left are the caller's (and the page cache's, for shared memory).
+//   3. verify: the only references left are the caller's and the isolation's (and the page cache's,
+//      for shared memory).
 //      Anything more is a pin or a racing user: map the old page back and report EBUSY;
 //   4. copy the contents and the descriptor's identity (mapping, index, flags) to the new frame;
 //   5. commit, the point of no return: the page cache and every migration entry now name the new frame;
-//   6. unlock; the old frame is freed when the caller drops its reference.
+//   6. the new frame joins the LRU (Lru.Add); unlock; the caller ends the old frame's isolation
+//      (Lru.ReleaseIsolated) and drops its reference, which frees it.
 using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Mm;
@@ -29,8 +31,9 @@ namespace Vmm.Migration;
 internal static class PageMigrator
 {
     // PG_anon_exclusive is not carried: while the page is unmapped it lives in the migration entries,
-    // and RemoveMigrationPtes sets it on the new frame from them.
-    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.Dirty | PageFlags.Referenced | PageFlags.Uptodate;
+    // and RemoveMigrationPtes sets it on the new frame from them. PG_active is (folio_migrate_flags):
+    // the new frame joins the list the old one was on.
+    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.Dirty | PageFlags.Referenced | PageFlags.Uptodate | PageFlags.Active;
 
     /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
     internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)
@@ -46,7 +49,9 @@ internal static class PageMigrator
 
     /// <summary>
     /// Moves the page in <paramref name="pfn"/> to a new frame on <paramref name="targetNode"/>.
-    /// Preconditions: the caller holds a reference to the page (and drops it afterwards).
+    /// Preconditions: the caller holds a reference to the page (and drops it afterwards) and has isolated
+    /// it from its LRU list (Lru.Isolate); it ends the isolation afterwards (Lru.ReleaseIsolated when
+    /// the page moved, Lru.Putback otherwise).
     /// </summary>
     /// <returns>None; EBUSY (locked by another mechanism, pinned, or in use elsewhere); EAGAIN (its
     /// mappings changed under us: try again); EINVAL (not an anonymous or shared-anonymous page);
@@ -117,7 +122,7 @@ internal static class PageMigrator
             lock (shmem.Lock)
             {
                 verdict = !shmem.Pages.TryGetValue((long)oldPage.Index, out long cached) || cached != pfn ? Errno.EAGAIN
-                    : memMap.RefCount(pfn) != 2 || oldPage.PinCount != 0 ? Errno.EBUSY
+                    : memMap.RefCount(pfn) != 3 || oldPage.PinCount != 0 ? Errno.EBUSY
                     : Errno.None;
                 if (verdict == Errno.None)
                 {
@@ -129,7 +134,7 @@ internal static class PageMigrator
         }
         else
         {
-            verdict = memMap.RefCount(pfn) != 1 || oldPage.PinCount != 0 ? Errno.EBUSY : Errno.None;
+            verdict = memMap.RefCount(pfn) != 2 || oldPage.PinCount != 0 ? Errno.EBUSY : Errno.None;
             if (verdict == Errno.None)
                 CopyPage(machine, pfn, newPfn);
         }
@@ -144,6 +149,7 @@ internal static class PageMigrator
             machine.PutPage(pfn); // the old frame's page-cache reference
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
         Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
+        machine.Lru.Add(newPfn); // still holding the allocation's reference
         Interlocked.Increment(ref machine.PagesMigrated);
         return Errno.None;
     }

@@ -3,7 +3,9 @@
 // Locking: the mmap_lock for read; a VMA's first anon_vma under the VMA's monitor (PrepareAnonVma);
 // the shmem object's lock inside ShmemObject.GetPage; the pte lock for every install and for the
 // copy-on-write reuse decision; a fault on a migration entry sleeps once on the page lock, holding none.
-// KSM hooks: CountCowKsm and the KSM zero-page count (docs/architecture.md, "KSM hooks").
+// KSM hooks: CountCowKsm and the KSM zero-page count (docs/architecture.md, "KSM hooks"). LRU: every new
+// page (anonymous, copy-on-write copy, unshare copy) joins the LRU (Lru.Add) under the pte lock that
+// installs it; the copy-on-write reuse check drains this processor's add batch when the page may sit in it.
 //
 // The access path calls TryHandleFault after leaving its access section, holding no lock. The fault
 // takes the mmap_lock for read, finds the VMA, checks the access against it, and makes the PTE allow the
@@ -152,6 +154,7 @@ internal sealed unsafe partial class AddressSpace
         if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
         PageAddNewAnonRmap(pfn, vma, va, anonVma);
+        _machine.Lru.Add(pfn); // folio_add_lru_vma: under the pte lock, while the fault's reference is still certain
         Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite && mapWritable, dirty: true, accessed: true).Value);
         UnlockPte(ptePfn);
         Interlocked.Increment(ref RssAnon);
@@ -197,10 +200,18 @@ internal sealed unsafe partial class AddressSpace
                 return FaultResult.Done;
             }
             bool exclusive = memMap.TestFlag(oldPfn, PageFlags.AnonExclusive);
-            if (!exclusive && !IsKsmPage(oldPfn) && memMap.MapCount(oldPfn) == 1 && memMap.RefCount(oldPfn) == 1)
+            if (!exclusive && !IsKsmPage(oldPfn) && memMap.MapCount(oldPfn) == 1)
             {
-                memMap.SetFlag(oldPfn, PageFlags.AnonExclusive);
-                exclusive = true;
+                // One mapping, and a second reference with PG_lru clear: it may be the add batch's of this
+                // processor (a page faulted, forked and left by the child). Drain it and look again, as
+                // Linux does; a batch of another processor is not drained (the page is copied instead).
+                if (memMap.RefCount(oldPfn) == 2 && !memMap.TestFlag(oldPfn, PageFlags.Lru))
+                    _machine.Lru.DrainLocal();
+                if (memMap.RefCount(oldPfn) == 1)
+                {
+                    memMap.SetFlag(oldPfn, PageFlags.AnonExclusive);
+                    exclusive = true;
+                }
             }
             if (exclusive)
             {
@@ -235,6 +246,7 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         PageAddNewAnonRmap(newPfn, vma, va, anonVma);
+        _machine.Lru.Add(newPfn);
         Volatile.Write(ref *slot, Pte.Make(newPfn, write: !unshare, dirty: true, accessed: true, user: (pte.Value & Pte.UserBit) != 0).Value);
         UnlockPte(ptePfn);
         // Other threads' cached read-only translations of the old frame are now stale.

@@ -224,6 +224,7 @@ internal sealed unsafe partial class AddressSpace
                     PageOps.Copy(_machine.Arena.FrameAddress(copyPfn), _machine.Arena.FrameAddress(pfn));
                     _machine.PutPage(pfn);
                     child.PageAddNewAnonRmap(copyPfn, childVma, va, childVma.AnonVma!);
+                    _machine.Lru.Add(copyPfn);
                     *childSlot = pte.WithPfn(copyPfn).WithFlags(Pte.DirtyBit).WithoutFlags(Pte.AccessedBit).Value; // same protection, PROT_NONE included
                     Interlocked.Increment(ref child.RssAnon);
                     continue;

@@ -223,6 +223,13 @@ internal sealed unsafe partial class AddressSpace
     {
         if (pages.Count == 0 && tables.Count == 0 && !cleared)
             return;
+        // lru_add_drain, as Linux's unmap_region / exit_mmap / zap_page_range_single do: pages still in an
+        // add batch would keep the batch's reference, and the frames would not come back with the call.
+        // All batches, not only this processor's: a host thread is not bound to the slot its faults used,
+        // and hosts (and the tests) count on munmap and exit giving the memory back. Empty batches cost
+        // one read each.
+        if (pages.Count > 0)
+            _machine.Lru.DrainAll();
         BumpGeneration();
         _machine.Tlb.Flush();
         foreach (long pfn in pages)

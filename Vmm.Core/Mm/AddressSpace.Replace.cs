@@ -4,7 +4,8 @@
 // sequence).
 //
 // Locking: the mmap_lock for read and the pte lock only to find the page and take a reference; the
-// migrator runs after both are released (it needs neither).
+// LRU isolation (lru_lock) and the migrator run after both are released (they need neither).
+using Vmm.Memory;
 using Vmm.Migration;
 
 namespace Vmm.Mm;
@@ -42,7 +43,25 @@ internal sealed unsafe partial class AddressSpace
         }
         try
         {
-            return PageMigrator.MovePage(_machine, pfn, targetNode);
+            // Isolate it from its LRU list; a new page may still sit in an add batch (PG_lru clear):
+            // drain this processor's, then all, as the migration calls do.
+            LruLists lru = _machine.Lru;
+            if (!lru.Isolate(pfn))
+            {
+                lru.DrainLocal();
+                if (!lru.Isolate(pfn))
+                {
+                    lru.DrainAll();
+                    if (!lru.Isolate(pfn))
+                        return Errno.EBUSY; // isolated by another mover
+                }
+            }
+            Errno result = PageMigrator.MovePage(_machine, pfn, targetNode);
+            if (result == Errno.None)
+                lru.ReleaseIsolated(pfn);
+            else
+                lru.Putback(pfn);
+            return result;
         }
         finally
         {

@@ -71,19 +71,44 @@ public enum Capabilities
     SysAdmin = 1 << 1,
     /// <summary>CAP_IPC_LOCK: mlock beyond the limit.</summary>
     IpcLock = 1 << 2,
+    /// <summary>CAP_SETUID: change user ids at will (setuid, seteuid, setresuid).</summary>
+    SetUid = 1 << 3,
 }
 
-/// <summary>Who a process runs as.</summary>
-/// <remarks>Instances are immutable: safe to share between threads.</remarks>
-/// <param name="Uid">user id; 0 is root.</param>
-/// <param name="Capabilities">capabilities held.</param>
+/// <summary>Who a process runs as: its real user id and capabilities, and (Linux's cred) its effective and saved user ids.</summary>
+/// <remarks>Instances are immutable: safe to share between threads. A process's credentials change only
+/// through its own calls (<see cref="VmProcess.SetUid"/>, <see cref="VmProcess.SetEuid"/>,
+/// <see cref="VmProcess.SetResUid"/>, <see cref="VmProcess.Capset(Capabilities, Capabilities)"/>), and every permission check uses the current ones.</remarks>
+/// <param name="Uid">real user id; 0 is root.</param>
+/// <param name="Capabilities">capabilities held (the effective set).</param>
 public readonly record struct Credentials(int Uid, Capabilities Capabilities)
 {
+    /// <summary>The effective user id (euid): the one permission checks against files use; starts as <see cref="Uid"/>.</summary>
+    public int EffectiveUid { get; init; } = Uid;
+
+    /// <summary>The saved set-user-id (suid): an id an unprivileged process may switch its effective id back to; starts as <see cref="Uid"/>.</summary>
+    public int SavedUid { get; init; } = Uid;
+
+    /// <summary>The permitted capabilities: the most <see cref="Capabilities"/> (the effective set) may hold; starts as <see cref="Capabilities"/>.</summary>
+    public Capabilities PermittedCapabilities { get; init; } = Capabilities;
+
     /// <summary>uid 0 with every capability.</summary>
-    public static Credentials Root => new(0, Capabilities.SysNice | Capabilities.SysAdmin | Capabilities.IpcLock);
+    public static Credentials Root => new(0, Capabilities.SysNice | Capabilities.SysAdmin | Capabilities.IpcLock | Capabilities.SetUid);
 
     /// <summary>An unprivileged user.</summary>
     public static Credentials User(int uid) => new(uid, Capabilities.None);
+
+    /// <summary>Whether these credentials hold <paramref name="capability"/> (capable()).</summary>
+    public bool Has(Capabilities capability) => (Capabilities & capability) == capability;
+
+    /// <summary>
+    /// Whether a process with these credentials may move the pages of a process running as
+    /// <paramref name="target"/> (migrate_pages and move_pages: CAP_SYS_NICE, or the caller's real or
+    /// effective uid matching the target's real or saved uid).
+    /// </summary>
+    public bool MayMovePagesOf(Credentials target) =>
+        Has(Capabilities.SysNice) ||
+        EffectiveUid == target.SavedUid || EffectiveUid == target.Uid || Uid == target.SavedUid || Uid == target.Uid;
 }
 
 /// <summary>What kind of access faulted.</summary>

@@ -7,6 +7,8 @@
 // tag; index = its cache index; PG_swapbacked), and lives until the last VMA of the object goes away
 // (Release), whatever processes unmap in between.
 //
+// A new page joins the LRU (Lru.Add) under the object's lock, as shmem_add_to_page_cache's caller does.
+//
 // Its lock (ShmemObject.Lock) protects the page cache and the VMA list (i_mmap). References: the page
 // cache holds one reference per cached page; a fault takes its own reference under the lock (GetPage
 // returns with it), which the PTE then owns, so the migrator, which checks references under the same
@@ -78,6 +80,7 @@ internal sealed class ShmemObject
             memMap.SetFlag(pfn, PageFlags.SwapBacked);
             Pages[index] = pfn;
             memMap.GetPage(pfn); // one reference for the page cache, one for the caller
+            _machine.Lru.Add(pfn); // shmem pages live on the anon LRU lists (PG_swapbacked)
             return pfn;
         }
     }

@@ -85,6 +85,7 @@ public sealed class PageMigratorTests
         PageMigrator.CopyPage(machine, pfn, newPfn);
         machine.PageLock.Lock(newPfn); // as the migrator does: both pages locked
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
+        machine.Lru.Add(newPfn); // as the migrator does: the new frame joins the LRU
         machine.PageLock.Unlock(newPfn);
         machine.PutPage(newPfn);
         machine.PageLock.Unlock(pfn);

@@ -47,6 +47,7 @@ public sealed class RmapWalkerTests
         using MachineWithRegion region = TestMachines.CreateWithRegion(4096, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess a, ulong va, _) = region;
         a.Write<int>(va, 9);
+        machine.Lru.DrainAll(); // the add batch's reference would be counted below
         VmProcess b = a.Fork();
         long pfn = a.GetPagemap(va).Pfn;
         machine.MemMap.GetPage(pfn);
