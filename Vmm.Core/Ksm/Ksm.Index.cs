@@ -341,6 +341,14 @@ public sealed partial class Ksm
         if (!IsSharingCandidate(node))
             return null;
         kpfn = GetNodePage(node);
+        if (kpfn >= 0 && IsMisplaced(node))
+        {
+            // Its page moved to another NUMA node since (merge_across_nodes = 0): Linux's replace path.
+            // It leaves this index for migrate_nodes, and the scanner re-homes it when it meets the page.
+            PutNodePage(node, kpfn);
+            LeaveForMigrateNodes(node);
+            kpfn = -1;
+        }
         return kpfn >= 0 ? node : null;
     }
 
@@ -363,9 +371,18 @@ public sealed partial class Ksm
         {
             KsmStableNode dup = dups[i];
             long page = GetNodePage(dup);
+            if (page >= 0 && IsMisplaced(dup))
+            {
+                // Moved to another NUMA node since: off to migrate_nodes (the replace path), out of the chain.
+                PutNodePage(dup, page);
+                LeaveForMigrateNodes(dup);
+                page = -1;
+            }
             if (page < 0)
             {
-                i--; // stale: it removed itself from the chain, the next one moved into its place
+                i--; // stale or moved: it removed itself from the chain, the next one moved into its place
+                if (chain.Dead)
+                    break; // that was the last copy: the chain is gone
                 continue;
             }
             bool better = chosen is null ||
@@ -439,22 +456,26 @@ public sealed partial class Ksm
         if (existing.Domain != domain)
             return node; // a 64-bit key shared across domains: this copy stays out of the index
         if (existing.Kind == KsmNodeKind.Regular)
-        {
-            KsmStableNode chain = NewNode(KsmNodeKind.Chain, key, domain, nid);
-            chain.Dups = [existing];
-            chain.ChainPruneTime = Environment.TickCount64;
-            existing.Kind = KsmNodeKind.Dup;
-            existing.Chain = chain;
-            tree[key] = chain;
-            _stableNodeChains++;
-            _stableNodeDups++;
-            existing = chain;
-        }
+            existing = MakeChain(existing);
         node.Kind = KsmNodeKind.Dup;
         node.Chain = existing;
         existing.Dups!.Insert(0, node);
         _stableNodeDups++;
         return node;
+    }
+
+    /// <summary>alloc_stable_node_chain: a regular indexed node becomes the first copy of a new chain, which takes its place.</summary>
+    private KsmStableNode MakeChain(KsmStableNode existing)
+    {
+        KsmStableNode chain = NewNode(KsmNodeKind.Chain, existing.Key, existing.Domain, existing.Nid);
+        chain.Dups = [existing];
+        chain.ChainPruneTime = Environment.TickCount64;
+        existing.Kind = KsmNodeKind.Dup;
+        existing.Chain = chain;
+        _stableTrees[existing.Nid][existing.Key] = chain;
+        _stableNodeChains++;
+        _stableNodeDups++;
+        return chain;
     }
 
     private KsmStableNode NewNode(KsmNodeKind kind, ulong key, ushort domain, int nid)
@@ -501,6 +522,13 @@ public sealed partial class Ksm
     /// <summary>Takes a node (regular or dup) out of the index; a chain that loses its last copy goes too.</summary>
     private void UnindexNode(KsmStableNode node)
     {
+        if (node.Migrating)
+        {
+            // On migrate_nodes, in no index.
+            _migrateNodes.Remove(node);
+            node.Migrating = false;
+            return;
+        }
         Dictionary<ulong, KsmStableNode> tree = _stableTrees[node.Nid];
         if (node.Kind == KsmNodeKind.Dup)
         {

@@ -61,6 +61,8 @@ public sealed partial class Ksm
         public bool KpfnReferenced; // false when Kpfn is a pending pair's page: the pair's reference covers it
         public bool IsRetry;        // queued again after the pair it depended on failed
         public bool Retry;          // failed only because its pending node's pair failed: look it up again
+        public KsmStableNode? From; // re-homing (Ksm.Migrate.cs): Pfn is this node's KSM page, Item is linked to it until the replace
+        public bool Rehome;         // re-homing: Pfn is a moved KSM page (possibly several merges of it in one batch)
     }
 
     private readonly List<MergeOp> _batch = [];
@@ -113,7 +115,7 @@ public sealed partial class Ksm
                     case MergeKind.Stable:
                         op.Ok = !op.Node!.Dead && (!op.Node.Pending || op.Node.PendingOk) && LockShared(op.Kpfn) &&
                                 (op.Node.Pending || Volatile.Read(ref _machine.MemMap[op.Kpfn].Mapping) == op.Node.MappingWord) &&
-                                Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma);
+                                Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma, shared: op.Rehome);
                         break;
                     case MergeKind.Pair:
                         op.Ok = Protect(op.Item, op.Pfn, out op.Orig, out op.AnonVma) &&
@@ -155,9 +157,16 @@ public sealed partial class Ksm
                         }
                         if (op.Ok && !op.Node.Dead)
                         {
-                            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.Kpfn)) && Replace(op.Item, op.Pfn, op.Kpfn, op.Orig);
+                            op.Ok = PageOps.PageEquals(Frame(op.Pfn), Frame(op.Kpfn)) && StillLinkedToMovedPage(ref op) &&
+                                    Replace(op.Item, op.Pfn, op.Kpfn, op.Orig);
                             if (op.Ok)
-                                Append(op.Item, op.Node, op.AnonVma!, bypassLimit: false);
+                            {
+                                // Re-homing: the mapping leaves the moved page's node now that its PTE names
+                                // the other page (both pages are locked: Protect locked the moved one).
+                                if (op.From is not null)
+                                    UnlinkFromNode(op.Item, op.From);
+                                Append(op.Item, op.Node!, op.AnonVma!, bypassLimit: false);
+                            }
                         }
                         break;
                     case MergeKind.Zero:
@@ -295,6 +304,19 @@ public sealed partial class Ksm
         InsertUnstable(op.TreeItem);
     }
 
+    /// <summary>
+    /// For a re-homing merge whose item is linked to the moved page's node: the item is still linked to it
+    /// and the locked page is still that node's (true for any other merge).
+    /// </summary>
+    private bool StillLinkedToMovedPage(ref MergeOp op)
+    {
+        if (op.From is not { } from)
+            return true;
+        ref KsmRmapItem item = ref _items[op.Item];
+        return !from.Dead && (item.Address & KsmRmapItem.StableFlag) != 0 && item.Node == from.Index &&
+               Volatile.Read(ref _machine.MemMap[op.Pfn].Mapping) == from.MappingWord;
+    }
+
     /// <summary>The pair's own PTE is still what step 1 left, in a VMA still mergeable in the same domain (mmap_lock kept held).</summary>
     private bool StillProtected(int item, long pfn, Pte orig)
     {
@@ -304,7 +326,9 @@ public sealed partial class Ksm
     }
 
     /// <summary>Step 1 for one page. Returns false (merge skipped) if anything is not as expected.</summary>
-    private bool Protect(int item, long pfn, out Pte orig, out AnonVma? anonVma)
+    /// <remarks><paramref name="shared"/>: the page is a moved KSM page, which several merges of one batch may
+    /// each take a mapping from (re-homing): it is locked once for the batch, as LockShared does.</remarks>
+    private bool Protect(int item, long pfn, out Pte orig, out AnonVma? anonVma, bool shared = false)
     {
         orig = Pte.None;
         anonVma = null;
@@ -313,9 +337,19 @@ public sealed partial class Ksm
         if (!LockMm(mm))
             return false;
         Vma? vma = mm.FindMergeableVma(va);
-        if (vma is null || vma.KsmDomain != _items[item].Domain || _lockedInBatch.Contains(pfn) || !_machine.PageLock.TryLock(pfn))
+        if (vma is null || vma.KsmDomain != _items[item].Domain)
             return false;
-        _lockedInBatch.Add(pfn);
+        if (shared)
+        {
+            if (!LockShared(pfn))
+                return false;
+        }
+        else
+        {
+            if (_lockedInBatch.Contains(pfn) || !_machine.PageLock.TryLock(pfn))
+                return false;
+            _lockedInBatch.Add(pfn);
+        }
         if (!mm.KsmWriteProtect(va, pfn, out orig, out bool changed))
             return false;
         if (changed)

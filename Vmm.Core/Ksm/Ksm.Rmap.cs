@@ -25,7 +25,9 @@ public sealed partial class Ksm
         LockAssert.That(_machine.PageLock.IsLocked(pfn) || Monitor.IsEntered(_threadMutex),
             $"the page lock of KSM page {pfn} held (or the ksm_thread_mutex)");
         KsmStableNode? node = _machine.Mappings.Find<KsmStableNode>(handle);
-        if (node is null)
+        // A frame the node no longer names maps nothing: a migrated page's old frame (Ksm.MigratePage
+        // switched the node to the new frame before the migrator restored the PTEs, which name the new one).
+        if (node is null || Volatile.Read(ref node.Kpfn) != pfn)
             return;
         for (int pass = 0; pass < 2; pass++)
         {
@@ -102,7 +104,7 @@ public sealed partial class Ksm
                 if (node.Chain is null || !node.Chain.Dups!.Contains(node))
                     problems.Add($"KSM dup {node.Handle} is not in its chain");
             }
-            else if (!_stableTrees[node.Nid].TryGetValue(node.Key, out KsmStableNode? indexed) || indexed != node)
+            else if (!node.Migrating && (!_stableTrees[node.Nid].TryGetValue(node.Key, out KsmStableNode? indexed) || indexed != node))
             {
                 problems.Add($"KSM node {node.Handle} (page {node.Kpfn}) is not in the stable index");
             }
@@ -151,6 +153,7 @@ public sealed partial class Ksm
                     problems.Add($"mm {slot.Mm.Id}: ksm_merging_pages {slot.Mm.KsmMergingPages}, stable items {mmMerging}, on nodes {merging.GetValueOrDefault(slot.Mm)}");
             }
         }
+        AuditMigration(problems);
         Check(problems, "pages_shared", _pagesShared, shared);
         Check(problems, "pages_sharing", _pagesSharing, sharing);
         Check(problems, "pages_unshared", _pagesUnshared, unshared);

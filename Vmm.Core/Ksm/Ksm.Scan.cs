@@ -158,7 +158,7 @@ public sealed partial class Ksm
             try
             {
                 bool keep = !mm.Exited && !mm.KsmExiting && (mm.KsmMergeAny || mm.Vmas.Any(v => (v.Flags & VmaFlags.Mergeable) != 0));
-                RemoveTrailingRmapItems(slot, keep ? _cursorPrev : -1);
+                RemoveTrailingRmapItems(slot, keep ? _cursorPrev : -1, keepMigrating: keep);
                 lock (_mmListLock)
                 {
                     next = slot.Next;
@@ -214,6 +214,13 @@ public sealed partial class Ksm
             if (address > va)
                 break;
             int next = _items[current].Next;
+            if (IsMappingInMigration(slot, current))
+            {
+                // Its page is being moved (Ksm.Migrate.cs): the mapping comes back, keep it linked.
+                prev = current;
+                current = next;
+                continue;
+            }
             RemoveRmapItemFromTree(current);
             SetLink(slot, prev, next);
             FreeItem(slot, current);
@@ -247,19 +254,40 @@ public sealed partial class Ksm
         slot.Mm.KsmRmapItems--;
     }
 
-    /// <summary>remove_trailing_rmap_items: every item after <paramref name="prev"/> (-1: all of them).</summary>
-    private void RemoveTrailingRmapItems(KsmMmSlot slot, int prev)
+    /// <summary>
+    /// remove_trailing_rmap_items: every item after <paramref name="prev"/> (-1: all of them), except, when
+    /// <paramref name="keepMigrating"/>, the stable items of mappings that are migration entries now.
+    /// </summary>
+    private void RemoveTrailingRmapItems(KsmMmSlot slot, int prev, bool keepMigrating = false)
     {
         int current = prev < 0 ? slot.RmapList : _items[prev].Next;
         SetLink(slot, prev, -1);
         while (current >= 0)
         {
             int next = _items[current].Next;
+            if (keepMigrating && IsMappingInMigration(slot, current))
+            {
+                SetLink(slot, prev, current);
+                _items[current].Next = -1;
+                prev = current;
+                current = next;
+                continue;
+            }
             RemoveRmapItemFromTree(current);
             FreeItem(slot, current);
             current = next;
         }
     }
+
+    /// <summary>
+    /// A stable item whose address holds a migration entry: its KSM page is being moved, and the mapping
+    /// comes back when the move ends. Linux's walk skips such an entry and drops the item, to link the
+    /// mapping again on a later visit; until then no item leads to the mapping, and a second move of the
+    /// page could not find it (it would fail). So the scanner keeps such items. Preconditions: the mm's
+    /// mmap_lock held (the scanner's).
+    /// </summary>
+    private bool IsMappingInMigration(KsmMmSlot slot, int handle) =>
+        (_items[handle].Address & KsmRmapItem.StableFlag) != 0 && slot.Mm.KsmIsMigrationEntry(_items[handle].PageAddress);
 
     private void StartFullScan()
     {
@@ -271,6 +299,8 @@ public sealed partial class Ksm
         // which keep dead KSM pages alive and their nodes from going stale. Release them.
         if (_machine.Tlb.DeferredPutCount > 0)
             _machine.Tlb.Flush();
+        // Nodes on migrate_nodes are found by no lookup: those whose pages went away are pruned here.
+        PruneMigrateNodes();
         // The unstable index starts empty on every pass, sized for the items there are.
         int wanted = InitialBuckets;
         while (wanted < _rmapItemCount && wanted < 1 << 28)
@@ -346,8 +376,17 @@ public sealed partial class Ksm
             // Already a KSM page: nothing to do if this mapping is linked; otherwise it is a mapping
             // fork made (the child shares the KSM page): link it, no compare needed.
             KsmStableNode? node = _machine.Mappings.Find<KsmStableNode>((long)(mapping >> 2));
-            if (node is null || node.Dead)
+            if (node is null || node.Dead || node.Kind == KsmNodeKind.Chain)
                 return false;
+            // merge_across_nodes = 0: a page migrated to another NUMA node leaves its node's index for
+            // migrate_nodes, and this visit re-homes it (Ksm.Migrate.cs). The scanner holds a reference, so
+            // the page cannot move on meanwhile (the migrator would see it and back off).
+            if (IsMisplaced(node))
+                LeaveForMigrateNodes(node);
+            else if (node.Nid == NidOf(pfn))
+                Volatile.Write(ref node.MovedAcrossNodes, false);
+            if (node.Migrating)
+                return RehomeKsmPage(handle, pfn, node);
             ref KsmRmapItem linked = ref _items[handle];
             if ((linked.Address & KsmRmapItem.StableFlag) != 0 && linked.Node == node.Index)
                 return false;

@@ -124,6 +124,9 @@ public sealed partial class Ksm
                 return Errno.None;
             if (_pagesShared != 0 || !RemoveAllStableNodes())
                 return Errno.EBUSY;
+            // migrate_nodes is part of the index torn down above (its nodes are in the node table).
+            if (_migrateNodes.Count != 0)
+                throw new VmBugException($"{_migrateNodes.Count} KSM nodes left on migrate_nodes after the stable index was torn down");
             // Items still filed in the old layout's unstable index are cleaned by their flags and seqnr;
             // fresh buckets for the new layout.
             foreach (int[] buckets in _unstableBuckets)

@@ -183,8 +183,9 @@ internal sealed class KsmStableNode
     /// <summary>The tree (NUMA node with merge_across_nodes = 0, else 0) it is filed in. Protected by the thread mutex.</summary>
     public int Nid;
 
-    /// <summary>The KSM page's frame (not for a chain). Written under the thread mutex, with a barrier
-    /// before a moved page's old frame lets go; read without a lock, then re-validated (keyhole check).</summary>
+    /// <summary>The KSM page's frame (not for a chain). Written under the thread mutex when the node is made,
+    /// and by the migrator (Ksm.MigratePage) under the page locks of the old and new frames, with a barrier
+    /// before the old frame stops naming the node; read without a lock, then re-validated (keyhole check).</summary>
     public long Kpfn = -1;
 
     /// <summary>Head of the items mapping the page (rmap hlist). Protected by the KSM page's lock.</summary>
@@ -204,6 +205,19 @@ internal sealed class KsmStableNode
 
     /// <summary>Removed from the index: every later use must treat it as gone. Set under the thread mutex.</summary>
     public bool Dead;
+
+    /// <summary>
+    /// On the migrate_nodes list (merge_across_nodes = 0): out of every index, its page moved to another
+    /// NUMA node, waiting for the scanner to re-home it (Linux: head == &amp;migrate_nodes). Protected by the thread mutex.
+    /// </summary>
+    public bool Migrating;
+
+    /// <summary>
+    /// Set by the migrator (Ksm.MigratePage, under the page lock only) when the page moved to another
+    /// NUMA node; cleared when the scanner re-homes the node. It licenses a node to sit in another node's
+    /// index until the scanner meets it (the audit). Read and written with Volatile.
+    /// </summary>
+    public bool MovedAcrossNodes;
 
     /// <summary>For a chain: its dups, the preferred one first. Protected by the thread mutex.</summary>
     public List<KsmStableNode>? Dups;

@@ -1,7 +1,7 @@
 // PageMigrator: moves one page to a new frame while the processes that map it keep running (Linux's
 // unmap_and_move: migrate_folio_unmap, then migrate_folio_move), the engine that migrate_pages, KSM
-// page migration and hot-remove are to be built on. Today it moves anonymous and shared-anonymous pages
-// (not KSM pages, not compound pages) wherever they are mapped, through the reverse map; its caller is
+// page migration and hot-remove are to be built on. Today it moves anonymous, shared-anonymous and KSM
+// pages (not compound pages) wherever they are mapped, through the reverse map; its caller is
 // AddressSpace.TryReplacePage (Mm/AddressSpace.Replace.cs).
 //
 // Locking: the old page's lock (trylock) and the new frame's; the reverse map takes the anon_vma or shmem
@@ -54,7 +54,7 @@ internal static class PageMigrator
     /// the page moved, Lru.Putback otherwise).
     /// </summary>
     /// <returns>None; EBUSY (locked by another mechanism, pinned, or in use elsewhere); EAGAIN (its
-    /// mappings changed under us: try again); EINVAL (not an anonymous or shared-anonymous page);
+    /// mappings changed under us: try again); EINVAL (not an anonymous, shared-anonymous or KSM page);
     /// ENOMEM (no frame on the target node).</returns>
     public static unsafe Errno MovePage(Machine machine, long pfn, int targetNode)
     {
@@ -67,7 +67,8 @@ internal static class PageMigrator
             ref PageDescriptor oldPage = ref memMap[pfn];
             ulong mapping = oldPage.Mapping;
             ulong tag = mapping & PageDescriptor.MappingTagMask;
-            if (mapping == 0 || tag is PageDescriptor.MappingMovable or PageDescriptor.MappingKsm || memMap.IsCompound(pfn) ||
+            // KSM pages move too (ksm-migrate): their mappings are found through the stable node's items.
+            if (mapping == 0 || tag == PageDescriptor.MappingMovable || (tag == PageDescriptor.MappingKsm && machine.Ksm is null) || memMap.IsCompound(pfn) ||
                 (oldPage.Flags & (ulong)PageFlags.Reserved) != 0)
                 return Errno.EINVAL;
             ShmemObject? shmem = tag == 0 ? machine.Mappings.Find<ShmemObject>((long)(mapping >> 2)) : null;
@@ -147,6 +148,12 @@ internal static class PageMigrator
         // Past this line the page lives in the new frame.
         if (shmem is not null)
             machine.PutPage(pfn); // the old frame's page-cache reference
+        // KSM (ksm-migrate; the engine must keep this call at this point): after the copy, before the PTEs
+        // are restored, with both pages locked, the stable node switches to the new frame. The KSM rmap
+        // walk of the new page below finds the mappings only through a node that names it. A KSM page
+        // holds no reference of KSM's (the stable node names it by pfn), so the check above is the anon one.
+        if ((oldPage.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm)
+            machine.Ksm!.MigratePage(pfn, newPfn);
         machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
         Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
         machine.Lru.Add(newPfn); // still holding the allocation's reference

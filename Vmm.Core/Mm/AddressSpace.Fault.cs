@@ -202,11 +202,18 @@ internal sealed unsafe partial class AddressSpace
             bool exclusive = memMap.TestFlag(oldPfn, PageFlags.AnonExclusive);
             if (!exclusive && !IsKsmPage(oldPfn) && memMap.MapCount(oldPfn) == 1)
             {
-                // One mapping, and a second reference with PG_lru clear: it may be the add batch's of this
-                // processor (a page faulted, forked and left by the child). Drain it and look again, as
-                // Linux does; a batch of another processor is not drained (the page is copied instead).
+                // One mapping, and a second reference with PG_lru clear: it may be an add batch's (a page
+                // faulted, forked, and copied away from by the child). Drain this processor's batch and
+                // look again, as Linux does; then, unlike Linux, every batch: a host thread is not bound
+                // to the processor its fault ran on (it may have moved since), and a page that is ours
+                // alone is reused, not copied, whichever slot it waits in. The page's Add happened before
+                // the PTE we hold locked was installed, so DrainAll's lock-free emptiness check sees its batch.
                 if (memMap.RefCount(oldPfn) == 2 && !memMap.TestFlag(oldPfn, PageFlags.Lru))
+                {
                     _machine.Lru.DrainLocal();
+                    if (memMap.RefCount(oldPfn) == 2 && !memMap.TestFlag(oldPfn, PageFlags.Lru))
+                        _machine.Lru.DrainAll();
+                }
                 if (memMap.RefCount(oldPfn) == 1)
                 {
                     memMap.SetFlag(oldPfn, PageFlags.AnonExclusive);

@@ -285,6 +285,18 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>
+    /// Whether the PTE at va is a migration entry (its page is being moved): the scanner keeps the
+    /// stable rmap item of such an address instead of dropping it. A hint, read without the pte lock.
+    /// Preconditions: mmap_lock held.
+    /// </summary>
+    public bool KsmIsMigrationEntry(ulong va)
+    {
+        LockAssert.MmapLockHeld(this);
+        ulong* slot = FindPte(va, out _);
+        return slot != null && new Pte(Volatile.Read(ref *slot)).IsMigrationEntry;
+    }
+
+    /// <summary>
     /// replace_page: if the PTE at <paramref name="va"/> still holds <paramref name="orig"/>, maps
     /// <paramref name="kpfn"/> (a KSM page, read-only) there instead, or the zero page as a KSM zero PTE
     /// when <paramref name="kpfn"/> is -1. The old page loses the mapping but not yet its reference: the
