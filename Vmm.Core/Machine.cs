@@ -1,12 +1,14 @@
 // Machine: the simulated computer, and the hub through which the mechanisms reach each other. Owns the
 // arena ("physical memory"), the frame descriptors (MemMap), the page lock, the page allocator, the
 // reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the LRU lists (Lru), the mapping-handle registry, KSM
-// (with ksmd and its memory-release worker), the shared zero page, and the processes; later kswapd and
+// (with ksmd and its memory-release worker), the shared zero page, the processes, the cpusets and the
+// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs); later kswapd and
 // the offliner. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
 // GetPageInfo, GetMemoryBlock, Audit); Dispose's order is in MachineCall.cs and docs/architecture.md.
 //
 // Locking: the process table is a ConcurrentDictionary; the zero page's one-time allocation takes
-// _zeroPageLock (readers Volatile.Read its pfn); the machine-wide counters are atomic. Every public call
+// _zeroPageLock (readers Volatile.Read its pfn); the cpuset tree and memberships take CpusetLock
+// (before any mmap_lock); the machine-wide counters are atomic. Every public call
 // opens a MachineCall first. docs/locking.md has the whole order.
 using System.Collections.Concurrent;
 using Vmm.Memory;
