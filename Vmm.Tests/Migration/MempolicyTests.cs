@@ -459,6 +459,27 @@ public sealed class MempolicyTests
     }
 
     [Test]
+    public void Preferred_many_uses_its_nodes_first_and_the_cpuset_in_the_fallback()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess filler = machine.CreateProcess(homeNode: 2);
+        filler.SetMempolicy(MempolicyMode.Bind, NodeMask.Of(2));
+        ulong big = filler.Mmap(8UL << 20);
+        Assert.Throws<InsufficientMemoryException>(() => filler.Fill(big, 8UL << 20, 1), "node 2 is now full");
+
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(0, 2, 3));
+        cs.Attach(p);
+        p.SetMempolicy(MempolicyMode.PreferredMany, NodeMask.Of(2, 3));
+        ulong va = p.Mmap(4 * Page);
+        p.Fill(va, 4 * Page, 1);
+        for (ulong i = 0; i < 4; i++)
+            Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(3), "node 2 is full: the other preferred node, not the home node");
+        filler.Exit();
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_vma_policy_wins_over_the_task_policy()
     {
         using Machine machine = TestMachines.Create(FourNodes);
