@@ -11,7 +11,9 @@
 // (before any mmap_lock); the machine-wide counters are atomic. Every public call
 // opens a MachineCall first. docs/locking.md has the whole order.
 using System.Collections.Concurrent;
+using System.Collections.Frozen;
 using Vmm.Memory;
+using Vmm.Migration;
 using Vmm.Mm;
 using Vmm.Native;
 using Vmm.Rmap;
@@ -77,6 +79,7 @@ public sealed unsafe partial class Machine : IDisposable
             Lru = new LruLists(this);
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
+            Migration = new MigrationEngine(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
@@ -221,8 +224,8 @@ public sealed unsafe partial class Machine : IDisposable
     /// <summary>Copy-on-write faults that copied a page. Atomic.</summary>
     internal long CowFaults;
 
-    /// <summary>pgmigrate_success: pages moved to a new frame under running threads. Atomic.</summary>
-    internal long PagesMigrated;
+    /// <summary>The page migration engine (migrate_pages) and its counters.</summary>
+    internal MigrationEngine Migration { get; }
 
     /// <summary>The per-node LRU lists of user pages and their per-CPU add batches (Memory/Lru.cs).</summary>
     internal LruLists Lru { get; }
@@ -343,19 +346,36 @@ public sealed unsafe partial class Machine : IDisposable
     public VmStats GetVmStats()
     {
         using MachineCall call = EnterCall();
-        return new VmStats(Volatile.Read(ref CowFaults), Volatile.Read(ref PagesMigrated),
+        return new VmStats(Volatile.Read(ref CowFaults), Migration.TotalSucceeded,
             Volatile.Read(ref PageTablePagesTotal), TlbShootdown.Flushes, Ksm?.GetStats().CowKsm ?? 0);
     }
 
     /// <summary>
+    /// Page migration counters: pgmigrate_success and pgmigrate_fail, in total and by reason.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public MigrationStats GetMigrationStats()
+    {
+        using MachineCall call = EnterCall();
+        var succeeded = new Dictionary<MigrateReason, long>();
+        var failed = new Dictionary<MigrateReason, long>();
+        foreach (MigrateReason reason in Enum.GetValues<MigrateReason>())
+        {
+            succeeded[reason] = Migration.SucceededFor(reason);
+            failed[reason] = Migration.FailedFor(reason);
+        }
+        return new MigrationStats(succeeded.Values.Sum(), failed.Values.Sum(), succeeded.ToFrozenDictionary(), failed.ToFrozenDictionary());
+    }
+
+    /// <summary>
     /// The counters <see cref="ReadVmStat"/> knows, by their /proc/vmstat names: nr_free_pages,
-    /// nr_page_table_pages, pgmigrate_success, cow_ksm, nr_tlb_remote_flush (the TLB shootdowns of this
-    /// host process), nr_inactive_anon, nr_active_anon, nr_isolated_anon (pages on the LRU lists of all
-    /// nodes, and isolated from them; pages still in a per-CPU add batch are on none), and Vmm's own
-    /// cow_faults (copy-on-write faults that copied a page; Linux has no such line).
+    /// nr_page_table_pages, pgmigrate_success, pgmigrate_fail, cow_ksm, nr_tlb_remote_flush (the TLB
+    /// shootdowns of this host process), nr_inactive_anon, nr_active_anon, nr_isolated_anon (pages on
+    /// the LRU lists of all nodes, and isolated from them; pages still in a per-CPU add batch are on
+    /// none), and Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
-        ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
+        ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "pgmigrate_fail", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
          "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon"];
 
     /// <summary>
@@ -377,6 +397,7 @@ public sealed unsafe partial class Machine : IDisposable
             "nr_free_pages" => GetStats().Nodes.Sum(n => n.Zones.Sum(z => z.FreePages)),
             "nr_page_table_pages" => stats.PageTablePages,
             "pgmigrate_success" => stats.PgMigrateSuccess,
+            "pgmigrate_fail" => Migration.TotalFailed,
             "cow_ksm" => stats.CowKsm,
             "nr_tlb_remote_flush" => stats.TlbFlushes,
             "nr_inactive_anon" => GetStats().Nodes.Sum(n => n.InactiveAnonPages),

@@ -109,3 +109,15 @@ public readonly record struct MemoryBlockInfo(int Block, int Node, ZoneType Zone
 /// <param name="TlbFlushes">TLB shootdowns run in this host process (every machine counts here).</param>
 /// <param name="CowKsm">write faults that copied a KSM page (cow_ksm); counted in CowFaults too.</param>
 public sealed record VmStats(long CowFaults, long PgMigrateSuccess, long PageTablePages, long TlbFlushes, long CowKsm);
+
+/// <summary>
+/// Page migration counters: /proc/vmstat's pgmigrate_success and pgmigrate_fail (pages, all reasons),
+/// and the same split by the reason the pages were migrated for (every <see cref="MigrateReason"/> is a key).
+/// </summary>
+/// <remarks>Instances are immutable (each is a snapshot, never changed after the machine makes it): safe to share between threads.</remarks>
+/// <param name="Succeeded">pages moved to a new frame (pgmigrate_success).</param>
+/// <param name="Failed">pages a migration gave up on (pgmigrate_fail).</param>
+/// <param name="SucceededByReason">pgmigrate_success by reason.</param>
+/// <param name="FailedByReason">pgmigrate_fail by reason.</param>
+public sealed record MigrationStats(long Succeeded, long Failed,
+    IReadOnlyDictionary<MigrateReason, long> SucceededByReason, IReadOnlyDictionary<MigrateReason, long> FailedByReason);

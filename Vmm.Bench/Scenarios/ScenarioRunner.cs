@@ -57,6 +57,7 @@ internal static class ScenarioRunner
         new KsmScenario(),
         new KsmUnmergeScenario(),
         new KsmIndexScenario(),
+        new MigrateScenario(),
     ];
 
     public static int Run(string[] args)

@@ -88,6 +88,10 @@ internal static unsafe class Auditor
                     }
                     long pfn = pte.Pfn;
                     mapcount[pfn] = mapcount.GetValueOrDefault(pfn) + 1;
+                    // A page lock outlives no mechanism: one still held here was leaked (a migration
+                    // that forgot an old page or its new frame, say).
+                    if (mapcount[pfn] == 1 && memMap.TestFlag(pfn, PageFlags.Locked))
+                        problems.Add($"{process}: frame {pfn} mapped at 0x{va:x} is still PG_locked");
                     references[pfn] = references.GetValueOrDefault(pfn) + 1;
                     if ((pte.Value & Pte.UserBit) != 0 && !vma.CanRead)
                         problems.Add($"{process}: PTE at 0x{va:x} allows access in a PROT_NONE VMA");

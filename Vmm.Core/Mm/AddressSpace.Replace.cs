@@ -1,10 +1,10 @@
 // Moving the page behind one virtual address to a new frame while the process's threads keep using it:
-// look the page up, take a reference under the pte lock, and hand it to the page migrator, which finds
-// every mapping through the reverse map (see Migration/PageMigrator.cs for the freeze-verify-commit
-// sequence).
+// look the page up, take a reference under the pte lock, isolate it from its LRU list, and hand it to
+// the migration engine as a list of one page in SYNC mode; the engine finds every mapping through the
+// reverse map (see Migration/MigrationEngine.cs for the freeze-verify-commit sequence).
 //
 // Locking: the mmap_lock for read and the pte lock only to find the page and take a reference; the
-// LRU isolation (lru_lock) and the migrator run after both are released (they need neither).
+// LRU isolation (lru_lock) and the engine run after both are released (they need neither).
 using Vmm.Memory;
 using Vmm.Migration;
 
@@ -13,8 +13,10 @@ namespace Vmm.Mm;
 internal sealed unsafe partial class AddressSpace
 {
     /// <summary>Moves the page mapped at <paramref name="va"/> to a new frame on <paramref name="targetNode"/>.</summary>
-    /// <returns>None; EFAULT if nothing is mapped there; ENOENT for the zero page; otherwise the
-    /// migrator's answer (EBUSY, EAGAIN, ENOMEM).</returns>
+    /// <returns>None; EFAULT if nothing is mapped there; ENOENT for the zero page; EBUSY if the page
+    /// is being migrated already (isolated by another mover), is pinned, locked or in use elsewhere
+    /// through every pass, or is of a kind the engine does not move; ENOMEM if no frame is free on the
+    /// target node.</returns>
     public Errno TryReplacePage(ulong va, int targetNode)
     {
         long pfn;
@@ -41,31 +43,40 @@ internal sealed unsafe partial class AddressSpace
         {
             MmapLock.ExitReadLock();
         }
+
+        // Isolate it from its LRU list; a new page may still sit in an add batch (PG_lru clear): drain
+        // this processor's, then all, as the migration calls do. The isolation holds its own reference,
+        // which the engine drops when the page moves and PutbackMovablePages when it does not.
+        LruLists lru = _machine.Lru;
+        bool isolated = lru.Isolate(pfn);
+        if (!isolated)
+        {
+            lru.DrainLocal();
+            isolated = lru.Isolate(pfn);
+            if (!isolated)
+            {
+                lru.DrainAll();
+                isolated = lru.Isolate(pfn);
+            }
+        }
+        _machine.PutPage(pfn); // ours; the isolation's (if any) keeps the page
+        if (!isolated)
+            return Errno.EBUSY; // isolated by another mover, or not an LRU page
+
+        MigrationEngine engine = _machine.Migration;
+        List<long> from = engine.RentList();
         try
         {
-            // Isolate it from its LRU list; a new page may still sit in an add batch (PG_lru clear):
-            // drain this processor's, then all, as the migration calls do.
-            LruLists lru = _machine.Lru;
-            if (!lru.Isolate(pfn))
-            {
-                lru.DrainLocal();
-                if (!lru.Isolate(pfn))
-                {
-                    lru.DrainAll();
-                    if (!lru.Isolate(pfn))
-                        return Errno.EBUSY; // isolated by another mover
-                }
-            }
-            Errno result = PageMigrator.MovePage(_machine, pfn, targetNode);
-            if (result == Errno.None)
-                lru.ReleaseIsolated(pfn);
-            else
-                lru.Putback(pfn);
-            return result;
+            from.Add(pfn);
+            int rc = engine.MigratePages(from,
+                _ => _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, targetNode),
+                null, MigrateMode.Sync, MigrateReason.Syscall, out _);
+            return rc == 0 ? Errno.None : rc == -(int)Errno.ENOMEM ? Errno.ENOMEM : Errno.EBUSY;
         }
         finally
         {
-            _machine.PutPage(pfn);
+            engine.PutbackMovablePages(from);
+            engine.ReturnList(from);
         }
     }
 }

@@ -17,7 +17,7 @@
 //
 // Why Mm/ and not Rmap/: the object is the backing store of a kind of VMA (it lists Vmas, and the fault
 // path and mmap/munmap are its callers); the reverse map only looks it up by handle (RmapWalker,
-// PageMigrator), as it looks up anon_vmas.
+// MigrationEngine), as it looks up anon_vmas.
 using Vmm.Diagnostics;
 using Vmm.Memory;
 

@@ -7,7 +7,9 @@
 //
 // On top of the walk: PageReferenced (test and clear accessed bits), TryToUnmap (replace every mapping
 // with a non-present entry; TryToMigrate makes them migration entries, later swap entries) and
-// RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). A KSM
+// RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). The
+// migration engine unmaps a whole batch of pages before one flush: TryToMigrate with an UnmapBatch
+// (UnmapBatch.cs, Linux's TTU_BATCH_FLUSH) collects the touched mms and FlushBatch flushes them. A KSM
 // page has no anon_vma of its own: Walk hands it to Ksm.RmapWalk (rmap_walk_ksm, Ksm/Ksm.Rmap.cs).
 // The caller holds the page lock; the walk takes the anon_vma lock (or shmem lock), then each pte lock.
 //
@@ -84,9 +86,12 @@ internal sealed unsafe class RmapWalker
             }
             try
             {
-                foreach (AnonVmaChain chain in anonVma.Chains.ToArray())
+                // No copy of the list: every change to it is made under the lock held here, and no
+                // visitor changes it (a copy per walk was two allocations per migrated page).
+                List<AnonVmaChain> chains = anonVma.Chains;
+                for (int i = 0; i < chains.Count; i++)
                 {
-                    if (!Visit(pfn, chain.Vma, index, control))
+                    if (!Visit(pfn, chains[i].Vma, index, control))
                         return;
                 }
             }
@@ -204,19 +209,43 @@ internal sealed unsafe class RmapWalker
     /// </summary>
     public bool TryToMigrate(long pfn)
     {
+        var batch = new UnmapBatch(_machine.MemMap);
+        bool unmapped = TryToMigrate(pfn, batch);
+        FlushBatch(batch);
+        return unmapped;
+    }
+
+    /// <summary>
+    /// try_to_migrate with TTU_BATCH_FLUSH: as <see cref="TryToMigrate(long)"/>, without the flush; the
+    /// mms whose PTEs changed are added to <paramref name="batch"/>, and the caller flushes them with
+    /// <see cref="FlushBatch"/> before it copies or frees the page. Returns true if no mapping is left.
+    /// Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    public bool TryToMigrate(long pfn, UnmapBatch batch)
+    {
         LockAssert.PageLocked(_machine.PageLock, pfn);
         LockAssert.Referenced(_machine.MemMap, pfn);
         MemMap memMap = _machine.MemMap;
-        // Exclusivity is read for each PTE under its pte lock, not once before the walk: a fork that
-        // runs meanwhile clears PG_anon_exclusive (under the parent's pte lock) before it shares the
-        // page, and an entry made from a stale "exclusive" would let both processes write one frame.
-        bool unmapped = TryToUnmap(pfn, pte => Pte.SwapEntry(
-            pte.IsWrite ? Pte.MigrationWriteType
-            : memMap.TestFlag(pte.Pfn, PageFlags.AnonExclusive) ? Pte.MigrationReadExclusiveType
-            : Pte.MigrationReadType, pte.Pfn), null);
+        Walk(pfn, batch.MigrateControl);
+        bool unmapped = memMap.MapCount(pfn) == 0;
         if (unmapped)
             memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
         return unmapped;
+    }
+
+    /// <summary>
+    /// try_to_unmap_flush: bumps the generation of every mm the batch touched and runs one TLB flush
+    /// for all of them (none if nothing changed). After it, no thread reaches any page the batch
+    /// unmapped through a stale translation.
+    /// </summary>
+    public void FlushBatch(UnmapBatch batch)
+    {
+        if (batch.Touched.Count == 0)
+            return;
+        foreach (AddressSpace mm in batch.Touched)
+            mm.BumpGeneration();
+        batch.Touched.Clear();
+        _machine.Tlb.Flush();
     }
 
     /// <summary>
@@ -271,32 +300,17 @@ internal sealed unsafe class RmapWalker
     /// Preconditions: both pages locked (the walk of the new page needs its lock, as Linux's
     /// rmap_walk_locked does; the migrator locks the new frame before any PTE or cache names it).
     /// </summary>
-    public void RemoveMigrationPtes(long oldPfn, long newPfn)
+    public void RemoveMigrationPtes(long oldPfn, long newPfn) => RemoveMigrationPtes(oldPfn, newPfn, new UnmapBatch(_machine.MemMap));
+
+    /// <summary>
+    /// remove_migration_ptes with the walk control of <paramref name="batch"/> (no allocation).
+    /// Preconditions: both pages locked.
+    /// </summary>
+    public void RemoveMigrationPtes(long oldPfn, long newPfn, UnmapBatch batch)
     {
         LockAssert.PageLocked(_machine.PageLock, oldPfn);
         LockAssert.PageLocked(_machine.PageLock, newPfn);
-        MemMap memMap = _machine.MemMap;
-        Walk(newPfn, new RmapWalkControl
-        {
-            RmapOne = (page, vma, address) =>
-            {
-                ChangePte(vma, address,
-                    pte =>
-                    {
-                        if (!pte.IsMigrationEntry || pte.SwapOffset != oldPfn)
-                            return null;
-                        bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
-                        return Pte.Make(newPfn, write, dirty: write, accessed: true, user: vma.CanRead);
-                    },
-                    old =>
-                    {
-                        memMap.GetPage(newPfn);
-                        Interlocked.Increment(ref memMap[newPfn].MapCount);
-                        if (old.IsExclusiveMigrationEntry && !vma.IsShared)
-                            memMap.SetFlag(newPfn, PageFlags.AnonExclusive);
-                    });
-                return true;
-            },
-        });
+        batch.PrepareRestore(oldPfn, newPfn);
+        Walk(newPfn, batch.RestoreControl);
     }
 }

@@ -124,7 +124,7 @@ public sealed class KsmMigrationTests
         machine.PageLock.Lock(newPfn);
         Assert.That(machine.Rmap.TryToMigrate(oldPfn), Is.True);
         Assert.That(machine.MemMap.RefCount(oldPfn), Is.EqualTo(1), "a KSM page holds no reference of KSM's: only the migrator's is left");
-        PageMigrator.CopyPage(machine, oldPfn, newPfn);
+        MigrationEngine.CopyPage(machine, oldPfn, newPfn);
         ksm.MigratePage(oldPfn, newPfn);
 
         // A lookup now: the latecomer's page finds the stable node, whose old frame no longer names it.

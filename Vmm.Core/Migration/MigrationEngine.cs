@@ -1,0 +1,610 @@
+// MigrationEngine: moves isolated pages to new frames while the processes that map them keep running
+// (Linux's mm/migrate.c: migrate_pages, migrate_pages_batch, migrate_pages_sync, migrate_folio_unmap,
+// migrate_folio_move, putback_movable_pages). It is the one home of page migration: move_pages,
+// migrate_pages, mbind, cpusets, KSM page migration, hot-remove and AddressSpace.TryReplacePage all
+// stand on MigratePages.
+//
+// Locking: page locks of the old pages and of their new frames (trylock in ASYNC mode and in the batched
+// phase; waited for only when a page is migrated alone, so a batch that holds many page locks never
+// sleeps on another one); the reverse map takes the anon_vma or shmem lock and the pte locks
+// (RmapWalker.cs; for a KSM page, the stable node's items: Ksm.RmapWalk); for shared memory the verify,
+// copy and page-cache switch run under the shmem object's lock. No mmap_lock: fork copies PTEs under the pte lock (docs/locking.md, "Fork versus the
+// migrator"). Lock order: page lock (old) -> page lock (new) -> anon_vma / shmem lock -> pte lock.
+//
+// The caller isolates the pages first: each page of `from` holds one reference that the engine owns
+// (Lru.Isolate's), dropped when the page has moved; a page that did not move stays on `from` with it.
+//
+// Freeze, verify, commit, for a batch of up to 512 pages (Linux 6.3's batched migration):
+//   1. unmap, for each page: allocate the new frame, lock the old page (trylock in ASYNC mode) and the
+//      new frame (fresh: nobody else can hold it), then replace every PTE that maps the old page with
+//      a migration entry (RmapWalker.TryToMigrate with an UnmapBatch), without flushing. A thread that
+//      faults on an entry sleeps on the page lock. A page still mapped somewhere (a fork raced) is
+//      mapped back and retried in the next pass;
+//   2. one TLB flush for every mm the batch touched: from here no thread touches an old frame;
+//   3. for each page, verify: the only references left are the isolation's (and the page cache's,
+//      for shared memory). Anything more is a pin or a racing user: EAGAIN, retried in the next pass
+//      with the page still frozen (as Linux does), mapped back to its old frame after the last pass;
+//   4. copy the contents and the descriptor's identity (mapping, index, flags) to the new frame;
+//   5. commit, the point of no return: the page cache (shared memory) or the stable node (KSM,
+//      Ksm.MigratePage) and every migration entry now name the new frame;
+//   6. unlock both; the new frame goes on its LRU, the old one loses the isolation reference and is freed.
+//
+// The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
+// are retried in the next pass, permanent failures are not; ENOMEM (no new frame) stops the loop and
+// leaves the pages not tried on `from`. In SYNC and SYNC_LIGHT modes a batch is first tried in ASYNC
+// mode for 3 passes (migrate_pages_sync), then each page that failed is retried alone, waiting for its
+// lock, for the remaining 7.
+using Microsoft.Extensions.ObjectPool;
+using Vmm.Diagnostics;
+using Vmm.Memory;
+using Vmm.Mm;
+using Vmm.Native;
+using Vmm.Rmap;
+
+namespace Vmm.Migration;
+
+/// <summary>The migration engine of one machine (Linux's migrate_pages). Thread-safe: each call works on its own pooled batch.</summary>
+internal sealed class MigrationEngine
+{
+    /// <summary>NR_MAX_MIGRATE_PAGES_RETRY: passes over a batch before an EAGAIN page counts as failed.</summary>
+    internal const int MaxPasses = 10;
+
+    /// <summary>NR_MAX_MIGRATE_ASYNC_RETRY: the ASYNC passes of a SYNC migration's batched phase.</summary>
+    internal const int AsyncPasses = 3;
+
+    /// <summary>NR_MAX_BATCHED_MIGRATION: the most pages unmapped before one flush.</summary>
+    internal const int MaxBatch = 512;
+
+    // PG_anon_exclusive is not carried: while the page is unmapped it lives in the migration entries,
+    // and the restore sets it on the new frame from them. PG_active moves with the page (its LRU list).
+    private const PageFlags Carried = PageFlags.SwapBacked | PageFlags.Dirty | PageFlags.Referenced | PageFlags.Uptodate |
+                                      PageFlags.Active | PageFlags.Workingset;
+
+    private static readonly int ReasonCount = Enum.GetValues<MigrateReason>().Length;
+
+    private readonly Machine _machine;
+    private readonly ObjectPool<MigrationBatch> _batches;
+    private readonly ObjectPool<List<long>> _lists;
+    private readonly long[] _succeeded = new long[ReasonCount];
+    private readonly long[] _failed = new long[ReasonCount];
+
+    public MigrationEngine(Machine machine)
+    {
+        _machine = machine;
+        int retained = Math.Max(4, Environment.ProcessorCount * 2);
+        _batches = new DefaultObjectPool<MigrationBatch>(new BatchPolicy(machine.MemMap), retained);
+        _lists = new DefaultObjectPool<List<long>>(new ListPolicy(), retained);
+    }
+
+    /// <summary>What a step did with one page.</summary>
+    private enum Outcome
+    {
+        /// <summary>MIGRATEPAGE_UNMAP: frozen, waiting for the batch's flush and move.</summary>
+        Unmapped,
+        /// <summary>MIGRATEPAGE_SUCCESS: moved (or freed under us), the isolation reference dropped.</summary>
+        Done,
+        /// <summary>-EAGAIN: try again in the next pass.</summary>
+        Again,
+        /// <summary>A permanent failure (-EBUSY, -EINVAL...): not retried in this batch.</summary>
+        Failed,
+        /// <summary>-ENOMEM: no new frame; the loop stops.</summary>
+        NoMemory,
+    }
+
+    /// <summary>Per-call counts (Linux's struct migrate_pages_stats).</summary>
+    private struct Stats
+    {
+        public int Succeeded;
+        public int FailedPages;
+    }
+
+    /// <summary>
+    /// The most pages unmapped before one flush: <see cref="MaxBatch"/>, lowered only by benchmarks that
+    /// measure what batching saves (1 gives the unbatched engine: one flush per page).
+    /// </summary>
+    internal int BatchLimit
+    {
+        get => _batchLimit;
+        set => _batchLimit = value is >= 1 and <= MaxBatch ? value : throw new ArgumentOutOfRangeException(nameof(value), value, "1 to 512");
+    }
+
+    private int _batchLimit = MaxBatch;
+
+    /// <summary>A work list from the engine's pool, for callers that build a <c>from</c> list; give it back with <see cref="ReturnList"/>.</summary>
+    public List<long> RentList() => _lists.Get();
+
+    /// <summary>Gives back a list from <see cref="RentList"/> (it is cleared).</summary>
+    public void ReturnList(List<long> list) => _lists.Return(list);
+
+    /// <summary>pgmigrate_success for <paramref name="reason"/>.</summary>
+    public long SucceededFor(MigrateReason reason) => Volatile.Read(ref _succeeded[(int)reason]);
+
+    /// <summary>pgmigrate_fail for <paramref name="reason"/>.</summary>
+    public long FailedFor(MigrateReason reason) => Volatile.Read(ref _failed[(int)reason]);
+
+    /// <summary>pgmigrate_success, all reasons.</summary>
+    public long TotalSucceeded
+    {
+        get
+        {
+            long sum = 0;
+            for (int r = 0; r < ReasonCount; r++)
+                sum += Volatile.Read(ref _succeeded[r]);
+            return sum;
+        }
+    }
+
+    /// <summary>pgmigrate_fail, all reasons.</summary>
+    public long TotalFailed
+    {
+        get
+        {
+            long sum = 0;
+            for (int r = 0; r < ReasonCount; r++)
+                sum += Volatile.Read(ref _failed[r]);
+            return sum;
+        }
+    }
+
+    /// <summary>
+    /// migrate_pages: moves each page of <paramref name="from"/> to the frame
+    /// <paramref name="allocate"/> gives for it. Preconditions: each page of <paramref name="from"/> is
+    /// isolated and holds one reference the engine owns (the isolation's); no page lock held.
+    /// </summary>
+    /// <param name="from">the isolated pages; on return, exactly the pages not migrated, still isolated
+    /// (give them back with <see cref="PutbackMovablePages"/>).</param>
+    /// <param name="allocate">returns a new frame for a page (referenced, not zeroed) or <see cref="PageAllocator.NoPfn"/>.</param>
+    /// <param name="free">takes back a new frame that was not used; null: it is put.</param>
+    /// <param name="mode">ASYNC never waits for a page lock; SYNC_LIGHT and SYNC wait once a page is tried alone.</param>
+    /// <param name="reason">whose counters the pages count in.</param>
+    /// <param name="succeeded">how many pages moved.</param>
+    /// <returns>the number of pages not migrated, or <c>-(int)Errno.ENOMEM</c> when a frame could not
+    /// be allocated (the loop stopped there).</returns>
+    public int MigratePages(List<long> from, Func<long, long> allocate, Action<long>? free, MigrateMode mode, MigrateReason reason, out int succeeded)
+    {
+        ArgumentNullException.ThrowIfNull(from);
+        ArgumentNullException.ThrowIfNull(allocate);
+        if ((uint)reason >= (uint)ReasonCount)
+            throw new ArgumentOutOfRangeException(nameof(reason), reason, "no such reason");
+        MigrationBatch batch = _batches.Get();
+        var stats = default(Stats);
+        int rcGather = 0;
+        int next = 0;
+        try
+        {
+            batch.Allocate = allocate;
+            batch.Free = free;
+            while (next < from.Count)
+            {
+                int n = Math.Min(_batchLimit, from.Count - next);
+                for (int i = 0; i < n; i++)
+                    batch.Work.Add(from[next + i]);
+                next += n;
+                int rc = mode == MigrateMode.Async
+                    ? MigrateBatch(batch, batch.Work, MigrateMode.Async, MaxPasses, batch.Failed, ref stats)
+                    : MigrateSync(batch, mode, ref stats);
+                // Pages still on the work list ran out of passes (or were not tried after ENOMEM).
+                batch.Failed.AddRange(batch.Work);
+                batch.Work.Clear();
+                if (rc < 0)
+                {
+                    rcGather = rc;
+                    break;
+                }
+                rcGather += rc;
+            }
+            for (int i = next; i < from.Count; i++)
+                batch.Failed.Add(from[i]);
+            from.Clear();
+            from.AddRange(batch.Failed);
+        }
+        finally
+        {
+            _batches.Return(batch);
+        }
+        Interlocked.Add(ref _succeeded[(int)reason], stats.Succeeded);
+        Interlocked.Add(ref _failed[(int)reason], stats.FailedPages);
+        succeeded = stats.Succeeded;
+        return rcGather;
+    }
+
+    /// <summary>
+    /// putback_movable_pages: gives back every page left on <paramref name="from"/> after
+    /// <see cref="MigratePages"/> (each loses its isolation reference) and empties the list.
+    /// </summary>
+    public void PutbackMovablePages(List<long> from)
+    {
+        ArgumentNullException.ThrowIfNull(from);
+        foreach (long pfn in from)
+        {
+            // Non-LRU movable pages (issue 13) will go back to their owner here (putback_movable_ops_page).
+            _machine.Lru.Putback(pfn);
+        }
+        from.Clear();
+    }
+
+    /// <summary>
+    /// migrate_pages_sync: the batch in ASYNC mode first (trylocks only: a batch holding many page locks
+    /// must never sleep on another one), then every page that failed alone, in <paramref name="mode"/>,
+    /// for the remaining passes. Failures of the first phase are not counted: they are retried.
+    /// </summary>
+    private int MigrateSync(MigrationBatch batch, MigrateMode mode, ref Stats stats)
+    {
+        var first = default(Stats);
+        int rc = MigrateBatch(batch, batch.Work, MigrateMode.Async, AsyncPasses, batch.Retry, ref first);
+        stats.Succeeded += first.Succeeded;
+        if (rc < 0)
+        {
+            stats.FailedPages += first.FailedPages;
+            batch.Work.AddRange(batch.Retry); // back to the caller, which puts them on the failed list
+            batch.Retry.Clear();
+            return rc;
+        }
+
+        // The pages left on the work list (out of passes) and those that failed, one by one.
+        batch.Retry.InsertRange(0, batch.Work);
+        batch.Work.Clear();
+        int failed = 0;
+        for (int i = 0; i < batch.Retry.Count; i++)
+        {
+            batch.Single.Add(batch.Retry[i]);
+            rc = MigrateBatch(batch, batch.Single, mode, MaxPasses - AsyncPasses, batch.Failed, ref stats);
+            batch.Failed.AddRange(batch.Single);
+            batch.Single.Clear();
+            if (rc < 0)
+            {
+                for (int j = i + 1; j < batch.Retry.Count; j++)
+                    batch.Work.Add(batch.Retry[j]);
+                batch.Retry.Clear();
+                return rc;
+            }
+            failed += rc;
+        }
+        batch.Retry.Clear();
+        return failed;
+    }
+
+    /// <summary>
+    /// migrate_pages_batch: unmaps the pages of <paramref name="work"/> for up to
+    /// <paramref name="passes"/> passes, flushes once, then moves the unmapped ones for up to as many
+    /// passes. Permanent failures, and pages that ran out of move passes, go to <paramref name="failed"/>;
+    /// pages that ran out of unmap passes stay on <paramref name="work"/> (and after ENOMEM, the pages
+    /// not tried). Returns the number of pages that failed, or -ENOMEM.
+    /// </summary>
+    private int MigrateBatch(MigrationBatch batch, List<long> work, MigrateMode mode, int passes, List<long> failed, ref Stats stats)
+    {
+        int nrFailed = 0;
+        int retry = 1;
+        int rcSaved = 0;
+        batch.UnmappedCount = 0;
+        for (int pass = 0; pass < passes && retry > 0; pass++)
+        {
+            retry = 0;
+            int keep = 0;
+            for (int i = 0; i < work.Count; i++)
+            {
+                long pfn = work[i];
+                switch (Unmap(batch, pfn, mode))
+                {
+                    case Outcome.NoMemory:
+                        // Memory is low: stop trying, move what is unmapped, and leave the rest on the list.
+                        nrFailed++;
+                        stats.FailedPages += 1 + retry;
+                        for (int j = i; j < work.Count; j++)
+                            work[keep++] = work[j];
+                        work.RemoveRange(keep, work.Count - keep);
+                        rcSaved = -(int)Errno.ENOMEM;
+                        goto Move;
+                    case Outcome.Again:
+                        retry++;
+                        work[keep++] = pfn;
+                        break;
+                    case Outcome.Done:
+                        stats.Succeeded++;
+                        break;
+                    case Outcome.Unmapped:
+                        break;
+                    default:
+                        nrFailed++;
+                        stats.FailedPages++;
+                        failed.Add(pfn);
+                        break;
+                }
+            }
+            work.RemoveRange(keep, work.Count - keep);
+        }
+        nrFailed += retry;
+        stats.FailedPages += retry;
+
+    Move:
+        // One flush for every page unmapped above.
+        _machine.Rmap.FlushBatch(batch.Unmap);
+        retry = 1;
+        for (int pass = 0; pass < passes && retry > 0; pass++)
+        {
+            retry = 0;
+            int keep = 0;
+            for (int i = 0; i < batch.UnmappedCount; i++)
+            {
+                switch (Move(batch, ref batch.Unmapped[i]))
+                {
+                    case Outcome.Again:
+                        retry++;
+                        batch.Unmapped[keep++] = batch.Unmapped[i];
+                        break;
+                    case Outcome.Done:
+                        stats.Succeeded++;
+                        break;
+                    default:
+                        throw new VmBugException("migrate_folio_move can only succeed or ask again");
+                }
+            }
+            batch.UnmappedCount = keep;
+        }
+        nrFailed += retry;
+        stats.FailedPages += retry;
+
+        // Pages still frozen after the last pass: mapped back to their old frames.
+        for (int i = 0; i < batch.UnmappedCount; i++)
+        {
+            ref Entry entry = ref batch.Unmapped[i];
+            UndoSource(batch, entry.Src, entry.WasMapped);
+            failed.Add(entry.Src);
+            UndoDestination(batch, entry.Dst);
+            entry = default;
+        }
+        batch.UnmappedCount = 0;
+        return rcSaved != 0 ? rcSaved : nrFailed;
+    }
+
+    /// <summary>
+    /// migrate_folio_unmap: allocates and locks the new frame, locks the page and replaces its mappings
+    /// with migration entries (no flush). On <see cref="Outcome.Unmapped"/> the page is queued on the
+    /// batch, both pages locked. Preconditions: the page holds the isolation reference.
+    /// </summary>
+    private Outcome Unmap(MigrationBatch batch, long src, MigrateMode mode)
+    {
+        LockAssert.Referenced(_machine.MemMap, src);
+        MemMap memMap = _machine.MemMap;
+        if (memMap.RefCount(src) == 1 && (Volatile.Read(ref memMap[src].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingKsm)
+        {
+            // Freed from under us: only the isolation reference is left (its last mapping went away,
+            // or the page cache dropped it), and nothing can map it again. Nothing to move: done, as
+            // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge.
+            ReleaseSource(src);
+            return Outcome.Done;
+        }
+        long dst = batch.Allocate(src);
+        if (dst == PageAllocator.NoPfn)
+            return Outcome.NoMemory;
+        if (!_machine.PageLock.TryLock(src))
+        {
+            if (mode == MigrateMode.Async)
+            {
+                FreeDestination(batch, dst);
+                return Outcome.Again;
+            }
+            _machine.PageLock.Lock(src);
+        }
+
+        Outcome outcome = Classify(src, out ShmemObject? shmem);
+        if (outcome == Outcome.Unmapped && memMap[src].PinCount != 0)
+            outcome = Outcome.Again; // pinned: its contents may change behind any copy
+        if (outcome != Outcome.Unmapped)
+        {
+            _machine.PageLock.Unlock(src);
+            FreeDestination(batch, dst);
+            return outcome;
+        }
+
+        // The new frame is locked too, as in Linux: once the page cache or a PTE names it, another
+        // mechanism could find it, and must not work on it before the migration is done. Nobody else
+        // knows the frame yet, so the trylock cannot fail.
+        if (!_machine.PageLock.TryLock(dst))
+            throw new VmBugException($"the new frame {dst} of a migration was locked by someone else");
+        bool wasMapped = memMap.MapCount(src) > 0;
+        if (wasMapped && !_machine.Rmap.TryToMigrate(src, batch.Unmap))
+        {
+            // A mapping was left (the walk missed a PTE being copied by fork, say): map the page back
+            // where it is frozen already and try again next pass. Its mms stay on the batch's flush.
+            _machine.Rmap.RemoveMigrationPtes(src, src, batch.Unmap);
+            _machine.PageLock.Unlock(dst);
+            FreeDestination(batch, dst);
+            _machine.PageLock.Unlock(src);
+            return Outcome.Again;
+        }
+        batch.Unmapped[batch.UnmappedCount++] = new Entry(src, dst, shmem, wasMapped);
+        return Outcome.Unmapped;
+    }
+
+    /// <summary>
+    /// Which kind of page <paramref name="src"/> is: <see cref="Outcome.Unmapped"/> for one the engine
+    /// moves (anonymous; shared memory, with its object), a permanent failure for one it cannot, EAGAIN
+    /// for a shared page whose object is going away. Preconditions: the page lock is held.
+    /// </summary>
+    private Outcome Classify(long src, out ShmemObject? shmem)
+    {
+        LockAssert.PageLocked(_machine.PageLock, src);
+        shmem = null;
+        MemMap memMap = _machine.MemMap;
+        ref PageDescriptor page = ref memMap[src];
+        ulong mapping = page.Mapping;
+        ulong tag = mapping & PageDescriptor.MappingTagMask;
+        if (mapping == 0 || memMap.IsCompound(src) || (page.Flags & (ulong)PageFlags.Reserved) != 0)
+            return Outcome.Failed;
+        if (tag == PageDescriptor.MappingMovable)
+            return Outcome.Failed; // non-LRU movable pages (movable_operations) come with issue 13
+        if (tag == PageDescriptor.MappingKsm)
+            return _machine.Ksm is null ? Outcome.Failed : Outcome.Unmapped; // its mappings: the stable node's items
+        if (tag == PageDescriptor.MappingAnon)
+            return Outcome.Unmapped;
+        shmem = _machine.Mappings.Find<ShmemObject>((long)(mapping >> 2));
+        return shmem is null ? Outcome.Again : Outcome.Unmapped; // no object: the page is being freed
+    }
+
+    /// <summary>
+    /// migrate_folio_move: verify, copy, commit, restore. <see cref="Outcome.Again"/> leaves the page
+    /// frozen for the next pass. Preconditions: both pages locked; the batch has been flushed.
+    /// </summary>
+    private Outcome Move(MigrationBatch batch, ref Entry entry)
+    {
+        long src = entry.Src;
+        long dst = entry.Dst;
+        LockAssert.PageLocked(_machine.PageLock, src);
+        LockAssert.PageLocked(_machine.PageLock, dst);
+        MemMap memMap = _machine.MemMap;
+        ref PageDescriptor oldPage = ref memMap[src];
+
+        // 3. Verify, 4. copy and 5. commit. For shared memory all three run under the object's lock:
+        // a fault takes its reference under that lock (ShmemObject.GetPage), so none can appear between
+        // the check and the switch of the page cache, and a page the cache dropped meanwhile is noticed.
+        if (entry.Shmem is { } shmem)
+        {
+            lock (shmem.Lock)
+            {
+                if (!shmem.Pages.TryGetValue((long)oldPage.Index, out long cached) || cached != src ||
+                    memMap.RefCount(src) != 2 || oldPage.PinCount != 0)
+                    return Outcome.Again;
+                CopyPage(_machine, src, dst);
+                memMap.GetPage(dst); // the page cache's reference
+                shmem.Pages[(long)oldPage.Index] = dst;
+            }
+            _machine.PutPage(src); // the old frame's page-cache reference (ours is still held)
+        }
+        else
+        {
+            // Anonymous: the isolation reference only. A pin, a fork that copied the page, or a fault
+            // that took a reference before the freeze shows up here.
+            // A KSM page holds no reference of KSM's (its stable node names it by pfn): the same check.
+            if (memMap.RefCount(src) != 1 || oldPage.PinCount != 0)
+                return Outcome.Again;
+            bool ksm = (oldPage.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm;
+            CopyPage(_machine, src, dst);
+            // ksm_migrate_folio: after the copy and before any PTE names the new frame, with both pages
+            // locked, the stable node switches to it; the KSM reverse-map walk of the restore below
+            // finds the mappings only through a node that names the new frame.
+            if (ksm)
+                _machine.Ksm!.MigratePage(src, dst);
+        }
+
+        // Past this line the page lives in the new frame. It joins the LRU (the list PG_active names)
+        // before its PTEs come back, as Linux's migrate_folio_move does; the allocation's reference is
+        // still ours, the add batch takes its own.
+        _machine.Lru.Add(dst);
+        if (entry.WasMapped)
+            _machine.Rmap.RemoveMigrationPtes(src, dst, batch.Unmap);
+        Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);
+        _machine.PageLock.Unlock(dst);
+        _machine.PutPage(dst); // the allocation's reference: the mappings (or the cache) hold their own now
+        _machine.PageLock.Unlock(src);
+        ReleaseSource(src);
+        entry = default;
+        return Outcome.Done;
+    }
+
+    /// <summary>migrate_folio_undo_src: maps the page back to its old frame and unlocks it. Preconditions: the page lock is held.</summary>
+    private void UndoSource(MigrationBatch batch, long src, bool wasMapped)
+    {
+        LockAssert.PageLocked(_machine.PageLock, src);
+        if (wasMapped)
+            _machine.Rmap.RemoveMigrationPtes(src, src, batch.Unmap);
+        _machine.PageLock.Unlock(src);
+    }
+
+    /// <summary>migrate_folio_undo_dst: unlocks the unused new frame and gives it back. Preconditions: its lock is held.</summary>
+    private void UndoDestination(MigrationBatch batch, long dst)
+    {
+        LockAssert.PageLocked(_machine.PageLock, dst);
+        _machine.PageLock.Unlock(dst);
+        FreeDestination(batch, dst);
+    }
+
+    private void FreeDestination(MigrationBatch batch, long dst)
+    {
+        if (batch.Free is { } free)
+            free(dst);
+        else
+            _machine.PutPage(dst);
+    }
+
+    /// <summary>
+    /// migrate_folio_done: a page that moved (or was freed under us) leaves the isolated list and loses
+    /// the isolation reference, which frees it.
+    /// </summary>
+    private void ReleaseSource(long src) => _machine.Lru.ReleaseIsolated(src);
+
+    /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
+    internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)
+    {
+        MemMap memMap = machine.MemMap;
+        PageOps.Copy(machine.Arena.FrameAddress(newPfn), machine.Arena.FrameAddress(pfn));
+        ref PageDescriptor oldPage = ref memMap[pfn];
+        ref PageDescriptor newPage = ref memMap[newPfn];
+        newPage.Mapping = oldPage.Mapping;
+        newPage.Index = oldPage.Index;
+        Interlocked.Or(ref newPage.Flags, oldPage.Flags & (ulong)Carried);
+    }
+
+    /// <summary>A page frozen by the unmap step, waiting for the move step.</summary>
+    private record struct Entry(long Src, long Dst, ShmemObject? Shmem, bool WasMapped);
+
+    /// <summary>One call's working state (Linux's on-stack lists of migrate_pages), pooled.</summary>
+    private sealed class MigrationBatch
+    {
+        public MigrationBatch(MemMap memMap) => Unmap = new UnmapBatch(memMap);
+
+        public UnmapBatch Unmap { get; }
+
+        /// <summary>The batch being migrated (Linux's folios list).</summary>
+        public List<long> Work { get; } = new(MaxBatch);
+
+        /// <summary>migrate_pages_sync's list of pages to retry alone.</summary>
+        public List<long> Retry { get; } = new(MaxBatch);
+
+        /// <summary>The one page being retried alone.</summary>
+        public List<long> Single { get; } = new(1);
+
+        /// <summary>Pages that will not move (Linux's ret_folios).</summary>
+        public List<long> Failed { get; } = [];
+
+        /// <summary>Pages frozen by the unmap step (Linux's unmap_folios and dst_folios).</summary>
+        public Entry[] Unmapped { get; } = new Entry[MaxBatch];
+
+        public int UnmappedCount { get; set; }
+
+        public Func<long, long> Allocate { get; set; } = null!;
+
+        public Action<long>? Free { get; set; }
+    }
+
+    private sealed class BatchPolicy(MemMap memMap) : IPooledObjectPolicy<MigrationBatch>
+    {
+        public MigrationBatch Create() => new(memMap);
+
+        public bool Return(MigrationBatch batch)
+        {
+            batch.Work.Clear();
+            batch.Retry.Clear();
+            batch.Single.Clear();
+            batch.Failed.Clear();
+            batch.Unmap.Touched.Clear();
+            batch.UnmappedCount = 0;
+            batch.Allocate = null!;
+            batch.Free = null;
+            if (batch.Failed.Capacity > 4 * MaxBatch)
+                batch.Failed.Capacity = 4 * MaxBatch; // a huge call's list is not kept forever
+            return true;
+        }
+    }
+
+    private sealed class ListPolicy : IPooledObjectPolicy<List<long>>
+    {
+        public List<long> Create() => new(1);
+
+        public bool Return(List<long> list)
+        {
+            list.Clear();
+            return list.Capacity <= 4 * MaxBatch;
+        }
+    }
+}
