@@ -109,9 +109,11 @@ public sealed partial class VmProcess
     /// <paramref name="flags"/>; EPERM for MoveAll without CAP_SYS_NICE; EINVAL for a misaligned address, a
     /// range that wraps, or nodes the mode does not accept (as <see cref="SetMempolicy"/>); EFAULT when part
     /// of the range is not mapped (Default accepts holes, but not a range with no mapping at all); EIO with
-    /// Strict when a page of the range already lies outside <paramref name="nodes"/> (the policy is then not
-    /// applied, as Linux 6.7+). A zero length does nothing. Move and MoveAll are not built yet (they need
-    /// the migration engine): EINVAL.
+    /// Strict alone when a page of the range already lies outside <paramref name="nodes"/> (the policy is
+    /// then not applied, as Linux 6.7+). Move migrates the pages of the range that lie outside the nodes and
+    /// that this process alone maps to where the new policy puts them (MoveAll: shared pages too); with
+    /// Strict, a page that could not be moved (pinned, busy, no frame) makes the call EIO after the policy
+    /// was applied. A zero length does nothing.
     /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Mbind(ulong address, ulong length, MempolicyMode mode, NodeMask nodes,

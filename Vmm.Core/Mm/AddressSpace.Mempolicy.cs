@@ -12,18 +12,22 @@
 // applied. Otherwise every VMA of the range is split to the range and given the policy, then merged
 // with its neighbours where everything, the policy included (mpol_equal), is equal (mbind_range).
 //
-// MPOL_MF_MOVE / MPOL_MF_MOVE_ALL (moving the misplaced pages with the migration engine) are not built
-// yet: they return EINVAL, after the checks above that come first in Linux. The follow-up part of
-// issue 11 ("the calls": mbind MOVE, move_pages, migrate_pages, cpuset memory_migrate) adds them on top
-// of the engine and LRU isolation; QueuePagesRange is where the pages to move are collected.
+// MPOL_MF_MOVE / MPOL_MF_MOVE_ALL: with the LRU add cache disabled (lru_cache_disable), the walk isolates
+// every present page of the range on a node outside the given nodes (MOVE: only a page this process
+// alone maps; a shared one is skipped, not failed); after the policy is applied and the mmap_lock
+// dropped, the migration engine moves them (MIGRATE_SYNC, MR_MEMPOLICY_MBIND), each to the node the new
+// policy gives for its offset (alloc_migration_target_by_mpol). Pages that could not be isolated or moved
+// make the call EIO with STRICT, and are otherwise ignored, as Linux's nr_failed.
 //
 // Locking: the mmap_lock for write (set_mempolicy, mbind, and a cpuset's rebind, which also holds the
-// cpuset lock, taken before it), for read (get_mempolicy, faults). Policies are immutable: readers
+// cpuset lock, taken before it), for read (get_mempolicy, faults); mbind's walk takes each pte lock
+// and, inside it, the LRU lock (Lru.Isolate); the migration runs with no mmap_lock held. Policies are immutable: readers
 // load the reference once.
 using System.Numerics;
 using System.Runtime.CompilerServices;
 using Vmm.Diagnostics;
 using Vmm.Memory;
+using Vmm.Migration;
 
 namespace Vmm.Mm;
 
@@ -236,38 +240,83 @@ internal sealed unsafe partial class AddressSpace
         if (end == start)
             return Errno.None;
 
-        MmapLock.EnterWriteLock();
+        bool move = (flags & (MovePolicyFlags.Move | MovePolicyFlags.MoveAll)) != 0;
+        MigrationEngine engine = _machine.Migration;
+        List<long>? pages = null;
+        Mempolicy? target = null;
+        int failed = 0;
+        if (move)
+        {
+            // lru_cache_disable: every page already faulted leaves its add batch for its list (so it can
+            // be isolated), and new ones go straight to their list until the call ends.
+            _machine.Lru.DisableCache();
+            pages = engine.RentList();
+        }
         try
         {
-            error = Mempolicy.TryCreate(mode, modeFlags, nodes, MemsAllowed, out Mempolicy? policy);
-            if (error != Errno.None)
-                return error;
-            if ((flags & (MovePolicyFlags.Move | MovePolicyFlags.MoveAll)) != 0)
+            MmapLock.EnterWriteLock();
+            try
             {
-                // Moving the misplaced pages needs the migration engine and LRU isolation: the follow-up
-                // "calls" part of issue 11 implements MPOL_MF_MOVE / MOVE_ALL here (QueuePagesRange
-                // collecting the pages, migrate_pages with MR_MEMPOLICY_MBIND). Until then: refused.
-                return Errno.EINVAL;
+                error = Mempolicy.TryCreate(mode, modeFlags, nodes, MemsAllowed, out Mempolicy? policy);
+                if (error != Errno.None)
+                    return error;
+                error = QueuePagesRange(start, end, nodes.Bits, flags, discontiguousOk: policy is null, pages, ref failed);
+                if (error != Errno.None)
+                    return error;
+                MbindRange(start, end, policy);
+                target = policy ?? TaskPolicy; // DEFAULT's pages go where the task policy (or local) says
             }
-            error = QueuePagesRange(start, end, nodes.Bits, flags, discontiguousOk: policy is null);
-            if (error != Errno.None)
-                return error;
-            MbindRange(start, end, policy);
-            return Errno.None;
+            finally
+            {
+                MmapLock.ExitWriteLock();
+            }
+            if (pages is { Count: > 0 })
+            {
+                // alloc_migration_target_by_mpol: each page's new frame where the policy puts its offset,
+                // inside the cpuset. The mmap_lock is not needed while the engine works (Linux 6.7+).
+                MemMap memMap = _machine.MemMap;
+                ulong mems = MemsAllowed;
+                int rc = engine.MigratePages(pages,
+                    src => Mempolicy.AllocPage(_machine, AllocFlags.Movable | AllocFlags.NoZero, target, InterleaveIndexOf(memMap, src), HomeNode, mems),
+                    null, MigrateMode.Sync, MigrateReason.MempolicyMbind, out _);
+                if (rc != 0)
+                    failed++; // Linux: nr_failed |= migrate_pages(...); only STRICT reports it
+            }
+            return failed != 0 && (flags & MovePolicyFlags.Strict) != 0 ? Errno.EIO : Errno.None;
         }
         finally
         {
-            MmapLock.ExitWriteLock();
+            if (pages is not null)
+            {
+                engine.PutbackMovablePages(pages);
+                engine.ReturnList(pages);
+            }
+            if (move)
+                _machine.Lru.EnableCache();
         }
     }
 
     /// <summary>
-    /// queue_pages_range with MPOL_MF_INVERT, for the checks it makes without moving anything: EFAULT for
-    /// a hole (unless <paramref name="discontiguousOk"/>) or a range with no VMA; with STRICT alone, EIO
-    /// at the first present page whose node is not in <paramref name="nodes"/> (the user's mask, as
-    /// Linux), or the first migration entry. Preconditions: mmap_lock held for write.
+    /// The interleave index of a page being moved: an anonymous page's index (vm_pgoff + its page in the
+    /// VMA, as the fault computed it), a shared page's object handle + index (shmem_get_pgoff_policy).
     /// </summary>
-    private Errno QueuePagesRange(ulong start, ulong end, ulong nodes, MovePolicyFlags flags, bool discontiguousOk)
+    private static ulong InterleaveIndexOf(MemMap memMap, long pfn)
+    {
+        ref PageDescriptor page = ref memMap[pfn];
+        ulong mapping = page.Mapping;
+        return (mapping & PageDescriptor.MappingTagMask) == 0 ? (mapping >> 2) + page.Index : page.Index;
+    }
+
+    /// <summary>
+    /// queue_pages_range with MPOL_MF_INVERT: EFAULT for a hole (unless <paramref name="discontiguousOk"/>)
+    /// or a range with no VMA. With STRICT alone, EIO at the first present page whose node is not in
+    /// <paramref name="nodes"/> (the user's mask, as Linux), or the first migration entry. With MOVE /
+    /// MOVE_ALL, each such page is isolated onto <paramref name="pages"/> (MOVE: only a page this process
+    /// alone maps; a shared one is skipped, which is no failure), and one that cannot be isolated counts in
+    /// <paramref name="failed"/>. Preconditions: mmap_lock held for write.
+    /// </summary>
+    private Errno QueuePagesRange(ulong start, ulong end, ulong nodes, MovePolicyFlags flags, bool discontiguousOk,
+        List<long>? pages, ref int failed)
     {
         LockAssert.MmapLockHeld(this, write: true);
         bool strictOnly = (flags & (MovePolicyFlags.Strict | MovePolicyFlags.Move | MovePolicyFlags.MoveAll)) == MovePolicyFlags.Strict;
@@ -283,6 +332,8 @@ internal sealed unsafe partial class AddressSpace
                 return Errno.EFAULT; // a hole in the middle or at the tail
             if (strictOnly && HasMisplacedPage(vma, Math.Max(start, vma.Start), Math.Min(end, vma.End), nodes))
                 return Errno.EIO;
+            if (pages is not null)
+                failed += QueueMisplacedPages(vma, Math.Max(start, vma.Start), Math.Min(end, vma.End), nodes, flags, pages);
             vma = next;
         }
         return Errno.None;
@@ -312,6 +363,61 @@ internal sealed unsafe partial class AddressSpace
             va += PageSize;
         }
         return false;
+    }
+
+    /// <summary>
+    /// queue_folios_pte_range with MOVE / MOVE_ALL (migrate_folio_add): isolates every present page of
+    /// [from, to) (not the zero page) whose node is not in <paramref name="nodes"/> onto
+    /// <paramref name="pages"/>, under its pte lock. Returns the pages that should move but cannot be
+    /// isolated (and migration entries: a page already moving). Preconditions: mmap_lock held for write.
+    /// </summary>
+    private int QueueMisplacedPages(Vma vma, ulong from, ulong to, ulong nodes, MovePolicyFlags flags, List<long> pages)
+    {
+        LockAssert.MmapLockHeld(this, write: true);
+        MemMap memMap = _machine.MemMap;
+        bool moveAll = (flags & MovePolicyFlags.MoveAll) != 0;
+        int failed = 0;
+        for (ulong va = from; va < to;)
+        {
+            ulong* slot = FindPte(va, out long ptePfn);
+            if (slot == null)
+            {
+                va = SkipToPageTable(va, to);
+                continue;
+            }
+            LockPte(ptePfn);
+            try
+            {
+                var pte = new Pte(Volatile.Read(ref *slot));
+                if (pte.IsMigrationEntry)
+                {
+                    failed++;
+                }
+                else if (pte.IsPresent && !pte.IsSpecial && (nodes & (1UL << _machine.Topology.NodeOf(pte.Pfn))) == 0)
+                {
+                    long pfn = pte.Pfn;
+                    // Unless MOVE_ALL, a page other processes map too stays (folio_maybe_mapped_shared),
+                    // and that is not a failure.
+                    if (moveAll || memMap.MapCount(pfn) <= 1)
+                    {
+                        // The PTE's mapping keeps the page alive under the pte lock; Isolate wants a
+                        // reference of the caller's own, and takes the isolation's.
+                        memMap.GetPage(pfn);
+                        if (_machine.Lru.Isolate(pfn))
+                            pages.Add(pfn);
+                        else
+                            failed++; // in another mover's hands, or not on an LRU list
+                        _machine.PutPage(pfn);
+                    }
+                }
+            }
+            finally
+            {
+                UnlockPte(ptePfn);
+            }
+            va += PageSize;
+        }
+        return failed;
     }
 
     /// <summary>

@@ -247,17 +247,6 @@ public sealed class MempolicyTests
     }
 
     [Test]
-    public void Move_and_move_all_are_refused_until_the_migration_engine_lands()
-    {
-        using Machine machine = TestMachines.Create();
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(Page);
-        Assert.That(p.Mbind(va, Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.Move), Is.EqualTo(Errno.EINVAL));
-        Assert.That(p.Mbind(va, Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.MoveAll | MovePolicyFlags.Strict), Is.EqualTo(Errno.EINVAL));
-        Assert.That(PolicyAt(p, va).Mode, Is.EqualTo((int)MempolicyMode.Default), "nothing applied");
-    }
-
-    [Test]
     public void Mbind_over_a_hole_is_EFAULT_and_changes_nothing()
     {
         using Machine machine = TestMachines.Create();
@@ -604,6 +593,106 @@ public sealed class MempolicyTests
         Assert.That(parent.SetMempolicy(MempolicyMode.Default, NodeMask.Empty), Is.EqualTo(Errno.None));
         child.GetMempolicy(out mode, out _);
         Assert.That(mode & 0xff, Is.EqualTo((int)MempolicyMode.Interleave), "the child's copy is its own");
+        TestMachines.AssertAuditClean(machine);
+    }
+    // ============================================================================================
+    // MPOL_MF_MOVE / MPOL_MF_MOVE_ALL
+    // ============================================================================================
+
+    [Test]
+    public void Move_migrates_the_misplaced_pages_to_the_policys_nodes()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        ulong va = p.Mmap(8 * Page);
+        for (ulong i = 0; i < 8; i++)
+            p.Write<ulong>(va + i * Page, 0xABC0 + i);
+        long before = machine.GetMigrationStats().Succeeded;
+        Assert.That(p.Mbind(va, 8 * Page, MempolicyMode.Bind, NodeMask.Of(2), MempolicyFlags.None, MovePolicyFlags.Move | MovePolicyFlags.Strict), Is.EqualTo(Errno.None));
+        for (ulong i = 0; i < 8; i++)
+        {
+            Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(2), $"page {i} moved");
+            Assert.That(p.Read<ulong>(va + i * Page), Is.EqualTo(0xABC0 + i), $"page {i} kept its contents");
+        }
+        Assert.That(machine.GetMigrationStats().Succeeded - before, Is.EqualTo(8));
+        Assert.That(PolicyAt(p, va), Is.EqualTo(((int)MempolicyMode.Bind, NodeMask.Of(2))));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Move_interleaves_the_moved_pages_by_offset()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        ulong va = p.Mmap(8 * Page);
+        p.Fill(va, 8 * Page, 0x11);
+        Assert.That(p.Mbind(va, 8 * Page, MempolicyMode.Interleave, NodeMask.Of(1, 3), MempolicyFlags.None, MovePolicyFlags.Move), Is.EqualTo(Errno.None));
+        for (ulong i = 0; i < 8; i++)
+            Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(((va >> 12) + i) % 2 == 0 ? 1 : 3), $"page {i}");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Move_leaves_pages_other_processes_map_and_move_all_takes_them()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess parent = machine.CreateProcess(homeNode: 0);
+        ulong va = parent.Mmap(2 * Page);
+        parent.Fill(va, 2 * Page, 0x22);
+        VmProcess child = parent.Fork(); // both pages now shared copy-on-write
+        Assert.That(parent.Mbind(va, 2 * Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.Move | MovePolicyFlags.Strict), Is.EqualTo(Errno.None),
+            "a shared page skipped by MOVE is not a failure");
+        Assert.That(NodeOf(parent, va), Is.Zero);
+        Assert.That(parent.Mbind(va, 2 * Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.None));
+        Assert.That((NodeOf(parent, va), NodeOf(child, va)), Is.EqualTo((1, 1)), "the page moved for both");
+        Assert.That(child.Read<byte>(va + 5), Is.EqualTo(0x22));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Move_of_a_pinned_page_fails_and_strict_makes_that_EIO()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        ulong va = p.Mmap(2 * Page);
+        p.Fill(va, 2 * Page, 0x33);
+        using (PinnedMemory pin = p.Pin(va, Page, write: true))
+        {
+            Assert.That(p.Mbind(va, 2 * Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.Move | MovePolicyFlags.Strict), Is.EqualTo(Errno.EIO));
+            Assert.That(NodeOf(p, va), Is.Zero, "the pinned page stayed");
+            Assert.That(NodeOf(p, va + Page), Is.EqualTo(1), "the other moved");
+            Assert.That(PolicyAt(p, va), Is.EqualTo(((int)MempolicyMode.Bind, NodeMask.Of(1))), "with MOVE the policy is applied before the migration");
+            Assert.That(p.Mbind(va, 2 * Page, MempolicyMode.Bind, NodeMask.Of(2), MempolicyFlags.None, MovePolicyFlags.Move), Is.EqualTo(Errno.None), "without STRICT the failure is silent");
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Move_all_needs_CAP_SYS_NICE_and_checks_the_current_credentials()
+    {
+        using Machine machine = TestMachines.Create();
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(Page);
+        p.Write<int>(va, 1);
+        Assert.That(p.Mbind(va, Page, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.None));
+        Assert.That(p.Capset(Capabilities.None, Capabilities.None), Is.EqualTo(Errno.None));
+        Assert.That(p.Mbind(va, Page, MempolicyMode.Bind, NodeMask.Of(0), MempolicyFlags.None, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.EPERM));
+        Assert.That(p.Mbind(va, Page, MempolicyMode.Bind, NodeMask.Of(0), MempolicyFlags.None, MovePolicyFlags.Move), Is.EqualTo(Errno.None));
+        Assert.That(NodeOf(p, va), Is.Zero);
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Move_of_shared_memory_pages_follows_the_policy()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        Assert.That(p.Mmap(0, 4 * Page, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
+        p.Fill(va, 4 * Page, 0x44);
+        Assert.That(p.Mbind(va, 4 * Page, MempolicyMode.Bind, NodeMask.Of(3), MempolicyFlags.None, MovePolicyFlags.Move | MovePolicyFlags.Strict), Is.EqualTo(Errno.None));
+        for (ulong i = 0; i < 4; i++)
+            Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(3));
+        Assert.That(p.Read<byte>(va + 3 * Page + 7), Is.EqualTo(0x44));
         TestMachines.AssertAuditClean(machine);
     }
 }
