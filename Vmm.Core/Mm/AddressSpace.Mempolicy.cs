@@ -352,7 +352,10 @@ internal sealed unsafe partial class AddressSpace
             ulong* slot = FindPte(va, out _);
             if (slot == null)
             {
-                va = SkipToPageTable(va, to);
+                // No PTE table here: on to the next one (NextPteTable, not SkipToPageTable, which takes
+                // the mmap_lock we already hold for write).
+                if (NextPteTable(ref va, to, out _) == null)
+                    break;
                 continue;
             }
             var pte = new Pte(Volatile.Read(ref *slot));
@@ -382,7 +385,10 @@ internal sealed unsafe partial class AddressSpace
             ulong* slot = FindPte(va, out long ptePfn);
             if (slot == null)
             {
-                va = SkipToPageTable(va, to);
+                // No PTE table here: on to the next one (NextPteTable, not SkipToPageTable, which takes
+                // the mmap_lock we already hold for write).
+                if (NextPteTable(ref va, to, out _) == null)
+                    break;
                 continue;
             }
             LockPte(ptePfn);

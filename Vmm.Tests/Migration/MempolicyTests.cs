@@ -298,6 +298,19 @@ public sealed class MempolicyTests
     }
 
     [Test]
+    public void Strict_and_move_walk_ranges_without_page_tables()
+    {
+        using Machine machine = TestMachines.Create();
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(8UL << 20); // never touched: no page table below it
+        p.Write<int>(va + (6UL << 20), 1); // one table, far into the range
+        Assert.That(p.Mbind(va, 8UL << 20, MempolicyMode.Bind, NodeMask.Of(0), MempolicyFlags.None, MovePolicyFlags.Strict), Is.EqualTo(Errno.None));
+        Assert.That(p.Mbind(va, 8UL << 20, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.Move | MovePolicyFlags.Strict), Is.EqualTo(Errno.None));
+        Assert.That(NodeOf(p, va + (6UL << 20)), Is.EqualTo(1));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Strict_ignores_the_zero_page()
     {
         using Machine machine = TestMachines.Create();
@@ -614,7 +627,9 @@ public sealed class MempolicyTests
             Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(2), $"page {i} moved");
             Assert.That(p.Read<ulong>(va + i * Page), Is.EqualTo(0xABC0 + i), $"page {i} kept its contents");
         }
-        Assert.That(machine.GetMigrationStats().Succeeded - before, Is.EqualTo(8));
+        MigrationStats stats = machine.GetMigrationStats();
+        Assert.That(stats.Succeeded - before, Is.EqualTo(8));
+        Assert.That(stats.SucceededByReason[MigrateReason.MempolicyMbind], Is.EqualTo(8), "counted as MR_MEMPOLICY_MBIND");
         Assert.That(PolicyAt(p, va), Is.EqualTo(((int)MempolicyMode.Bind, NodeMask.Of(2))));
         TestMachines.AssertAuditClean(machine);
     }
@@ -693,6 +708,43 @@ public sealed class MempolicyTests
         for (ulong i = 0; i < 4; i++)
             Assert.That(NodeOf(p, va + i * Page), Is.EqualTo(3));
         Assert.That(p.Read<byte>(va + 3 * Page + 7), Is.EqualTo(0x44));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    [Category("Stress")]
+    public void Mbind_move_under_running_writers_loses_no_write()
+    {
+        using Machine machine = TestMachines.Create(FourNodes);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        const int pages = 64;
+        ulong va = p.Mmap(pages * Page);
+        var last = new long[pages];
+        using var done = new CancellationTokenSource();
+        Task writer = Task.Run(() =>
+        {
+            for (long r = 1; !done.IsCancellationRequested; r++)
+            {
+                for (int i = 0; i < pages; i++)
+                {
+                    p.Write<long>(va + (ulong)i * Page + 8, r);
+                    Volatile.Write(ref last[i], r);
+                }
+            }
+        });
+        SpinWait.SpinUntil(() => Volatile.Read(ref last[pages - 1]) >= 2 || writer.IsCompleted, TimeSpan.FromSeconds(10));
+        int rounds = 30 * TestEnvironment.StressScale;
+        for (int round = 0; round < rounds; round++)
+        {
+            int node = (round + 1) % 4; // the pages start on node 0: the first round moves them all
+            Errno moved = p.Mbind(va, pages * Page, MempolicyMode.Bind, NodeMask.Of(node), MempolicyFlags.None, MovePolicyFlags.Move);
+            Assert.That(moved, Is.EqualTo(Errno.None), $"round {round}");
+        }
+        done.Cancel();
+        writer.Wait();
+        for (int i = 0; i < pages; i++)
+            Assert.That(p.Read<long>(va + (ulong)i * Page + 8), Is.EqualTo(last[i]), $"page {i}: the last write survived every move");
+        Assert.That(machine.GetMigrationStats().SucceededByReason[MigrateReason.MempolicyMbind], Is.GreaterThan(0));
         TestMachines.AssertAuditClean(machine);
     }
 }
