@@ -13,8 +13,8 @@
 // both give each process its new mems_allowed and rebind its task policy and every VMA policy
 // (mpol_rebind_task, mpol_rebind_mm; Migration/Mempolicy.cs says how each mode follows). With
 // memory_migrate set, Linux then moves the process's pages from the old mems to the new ones
-// (cpuset_migrate_mm -> do_migrate_pages); that needs the migration engine and is the follow-up
-// "calls" part of issue 11: the flag is kept, and SetMems / Attach mark the place with a comment.
+// (cpuset_migrate_mm -> do_migrate_pages); do_migrate_pages comes with migrate_pages(pid) in the
+// follow-up "calls" part of issue 11: the flag is kept, and SetMems / Attach mark the place with a comment.
 //
 // Locking: the machine's cpuset lock (Linux's cpuset_mutex, Machine.CpusetLock) protects the tree,
 // every cpuset's mems, flags and member list, and each process's cpuset; it is taken before any
@@ -126,7 +126,7 @@ public sealed class Cpuset
                 member.Mm.SetMemsAllowedLocked(mems.Bits);
                 // Seam for the follow-up "calls" part: with MemoryMigrate, Linux's cpuset_migrate_mm moves
                 // the member's pages from the old mems (SetMemsAllowedLocked returns them) to the new ones
-                // here (do_migrate_pages, MR_SYSCALL). Needs the migration engine; nothing moves yet.
+                // here (do_migrate_pages, MR_SYSCALL, which migrate_pages(pid) shares). Nothing moves yet.
             }
             return Errno.None;
         }
@@ -161,7 +161,8 @@ public sealed class Cpuset
             process.CpusetLocked = this;
             process.Mm.SetMemsAllowedLocked(_mems);
             // Seam for the follow-up "calls" part: with this cpuset's MemoryMigrate, cpuset_attach moves
-            // the process's pages from its old mems to these (cpuset_migrate_mm). Nothing moves yet.
+            // the process's pages from its old mems to these (cpuset_migrate_mm -> do_migrate_pages).
+            // Nothing moves yet.
             return Errno.None;
         }
     }
