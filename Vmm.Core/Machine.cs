@@ -1,12 +1,14 @@
 // Machine: the simulated computer, and the hub through which the mechanisms reach each other. Owns the
 // arena ("physical memory"), the frame descriptors (MemMap), the page lock, the page allocator, the
 // reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the LRU lists (Lru), the mapping-handle registry, KSM
-// (with ksmd and its memory-release worker), the shared zero page, and the processes; later kswapd and
+// (with ksmd and its memory-release worker), the shared zero page, the processes, the cpusets and the
+// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs); later kswapd and
 // the offliner. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
 // GetPageInfo, GetMemoryBlock, Audit); Dispose's order is in MachineCall.cs and docs/architecture.md.
 //
 // Locking: the process table is a ConcurrentDictionary; the zero page's one-time allocation takes
-// _zeroPageLock (readers Volatile.Read its pfn); the machine-wide counters are atomic. Every public call
+// _zeroPageLock (readers Volatile.Read its pfn); the cpuset tree and memberships take CpusetLock
+// (before any mmap_lock); the machine-wide counters are atomic. Every public call
 // opens a MachineCall first. docs/locking.md has the whole order.
 using System.Collections.Concurrent;
 using System.Collections.Frozen;
@@ -45,7 +47,7 @@ namespace Vmm;
 /// process.Write&lt;long&gt;(va, 42);
 /// </code>
 /// </example>
-public sealed unsafe class Machine : IDisposable
+public sealed unsafe partial class Machine : IDisposable
 {
     private static long s_lastId;
 
@@ -79,6 +81,9 @@ public sealed unsafe class Machine : IDisposable
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
+            NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
+            _interleaveWeights = CreateDefaultInterleaveWeights();
+            RootCpuset = new Cpuset(this, "/", null, NodesWithMemory);
         }
         catch
         {
@@ -256,6 +261,8 @@ public sealed unsafe class Machine : IDisposable
         if ((uint)homeNode >= (uint)Topology.NodeCount)
             throw new ArgumentOutOfRangeException(nameof(homeNode), homeNode, "no such node");
         var process = new VmProcess(this, Interlocked.Increment(ref _nextPid), credentials ?? Credentials.Root, new AddressSpace(this, homeNode));
+        lock (CpusetLock)
+            RootCpuset.JoinLocked(process);
         _processes[process.Pid] = process;
         return process;
     }
@@ -271,11 +278,20 @@ public sealed unsafe class Machine : IDisposable
     internal VmProcess RegisterFork(VmProcess parent, AddressSpace mm)
     {
         var child = new VmProcess(this, Interlocked.Increment(ref _nextPid), parent.Credentials, mm);
+        // The child joins its parent's cpuset as it is now (cpuset_fork), after fork released the
+        // parent's mmap_lock: the cpuset lock is taken before mmap_locks, never under one.
+        lock (CpusetLock)
+            parent.CpusetLocked.JoinLocked(child);
         _processes[child.Pid] = child;
         return child;
     }
 
-    internal void Unregister(VmProcess process) => _processes.TryRemove(process.Pid, out _);
+    internal void Unregister(VmProcess process)
+    {
+        lock (CpusetLock)
+            process.CpusetLocked.LeaveLocked(process);
+        _processes.TryRemove(process.Pid, out _);
+    }
 
     /// <summary>
     /// put_page: drops a reference; frees the frame when it was the last, after taking it off its LRU

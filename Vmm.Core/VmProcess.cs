@@ -57,6 +57,72 @@ public sealed partial class VmProcess
 
     internal AddressSpace Mm { get; }
 
+    private Cpuset? _cpuset; // written under the machine's cpuset lock; set before the process is published
+
+    /// <summary>The cpuset the process belongs to (its allocations stay inside its <see cref="Vmm.Cpuset.Mems"/>).</summary>
+    public Cpuset Cpuset => Volatile.Read(ref _cpuset)!;
+
+    /// <summary>The process's cpuset. Set only under the machine's cpuset lock.</summary>
+    internal Cpuset CpusetLocked
+    {
+        get => _cpuset!;
+        set => Volatile.Write(ref _cpuset, value);
+    }
+
+    /// <summary>
+    /// set_mempolicy: the process's memory policy, used by every fault of a mapping without its own
+    /// (<see cref="Mbind"/>). The nodes are restricted to the cpuset's mems (with
+    /// <see cref="MempolicyFlags.RelativeNodes"/>, folded onto them). EINVAL: an unknown mode or flag,
+    /// StaticNodes with RelativeNodes, nodes with Default or Local, none with Bind, Interleave,
+    /// WeightedInterleave or PreferredMany, a flag on Local or on Preferred without nodes (which
+    /// otherwise means Local), or no given node left inside the cpuset's mems.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno SetMempolicy(MempolicyMode mode, NodeMask nodes, MempolicyFlags flags = MempolicyFlags.None)
+    {
+        using MachineCall call = Machine.EnterCall();
+        return Mm.SetMempolicy(mode, nodes, flags);
+    }
+
+    /// <summary>
+    /// get_mempolicy. Without flags: the process's policy (<paramref name="mode"/> is the mode with its
+    /// MempolicyFlags bits or-ed in, as Linux; Default when none) and its nodes (the user's nodes for a
+    /// StaticNodes / RelativeNodes policy, empty for Default and Local). Address: the policy of the mapping
+    /// at <paramref name="address"/> (Default when it has none of its own). Node alone: the node the
+    /// process's Interleave / WeightedInterleave policy would use next. Node with Address: the node of the
+    /// page at the address, read-faulted in first. MemsAllowed alone: the cpuset's mems in
+    /// <paramref name="nodes"/>. EINVAL: an unknown flag, MemsAllowed with another flag, an address without
+    /// Address, Node alone without an interleave policy; EFAULT: no mapping at the address (or, with Node,
+    /// one that cannot be read); ENOMEM: no frame to fault the page in.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno GetMempolicy(out int mode, out NodeMask nodes, ulong address = 0, GetMempolicyFlags flags = GetMempolicyFlags.None)
+    {
+        using MachineCall call = Machine.EnterCall();
+        return Mm.GetMempolicy(out mode, out nodes, address, flags);
+    }
+
+    /// <summary>
+    /// mbind: gives [<paramref name="address"/>, + <paramref name="length"/> rounded up to pages) its own
+    /// memory policy (Default removes it), splitting and merging mappings at the edges. Errors in Linux's
+    /// order: EINVAL for an unknown mode or mode flag or StaticNodes with RelativeNodes, for unknown
+    /// <paramref name="flags"/>; EPERM for MoveAll without CAP_SYS_NICE; EINVAL for a misaligned address, a
+    /// range that wraps, or nodes the mode does not accept (as <see cref="SetMempolicy"/>); EFAULT when part
+    /// of the range is not mapped (Default accepts holes, but not a range with no mapping at all); EIO with
+    /// Strict alone when a page of the range already lies outside <paramref name="nodes"/> (the policy is
+    /// then not applied, as Linux 6.7+). Move migrates the pages of the range that lie outside the nodes and
+    /// that this process alone maps to where the new policy puts them (MoveAll: shared pages too); with
+    /// Strict, a page that could not be moved (pinned, busy, no frame) makes the call EIO after the policy
+    /// was applied. A zero length does nothing.
+    /// </summary>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno Mbind(ulong address, ulong length, MempolicyMode mode, NodeMask nodes,
+        MempolicyFlags modeFlags = MempolicyFlags.None, MovePolicyFlags flags = MovePolicyFlags.None)
+    {
+        using MachineCall call = Machine.EnterCall();
+        return Mm.Mbind(address, length, mode, nodes, modeFlags, flags, Credentials);
+    }
+
     /// <summary>
     /// The <see cref="Exception.Data"/> key under which an <see cref="InsufficientMemoryException"/> thrown
     /// by an access (Read, Write, Fill, typed access) carries the address (a <see cref="ulong"/>) whose

@@ -237,7 +237,78 @@ internal static unsafe class Auditor
         long free = machine.GetStats().AllFreePages;
         if (free + inUse != memMap.FrameCount)
             problems.Add($"free frames {free} + frames in use {inUse} != {memMap.FrameCount}");
+        AuditCpusetsAndPolicies(machine, problems);
         return problems;
+    }
+
+    /// <summary>
+    /// Cpusets and memory policies: the tree nests (a child's mems inside its parent's); every live
+    /// process is a member of exactly the cpuset it names, with that cpuset's mems as its mems_allowed;
+    /// every task and VMA policy is well formed (never DEFAULT, nodes of the machine, PREFERRED one node,
+    /// LOCAL none, the others some) and the nodes of BIND / INTERLEAVE / WEIGHTED_INTERLEAVE lie inside
+    /// the process's mems (rebinding keeps them there).
+    /// </summary>
+    private static void AuditCpusetsAndPolicies(Machine machine, List<string> problems)
+    {
+        lock (machine.CpusetLock)
+        {
+            var seen = new Dictionary<VmProcess, Cpuset>();
+            var pending = new Stack<Cpuset>();
+            pending.Push(machine.RootCpuset);
+            while (pending.Count > 0)
+            {
+                Cpuset cs = pending.Pop();
+                if (cs.Parent is { } parent && !cs.Mems.IsSubsetOf(parent.Mems))
+                    problems.Add($"{cs}: mems not inside its parent's ({parent.Mems})");
+                foreach (Cpuset child in cs.ChildrenLocked)
+                    pending.Push(child);
+                foreach (VmProcess member in cs.MembersLocked)
+                {
+                    if (!seen.TryAdd(member, cs))
+                        problems.Add($"{member} is a member of {cs} and of {seen[member]}");
+                    if (member.CpusetLocked != cs)
+                        problems.Add($"{member} is a member of {cs} but names {member.CpusetLocked}");
+                    if (member.Mm.MemsAllowed != cs.Mems.Bits)
+                        problems.Add($"{member}: mems_allowed {new NodeMask(member.Mm.MemsAllowed)}, its {cs} has {cs.Mems}");
+                }
+            }
+            foreach (VmProcess process in machine.Processes)
+            {
+                if (!process.HasExited && !seen.ContainsKey(process))
+                    problems.Add($"{process} is in no cpuset's member list");
+                AddressSpace mm = process.Mm;
+                mm.MmapLock.EnterReadLock();
+                try
+                {
+                    CheckPolicy(machine, $"{process}: task policy", mm.TaskPolicy, mm.MemsAllowed, problems);
+                    foreach (Vma vma in mm.Vmas)
+                        CheckPolicy(machine, $"{process}: policy of VMA {vma}", vma.Policy, mm.MemsAllowed, problems);
+                }
+                finally
+                {
+                    mm.MmapLock.ExitReadLock();
+                }
+            }
+        }
+    }
+
+    private static void CheckPolicy(Machine machine, string what, Mempolicy? policy, ulong mems, List<string> problems)
+    {
+        if (policy is null)
+            return;
+        int count = System.Numerics.BitOperations.PopCount(policy.Nodes);
+        bool shaped = policy.Mode switch
+        {
+            MempolicyMode.Default => false,
+            MempolicyMode.Local => count == 0,
+            MempolicyMode.Preferred => count == 1,
+            _ => count > 0,
+        };
+        if (!shaped || (policy.Nodes & ~machine.NodesWithMemory) != 0)
+            problems.Add($"{what}: malformed ({policy.Mode}, nodes {new NodeMask(policy.Nodes)})");
+        if (policy.Mode is MempolicyMode.Bind or MempolicyMode.Interleave or MempolicyMode.WeightedInterleave &&
+            (policy.Nodes & ~mems) != 0)
+            problems.Add($"{what}: {policy.Mode} nodes {new NodeMask(policy.Nodes)} outside the mems allowed {new NodeMask(mems)}");
     }
 
     private static void CheckAnonRmap(Machine machine, VmProcess process, Vma vma, ulong va, long pfn, List<string> problems)

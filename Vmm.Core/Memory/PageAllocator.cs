@@ -172,7 +172,50 @@ internal sealed unsafe partial class PageAllocator
     /// <param name="preferredNode">the node to try first, or <see cref="NumaNoNode"/>.</param>
     /// <returns>The first frame, or <see cref="NoPfn"/> if no zone could satisfy the request.</returns>
     /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
-    public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode)
+    public long AllocPages(int order = 0, AllocFlags flags = AllocFlags.None, int preferredNode = NumaNoNode) =>
+        AllocPagesFiltered(order, flags, preferredNode, default(AnyNode));
+
+    /// <summary>The node mask that restricts nothing (every node allowed).</summary>
+    public const ulong AllNodes = ulong.MaxValue;
+
+    /// <summary>
+    /// __alloc_pages(gfp, order, nid, nodemask): <see cref="AllocPages"/> on the zonelist of
+    /// <paramref name="preferredNode"/>, filtered by <paramref name="nodemask"/> (bit n: node n may be
+    /// used). Memory policies (BIND, PREFERRED_MANY) and cpusets pass their nodes here; a mask that
+    /// allows no node of the zonelist fails (NoPfn). <see cref="AllNodes"/> is <see cref="AllocPages"/> itself.
+    /// </summary>
+    /// <param name="order">0 to <see cref="MaxOrder"/>.</param>
+    /// <param name="flags">how the allocation may be satisfied.</param>
+    /// <param name="preferredNode">the node whose zonelist is walked, or <see cref="NumaNoNode"/>; it may be outside the mask (the walk then starts at the nearest allowed node).</param>
+    /// <param name="nodemask">the nodes that may be used.</param>
+    /// <returns>The first frame, or <see cref="NoPfn"/>.</returns>
+    /// <exception cref="ArgumentOutOfRangeException">order or node out of range.</exception>
+    public long AllocPagesNodemask(int order, AllocFlags flags, int preferredNode, ulong nodemask) =>
+        nodemask == AllNodes
+            ? AllocPagesFiltered(order, flags, preferredNode, default(AnyNode))
+            : AllocPagesFiltered(order, flags, preferredNode, new InNodemask(nodemask));
+
+    /// <summary>Which zones of a zonelist may be used (for_each_zone_zonelist_nodemask's mask).</summary>
+    private interface INodeFilter
+    {
+        bool Allows(int node);
+    }
+
+    /// <summary>No nodemask. A struct type argument, so the JIT compiles the unfiltered walk without any test:
+    /// the default allocation (every fault without a policy) pays nothing for nodemasks.</summary>
+    private readonly struct AnyNode : INodeFilter
+    {
+        public bool Allows(int node) => true;
+    }
+
+    /// <summary>A nodemask: bit n allows node n.</summary>
+    private readonly struct InNodemask(ulong mask) : INodeFilter
+    {
+        public bool Allows(int node) => ((mask >> node) & 1) != 0;
+    }
+
+    private long AllocPagesFiltered<TFilter>(int order, AllocFlags flags, int preferredNode, TFilter nodemask)
+        where TFilter : struct, INodeFilter
     {
         ThrowIfDisposed();
         if ((uint)order > (uint)_nodeZones[0][0].MaxOrder)
@@ -191,19 +234,22 @@ internal sealed unsafe partial class PageAllocator
         MigrateType mt = movable ? MigrateType.Movable : MigrateType.Unmovable;
 
         // Fast path: the first zone above its low watermark.
-        long pfn = TryZonelist(zonelist, order, mt, WatermarkLevel.Low);
+        long pfn = TryZonelist(zonelist, order, mt, WatermarkLevel.Low, nodemask);
         if (pfn == NoPfn)
         {
             // Slow path: down to min (or below it for the flags that allow it), then once more after
             // pulling the frames cached on per-CPU lists back into the buddy lists.
             WatermarkLevel level = (flags & AllocFlags.NoWatermark) != 0 ? WatermarkLevel.None
                 : (flags & AllocFlags.HighPriority) != 0 ? WatermarkLevel.HalfMin : WatermarkLevel.Min;
-            pfn = TryZonelist(zonelist, order, mt, level);
+            pfn = TryZonelist(zonelist, order, mt, level, nodemask);
             if (pfn == NoPfn)
             {
                 foreach (Zone zone in zonelist)
-                    DrainZone(zone);
-                pfn = TryZonelist(zonelist, order, mt, level);
+                {
+                    if (nodemask.Allows(zone.Node))
+                        DrainZone(zone);
+                }
+                pfn = TryZonelist(zonelist, order, mt, level, nodemask);
             }
             if (pfn == NoPfn)
                 return NoPfn;
@@ -214,10 +260,15 @@ internal sealed unsafe partial class PageAllocator
 
     private enum WatermarkLevel { Low, Min, HalfMin, None }
 
-    private long TryZonelist(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level)
+    private long TryZonelist<TFilter>(Zone[] zonelist, int order, MigrateType mt, WatermarkLevel level, TFilter nodemask)
+        where TFilter : struct, INodeFilter
     {
         foreach (Zone zone in zonelist)
         {
+            // for_each_zone_zonelist_nodemask: a zone of a node outside the mask is not a candidate
+            // (and not a failure of that zone).
+            if (!nodemask.Allows(zone.Node))
+                continue;
             if (!WatermarkOk(zone, order, mt, level))
             {
                 Interlocked.Increment(ref zone.AllocFailures);

@@ -148,7 +148,7 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         AnonVma anonVma = PrepareAnonVma(vma);
-        long pfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable, HomeNode);
+        long pfn = AllocUserPage(vma, va, AllocFlags.Movable);
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
         if (!LockEmptyPte(slot, ptePfn, pfn))
@@ -166,7 +166,7 @@ internal sealed unsafe partial class AddressSpace
     {
         LockAssert.MmapLockHeld(this);
         ShmemObject shmem = vma.Shmem!;
-        long pfn = shmem.GetPage((long)vma.PageIndex(va), HomeNode);
+        long pfn = shmem.GetPage((long)vma.PageIndex(va), this, EffectivePolicy(vma));
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
         if (!LockEmptyPte(slot, ptePfn, pfn))
@@ -233,7 +233,7 @@ internal sealed unsafe partial class AddressSpace
 
         // wp_page_copy.
         AnonVma anonVma = PrepareAnonVma(vma);
-        long newPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | (pte.IsSpecial ? 0 : AllocFlags.NoZero), HomeNode);
+        long newPfn = AllocUserPage(vma, va, AllocFlags.Movable | (pte.IsSpecial ? 0 : AllocFlags.NoZero));
         if (newPfn == PageAllocator.NoPfn)
         {
             if (!pte.IsSpecial)

@@ -45,9 +45,15 @@ internal sealed unsafe partial class AddressSpace
             childLocked = true;
             if (Exited)
                 return null;
+            // copy_process's mpol_dup and the cpuset's mems: the child starts with the parent's task
+            // policy and allowed nodes (the child joins the parent's cpuset after fork returns, which
+            // rebinds it if the mems changed meanwhile). Read here, under the parent's mmap_lock.
+            child.TaskPolicy = TaskPolicy;
+            child.MemsAllowed = MemsAllowed;
+            child.InterleavePrevious = InterleavePrevious;
             foreach (Vma vma in _vmas)
             {
-                var copy = new Vma(child, vma.Start, vma.End, vma.Flags, vma.PgOff) { Shmem = vma.Shmem, KsmDomain = vma.KsmDomain };
+                var copy = new Vma(child, vma.Start, vma.End, vma.Flags, vma.PgOff) { Shmem = vma.Shmem, KsmDomain = vma.KsmDomain, Policy = vma.Policy };
                 if (vma.Shmem is { } shmem)
                 {
                     lock (shmem.Lock)
@@ -209,7 +215,7 @@ internal sealed unsafe partial class AddressSpace
                     // reference keeps the frame while we copy without the lock.
                     memMap.GetPage(pfn);
                     UnlockPte(ptePfn);
-                    long copyPfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, child.HomeNode);
+                    long copyPfn = AllocUserPage(parentVma, va, AllocFlags.Movable | AllocFlags.NoZero); // folio_prealloc: the parent's policy
                     if (copyPfn == PageAllocator.NoPfn)
                     {
                         _machine.PutPage(pfn);

@@ -33,6 +33,7 @@ internal sealed unsafe partial class AddressSpace
     {
         _machine = machine;
         HomeNode = homeNode;
+        MemsAllowed = machine.NodesWithMemory; // the root cpuset's, until a cpuset says otherwise
         Id = Interlocked.Increment(ref _nextId);
     }
 
@@ -128,6 +129,7 @@ internal sealed unsafe partial class AddressSpace
             AnonVma = vma.AnonVma,
             Shmem = vma.Shmem,
             KsmDomain = vma.KsmDomain,
+            Policy = vma.Policy, // vma_dup_policy: immutable, so the halves share the object
         };
         CloneAnonVmaChains(vma, upper);
         if (vma.Shmem is { } shmem)
@@ -168,7 +170,7 @@ internal sealed unsafe partial class AddressSpace
 
     private static bool CanMerge(Vma lower, Vma upper) =>
         lower.End == upper.Start && lower.Flags == upper.Flags && lower.Shmem == upper.Shmem && lower.KsmDomain == upper.KsmDomain &&
-        lower.PgOff + lower.Pages == upper.PgOff &&
+        Mempolicy.Equal(lower.Policy, upper.Policy) && lower.PgOff + lower.Pages == upper.PgOff &&
         (lower.AnonVma == upper.AnonVma || (upper.AnonVma is null && lower.AnonVma is null));
 
     private void MergeInto(Vma lower, Vma upper)

@@ -54,8 +54,14 @@ internal sealed class ShmemObject
         return shmem;
     }
 
-    /// <summary>shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference for the caller.</summary>
-    public long GetPage(long index, int node)
+    /// <summary>
+    /// shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference
+    /// for the caller. A new page is placed by <paramref name="policy"/> (the faulting VMA's or task's;
+    /// Vmm keeps mbind's policy on the VMA rather than in a shared policy tree of the object) inside the
+    /// faulting process's cpuset, interleaved by the object's handle + the index (shmem_get_pgoff_policy).
+    /// Preconditions: the faulting mm's mmap_lock held.
+    /// </summary>
+    public long GetPage(long index, AddressSpace mm, Mempolicy? policy)
     {
         MemMap memMap = _machine.MemMap;
         lock (Lock)
@@ -65,7 +71,7 @@ internal sealed class ShmemObject
                 memMap.GetPage(cached);
                 return cached;
             }
-            long pfn = _machine.Allocator.AllocPages(0, AllocFlags.Movable, node);
+            long pfn = mm.AllocSharedPage(policy, (ulong)Handle + (ulong)index);
             if (pfn == PageAllocator.NoPfn)
                 return PageAllocator.NoPfn;
             ref PageDescriptor page = ref memMap[pfn];

@@ -71,6 +71,11 @@ internal sealed class Vma
     /// the mmap_lock for write.</summary>
     public ushort KsmDomain;
 
+    /// <summary>vm_policy: the VMA's memory policy (mbind); null for none (the task's applies). Immutable
+    /// object; the field is written under the mmap_lock for write (mbind, a cpuset rebind, split, fork)
+    /// and read under it for read (faults). Split copies it; VMAs merge only when equal (mpol_equal).</summary>
+    public Mempolicy? Policy;
+
     public bool IsShared => (Flags & VmaFlags.Shared) != 0;
 
     public bool CanRead => (Flags & (VmaFlags.Read | VmaFlags.Write)) != 0;
