@@ -125,8 +125,8 @@ internal static class PageMoves
         return target.Mm.Exited ? Errno.EINVAL : Errno.None;
     }
 
-    /// <summary>cpuset_mems_allowed: the nodes the process may have memory on (every node of the machine until cpusets restrict it).</summary>
-    private static NodeMask MemsAllowed(VmProcess process) => NodeMask.FirstNodes(process.Machine.Topology.NodeCount);
+    /// <summary>cpuset_mems_allowed: the nodes the process's cpuset lets it have memory on.</summary>
+    private static NodeMask MemsAllowed(VmProcess process) => new(Volatile.Read(ref process.Mm.MemsAllowed));
 
     /// <summary>do_pages_stat: each page's node, or -EFAULT / -ENOENT.</summary>
     private static void PagesStat(AddressSpace mm, ulong[] pages, int[] status)
