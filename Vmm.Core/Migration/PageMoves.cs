@@ -69,12 +69,13 @@ internal static class PageMoves
             PagesStat(target.Mm, pages, status);
             return Errno.None;
         }
-        int nodeCount = caller.Machine.Topology.NodeCount;
+        // node_state(node, N_MEMORY): a node of the machine with memory.
+        var withMemory = new NodeMask(caller.Machine.NodesWithMemory);
         NodeMask allowed = MemsAllowed(target);
         for (int i = 0; i < count; i++)
         {
             int node = nodes[i];
-            if ((uint)node >= (uint)nodeCount)
+            if (!withMemory.Contains(node))
                 return Errno.ENODEV;
             if (!allowed.Contains(node))
                 return Errno.EACCES;
