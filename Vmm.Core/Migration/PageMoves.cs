@@ -373,9 +373,6 @@ internal static class PageMoves
         /// <summary>alloc_migration_target with __GFP_THISNODE: a frame on <see cref="TargetNode"/>, not zeroed; built once per context.</summary>
         public readonly Func<long, long> Allocate;
 
-        public MoveContext() =>
-            Allocate = _ => Machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, TargetNode);
-
         /// <summary>After <see cref="MigrateRun"/>: each page's status, in run order.</summary>
         public readonly List<int> RunResults = [];
 
@@ -384,6 +381,10 @@ internal static class PageMoves
 
         /// <summary>migrate_pages' walk result, each page referenced.</summary>
         public readonly List<long> Found = [];
+
+        // The allocator closes over the context, not over a call: one delegate per pooled context.
+        public MoveContext() =>
+            Allocate = _ => Machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, TargetNode);
 
         /// <summary>
         /// folio_isolate_lru for the run: the page leaves its LRU list and holds the isolation's
