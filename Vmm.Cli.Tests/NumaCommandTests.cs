@@ -44,6 +44,25 @@ public sealed class NumaCommandTests
         Assert.That(_run.Output, Does.Contain("mempolicy_mbind 512"), _run.ToString());
     }
 
+    [Test]
+    public void Move_pages_reports_each_page_and_an_unmapped_address_as_efault()
+    {
+        // P3's first half: 512 pages, 256 of them on node 1 (interleave), all moved to node 0.
+        Assert.That(_run.Output, Does.Contain("found 256 of them on node 1"), _run.ToString());
+        Assert.That(_run.Output, Does.Contain("Statuses after the move: -EFAULT x 1, node 0 x 512."), _run.ToString());
+        Assert.That(_run.Output, Does.Match(@"\(P3 interleave\)\s*│[^│]*│\s*3\.0\s*│\s*1\.0\s*│\s*4\.0"), _run.ToString());
+    }
+
+    [Test]
+    public void Migrate_pages_moves_the_second_process_to_node_1_and_the_cpuset_moves_the_fifth()
+    {
+        Assert.That(_run.Output, Does.Match(@"\(P2 local\)\s*│[^│]*│\s*0\.0\s*│\s*4\.0\s*│\s*4\.0"), _run.ToString());
+        Assert.That(_run.Output, Does.Contain("pages not moved: 0"), _run.ToString());
+        Assert.That(_run.Output, Does.Match(@"\(P5 weighted\)\s*│\s*MPOL_WEIGHTED_INTERLEAVE 1\s*│\s*0\.0\s*│\s*4\.0\s*│\s*4\.0"), _run.ToString());
+        // move_pages 256 + migrate_pages 1,024 + the cpuset's 768 pages, all reason MR_SYSCALL.
+        Assert.That(_run.Output, Does.Contain("by reason: syscall_or_cpuset 2,048, mempolicy_mbind 512"), _run.ToString());
+    }
+
     [TestCase("--process-mib", "0")]
     [TestCase("--process-mib", "many")]
     [TestCase("--node-size-mib", "-1")]

@@ -73,6 +73,9 @@ internal sealed partial class NumaDemo
         Show("Placed by policy");
 
         MbindMove();
+        MovePages();
+        MigratePages();
+        CpusetMove();
 
         CheckContents();
         IReadOnlyList<string> audit = _machine.Audit();
