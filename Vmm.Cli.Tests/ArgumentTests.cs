@@ -72,6 +72,7 @@ public sealed class ArgumentTests
     [TestCase("")]
     [TestCase("dedupe")]
     [TestCase("machine")]
+    [TestCase("numa")]
     public void Help_of_the_root_and_of_each_subcommand_lists_the_exit_codes(string command)
     {
         VmmResult result = VmmRun.Run(command.Length == 0 ? ["--help"] : [command, "--help"]);

@@ -6,6 +6,8 @@
 //                        (MachineView). Each part ends with an Audit; a problem makes the exit code 1.
 //   vmm dedupe PATH...   loads real files into mergeable memory and reports what KSM saves (DedupeCommand).
 //   vmm machine          the machine's tables (nodes, zones, memory blocks, buddyinfo) and the fork demo.
+//   vmm numa             two nodes: processes placed by memory policy, then pages moved by mbind, move_pages,
+//                        migrate_pages and a cpuset's memory_migrate, shown like numastat -p (NumaDemo).
 //
 // Exit codes (ExitCodes, listed by every --help): 0 success, 1 an audit found a problem, 2 bad
 // arguments, 3 internal error. Parsing is strict: an unknown option is an error, not a path (`--` ends
@@ -101,9 +103,11 @@ internal static class Program
         Option<int> sleep = Usage.IntOption("--sleep-millisecs", "ksmd's sleep_millisecs between batches", 20, 0, 60_000);
         Option<int> timeout = Usage.IntOption("--timeout-seconds", "how long each KSM phase waits to converge", 15, 1, 86_400);
 
-        MachineOptions MachineOptionsOf(ParseResult parse)
+        MachineOptions MachineOptionsOf(ParseResult parse) => ShapeOf(parse, parse.GetValue(nodes));
+
+        MachineOptions ShapeOf(ParseResult parse, int count)
         {
-            int count = parse.GetValue(nodes), node = parse.GetValue(nodeSize), block = parse.GetValue(blockSize);
+            int node = parse.GetValue(nodeSize), block = parse.GetValue(blockSize);
             if (node % block != 0)
                 throw new UsageException($"--node-size-mib ({node}) must be a multiple of --block-size-mib ({block})");
             if ((long)count * node > 1L << 24)
@@ -134,6 +138,15 @@ internal static class Program
         machineCommand.SetAction(parse => Guard(console, error, () =>
             MachineView.Run(MachineOptionsOf(parse), (long)parse.GetValue(touch) << 20, console, showTables: true)));
         root.Subcommands.Add(machineCommand);
+
+        Option<int> processMib = Usage.IntOption("--process-mib", "MiB each of the five processes writes (all five must fit in half a node)", 16, 1, 1 << 20);
+        var numaCommand = new Command("numa", "Two NUMA nodes: processes placed by memory policy, then pages moved by mbind, move_pages, migrate_pages and a cpuset's memory_migrate, shown per process and node like numastat -p, with the LRU lists and the migration counters.")
+        {
+            nodeSize, blockSize, processMib,
+        };
+        numaCommand.SetAction(parse => Guard(console, error, () =>
+            NumaDemo.Run(ShapeOf(parse, 2), new NumaDemoOptions(parse.GetValue(processMib)), console)));
+        root.Subcommands.Add(numaCommand);
         root.Subcommands.Add(DedupeCommand.Build(run => Guard(console, error, run), console));
         Usage.AddExitCodesToHelp(root);
         return root;

@@ -58,6 +58,7 @@ internal static class ScenarioRunner
         new KsmUnmergeScenario(),
         new KsmIndexScenario(),
         new MigrateScenario(),
+        new MigrateKsmScenario(),
     ];
 
     public static int Run(string[] args)
