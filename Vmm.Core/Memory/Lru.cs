@@ -89,45 +89,26 @@ internal sealed class LruAddBatch
     /// <summary>PAGEVEC_SIZE.</summary>
     public const int Size = 31;
 
-    public int Lock;
+    public SpinWord Lock;
     public int Count;
     public readonly uint[] Pfns = new uint[Size];
 #pragma warning disable CS0169, IDE0051 // padding: keep neighbouring slots' spin words on separate cache lines
     private readonly long _pad0, _pad1, _pad2, _pad3, _pad4, _pad5;
 #pragma warning restore CS0169, IDE0051
 
-#if DEBUG
-    private static int HeldValue => Environment.CurrentManagedThreadId;
-#else
-    private const int HeldValue = 1;
-#endif
-
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public void Enter()
-    {
-        if (Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
-            EnterContended();
-    }
-
-    private void EnterContended()
-    {
-        LockAssert.That(Volatile.Read(ref Lock) != Environment.CurrentManagedThreadId,
-            "the LRU add-batch spin word not already held by this thread (it would spin forever)");
-        var spinner = new SpinWait();
-        while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
-            spinner.SpinOnce();
-    }
+    public void Enter() => Lock.Enter("the LRU add-batch spin word");
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void Exit()
     {
         LockAssert.LruBatchLockHeld(this);
-        Volatile.Write(ref Lock, 0);
+        Lock.Exit();
     }
 
 #if DEBUG
     /// <summary>Debug only: whether this thread holds the spin word.</summary>
-    public bool IsHeldByCurrentThread => Volatile.Read(ref Lock) == Environment.CurrentManagedThreadId;
+    public bool IsHeldByCurrentThread => Lock.IsHeldByCurrentThread;
 #endif
 }
 

@@ -34,9 +34,8 @@ namespace Vmm.Memory;
 /// </summary>
 internal sealed class PerCpuPages
 {
-    // Protected by the spin word Lock (0 free; held: 1 in Release, the owner's managed thread id in
-    // Debug, so that LockAssert.PcpLockHeld can ask "held by this thread"). Lock order: pcp lock -> zone lock.
-    public int Lock;
+    // The spin word (SpinWord.cs): protects the fields below. Lock order: pcp lock -> zone lock.
+    public SpinWord Lock;
     public int Count;
     public uint HeadUnmovable = PageDescriptor.NoLink;
     public uint HeadMovable = PageDescriptor.NoLink;
@@ -48,41 +47,19 @@ internal sealed class PerCpuPages
     private readonly long _pad0, _pad1, _pad2, _pad3, _pad4;
 #pragma warning restore CS0169, IDE0051
 
-    // The value a holder stores: a constant in Release (the fast path is the same CompareExchange as
-    // before), the owner in Debug (the cost of a thread-id read is paid only there).
-#if DEBUG
-    private static int HeldValue => Environment.CurrentManagedThreadId;
-#else
-    private const int HeldValue = 1;
-#endif
-
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public void Enter()
-    {
-        if (Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
-            EnterContended();
-    }
-
-    private void EnterContended()
-    {
-        // In Debug, a lock this thread already holds is a self-deadlock; say so instead of spinning.
-        LockAssert.That(Volatile.Read(ref Lock) != Environment.CurrentManagedThreadId,
-            "the pcp lock not already held by this thread (it would spin forever)");
-        var spinner = new SpinWait();
-        while (Volatile.Read(ref Lock) != 0 || Interlocked.CompareExchange(ref Lock, HeldValue, 0) != 0)
-            spinner.SpinOnce();
-    }
+    public void Enter() => Lock.Enter("the pcp lock");
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public void Exit()
     {
         LockAssert.PcpLockHeld(this);
-        Volatile.Write(ref Lock, 0);
+        Lock.Exit();
     }
 
 #if DEBUG
-    /// <summary>Debug only: whether this thread holds the spin word (it stores its managed thread id).</summary>
-    public bool IsHeldByCurrentThread => Volatile.Read(ref Lock) == Environment.CurrentManagedThreadId;
+    /// <summary>Debug only: whether this thread holds the spin word.</summary>
+    public bool IsHeldByCurrentThread => Lock.IsHeldByCurrentThread;
 #endif
 }
 
