@@ -108,7 +108,7 @@ public sealed class MigrationStressTests
         var stopwatch = Stopwatch.StartNew();
         var failures = new ConcurrentQueue<string>();
         int writersRunning = regions.Count;
-        long checks = 0, forks = 0, maxSharing = 0, pins = 0;
+        long checks = 0, forks = 0, maxSharing = 0, pins = 0, pinnedWrites = 0;
         long mbindCalls = 0, cpusetChanges = 0, replaced = 0, replaceBackedOff = 0;
         MigrationStats before = machine.GetMigrationStats();
         using var start = new ManualResetEventSlim();
@@ -262,6 +262,17 @@ public sealed class MigrationStressTests
             }
         }
 
+        void PinnedWrite(Region region, ulong va, PinnedMemory pin, Random random)
+        {
+            int page = (int)((va - region.Base) / Page), w = random.Next(Words);
+            ulong v = 0x00DD_0000_0000_0000UL | ((ulong)region.Writer << 56) | (ulong)Interlocked.Increment(ref pinnedWrites);
+            lock (region.Lock)
+            {
+                BitConverter.TryWriteBytes(pin.GetSpan(0).Slice(w * 8, 8), v);
+                region.Shadow[page * Words + w] = v;
+            }
+        }
+
         // "Move the page at this address now", one page at a time, to a random node; and short pins,
         // which make every move of the pinned page fail until they are released.
         void Replacer()
@@ -277,10 +288,17 @@ public sealed class MigrationStressTests
                     VmProcess p = region.Kind == Kind.Shared ? processes[random.Next(2)] : region.Process;
                     if (random.Next(16) == 0)
                     {
-                        using (p.Pin(va, Page, write: random.Next(2) == 0))
+                        // A pin for write is a device writing into the page (DMA): its writes go to the
+                        // pinned frame, so a page moved while pinned would lose the second write.
+                        bool write = random.Next(2) == 0;
+                        using (PinnedMemory pin = p.Pin(va, Page, write))
                         {
                             Interlocked.Increment(ref pins);
+                            if (write)
+                                PinnedWrite(region, va, pin, random);
                             Thread.Yield();
+                            if (write)
+                                PinnedWrite(region, va, pin, random);
                         }
                         continue;
                     }
@@ -412,7 +430,7 @@ public sealed class MigrationStressTests
         TestContext.Progress.WriteLine(
             $"MigrationStressTests(merge_across_nodes={mergeAcrossNodes}, seed {seed}): {stopwatch.Elapsed.TotalSeconds:F1} s, {checks} page checks; "
             + $"moved by mbind {movedByMbindBeforeFinal} pages in {mbindCalls} calls (+{MovedByMbind() - movedByMbindBeforeFinal} by the final one), "
-            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges}, pins {pins}; "
+            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges}, pins {pins} ({pinnedWrites} writes through them); "
             + $"pgmigrate_success {after.Succeeded - before.Succeeded}, pgmigrate_fail {after.Failed - before.Failed}, faults waited {machine.Migration.FaultsWaited}; "
             + $"KSM max pages_sharing {maxSharing}, full scans {ksmStats.FullScans}, cow_ksm {ksmStats.CowKsm}; forks {forks}");
 
