@@ -2,8 +2,8 @@ namespace Vmm;
 
 /// <summary>
 /// Linux error numbers, returned (never thrown) by the syscall-shaped operations: VmProcess's Mmap,
-/// Munmap, Mprotect, Madvise, SetMemoryMerge / GetMemoryMerge, SetDedupeDomain and ReadKsmStat; Ksm's
-/// Write, TryRead and SetRun; Machine.ReadVmStat. <see cref="None"/> is success.
+/// Munmap, Mprotect, Madvise, SetMemoryMerge / GetMemoryMerge, SetDedupeDomain, ReadKsmStat, MovePages,
+/// MigratePages and the credential calls; Ksm's Write, TryRead and SetRun; Machine.ReadVmStat. <see cref="None"/> is success.
 /// </summary>
 public enum Errno
 {

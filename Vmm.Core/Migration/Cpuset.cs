@@ -12,14 +12,16 @@
 // Writing mems (update_nodemask -> update_tasks_nodemask) and attaching a process (cpuset_attach)
 // both give each process its new mems_allowed and rebind its task policy and every VMA policy
 // (mpol_rebind_task, mpol_rebind_mm; Migration/Mempolicy.cs says how each mode follows). With
-// memory_migrate set, Linux then moves the process's pages from the old mems to the new ones
-// (cpuset_migrate_mm -> do_migrate_pages); do_migrate_pages comes with migrate_pages(pid) in the
-// follow-up "calls" part of issue 11: the flag is kept, and SetMems / Attach mark the place with a comment.
+// memory_migrate set (the cpuset written, or the one attached to), the process's pages then move from
+// the old mems to the new ones (cpuset_migrate_mm -> do_migrate_pages with MPOL_MF_MOVE_ALL, shared
+// with migrate_pages(pid): Migration/PageMoves.cs), after the cpuset lock is released, as Linux runs
+// that work once cpuset_mutex is dropped. Pages that cannot move stay where they are, unreported.
 //
 // Locking: the machine's cpuset lock (Linux's cpuset_mutex, Machine.CpusetLock) protects the tree,
 // every cpuset's mems, flags and member list, and each process's cpuset; it is taken before any
 // mmap_lock (the rebind takes each member's mmap_lock for write inside it), and never under one.
 // Mems are also published with Volatile.Write, so the Mems getter reads them without the lock.
+using Vmm.Migration;
 using Vmm.Mm;
 
 namespace Vmm;
@@ -58,9 +60,10 @@ public sealed class Cpuset
     public NodeMask Mems => new(Volatile.Read(ref _mems));
 
     /// <summary>
-    /// cpuset.memory_migrate: when set, a process's pages are to follow it when the mems change or the
-    /// process is attached elsewhere. Vmm keeps the flag; the page moves come with the migration calls
-    /// (issue 11's follow-up part), so today only the policies are rebound.
+    /// cpuset.memory_migrate: when set, the members' pages follow when <see cref="SetMems"/> changes the
+    /// mems, and a process <see cref="Attach"/>ed here brings its pages along, moved from the old nodes to
+    /// the new ones as migrate_pages does (Linux's node pairing; pages other processes map move too;
+    /// pinned or busy pages stay). Off by default, as in Linux: then only new allocations follow.
     /// </summary>
     public bool MemoryMigrate
     {
@@ -102,34 +105,62 @@ public sealed class Cpuset
     public Errno SetMems(NodeMask mems)
     {
         using MachineCall call = _machine.EnterCall();
+        List<(AddressSpace Mm, ulong From)>? moves = null;
+        Errno error;
         lock (_machine.CpusetLock)
-        {
-            if (Parent is null)
-                return Errno.EACCES; // top_cpuset's mems track the machine's nodes: read-only
-            if (!mems.IsSubsetOf(new NodeMask(_machine.NodesWithMemory)))
-                return Errno.EINVAL;
-            if (mems.Bits == _mems)
-                return Errno.None;
-            foreach (Cpuset child in _children)
-            {
-                if (!child.Mems.IsSubsetOf(mems))
-                    return Errno.EBUSY;
-            }
-            if (!mems.IsSubsetOf(Parent.Mems))
-                return Errno.EACCES;
-            if (_members.Count > 0 && _mems != 0 && mems.IsEmpty)
-                return Errno.ENOSPC;
-            Volatile.Write(ref _mems, mems.Bits);
-            // update_tasks_nodemask: each member's mems_allowed and policies.
-            foreach (VmProcess member in _members)
-            {
-                member.Mm.SetMemsAllowedLocked(mems.Bits);
-                // Seam for the follow-up "calls" part: with MemoryMigrate, Linux's cpuset_migrate_mm moves
-                // the member's pages from the old mems (SetMemsAllowedLocked returns them) to the new ones
-                // here (do_migrate_pages, MR_SYSCALL, which migrate_pages(pid) shares). Nothing moves yet.
-            }
+            error = SetMemsLocked(mems, ref moves);
+        MigrateMms(moves, mems);
+        return error;
+    }
+
+    /// <summary>
+    /// update_nodemask under the cpuset lock; with memory_migrate, adds each member whose mems changed to
+    /// <paramref name="moves"/> (with its old mems). Preconditions: the cpuset lock held.
+    /// </summary>
+    private Errno SetMemsLocked(NodeMask mems, ref List<(AddressSpace Mm, ulong From)>? moves)
+    {
+        Diagnostics.LockAssert.Held(_machine.CpusetLock, "the cpuset lock");
+        if (Parent is null)
+            return Errno.EACCES; // top_cpuset's mems track the machine's nodes: read-only
+        if (!mems.IsSubsetOf(new NodeMask(_machine.NodesWithMemory)))
+            return Errno.EINVAL;
+        if (mems.Bits == _mems)
             return Errno.None;
+        foreach (Cpuset child in _children)
+        {
+            if (!child.Mems.IsSubsetOf(mems))
+                return Errno.EBUSY;
         }
+        if (!mems.IsSubsetOf(Parent.Mems))
+            return Errno.EACCES;
+        if (_members.Count > 0 && _mems != 0 && mems.IsEmpty)
+            return Errno.ENOSPC;
+        Volatile.Write(ref _mems, mems.Bits);
+        // update_tasks_nodemask: each member's mems_allowed and policies; with memory_migrate its pages
+        // follow (cpuset_migrate_mm), once the lock is released.
+        bool migrate = _memoryMigrate;
+        foreach (VmProcess member in _members)
+        {
+            ulong old = member.Mm.SetMemsAllowedLocked(mems.Bits);
+            if (migrate && old != mems.Bits)
+                (moves ??= []).Add((member.Mm, old));
+        }
+        return Errno.None;
+    }
+
+    /// <summary>
+    /// cpuset_migrate_mm's work (cpuset_migrate_mm_workfn): moves each mm's pages from its old mems to
+    /// <paramref name="to"/> with do_migrate_pages and MPOL_MF_MOVE_ALL (pages other processes map move
+    /// too; pages that cannot move stay, as in Linux, where the work's result is not reported). Runs with
+    /// the cpuset lock released, as Linux queues the work and flushes it after cpuset_mutex is dropped:
+    /// the moves take mmap_locks and page locks, and may take long. Preconditions: a machine call is open.
+    /// </summary>
+    private static void MigrateMms(List<(AddressSpace Mm, ulong From)>? moves, NodeMask to)
+    {
+        if (moves is null)
+            return;
+        foreach ((AddressSpace mm, ulong from) in moves)
+            PageMoves.DoMigratePages(mm, new NodeMask(from), to, moveAll: true, out _);
     }
 
     /// <summary>
@@ -147,11 +178,13 @@ public sealed class Cpuset
         if (process.Machine != _machine)
             throw new ArgumentException($"{process} belongs to another machine than cpuset {Name}", nameof(process));
         using MachineCall call = _machine.EnterCall();
+        ulong oldMems, newMems;
         lock (_machine.CpusetLock)
         {
             if (process.HasExited)
                 return Errno.ESRCH;
-            if (Volatile.Read(ref _mems) == 0)
+            newMems = Volatile.Read(ref _mems);
+            if (newMems == 0)
                 return Errno.ENOSPC; // cpuset_can_attach (v1): no memory to run on
             Cpuset from = process.CpusetLocked;
             if (from == this)
@@ -159,12 +192,13 @@ public sealed class Cpuset
             from._members.Remove(process);
             _members.Add(process);
             process.CpusetLocked = this;
-            process.Mm.SetMemsAllowedLocked(_mems);
-            // Seam for the follow-up "calls" part: with this cpuset's MemoryMigrate, cpuset_attach moves
-            // the process's pages from its old mems to these (cpuset_migrate_mm -> do_migrate_pages).
-            // Nothing moves yet.
-            return Errno.None;
+            oldMems = process.Mm.SetMemsAllowedLocked(newMems);
         }
+        // cpuset_attach with this cpuset's memory_migrate: the pages follow from the old mems to these
+        // (cpuset_migrate_mm), with the cpuset lock released (see MigrateMms).
+        if (_memoryMigrate && oldMems != newMems)
+            MigrateMms([(process.Mm, oldMems)], new NodeMask(newMems));
+        return Errno.None;
     }
 
     /// <summary>A new child cpuset. Preconditions: the cpuset lock held; arguments checked.</summary>

@@ -207,6 +207,11 @@ public sealed class FaultInjectionTests
             w => w.P.SetDedupeDomain(w.Va, Pages * Page, 3), PatternInBoth, Retry: true);
         yield return new("SetDedupeDomain(process) of merged pages", MergedPair,
             w => w.P.SetDedupeDomain(4), PatternInBoth, Retry: true);
+        yield return new("MovePages to node 1 (a failed page says -ENOMEM in its status)", PatternedProcess,
+            w => w.P.MovePages(0, [.. Enumerable.Range(0, Pages).Select(i => w.Va + (ulong)(i * Page))], [.. Enumerable.Repeat(1, Pages)], new int[Pages]),
+            w => AssertPattern(w.P, w.Va), Retry: true);
+        yield return new("MigratePages 0 -> 1", PatternedProcess,
+            w => w.P.MigratePages(0, NodeMask.Of(0), NodeMask.Of(1), out _), w => AssertPattern(w.P, w.Va), Retry: true);
         yield return new("Exit of a merged process", MergedPair,
             w => { w.P.Exit(); return null; }, w => AssertPattern(w.Child, w.Va));
         yield return new("Ksm.ScanPages", w =>
