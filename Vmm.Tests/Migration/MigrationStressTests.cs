@@ -72,6 +72,7 @@ public sealed class MigrationStressTests
         VmProcess p1 = p0.Fork();
         VmProcess p2 = machine.CreateProcess(homeNode: 1);
         Cpuset flipping = machine.CreateCpuset("flipping", NodeMask.Of(0, 1));
+        flipping.MemoryMigrate = true; // mems changes move P2's pages (cpuset_migrate_mm)
         Assert.That(flipping.Attach(p2), Is.EqualTo(Errno.None));
         VmProcess[] processes = [p0, p1, p2];
 
@@ -110,6 +111,7 @@ public sealed class MigrationStressTests
         int writersRunning = regions.Count;
         long checks = 0, forks = 0, maxSharing = 0, pins = 0, pinnedWrites = 0;
         long mbindCalls = 0, cpusetChanges = 0, replaced = 0, replaceBackedOff = 0;
+        long movePagesCalls = 0, movePagesPlaced = 0, movePagesBusy = 0, migratePagesCalls = 0, migratePagesNotMoved = 0;
         MigrationStats before = machine.GetMigrationStats();
         using var start = new ManualResetEventSlim();
 
@@ -119,7 +121,8 @@ public sealed class MigrationStressTests
                                - before.SucceededByReason.GetValueOrDefault(MigrateReason.MempolicyMbind);
 
         bool MoversShort() => MovedByMbind() < minMoves || Volatile.Read(ref replaced) < minMoves || Volatile.Read(ref forks) < minForks
-                              || Volatile.Read(ref cpusetChanges) < 4;
+                              || Volatile.Read(ref cpusetChanges) < 4 || Volatile.Read(ref movePagesPlaced) < minMoves
+                              || Volatile.Read(ref migratePagesCalls) < 4;
 
         bool More(long i) => duration is { } d
             ? stopwatch.Elapsed < d && failures.IsEmpty
@@ -367,6 +370,82 @@ public sealed class MigrationStressTests
             }
         }
 
+        // move_pages: a few pages of a region to random nodes, called by a random process on the
+        // region's (pid), Move or MoveAll. Every page's status is its new node or a documented errno.
+        void MovePagesMover()
+        {
+            start.Wait();
+            var random = new Random(seed * 31 + 105);
+            try
+            {
+                while (Running())
+                {
+                    Region region = regions[random.Next(regions.Count)];
+                    VmProcess target = region.Kind == Kind.Shared ? processes[random.Next(2)] : region.Process;
+                    VmProcess caller = processes[random.Next(processes.Length)];
+                    int count = 1 + random.Next(12);
+                    ulong[] pages = new ulong[count];
+                    int[] nodes = new int[count], status = new int[count];
+                    for (int k = 0; k < count; k++)
+                    {
+                        pages[k] = region.Base + (ulong)random.Next(region.Pages) * Page + (ulong)random.Next((int)Page);
+                        nodes[k] = random.Next(2);
+                    }
+                    MovePolicyFlags flags = random.Next(2) == 0 ? MovePolicyFlags.Move : MovePolicyFlags.MoveAll;
+                    Errno e = caller.MovePages(caller == target ? 0 : target.Pid, pages, nodes, status, flags);
+                    Interlocked.Increment(ref movePagesCalls);
+                    if (e == Errno.EACCES && target == p2)
+                        continue; // a node outside P2's cpuset, whose mems flip meanwhile
+                    if (e != Errno.None)
+                    {
+                        Fail($"move_pages {flags} of {count} pages of {region} in {target} returned {e}");
+                        continue;
+                    }
+                    for (int k = 0; k < count; k++)
+                    {
+                        if (status[k] == nodes[k])
+                            Interlocked.Increment(ref movePagesPlaced);
+                        else if (status[k] == -(int)Errno.EBUSY)
+                            Interlocked.Increment(ref movePagesBusy);
+                        else if (status[k] is not (-(int)Errno.ENOENT or -(int)Errno.EACCES or -(int)Errno.ENOMEM))
+                            Fail($"move_pages {flags} of 0x{pages[k]:x} ({region} in {target}) to node {nodes[k]}: status {status[k]}");
+                    }
+                }
+            }
+            catch (Exception e)
+            {
+                Fail($"move_pages mover: {e}");
+            }
+        }
+
+        // migrate_pages: every page of P0 or P1 on one node goes to the other.
+        void MigratePagesMover()
+        {
+            start.Wait();
+            var random = new Random(seed * 31 + 106);
+            try
+            {
+                while (Running())
+                {
+                    VmProcess target = processes[random.Next(2)];
+                    int from = random.Next(2);
+                    VmProcess caller = processes[random.Next(processes.Length)];
+                    Errno e = caller.MigratePages(target.Pid, NodeMask.Of(from), NodeMask.Of(1 - from), out long notMoved);
+                    if (e == Errno.EINVAL && caller == p2)
+                        continue; // the new node is outside the caller's own cpuset (kernel_migrate_pages), whose mems flip
+                    if (e != Errno.None)
+                        Fail($"migrate_pages of {target} from node {from} returned {e}");
+                    Interlocked.Increment(ref migratePagesCalls);
+                    Interlocked.Add(ref migratePagesNotMoved, notMoved);
+                    Thread.Sleep(random.Next(3));
+                }
+            }
+            catch (Exception e)
+            {
+                Fail($"migrate_pages mover: {e}");
+            }
+        }
+
         void KsmWatcher()
         {
             start.Wait();
@@ -387,6 +466,8 @@ public sealed class MigrationStressTests
             new Thread(CpusetMover) { Name = "cpuset mover" },
             new Thread(Replacer) { Name = "replacer" },
             new Thread(Forker) { Name = "forker" },
+            new Thread(MovePagesMover) { Name = "move_pages mover" },
+            new Thread(MigratePagesMover) { Name = "migrate_pages mover" },
             new Thread(KsmWatcher) { Name = "ksm watcher" },
         ];
         threads.ForEach(t => t.Start());
@@ -425,12 +506,43 @@ public sealed class MigrationStressTests
         Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
         TestMachines.AssertAuditClean(machine);
 
+        // migrate_pages of P1 from node 0 to node 1 (root: MOVE_ALL) leaves every page it maps on node 1.
+        Assert.That(p1.MigratePages(p1.Pid, NodeMask.Of(0), NodeMask.Of(1), out long finalNotMoved), Is.EqualTo(Errno.None));
+        Assert.That(finalNotMoved, Is.Zero, "nothing is pinned or busy now");
+        foreach (Region r in regions.Where(r => r.Process == p1 || r.Kind == Kind.Shared))
+        {
+            for (int page = 0; page < r.Pages; page++)
+            {
+                PagemapEntry entry = p1.GetPagemap(r.Base + (ulong)page * Page);
+                Assert.That(!entry.Present || entry.Node == 1, Is.True, $"page {page} of {r} in {p1} after migrate_pages {{0}} -> {{1}}: {entry}");
+            }
+        }
+
+        // P2's cpuset moves with memory_migrate: mems {0}, then {1}: every page of P2 ends on node 1.
+        Assert.That(flipping.SetMems(NodeMask.Of(0)), Is.EqualTo(Errno.None));
+        Assert.That(flipping.SetMems(NodeMask.Of(1)), Is.EqualTo(Errno.None));
+        foreach (Region r in regions.Where(r => r.Process == p2))
+        {
+            for (int page = 0; page < r.Pages; page++)
+            {
+                PagemapEntry entry = p2.GetPagemap(r.Base + (ulong)page * Page);
+                Assert.That(entry.Present && entry.Node == 1, Is.True, $"page {page} of {r} after its cpuset's mems became {{1}} with memory_migrate: {entry}");
+            }
+        }
+        foreach (Region r in regions)
+            for (int page = 0; page < r.Pages; page++)
+                foreach (VmProcess p in r.Kind == Kind.Shared ? new[] { p0, p1 } : [r.Process])
+                    CheckPage(p, r.Base + (ulong)page * Page, r.Shadow, page, check, $"check after migrate_pages and the cpuset move of {r} through {p}");
+        Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
+        TestMachines.AssertAuditClean(machine);
+
         MigrationStats after = machine.GetMigrationStats();
         KsmStats ksmStats = ksm.GetStats();
         TestContext.Progress.WriteLine(
             $"MigrationStressTests(merge_across_nodes={mergeAcrossNodes}, seed {seed}): {stopwatch.Elapsed.TotalSeconds:F1} s, {checks} page checks; "
             + $"moved by mbind {movedByMbindBeforeFinal} pages in {mbindCalls} calls (+{MovedByMbind() - movedByMbindBeforeFinal} by the final one), "
-            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges}, pins {pins} ({pinnedWrites} writes through them); "
+            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges} (memory_migrate on), pins {pins} ({pinnedWrites} writes through them); "
+            + $"move_pages {movePagesCalls} calls placed {movePagesPlaced} pages ({movePagesBusy} -EBUSY), migrate_pages {migratePagesCalls} calls ({migratePagesNotMoved} not moved); "
             + $"pgmigrate_success {after.Succeeded - before.Succeeded}, pgmigrate_fail {after.Failed - before.Failed}, faults waited {machine.Migration.FaultsWaited}; "
             + $"KSM max pages_sharing {maxSharing}, full scans {ksmStats.FullScans}, cow_ksm {ksmStats.CowKsm}; forks {forks}");
 
@@ -438,6 +550,8 @@ public sealed class MigrationStressTests
         Assert.That(forks, Is.GreaterThanOrEqualTo(duration is null ? minForks : 1));
         Assert.That(replaced, Is.GreaterThanOrEqualTo(duration is null ? minMoves : 1), "frames were replaced under the writers");
         Assert.That(movedByMbindBeforeFinal, Is.GreaterThanOrEqualTo(duration is null ? minMoves : 1), "mbind moved pages under the writers");
+        Assert.That(movePagesPlaced, Is.GreaterThanOrEqualTo(duration is null ? minMoves : 1), "move_pages placed pages under the writers");
+        Assert.That(migratePagesCalls, Is.GreaterThanOrEqualTo(duration is null ? 4 : 1), "migrate_pages ran under the writers");
         foreach (VmProcess p in processes)
             p.Exit();
         TestMachines.AssertAuditClean(machine);
