@@ -116,6 +116,17 @@ internal sealed class MigrationEngine
     /// <summary>Gives back a list from <see cref="RentList"/> (it is cleared).</summary>
     public void ReturnList(List<long> list) => _lists.Return(list);
 
+    /// <summary>
+    /// Faults that found a migration entry still in place and slept until the page's move step
+    /// (migration_entry_wait). Counted only on that slow path, for the stress tests' reports.
+    /// </summary>
+    internal long FaultsWaited => Volatile.Read(ref _faultsWaited);
+
+    private long _faultsWaited;
+
+    /// <summary>A fault is about to sleep on a migration entry (see <see cref="FaultsWaited"/>).</summary>
+    internal void CountFaultWait() => Interlocked.Increment(ref _faultsWaited);
+
     /// <summary>pgmigrate_success for <paramref name="reason"/>.</summary>
     public long SucceededFor(MigrateReason reason) => Volatile.Read(ref _succeeded[(int)reason]);
 

@@ -105,6 +105,7 @@ internal sealed unsafe partial class AddressSpace
             UnlockPte(ptePfn);
             return;
         }
+        _machine.Migration.CountFaultWait();
         _machine.PageLock.WaitUnlockedOnce(entry.SwapOffset, () => UnlockPte(ptePfn));
     }
 
