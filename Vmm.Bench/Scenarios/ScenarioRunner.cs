@@ -59,6 +59,7 @@ internal static class ScenarioRunner
         new KsmIndexScenario(),
         new MigrateScenario(),
         new MigrateKsmScenario(),
+        new MigrateWriterScenario(),
     ];
 
     public static int Run(string[] args)

@@ -55,7 +55,7 @@ public sealed partial class Ksm
                 }
                 finally
                 {
-                    Monitor.Exit(anonVma.Lock);
+                    anonVma.Lock.Exit();
                 }
             }
         }

@@ -184,6 +184,37 @@ internal sealed class LruLists
     }
 
     /// <summary>
+    /// folio_add_lru for many new pages at once, straight onto their lists whether or not the cache is
+    /// disabled: each lruvec's lock is taken once per run of pages of that node (the migration engine's
+    /// new frames of one batch). The callers' references are not touched (each still holds its own).
+    /// Preconditions: the caller holds a reference to each page; PG_lru clear; none in a batch.
+    /// </summary>
+    public void AddMany(ReadOnlySpan<long> pfns)
+    {
+        Lruvec? locked = null;
+        try
+        {
+            foreach (long pfn in pfns)
+            {
+                LockAssert.Referenced(_memMap, pfn);
+                LockAssert.That(!_memMap.TestFlag(pfn, PageFlags.Lru), $"frame {pfn} not on an LRU list already (PG_lru clear)");
+                Lruvec lruvec = LruvecOf(pfn);
+                if (lruvec != locked)
+                {
+                    locked?.Lock.Exit();
+                    lruvec.Lock.Enter();
+                    locked = lruvec;
+                }
+                AddToListLocked(lruvec, pfn);
+            }
+        }
+        finally
+        {
+            locked?.Lock.Exit();
+        }
+    }
+
+    /// <summary>
     /// folio_batch_move_lru for the add batch: every page of the batch onto its list (PG_lru set), the
     /// batch emptied, the spin word released, then the batch's references dropped (a page unmapped
     /// meanwhile is freed here, after every lock is released). Preconditions: the batch's spin word held.
@@ -301,16 +332,54 @@ internal sealed class LruLists
             return false;
         Lruvec lruvec = LruvecOf(head);
         lock (lruvec.Lock)
+            return IsolateLocked(lruvec, head);
+    }
+
+    /// <summary>
+    /// <see cref="Isolate"/> for several pages, each lruvec's lock taken once per run of pages of one
+    /// node (move_pages isolates the pages it looked up under one mmap_lock hold this way).
+    /// <paramref name="isolated"/>[i] says whether page i was taken. Preconditions: as Isolate, for each.
+    /// </summary>
+    public void IsolateMany(ReadOnlySpan<long> pfns, Span<bool> isolated)
+    {
+        Lruvec? locked = null;
+        try
         {
-            // Tested again under the lock: PG_lru only changes under it (another isolator may have won).
-            if (!_memMap.TestFlag(head, PageFlags.Lru))
-                return false;
-            _memMap.GetPage(head); // the isolation's reference
-            bool active = _memMap.TestFlag(head, PageFlags.Active);
-            Unlink(ref active ? ref lruvec.Active : ref lruvec.Inactive, head);
-            _memMap.ClearFlag(head, PageFlags.Lru);
-            Link(ref lruvec.Isolated, head);
+            for (int i = 0; i < pfns.Length; i++)
+            {
+                long head = _memMap.CompoundHead(pfns[i]);
+                LockAssert.Referenced(_memMap, head);
+                isolated[i] = false;
+                if (!_memMap.TestFlag(head, PageFlags.Lru))
+                    continue;
+                Lruvec lruvec = LruvecOf(head);
+                if (lruvec != locked)
+                {
+                    locked?.Lock.Exit();
+                    lruvec.Lock.Enter();
+                    locked = lruvec;
+                }
+                isolated[i] = IsolateLocked(lruvec, head);
+            }
         }
+        finally
+        {
+            locked?.Lock.Exit();
+        }
+    }
+
+    /// <summary>The body of an isolation. Preconditions: the lruvec's lock held; the caller holds a reference.</summary>
+    private bool IsolateLocked(Lruvec lruvec, long head)
+    {
+        LockAssert.Held(lruvec.Lock, "the lru_lock");
+        // Tested again under the lock: PG_lru only changes under it (another isolator may have won).
+        if (!_memMap.TestFlag(head, PageFlags.Lru))
+            return false;
+        _memMap.GetPage(head); // the isolation's reference
+        bool active = _memMap.TestFlag(head, PageFlags.Active);
+        Unlink(ref active ? ref lruvec.Active : ref lruvec.Inactive, head);
+        _memMap.ClearFlag(head, PageFlags.Lru);
+        Link(ref lruvec.Isolated, head);
         return true;
     }
 
@@ -348,10 +417,42 @@ internal sealed class LruLists
         lock (lruvec.Lock)
         {
             UnlinkIsolatedLocked(lruvec, head);
-            _memMap.ClearFlag(head, PageFlags.Active);
-            _memMap.ClearFlag(head, PageFlags.Referenced);
+            Interlocked.And(ref _memMap[head].Flags, ~(ulong)(PageFlags.Active | PageFlags.Referenced));
         }
         _machine.PutPage(head);
+    }
+
+    /// <summary>
+    /// <see cref="ReleaseIsolated"/> for the pages a migration batch moved: each lruvec's lock taken once
+    /// per run of pages of one node, then the isolation references dropped (freeing the old frames)
+    /// with no lock held. Preconditions: each page isolated by <see cref="Isolate"/>.
+    /// </summary>
+    public void ReleaseIsolatedMany(ReadOnlySpan<long> pfns)
+    {
+        Lruvec? locked = null;
+        try
+        {
+            foreach (long pfn in pfns)
+            {
+                long head = _memMap.CompoundHead(pfn);
+                LockAssert.Referenced(_memMap, head);
+                Lruvec lruvec = LruvecOf(head);
+                if (lruvec != locked)
+                {
+                    locked?.Lock.Exit();
+                    lruvec.Lock.Enter();
+                    locked = lruvec;
+                }
+                UnlinkIsolatedLocked(lruvec, head);
+                Interlocked.And(ref _memMap[head].Flags, ~(ulong)(PageFlags.Active | PageFlags.Referenced));
+            }
+        }
+        finally
+        {
+            locked?.Lock.Exit();
+        }
+        foreach (long pfn in pfns)
+            _machine.PutPage(_memMap.CompoundHead(pfn));
     }
 
     /// <summary>Takes an isolated page off the isolated list. Preconditions: the lruvec's lock held.</summary>

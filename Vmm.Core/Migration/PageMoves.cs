@@ -5,7 +5,8 @@
 // move_pages, in Linux's order: flags (EINVAL), MOVE_ALL without CAP_SYS_NICE (EPERM), the target
 // (ESRCH; EPERM when the caller may not move its pages; EINVAL when it has no mm any more), then the
 // arrays. Without nodes each page's node is reported. With nodes, the pages are taken in order and
-// gathered in runs that go to the same node (a run ends where the next page goes elsewhere); each page is
+// gathered in runs that go to the same node (a run ends where the next page goes elsewhere, or at
+// 2048 pages: MaxRun); each page is
 // looked up (add_page_for_migration: -EFAULT no VMA, -ENOENT nothing or the zero page, its node when it
 // is there already, -EACCES when it is mapped more than once and MOVE_ALL was not given, -EBUSY when it
 // cannot be taken for migration: Lru.Isolate failed), and each run is migrated to its node by the engine
@@ -46,6 +47,12 @@ internal static class PageMoves
 {
     /// <summary>DO_PAGES_STAT_CHUNK_NR: a report takes the mmap_lock for this many pages at a time.</summary>
     private const int StatChunk = 16;
+
+    /// <summary>
+    /// The most pages move_pages gathers before it migrates them (a run to one node is cut into runs of
+    /// this size): the lists stay small enough to be pooled, and the outcome is the same.
+    /// </summary>
+    private const int MaxRun = 4 * MigrationEngine.MaxBatch;
 
     private static readonly ObjectPool<MoveContext> Contexts =
         new DefaultObjectPool<MoveContext>(new MoveContextPolicy(), Math.Max(4, Environment.ProcessorCount * 2));
@@ -166,7 +173,7 @@ internal static class PageMoves
             int i = 0;
             while (i < pages.Length)
             {
-                if (nodes[i] != runNode)
+                if (nodes[i] != runNode || context.RunPages.Count >= MaxRun)
                 {
                     MoveRun(context, runNode, status); // with no lock held: the engine may sleep on page locks
                     runNode = nodes[i];
@@ -181,10 +188,11 @@ internal static class PageMoves
                     for (; i < end && nodes[i] == runNode; i++)
                     {
                         if (AddPageForMigrationLocked(context, mm, pages[i], runNode, moveAll, out int pageStatus))
-                            context.RunIndexes.Add(i);
+                            context.Pending.Add(i);
                         else
                             status[i] = pageStatus;
                     }
+                    context.IsolatePending(status);
                 }
                 finally
                 {
@@ -229,11 +237,7 @@ internal static class PageMoves
             status = -(int)Errno.EACCES;
             return false;
         }
-        if (!context.Isolate(pfn))
-        {
-            status = -(int)Errno.EBUSY;
-            return false;
-        }
+        context.PendingPages.Add(pfn); // isolated with the rest of the chunk (IsolatePending), or -EBUSY
         return true;
     }
 
@@ -414,6 +418,42 @@ internal static class PageMoves
             return true;
         }
 
+        /// <summary>Status indexes of the pages of the chunk being looked up, each referenced, waiting for <see cref="IsolatePending"/>.</summary>
+        public readonly List<int> Pending = [];
+
+        /// <summary>The pages of <see cref="Pending"/>, in the same order.</summary>
+        public readonly List<long> PendingPages = [];
+
+        /// <summary>
+        /// folio_isolate_lru for the chunk just looked up, each lruvec's lock taken once: an isolated page
+        /// joins the run, one that is not gets -EBUSY; the lookup's references are dropped either way.
+        /// Preconditions: the LRU cache disabled; the mmap_lock held (the lru_lock nests inside it).
+        /// </summary>
+        public void IsolatePending(int[] status)
+        {
+            int count = PendingPages.Count;
+            if (count == 0)
+                return;
+            Span<bool> isolated = stackalloc bool[count];
+            Machine.Lru.IsolateMany(System.Runtime.InteropServices.CollectionsMarshal.AsSpan(PendingPages), isolated);
+            for (int k = 0; k < count; k++)
+            {
+                long pfn = PendingPages[k];
+                Machine.PutPage(pfn);
+                if (isolated[k])
+                {
+                    RunPages.Add(pfn);
+                    RunIndexes.Add(Pending[k]);
+                }
+                else
+                {
+                    status[Pending[k]] = -(int)Errno.EBUSY;
+                }
+            }
+            Pending.Clear();
+            PendingPages.Clear();
+        }
+
         /// <summary>
         /// Migrates the run to <paramref name="node"/> with the engine (SYNC, MR_SYSCALL, frames from that
         /// node only), fills <see cref="RunResults"/> (the node, or -EBUSY, or -ENOMEM once the engine
@@ -460,6 +500,10 @@ internal static class PageMoves
             foreach (long pfn in Found)
                 Machine.PutPage(pfn);
             Found.Clear();
+            foreach (long pfn in PendingPages)
+                Machine.PutPage(pfn);
+            PendingPages.Clear();
+            Pending.Clear();
         }
     }
 
@@ -476,6 +520,8 @@ internal static class PageMoves
             context.RunOrder.Clear();
             context.Seen.Clear();
             context.Found.Clear();
+            context.Pending.Clear();
+            context.PendingPages.Clear();
             // A huge call's lists are not kept: the next call grows its own.
             return context.RunPages.Capacity <= 4096 && context.Found.Capacity <= 4096 && context.RunResults.Capacity <= 4096 &&
                 context.RunOrder.Capacity <= 4096;

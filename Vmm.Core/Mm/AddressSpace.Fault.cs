@@ -105,8 +105,13 @@ internal sealed unsafe partial class AddressSpace
             UnlockPte(ptePfn);
             return;
         }
-        _machine.Migration.CountFaultWait();
-        _machine.PageLock.WaitUnlockedOnce(entry.SwapOffset, () => UnlockPte(ptePfn));
+        // Counted once PG_waiters is set (inside the callback): a migration that sees the count move
+        // looks for pages with sleepers, and must find this one (MigrationEngine's waiters first).
+        _machine.PageLock.WaitUnlockedOnce(entry.SwapOffset, () =>
+        {
+            UnlockPte(ptePfn);
+            _machine.Migration.CountFaultWait();
+        });
     }
 
     /// <summary>

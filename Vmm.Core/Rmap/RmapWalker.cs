@@ -97,7 +97,7 @@ internal sealed unsafe class RmapWalker
             }
             finally
             {
-                Monitor.Exit(anonVma.Lock);
+                anonVma.Lock.Exit();
             }
             return;
         }
@@ -121,16 +121,16 @@ internal sealed unsafe class RmapWalker
 
     /// <summary>
     /// anon_vma_lock_read, or its trylock for a control with TryLock: false (Contended set) if the lock
-    /// was taken by someone else. The caller unlocks with Monitor.Exit(anonVma.Lock).
+    /// was taken by someone else. The caller unlocks with anonVma.Lock.Exit().
     /// </summary>
     internal static bool LockAnonVma(AnonVma anonVma, RmapWalkControl control)
     {
         if (!control.TryLock)
         {
-            Monitor.Enter(anonVma.Lock);
+            anonVma.Lock.Enter();
             return true;
         }
-        if (Monitor.TryEnter(anonVma.Lock))
+        if (anonVma.Lock.TryEnter())
             return true;
         control.Contended = true;
         return false;

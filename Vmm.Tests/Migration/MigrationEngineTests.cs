@@ -557,4 +557,74 @@ public sealed class MigrationEngineTests
         Assert.That(child.Read<int>(va), Is.EqualTo(0x11), "copy-on-write keeps the child's view");
         TestMachines.AssertAuditClean(machine);
     }
+
+    /// <summary>
+    /// Waiters first: a thread that faults on a page the batch has already frozen is served at once.
+    /// At the 100th allocation of a 300-page batch (the unmap step), a writer thread writes to the first
+    /// page, which is frozen by then; the allocation waits until the writer sleeps on the migration
+    /// entry. With the policy on, the batch is cut there: the write completes before the 101st frame is
+    /// even allocated, in two flushed batches (100 pages, then 200); with it off (Linux's order), the
+    /// write waits for all 300 pages to be unmapped, one flush. Every byte and the audit agree either way.
+    /// </summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void A_writer_that_faults_on_a_frozen_page_cuts_the_batch_short_and_is_served_first(bool waitersFirst)
+    {
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
+        machine.Migration.WaitersFirst = waitersFirst;
+        const int Pages = 300, WaiterAt = 100;
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        ulong va = p.Mmap(Pages * PageSize);
+        FillPattern(p, 1, va, Pages);
+        var from = new List<long>();
+        for (int i = 0; i < Pages; i++)
+            from.Add(Isolate(machine, p, va + (ulong)(i * PageSize)));
+
+        int allocations = 0;
+        int allocationsWhenWritten = -1;
+        Thread? writer = null;
+        long flushesBefore = machine.GetVmStats().TlbFlushes;
+        int rc = machine.Migration.MigratePages(from, src =>
+        {
+            if (++allocations == WaiterAt + 2 && waitersFirst)
+            {
+                // The second batch has started: the writer was woken when its page moved. Let it record
+                // before going on (a bounded wait: in Linux's order this point is reached only after the
+                // write has completed anyway).
+                writer!.Join(TimeSpan.FromSeconds(30));
+            }
+            if (allocations == WaiterAt + 1)
+            {
+                long waits = machine.Migration.FaultsWaited;
+                writer = new Thread(() =>
+                {
+                    p.Write<byte>(va, PatternOf(1, 0, 0)); // the same byte: the pattern still holds
+                    Volatile.Write(ref allocationsWhenWritten, Volatile.Read(ref allocations));
+                });
+                writer.Start();
+                // The writer has set PG_waiters on the frozen page once the wait is counted.
+                SpinWait.SpinUntil(() => machine.Migration.FaultsWaited != waits, TimeSpan.FromSeconds(30));
+                Assert.That(machine.Migration.FaultsWaited, Is.Not.EqualTo(waits), "the writer sleeps on the migration entry");
+            }
+            return machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, 1);
+        }, null, MigrateMode.Sync, MigrateReason.Syscall, out int succeeded);
+        writer!.Join();
+
+        Assert.That((rc, succeeded, from.Count), Is.EqualTo((0, Pages, 0)));
+        long flushes = machine.GetVmStats().TlbFlushes - flushesBefore;
+        if (waitersFirst)
+        {
+            Assert.That(allocationsWhenWritten, Is.EqualTo(WaiterAt + 1), "the write completed before the rest of the batch was unmapped");
+            Assert.That(flushes, Is.EqualTo(2), "the batch was cut in two, each flushed once");
+        }
+        else
+        {
+            Assert.That(allocationsWhenWritten, Is.EqualTo(Pages), "Linux's order: the write waits for the whole batch's unmap");
+            Assert.That(flushes, Is.EqualTo(1));
+        }
+        for (int i = 0; i < Pages; i++)
+            Assert.That(machine.Topology.NodeOf(p.GetPagemap(va + (ulong)(i * PageSize)).Pfn), Is.EqualTo(1), $"page {i} on node 1");
+        AssertPattern(p, 1, va, Pages, "after the move");
+        TestMachines.AssertAuditClean(machine);
+    }
 }
