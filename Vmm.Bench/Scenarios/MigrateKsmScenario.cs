@@ -121,21 +121,8 @@ internal sealed class MigrateKsmScenario : IScenario
     }
 
     /// <summary>move_pages of every KSM page to <paramref name="target"/> (MOVE_ALL: each has other mappings); returns the call's ns.</summary>
-    private static double MoveByMovePages(VmProcess process, ulong[] addresses, int[] targets, int[] status, int target)
-    {
-        Array.Fill(targets, target);
-        long start = Stopwatch.GetTimestamp();
-        Errno error = process.MovePages(0, addresses, targets, status, MovePolicyFlags.MoveAll);
-        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds;
-        if (error != Errno.None)
-            throw new InvalidOperationException($"move_pages: {error}");
-        for (int i = 0; i < status.Length; i++)
-        {
-            if (status[i] != target)
-                throw new InvalidOperationException($"move_pages: KSM page {i} has status {status[i]}, expected node {target}");
-        }
-        return ns;
-    }
+    private static double MoveByMovePages(VmProcess process, ulong[] addresses, int[] targets, int[] status, int target) =>
+        MigrationBench.MovePagesTo(process, addresses, targets, status, target, MovePolicyFlags.MoveAll);
 
     /// <summary>
     /// Every KSM page isolated (through the first process's mappings), then one MigratePages to

@@ -66,7 +66,7 @@ internal sealed class MigrateScenario : IScenario
             if (process.Read<long>(va + off) != (long)off)
                 throw new InvalidOperationException($"byte mismatch at offset {off} after the moves");
         }
-        double memcpy = MmScenario.Median(Enumerable.Range(0, reps).Select(_ => Memcpy(machine, process, va, pages)));
+        double memcpy = MmScenario.Median(MigrationBench.CopyFramesToOtherNode(machine, process, va, pages, reps));
         double moveNs = MmScenario.Median(moves);
         double engineNs = MmScenario.Median(engineMoves);
         double moveGbps = bytes / moveNs;
@@ -91,22 +91,11 @@ internal sealed class MigrateScenario : IScenario
         ];
     }
 
-    /// <summary>move_pages of every page to the other node, called by the process on itself; returns the call's ns.</summary>
+    /// <summary>move_pages of every page to the other node; returns the call's ns.</summary>
     private static double MovePages(VmProcess process, ulong[] addresses, int[] targets, int[] status, ref int node)
     {
-        int target = 1 - node;
-        Array.Fill(targets, target);
-        long start = Stopwatch.GetTimestamp();
-        Errno error = process.MovePages(0, addresses, targets, status);
-        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds;
-        if (error != Errno.None)
-            throw new InvalidOperationException($"move_pages: {error}");
-        for (int i = 0; i < status.Length; i++)
-        {
-            if (status[i] != target)
-                throw new InvalidOperationException($"move_pages: page {i} has status {status[i]}, expected node {target}");
-        }
-        node = target;
+        double ns = MigrationBench.MovePagesTo(process, addresses, targets, status, 1 - node);
+        node = 1 - node;
         return ns;
     }
 
@@ -138,26 +127,5 @@ internal sealed class MigrateScenario : IScenario
         bool isolated = machine.Lru.Isolate(pfn);
         machine.PutPage(pfn);
         return isolated ? pfn : throw new InvalidOperationException($"frame {pfn} is not on an LRU list");
-    }
-
-    /// <summary>The same bytes copied frame to frame onto the other node with the engine's copy; returns ns.</summary>
-    private static unsafe double Memcpy(Machine machine, VmProcess process, ulong va, int pages)
-    {
-        var sources = new long[pages];
-        var targets = new long[pages];
-        int other = 1 - machine.Topology.NodeOf(process.GetPagemap(va).Pfn);
-        for (int i = 0; i < pages; i++)
-        {
-            sources[i] = process.GetPagemap(va + (ulong)i * Topology.PageSize).Pfn;
-            targets[i] = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, other);
-        }
-        Arena arena = machine.Arena;
-        long start = Stopwatch.GetTimestamp();
-        for (int i = 0; i < pages; i++)
-            PageOps.Copy(arena.FrameAddress(targets[i]), arena.FrameAddress(sources[i]));
-        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds;
-        foreach (long pfn in targets)
-            machine.Allocator.FreePages(pfn);
-        return ns;
     }
 }

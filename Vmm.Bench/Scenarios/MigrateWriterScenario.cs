@@ -47,7 +47,8 @@ internal sealed class MigrateWriterScenario : IScenario
 
         Result on = Measure(machine, process, va, pages, addresses, targets, status, ref node, rounds, waitersFirst: true);
         Result linuxOrder = Measure(machine, process, va, pages, addresses, targets, status, ref node, rounds, waitersFirst: false);
-        double copyNs = PageCopyNs(machine, process, va, Math.Min(pages, 4096));
+        int copied = Math.Min(pages, 4096);
+        double copyNs = MigrationBench.CopyFramesToOtherNode(machine, process, va, copied, passes: 3).Min() / copied;
         double batchUs = on.MoveNsPerPage * MigrationEngine.MaxBatch / 1000;
         Console.WriteLine($"migrate-writer {sizeMib} MiB, {rounds} moves: one page's copy {copyNs:F0} ns, one batch's move {batchUs:F0} us");
         foreach ((string name, Result r) in new[] { ("waiters first", on), ("Linux order", linuxOrder) })
@@ -126,42 +127,11 @@ internal sealed class MigrateWriterScenario : IScenario
             Pct(0.5), Pct(0.99), stalls.Count == 0 ? 0 : stalls[^1] / 1000, moveNs / rounds / pages);
     }
 
-    /// <summary>move_pages of every page to the other node; returns the call's ns.</summary>
+    /// <summary>move_pages of every page to the other node (a page the writer keeps busy may stay: not checked); returns the call's ns.</summary>
     private static double Move(VmProcess process, ulong[] addresses, int[] targets, int[] status, ref int node)
     {
-        int target = 1 - node;
-        Array.Fill(targets, target);
-        long start = Stopwatch.GetTimestamp();
-        Errno error = process.MovePages(0, addresses, targets, status);
-        double ns = Stopwatch.GetElapsedTime(start).TotalNanoseconds;
-        if (error != Errno.None)
-            throw new InvalidOperationException($"move_pages: {error}");
-        node = target;
+        double ns = MigrationBench.MovePagesTo(process, addresses, targets, status, 1 - node, checkStatus: false);
+        node = 1 - node;
         return ns;
-    }
-
-    /// <summary>The engine's copy of one page, frame to frame onto the other node, averaged over <paramref name="pages"/> pages (ns).</summary>
-    private static unsafe double PageCopyNs(Machine machine, VmProcess process, ulong va, int pages)
-    {
-        var sources = new long[pages];
-        var copies = new long[pages];
-        int other = 1 - machine.Topology.NodeOf(process.GetPagemap(va).Pfn);
-        for (int i = 0; i < pages; i++)
-        {
-            sources[i] = process.GetPagemap(va + (ulong)i * Topology.PageSize).Pfn;
-            copies[i] = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, other);
-        }
-        Arena arena = machine.Arena;
-        double best = double.MaxValue;
-        for (int r = 0; r < 3; r++)
-        {
-            long start = Stopwatch.GetTimestamp();
-            for (int i = 0; i < pages; i++)
-                PageOps.Copy(arena.FrameAddress(copies[i]), arena.FrameAddress(sources[i]));
-            best = Math.Min(best, Stopwatch.GetElapsedTime(start).TotalNanoseconds / pages);
-        }
-        foreach (long pfn in copies)
-            machine.Allocator.FreePages(pfn);
-        return best;
     }
 }

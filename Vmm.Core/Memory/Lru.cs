@@ -199,12 +199,7 @@ internal sealed class LruLists
                 LockAssert.Referenced(_memMap, pfn);
                 LockAssert.That(!_memMap.TestFlag(pfn, PageFlags.Lru), $"frame {pfn} not on an LRU list already (PG_lru clear)");
                 Lruvec lruvec = LruvecOf(pfn);
-                if (lruvec != locked)
-                {
-                    locked?.Lock.Exit();
-                    lruvec.Lock.Enter();
-                    locked = lruvec;
-                }
+                Relock(ref locked, lruvec);
                 AddToListLocked(lruvec, pfn);
             }
         }
@@ -232,12 +227,7 @@ internal sealed class LruLists
                 long pfn = batch.Pfns[i];
                 taken[i] = (uint)pfn;
                 Lruvec lruvec = LruvecOf(pfn);
-                if (lruvec != locked)
-                {
-                    locked?.Lock.Exit();
-                    lruvec.Lock.Enter();
-                    locked = lruvec;
-                }
+                Relock(ref locked, lruvec);
                 AddToListLocked(lruvec, pfn);
             }
         }
@@ -249,6 +239,20 @@ internal sealed class LruLists
         batch.Exit();
         for (int i = 0; i < count; i++)
             _machine.PutPage(taken[i]);
+    }
+
+    /// <summary>
+    /// folio_lruvec_relock: makes <paramref name="lruvec"/>'s lock the one held, releasing the one held
+    /// before if it was another's, for loops over pages of several nodes that keep a lock across pages
+    /// of one node. The caller releases <paramref name="locked"/> at the end (in a finally).
+    /// </summary>
+    private static void Relock(ref Lruvec? locked, Lruvec lruvec)
+    {
+        if (lruvec == locked)
+            return;
+        locked?.Lock.Exit();
+        lruvec.Lock.Enter();
+        locked = lruvec;
     }
 
     /// <summary>lruvec_add_folio: links the page at the head of the list its PG_active names and sets PG_lru. Preconditions: the lruvec's lock held.</summary>
@@ -353,12 +357,7 @@ internal sealed class LruLists
                 if (!_memMap.TestFlag(head, PageFlags.Lru))
                     continue;
                 Lruvec lruvec = LruvecOf(head);
-                if (lruvec != locked)
-                {
-                    locked?.Lock.Exit();
-                    lruvec.Lock.Enter();
-                    locked = lruvec;
-                }
+                Relock(ref locked, lruvec);
                 isolated[i] = IsolateLocked(lruvec, head);
             }
         }
@@ -437,12 +436,7 @@ internal sealed class LruLists
                 long head = _memMap.CompoundHead(pfn);
                 LockAssert.Referenced(_memMap, head);
                 Lruvec lruvec = LruvecOf(head);
-                if (lruvec != locked)
-                {
-                    locked?.Lock.Exit();
-                    lruvec.Lock.Enter();
-                    locked = lruvec;
-                }
+                Relock(ref locked, lruvec);
                 UnlinkIsolatedLocked(lruvec, head);
                 Interlocked.And(ref _memMap[head].Flags, ~(ulong)(PageFlags.Active | PageFlags.Referenced));
             }
