@@ -6,13 +6,17 @@
 // Two regions of --size-mib MiB (src and dst) are allocated page-aligned. src holds seeded random data.
 // Each rep runs every kernel once over all pages, in an order that leaves dst in the state the next
 // kernel needs: copy (dst = src), compare/equals/memcmp (equal pages, so the whole page is read),
-// checksum (src), zero (dst = 0), iszero (zero pages, so the whole page is read), memcpy (dst = src
-// again). Rounds interleave the kernels so that drift (frequency, neighbours on the host) hits all of
+// checksum (src), zero (dst = 0), iszero (zero pages, so the whole page is read), the candidates
+// for faster zeroing and copying (zero with non-temporal stores, libc memset, copy with non-temporal
+// stores, libc memcpy: issue 14 asks which primitive is fastest out of cache on each machine kind),
+// memcpy (dst = src again). Rounds interleave the kernels so that drift (frequency, neighbours on the host) hits all of
 // them alike. One untimed round warms up first; each key is the median ns per 4 KiB page over the reps.
 using System.Diagnostics;
 using System.Globalization;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using Vmm.Native;
 
 namespace Vmm.Bench.Scenarios;
@@ -31,6 +35,10 @@ internal sealed unsafe class PageOpsScenario : IScenario
         Memcpy,
         Memcmp,
         Equals,
+        CopyNonTemporal,
+        ZeroNonTemporal,
+        LibcMemcpy,
+        LibcMemset,
     }
 
     // The order of the JSON keys; the run order is RunOrder below.
@@ -44,11 +52,16 @@ internal sealed unsafe class PageOpsScenario : IScenario
         (Kernel.Memcpy, "memcpy_ns"),
         (Kernel.Memcmp, "memcmp_ns"),
         (Kernel.Equals, "equals_ns"),
+        (Kernel.CopyNonTemporal, "copy_nt_ns"),
+        (Kernel.ZeroNonTemporal, "zero_nt_ns"),
+        (Kernel.LibcMemcpy, "libc_memcpy_ns"),
+        (Kernel.LibcMemset, "libc_memset_ns"),
     ];
 
     private static readonly Kernel[] RunOrder =
     [
-        Kernel.Copy, Kernel.Compare, Kernel.Equals, Kernel.Memcmp, Kernel.Checksum, Kernel.Zero, Kernel.IsZero, Kernel.Memcpy,
+        Kernel.Copy, Kernel.Compare, Kernel.Equals, Kernel.Memcmp, Kernel.Checksum, Kernel.Zero, Kernel.IsZero,
+        Kernel.ZeroNonTemporal, Kernel.LibcMemset, Kernel.CopyNonTemporal, Kernel.LibcMemcpy, Kernel.Memcpy,
     ];
 
     private static long _sink;
@@ -162,6 +175,22 @@ internal sealed unsafe class PageOpsScenario : IScenario
                 for (byte* s = src, d = dst; s < end; s += PageSize, d += PageSize)
                     Buffer.MemoryCopy(s, d, PageSize, PageSize);
                 break;
+            case Kernel.CopyNonTemporal:
+                for (byte* s = src, d = dst; s < end; s += PageSize, d += PageSize)
+                    PageOps.CopyNonTemporal(d, s, PageSize);
+                break;
+            case Kernel.ZeroNonTemporal:
+                for (byte* d = dst, dend = dst + pages * PageSize; d < dend; d += PageSize)
+                    ZeroNonTemporal(d);
+                break;
+            case Kernel.LibcMemcpy:
+                for (byte* s = src, d = dst; s < end; s += PageSize, d += PageSize)
+                    LibcMemcpy(d, s, PageSize);
+                break;
+            case Kernel.LibcMemset:
+                for (byte* d = dst, dend = dst + pages * PageSize; d < dend; d += PageSize)
+                    LibcMemset(d, 0, PageSize);
+                break;
         }
         long elapsed = Stopwatch.GetTimestamp() - t0;
         _sink += acc;
@@ -179,6 +208,31 @@ internal sealed unsafe class PageOpsScenario : IScenario
         return elapsed * (1e9 / Stopwatch.Frequency) / pages;
     }
 
+    /// <summary>A page zeroed with non-temporal stores (no read for ownership, the lines not kept), then a fence.</summary>
+    private static void ZeroNonTemporal(byte* p)
+    {
+        if (!Avx.IsSupported)
+        {
+            PageOps.Zero(p);
+            return;
+        }
+        Vector256<byte> zero = Vector256<byte>.Zero;
+        for (int i = 0; i < PageSize; i += 64)
+        {
+            Avx.StoreAlignedNonTemporal(p + i, zero);
+            Avx.StoreAlignedNonTemporal(p + i + 32, zero);
+        }
+        Sse.StoreFence();
+    }
+
+    // The C library's own kernels (glibc picks rep movsb / rep stosb or vector loops by size and CPU
+    // features, as Linux's copy_page and clear_page use rep movs / rep stos); a P/Invoke costs ~5 ns.
+    [DllImport("libc", EntryPoint = "memcpy")]
+    private static extern void* LibcMemcpy(void* dst, void* src, nuint length);
+
+    [DllImport("libc", EntryPoint = "memset")]
+    private static extern void* LibcMemset(void* dst, int value, nuint length);
+
     private static double Median(double[] values)
     {
         double[] sorted = (double[])values.Clone();
@@ -192,13 +246,13 @@ internal sealed unsafe class PageOpsScenario : IScenario
         double memcpy = median[Kernel.Memcpy];
         double memcmp = median[Kernel.Memcmp];
         Console.WriteLine();
-        Console.WriteLine($"{"kernel",-10} {"ns/page",9} {"GB/s",7}  {"vs memcpy",9}  {"vs memcmp",9}");
+        Console.WriteLine($"{"kernel",-12} {"ns/page",9} {"GB/s",7}  {"vs memcpy",9}  {"vs memcmp",9}");
         foreach ((Kernel k, string key) in Keys)
         {
             double ns = median[k];
             string name = key[..^3];
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{name,-10} {ns,9:F1} {PageSize / ns,7:F2}  {ns / memcpy,8:F2}x  {ns / memcmp,8:F2}x"));
+                $"{name,-12} {ns,9:F1} {PageSize / ns,7:F2}  {ns / memcpy,8:F2}x  {ns / memcmp,8:F2}x"));
         }
         Console.WriteLine("(GB/s = page bytes / time; copy and memcpy also write a page, compare/equals/memcmp read two)");
         Console.WriteLine();
