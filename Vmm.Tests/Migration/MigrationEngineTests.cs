@@ -573,14 +573,14 @@ public sealed class MigrationEngineTests
         long flushesBefore = machine.GetVmStats().TlbFlushes;
         int rc = machine.Migration.MigratePages(from, src =>
         {
-            if (++allocations == WaiterAt + 2 && waitersFirst)
+            if (allocations == WaiterAt + 1 && waitersFirst)
             {
-                // The second batch has started: the writer was woken when its page moved. Let it record
-                // before going on (a bounded wait: in Linux's order this point is reached only after the
-                // write has completed anyway).
+                // The second batch starts: the writer was woken when its page moved. Let it record before
+                // this allocation is counted (a bounded wait: in Linux's order this point is reached only
+                // after the write has completed anyway).
                 writer!.Join(TimeSpan.FromSeconds(30));
             }
-            if (allocations == WaiterAt + 1)
+            if (++allocations == WaiterAt + 1)
             {
                 long waits = machine.Migration.FaultsWaited;
                 writer = new Thread(() =>
