@@ -28,6 +28,9 @@ internal static class TestMachines
     /// <summary>2 nodes of 32 MiB in 8 MiB blocks, no watermark reserve: room for KSM's stable and unstable trees.</summary>
     public static MachineOptions TwoLargeNodes => new() { NodeCount = 2, NodeSizeBytes = 32L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
 
+    /// <summary><see cref="Small"/> with 4 nodes: 4 nodes of 4 MiB in 2 MiB blocks, no watermark reserve.</summary>
+    public static MachineOptions FourSmallNodes => Small with { NodeCount = 4 };
+
     /// <summary>1 node of 16 MiB in 8 MiB blocks, no watermark reserve: whole free pageblocks on one node.</summary>
     public static MachineOptions OneNode => new() { NodeCount = 1, NodeSizeBytes = 16L << 20, BlockSizeBytes = 8L << 20, MinFreeKbytes = 0 };
 

@@ -3,6 +3,7 @@ using Vmm.Memory;
 using Vmm.Migration;
 using Vmm.Mm;
 using static Vmm.Tests.Ksm.KsmTestKit;
+using static Vmm.Tests.Migration.MigrationTestHelpers;
 using static Vmm.Tests.TestMachines;
 
 namespace Vmm.Tests.Ksm;
@@ -34,6 +35,17 @@ public sealed class KsmMigrationTests
             VmProcess p = machine.CreateProcess(homeNode: node);
             return (p, MapPattern(p, 1, _ => fill));
         })];
+
+    /// <summary>
+    /// Moves the page <paramref name="sharer"/> maps to node 1 (<c>TryReplacePage</c>), asserts the move
+    /// succeeded, and returns the frame <paramref name="sharer"/> maps afterwards. Precondition: a page is
+    /// present at the sharer's address.
+    /// </summary>
+    private static long MoveToNodeOne((VmProcess Process, ulong Va) sharer, string because = "")
+    {
+        Assert.That(sharer.Process.Mm.TryReplacePage(sharer.Va, 1), Is.EqualTo(Errno.None), because);
+        return sharer.Process.GetPagemap(sharer.Va).Pfn;
+    }
 
     private static void AssertReads(IEnumerable<(VmProcess Process, ulong Va)> sharers, byte fill)
     {
@@ -120,7 +132,7 @@ public sealed class KsmMigrationTests
         // The migrator's steps, stopped after Ksm.MigratePage and before the PTEs come back.
         machine.MemMap.GetPage(oldPfn);
         Assert.That(machine.PageLock.TryLock(oldPfn), Is.True);
-        long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, 1);
+        long newPfn = AllocOnNode(machine, 1);
         machine.PageLock.Lock(newPfn);
         Assert.That(machine.Rmap.TryToMigrate(oldPfn), Is.True);
         Assert.That(machine.MemMap.RefCount(oldPfn), Is.EqualTo(1), "a KSM page holds no reference of KSM's: only the migrator's is left");
@@ -139,12 +151,7 @@ public sealed class KsmMigrationTests
         bool scanEndedDuringMigration = rest.Wait(TimeSpan.FromSeconds(10));
         KsmStats during = ksm.GetStats();
 
-        machine.Rmap.RemoveMigrationPtes(oldPfn, newPfn);
-        machine.Lru.Add(newPfn); // the migrator puts its new frame on the LRU
-        machine.PageLock.Unlock(newPfn);
-        machine.PutPage(newPfn);
-        machine.PageLock.Unlock(oldPfn);
-        machine.PutPage(oldPfn);
+        FinishMigration(machine, oldPfn, newPfn); // the migrator puts its new frame on the LRU and lets both go
         rest.Wait(); // (a scan that did wait is released by the unlocks above)
         Assert.That(scanEndedDuringMigration, Is.True, "the scan does not wait for the migration");
         Assert.That((during.PagesShared, during.PagesSharing), Is.EqualTo((1L, 1L)), "the mappings in migration stay linked");
@@ -169,8 +176,7 @@ public sealed class KsmMigrationTests
         ksm.RunFullScans(2);
         VmProcess child = sharers[0].Process.Fork(); // its mapping is found through the parent's item's anon_vma
         ulong va = sharers[0].Va;
-        Assert.That(sharers[0].Process.Mm.TryReplacePage(va, 1), Is.EqualTo(Errno.None));
-        long moved = sharers[0].Process.GetPagemap(va).Pfn;
+        long moved = MoveToNodeOne(sharers[0]);
         Assert.That(child.GetPagemap(va).Pfn, Is.EqualTo(moved), "the child's mapping follows the page");
         Assert.That(machine.Topology.NodeOf(moved), Is.EqualTo(1));
         AssertReads([.. sharers, (child, va)], 0x21);
@@ -195,8 +201,7 @@ public sealed class KsmMigrationTests
         var sameCopy = sharers.Where(s => s.Process.GetPagemap(s.Va).Pfn == oldPfn).ToList();
         Assert.That(sameCopy, Has.Count.EqualTo(2));
 
-        Assert.That(sharers[0].Process.Mm.TryReplacePage(sharers[0].Va, 1), Is.EqualTo(Errno.None), "a copy inside a chain moves");
-        long newPfn = sharers[0].Process.GetPagemap(sharers[0].Va).Pfn;
+        long newPfn = MoveToNodeOne(sharers[0], "a copy inside a chain moves");
         Assert.That(machine.Topology.NodeOf(newPfn), Is.EqualTo(1));
         Assert.That(sameCopy.Select(s => s.Process.GetPagemap(s.Va).Pfn), Is.All.EqualTo(newPfn), "both mappings of that copy follow it");
         Assert.That(ksm.GetStats().StableNodeDups, Is.EqualTo(2), "until the scanner meets it, the copy stays in its chain");
@@ -238,8 +243,7 @@ public sealed class KsmMigrationTests
         Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((2L, 3L)), "one KSM page per node");
         long resident = onOne[0].Process.GetPagemap(onOne[0].Va).Pfn;
 
-        Assert.That(onZero[0].Process.Mm.TryReplacePage(onZero[0].Va, 1), Is.EqualTo(Errno.None));
-        long moved = onZero[0].Process.GetPagemap(onZero[0].Va).Pfn;
+        long moved = MoveToNodeOne(onZero[0]);
         Assert.That(machine.Topology.NodeOf(moved), Is.EqualTo(1));
         Assert.That(moved, Is.Not.EqualTo(resident));
         AssertAuditClean(machine);
@@ -267,8 +271,7 @@ public sealed class KsmMigrationTests
         Vmm.Ksm ksm = machine.Ksm!;
         var sharers = Sharers(machine, 2, node: 0, fill: 0x6B);
         ksm.RunFullScans(2);
-        Assert.That(sharers[0].Process.Mm.TryReplacePage(sharers[0].Va, 1), Is.EqualTo(Errno.None));
-        long moved = sharers[0].Process.GetPagemap(sharers[0].Va).Pfn;
+        long moved = MoveToNodeOne(sharers[0]);
         ksm.RunFullScans(1);
         Assert.That(ksm.MigrateNodeCount, Is.Zero);
         Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((1L, 1L)));
@@ -293,8 +296,7 @@ public sealed class KsmMigrationTests
         Vmm.Ksm ksm = machine.Ksm!;
         var sharers = Sharers(machine, 2, node: 0, fill: 0x2C);
         ksm.RunFullScans(2);
-        Assert.That(sharers[0].Process.Mm.TryReplacePage(sharers[0].Va, 1), Is.EqualTo(Errno.None));
-        long moved = sharers[0].Process.GetPagemap(sharers[0].Va).Pfn;
+        long moved = MoveToNodeOne(sharers[0]);
         KsmStableNode node = ksm.NodeOfPage(moved)!;
         Assert.That(node.Nid, Is.Zero, "until the scanner meets it, the node stays in node 0's index");
         AssertAuditClean(machine); // licensed: the migration moved it
@@ -317,7 +319,7 @@ public sealed class KsmMigrationTests
         var onZero = Sharers(machine, 2, node: 0, fill: 0x11);
         var onOne = Sharers(machine, 2, node: 1, fill: 0x11);
         ksm.RunFullScans(2);
-        Assert.That(onZero[0].Process.Mm.TryReplacePage(onZero[0].Va, 1), Is.EqualTo(Errno.None));
+        MoveToNodeOne(onZero[0]);
         ksm.RunFullScans(1);
         Assert.That(ksm.MigrateNodeCount, Is.EqualTo(1), "the merged-away page's node waits on migrate_nodes (its frame's last references are on their way)");
         Assert.That(ksm.Write("merge_across_nodes", "1"), Is.EqualTo(Errno.EBUSY), "KSM pages exist");

@@ -16,6 +16,21 @@ public sealed class LruTests
         return (stats.InactiveAnonPages, stats.ActiveAnonPages, stats.IsolatedAnonPages);
     }
 
+    /// <summary>
+    /// A new process on <paramref name="machine"/> (home node 0) with one private page mapped and written
+    /// with <paramref name="value"/>, its frame drained from the add batches onto node 0's inactive list.
+    /// Returns the process, the page's address and its frame.
+    /// </summary>
+    private static (VmProcess Process, ulong Va, long Pfn) MapPageOnLru(Machine machine, long value)
+    {
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(Page);
+        p.Write<long>(va, value);
+        long pfn = p.GetPagemap(va).Pfn;
+        machine.Lru.DrainAll();
+        return (p, va, pfn);
+    }
+
     [Test]
     public void Add_puts_a_page_in_a_batch_with_a_reference_of_its_own_and_a_drain_moves_it_to_the_inactive_list()
     {
@@ -120,11 +135,7 @@ public sealed class LruTests
     public void Isolate_takes_an_LRU_page_off_its_list_with_a_reference_and_Putback_restores_it()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(Page);
-        p.Write<long>(va, 7);
-        long pfn = p.GetPagemap(va).Pfn;
-        machine.Lru.DrainAll();
+        (VmProcess p, ulong va, long pfn) = MapPageOnLru(machine, 7);
         int before = machine.MemMap.RefCount(pfn);
 
         Assert.That(machine.Lru.Isolate(pfn), Is.True);
@@ -147,11 +158,7 @@ public sealed class LruTests
     public void An_isolated_page_unmapped_meanwhile_is_freed_by_its_Putback()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(Page);
-        p.Write<long>(va, 7);
-        long pfn = p.GetPagemap(va).Pfn;
-        machine.Lru.DrainAll();
+        (VmProcess p, ulong va, long pfn) = MapPageOnLru(machine, 7);
         Assert.That(machine.Lru.Isolate(pfn), Is.True);
         Assert.That(p.Munmap(va, Page), Is.EqualTo(Errno.None));
         Assert.That(machine.MemMap.RefCount(pfn), Is.EqualTo(1), "only the isolation holds it");
@@ -167,11 +174,7 @@ public sealed class LruTests
     public void MarkAccessed_twice_activates_a_page_and_isolation_keeps_it_active()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(Page);
-        p.Write<long>(va, 7);
-        long pfn = p.GetPagemap(va).Pfn;
-        machine.Lru.DrainAll();
+        (VmProcess p, ulong va, long pfn) = MapPageOnLru(machine, 7);
 
         machine.Lru.MarkAccessed(pfn);
         Assert.That(FlagsOf(machine, pfn) & (PageFlags.Referenced | PageFlags.Active), Is.EqualTo(PageFlags.Referenced), "the first access only references it");
@@ -301,11 +304,7 @@ public sealed class LruTests
     public void Audit_reports_a_user_page_that_is_on_no_LRU_list()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(Page);
-        p.Write<long>(va, 1);
-        long pfn = p.GetPagemap(va).Pfn;
-        machine.Lru.DrainAll();
+        long pfn = MapPageOnLru(machine, 1).Pfn;
         Assert.That(machine.Lru.Isolate(pfn), Is.True);
         machine.Lru.ReleaseIsolated(pfn); // wrongly: the page is still mapped
         Assert.That(machine.Audit(), Has.Some.Contains($"frame {pfn} is a user page"));
@@ -335,7 +334,10 @@ public sealed class LruTests
             {
                 VmProcess p = processes[id];
                 var random = new Random(id);
-                for (int i = 0; i < iterations; i++)
+                var clock = System.Diagnostics.Stopwatch.StartNew();
+                // Past the iterations, until the mover has isolated something (on a loaded machine it may
+                // not have run yet), for at most 30 s more.
+                for (int i = 0; i < iterations || (Volatile.Read(ref isolations) == 0 && clock.Elapsed < TimeSpan.FromSeconds(30)); i++)
                 {
                     int pages = random.Next(1, 40);
                     ulong va = p.Mmap((ulong)(pages * Page), Protection.ReadWrite, random.Next(4) == 0 ? MapFlags.Shared : MapFlags.Private);

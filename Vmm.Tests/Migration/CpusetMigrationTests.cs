@@ -1,3 +1,5 @@
+using static Vmm.Tests.Migration.MigrationTestHelpers;
+
 namespace Vmm.Tests.Migration;
 
 /// <summary>
@@ -12,25 +14,17 @@ public sealed class CpusetMigrationTests
 {
     private const int Page = 4096;
 
-    private static int[] NodesOf(VmProcess p, ulong va, int count) =>
-        [.. Enumerable.Range(0, count).Select(i => p.GetPagemap(va + (ulong)(i * Page)).Node)];
-
     private static (VmProcess Process, ulong Va, byte[] Bytes) Populated(Machine machine, Cpuset cpuset, int pages)
     {
         VmProcess p = machine.CreateProcess(Credentials.User(1000));
         Assert.That(cpuset.Attach(p), Is.EqualTo(Errno.None));
         ulong va = p.Mmap((ulong)(pages * Page));
-        var bytes = new byte[pages * Page];
-        new Random(pages).NextBytes(bytes);
-        p.Write(va, bytes);
-        return (p, va, bytes);
+        return (p, va, WriteRandomPages(p, va, pages, seed: pages));
     }
 
     private static void AssertBytes(VmProcess p, ulong va, byte[] expected)
     {
-        var actual = new byte[expected.Length];
-        p.Read(va, actual);
-        Assert.That(actual, Is.EqualTo(expected), "every byte moved with its page");
+        Assert.That(ReadPages(p, va, expected.Length / Page), Is.EqualTo(expected), "every byte moved with its page");
     }
 
     [Test]

@@ -1,3 +1,5 @@
+using static Vmm.Tests.Migration.MigrationTestHelpers;
+
 namespace Vmm.Tests.Migration;
 
 /// <summary>
@@ -10,11 +12,6 @@ namespace Vmm.Tests.Migration;
 public sealed class CpusetTests
 {
     private const ulong Page = 4096;
-
-    /// <summary>4 nodes of 4 MiB (2 MiB blocks), no reserve.</summary>
-    private static MachineOptions FourNodes => MachineOptions.Small with { NodeCount = 4 };
-
-    private static int NodeOf(VmProcess p, ulong va) => p.GetPagemap(va).Node;
 
     private static NodeMask PolicyNodes(VmProcess p)
     {
@@ -39,7 +36,7 @@ public sealed class CpusetTests
     [Test]
     public void Every_process_starts_in_the_root_cpuset_which_has_every_node()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         Assert.That(machine.RootCpuset.Mems, Is.EqualTo(NodeMask.Of(0, 1, 2, 3)));
         Assert.That(machine.RootCpuset.Parent, Is.Null);
@@ -51,7 +48,7 @@ public sealed class CpusetTests
     [Test]
     public void Creating_a_cpuset_checks_name_and_mems()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset a = machine.CreateCpuset("a", NodeMask.Of(0, 1));
         Assert.That((a.Name, a.Parent, a.Mems, a.MemoryMigrate), Is.EqualTo(("a", machine.RootCpuset, NodeMask.Of(0, 1), false)));
         Assert.That(machine.RootCpuset.Children, Is.EqualTo(new[] { a }));
@@ -68,7 +65,7 @@ public sealed class CpusetTests
     [Test]
     public void Writing_mems_returns_Linuxs_errors()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset a = machine.CreateCpuset("a", NodeMask.Of(0, 1, 2));
         Cpuset b = machine.CreateCpuset("b", NodeMask.Of(1, 2), a);
         Assert.That(a.SetMems(NodeMask.Of(0, 1, 5)), Is.EqualTo(Errno.EINVAL), "node 5 does not exist");
@@ -92,7 +89,7 @@ public sealed class CpusetTests
     [Test]
     public void Allocation_stays_inside_the_cpusets_mems_whatever_the_home_node()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         Cpuset cs = machine.CreateCpuset("job", NodeMask.Of(2, 3));
         Assert.That(cs.Attach(p), Is.EqualTo(Errno.None));
@@ -113,7 +110,7 @@ public sealed class CpusetTests
     [Test]
     public void A_cpuset_limits_shared_memory_and_copy_on_write_copies_too()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(Page);
         parent.Write<long>(va, 1);
@@ -131,7 +128,7 @@ public sealed class CpusetTests
     [Test]
     public void Fork_puts_the_child_in_its_parents_cpuset_and_exit_takes_it_out()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(3));
         VmProcess parent = machine.CreateProcess();
         cs.Attach(parent);
@@ -149,7 +146,7 @@ public sealed class CpusetTests
     [Test]
     public void Changing_mems_remaps_a_policy_without_flags_node_by_rank()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(0, 1));
         VmProcess p = machine.CreateProcess();
         cs.Attach(p);
@@ -171,7 +168,7 @@ public sealed class CpusetTests
     [Test]
     public void Static_nodes_keep_the_users_nodes_that_are_still_allowed()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(0, 1));
         VmProcess p = machine.CreateProcess();
         cs.Attach(p);
@@ -193,7 +190,7 @@ public sealed class CpusetTests
     [Test]
     public void Relative_nodes_are_ranks_in_the_mems()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(1, 3));
         VmProcess p = machine.CreateProcess();
         cs.Attach(p);
@@ -210,7 +207,7 @@ public sealed class CpusetTests
     [Test]
     public void A_preferred_node_left_outside_the_mems_falls_back_inside_them()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset cs = machine.CreateCpuset("c", NodeMask.Of(0, 1));
         VmProcess p = machine.CreateProcess(homeNode: 0);
         cs.Attach(p);
@@ -225,7 +222,7 @@ public sealed class CpusetTests
     [Test]
     public void Attaching_to_another_cpuset_rebinds_the_policies()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Cpuset a = machine.CreateCpuset("a", NodeMask.Of(0, 1));
         Cpuset b = machine.CreateCpuset("b", NodeMask.Of(2, 3));
         VmProcess p = machine.CreateProcess();
@@ -258,7 +255,7 @@ public sealed class CpusetTests
     [Category("Stress")]
     public void Faults_racing_with_mems_changes_mbind_and_fork_stay_inside_the_nodes_ever_allowed()
     {
-        using Machine machine = TestMachines.Create(FourNodes with { NodeSizeBytes = 8L << 20 });
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes with { NodeSizeBytes = 8L << 20 });
         Cpuset cs = machine.CreateCpuset("race", NodeMask.Of(0, 1));
         VmProcess p = machine.CreateProcess(homeNode: 3);
         Assert.That(cs.Attach(p), Is.EqualTo(Errno.None));

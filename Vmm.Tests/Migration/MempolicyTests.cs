@@ -1,4 +1,5 @@
 using Vmm.Mm;
+using static Vmm.Tests.Migration.MigrationTestHelpers;
 
 namespace Vmm.Tests.Migration;
 
@@ -13,11 +14,6 @@ namespace Vmm.Tests.Migration;
 public sealed class MempolicyTests
 {
     private const ulong Page = 4096;
-
-    /// <summary>4 nodes of 4 MiB (2 MiB blocks), no reserve.</summary>
-    private static MachineOptions FourNodes => MachineOptions.Small with { NodeCount = 4 };
-
-    private static int NodeOf(VmProcess p, ulong va) => p.GetPagemap(va).Node;
 
     private static int VmaCount(VmProcess p)
     {
@@ -145,7 +141,7 @@ public sealed class MempolicyTests
     [Test]
     public void Mems_allowed_alone_reports_the_cpusets_nodes()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         Assert.That(p.GetMempolicy(out int mode, out NodeMask nodes, 0, GetMempolicyFlags.MemsAllowed), Is.EqualTo(Errno.None));
         Assert.That((mode, nodes), Is.EqualTo((0, NodeMask.Of(0, 1, 2, 3))), "the root cpuset allows every node");
@@ -158,7 +154,7 @@ public sealed class MempolicyTests
     [Test]
     public void Node_alone_names_the_next_node_of_an_interleave_task_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         p.SetMempolicy(MempolicyMode.Interleave, NodeMask.Of(2, 3));
         Assert.That(p.GetMempolicy(out int node, out NodeMask nodes, 0, GetMempolicyFlags.Node), Is.EqualTo(Errno.None));
@@ -333,7 +329,7 @@ public sealed class MempolicyTests
     [TestCase(MempolicyMode.Bind, "0", 0)]
     public void A_task_policy_places_anonymous_faults(MempolicyMode mode, string nodes, int expected)
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 1);
         Assert.That(NodeMask.TryParse(nodes, out NodeMask mask), Is.True);
         Assert.That(p.SetMempolicy(mode, mask), Is.EqualTo(Errno.None));
@@ -347,7 +343,7 @@ public sealed class MempolicyTests
     [Test]
     public void Bind_to_several_nodes_starts_at_the_nearest_to_the_home_node()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 2);
         p.SetMempolicy(MempolicyMode.Bind, NodeMask.Of(0, 2));
         ulong va = p.Mmap(Page);
@@ -362,7 +358,7 @@ public sealed class MempolicyTests
     [Test]
     public void Interleave_follows_the_page_offset_not_the_order_of_faults()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(16 * Page);
         Assert.That(p.Mbind(va, 16 * Page, MempolicyMode.Interleave, NodeMask.Of(1, 2, 3)), Is.EqualTo(Errno.None));
@@ -380,7 +376,7 @@ public sealed class MempolicyTests
     [Test]
     public void Interleave_placement_survives_a_vma_split()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(12 * Page);
         p.SetMempolicy(MempolicyMode.Interleave, NodeMask.Of(0, 1, 2, 3));
@@ -399,7 +395,7 @@ public sealed class MempolicyTests
     [Test]
     public void Weighted_interleave_puts_pages_in_the_ratio_of_the_weights()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         Assert.That(machine.GetInterleaveWeight(0), Is.EqualTo(1), "the default weight");
         Assert.That(machine.SetInterleaveWeight(0, 3), Is.EqualTo(Errno.None));
         Assert.That(machine.SetInterleaveWeight(2, 1), Is.EqualTo(Errno.None));
@@ -463,7 +459,7 @@ public sealed class MempolicyTests
     [Test]
     public void Preferred_many_uses_its_nodes_first_and_the_cpuset_in_the_fallback()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess filler = machine.CreateProcess(homeNode: 2);
         filler.SetMempolicy(MempolicyMode.Bind, NodeMask.Of(2));
         ulong big = filler.Mmap(8UL << 20);
@@ -484,7 +480,7 @@ public sealed class MempolicyTests
     [Test]
     public void A_vma_policy_wins_over_the_task_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess();
         p.SetMempolicy(MempolicyMode.Bind, NodeMask.Of(3));
         ulong va = p.Mmap(2 * Page);
@@ -496,7 +492,7 @@ public sealed class MempolicyTests
     [Test]
     public void Copy_on_write_and_shared_memory_faults_follow_the_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(Page);
         parent.Write<long>(va, 11);
@@ -522,7 +518,7 @@ public sealed class MempolicyTests
     [Test]
     public void An_unshare_copy_for_a_read_pin_follows_the_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(Page);
         parent.Write<long>(va, 3);
@@ -589,7 +585,7 @@ public sealed class MempolicyTests
     [Test]
     public void Fork_inherits_the_task_policy_and_every_vma_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         parent.SetMempolicy(MempolicyMode.Interleave, NodeMask.Of(2, 3), MempolicyFlags.StaticNodes);
         ulong va = parent.Mmap(4 * Page);
@@ -615,7 +611,7 @@ public sealed class MempolicyTests
     [Test]
     public void Move_migrates_the_misplaced_pages_to_the_policys_nodes()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         ulong va = p.Mmap(8 * Page);
         for (ulong i = 0; i < 8; i++)
@@ -637,7 +633,7 @@ public sealed class MempolicyTests
     [Test]
     public void Move_interleaves_the_moved_pages_by_offset()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         ulong va = p.Mmap(8 * Page);
         p.Fill(va, 8 * Page, 0x11);
@@ -650,7 +646,7 @@ public sealed class MempolicyTests
     [Test]
     public void Move_leaves_pages_other_processes_map_and_move_all_takes_them()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess parent = machine.CreateProcess(homeNode: 0);
         ulong va = parent.Mmap(2 * Page);
         parent.Fill(va, 2 * Page, 0x22);
@@ -667,7 +663,7 @@ public sealed class MempolicyTests
     [Test]
     public void Move_of_a_pinned_page_fails_and_strict_makes_that_EIO()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         ulong va = p.Mmap(2 * Page);
         p.Fill(va, 2 * Page, 0x33);
@@ -700,7 +696,7 @@ public sealed class MempolicyTests
     [Test]
     public void Move_of_shared_memory_pages_follows_the_policy()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         Assert.That(p.Mmap(0, 4 * Page, Protection.ReadWrite, MapFlags.Shared, out ulong va), Is.EqualTo(Errno.None));
         p.Fill(va, 4 * Page, 0x44);
@@ -715,7 +711,7 @@ public sealed class MempolicyTests
     [Category("Stress")]
     public void Mbind_move_under_running_writers_loses_no_write()
     {
-        using Machine machine = TestMachines.Create(FourNodes);
+        using Machine machine = TestMachines.Create(TestMachines.FourSmallNodes);
         VmProcess p = machine.CreateProcess(homeNode: 0);
         const int pages = 64;
         ulong va = p.Mmap(pages * Page);

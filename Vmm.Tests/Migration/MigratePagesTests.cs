@@ -1,4 +1,5 @@
 using Vmm.Migration;
+using static Vmm.Tests.Migration.MigrationTestHelpers;
 
 namespace Vmm.Tests.Migration;
 
@@ -17,10 +18,6 @@ public sealed class MigratePagesTests
 
     private static MachineOptions FourNodes => TestMachines.TwoNodes with { NodeCount = 4 };
 
-    private static int NodeOf(VmProcess p, ulong va) => p.GetPagemap(va).Node;
-
-    private static int[] Expected(params int[] values) => values;
-
     /// <summary>Maps one page on each given node (by moving it there) and writes its index into it.</summary>
     private static ulong MapPagesOn(VmProcess p, params int[] nodes)
     {
@@ -36,13 +33,28 @@ public sealed class MigratePagesTests
         return va;
     }
 
-    private static int[] NodesOf(VmProcess p, ulong va, int count) =>
-        [.. Enumerable.Range(0, count).Select(i => NodeOf(p, va + (ulong)(i * Page)))];
-
     private static void AssertContents(VmProcess p, ulong va, int count)
     {
         for (int i = 0; i < count; i++)
             Assert.That(p.Read<int>(va + (ulong)(i * Page)), Is.EqualTo(1000 + i), $"page {i} kept its contents");
+    }
+
+    /// <summary>
+    /// On <paramref name="machine"/>, a new process maps one page on each of <paramref name="pagesOn"/> (see
+    /// <see cref="MapPagesOn"/>) and calls migrate_pages on itself from <paramref name="from"/> to
+    /// <paramref name="to"/>; asserts the call succeeds with no page left unmoved, the pages' nodes then
+    /// satisfy <paramref name="expectedNodes"/>, every page kept its contents, and the audit is clean.
+    /// Precondition: <paramref name="machine"/> has every node named.
+    /// </summary>
+    private static void AssertMigratesOwnPages(Machine machine, int[] pagesOn, NodeMask from, NodeMask to, NUnit.Framework.Constraints.IResolveConstraint expectedNodes)
+    {
+        VmProcess p = machine.CreateProcess();
+        ulong va = MapPagesOn(p, pagesOn);
+        Assert.That(p.MigratePages(0, from, to, out long notMoved), Is.EqualTo(Errno.None));
+        Assert.That(notMoved, Is.Zero);
+        Assert.That(NodesOf(p, va, pagesOn.Length), expectedNodes);
+        AssertContents(p, va, pagesOn.Length);
+        TestMachines.AssertAuditClean(machine);
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -126,18 +138,14 @@ public sealed class MigratePagesTests
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(count * Page);
-        var bytes = new byte[count * Page];
-        new Random(11).NextBytes(bytes);
-        p.Write(va, bytes);
+        byte[] bytes = WriteRandomPages(p, va, count, seed: 11);
         _ = p.Read<int>(p.Mmap(Page)); // a zero-page mapping: not a page of the process, never moved
 
         Assert.That(p.MigratePages(0, NodeMask.Of(0), NodeMask.Of(1), out long notMoved), Is.EqualTo(Errno.None));
 
         Assert.That(notMoved, Is.Zero);
         Assert.That(NodesOf(p, va, count), Is.All.EqualTo(1));
-        var after = new byte[count * Page];
-        p.Read(va, after);
-        Assert.That(after, Is.EqualTo(bytes));
+        Assert.That(ReadPages(p, va, count), Is.EqualTo(bytes));
         Assert.That(p.RssAnonPages, Is.EqualTo(count));
         TestMachines.AssertAuditClean(machine);
     }
@@ -146,13 +154,7 @@ public sealed class MigratePagesTests
     public void Pages_on_nodes_outside_the_old_mask_stay()
     {
         using Machine machine = TestMachines.Create(ThreeNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = MapPagesOn(p, 0, 1, 2, 0);
-        Assert.That(p.MigratePages(0, NodeMask.Of(0), NodeMask.Of(2), out long notMoved), Is.EqualTo(Errno.None));
-        Assert.That(notMoved, Is.Zero);
-        Assert.That(NodesOf(p, va, 4), Is.EqualTo(Expected(2, 1, 2, 2)));
-        AssertContents(p, va, 4);
-        TestMachines.AssertAuditClean(machine);
+        AssertMigratesOwnPages(machine, [0, 1, 2, 0], NodeMask.Of(0), NodeMask.Of(2), Is.EqualTo(Expected(2, 1, 2, 2)));
     }
 
     [Test]
@@ -161,41 +163,23 @@ public sealed class MigratePagesTests
         // [0,1] -> [1,2]: node 0's pages go to 1 and node 1's to 2. Moving 0 -> 1 first would then carry
         // node 0's pages on to 2 with node 1's; do_migrate_pages moves 1 -> 2 first.
         using Machine machine = TestMachines.Create(ThreeNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = MapPagesOn(p, 0, 1, 0, 1);
-        Assert.That(p.MigratePages(0, NodeMask.Of(0, 1), NodeMask.Of(1, 2), out long notMoved), Is.EqualTo(Errno.None));
-        Assert.That(notMoved, Is.Zero);
-        Assert.That(NodesOf(p, va, 4), Is.EqualTo(Expected(1, 2, 1, 2)));
-        AssertContents(p, va, 4);
-        TestMachines.AssertAuditClean(machine);
+        AssertMigratesOwnPages(machine, [0, 1, 0, 1], NodeMask.Of(0, 1), NodeMask.Of(1, 2), Is.EqualTo(Expected(1, 2, 1, 2)));
     }
 
     [Test]
     public void Masks_are_sets_so_asking_to_swap_two_nodes_moves_nothing()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = MapPagesOn(p, 0, 1, 1, 0);
         // "[0,1] -> [1,0]" is [0,1] -> [0,1]: every node maps to itself, as in Linux.
-        Assert.That(p.MigratePages(0, NodeMask.Of(0, 1), NodeMask.Of(1, 0), out long notMoved), Is.EqualTo(Errno.None));
-        Assert.That(notMoved, Is.Zero);
-        Assert.That(NodesOf(p, va, 4), Is.EqualTo(Expected(0, 1, 1, 0)));
-        AssertContents(p, va, 4);
-        TestMachines.AssertAuditClean(machine);
+        AssertMigratesOwnPages(machine, [0, 1, 1, 0], NodeMask.Of(0, 1), NodeMask.Of(1, 0), Is.EqualTo(Expected(0, 1, 1, 0)));
     }
 
     [Test]
     public void With_masks_of_different_sizes_a_node_in_both_keeps_its_pages()
     {
         using Machine machine = TestMachines.Create(FourNodes);
-        VmProcess p = machine.CreateProcess();
-        ulong va = MapPagesOn(p, 0, 1, 2, 3);
         // [0-3] -> [1]: 0, 2 and 3 go to node 1 (remapped by position, wrapping); node 1 is in both.
-        Assert.That(p.MigratePages(0, NodeMask.Of(0, 1, 2, 3), NodeMask.Of(1), out long notMoved), Is.EqualTo(Errno.None));
-        Assert.That(notMoved, Is.Zero);
-        Assert.That(NodesOf(p, va, 4), Is.All.EqualTo(1));
-        AssertContents(p, va, 4);
-        TestMachines.AssertAuditClean(machine);
+        AssertMigratesOwnPages(machine, [0, 1, 2, 3], NodeMask.Of(0, 1, 2, 3), NodeMask.Of(1), Is.All.EqualTo(1));
     }
 
     [Test]

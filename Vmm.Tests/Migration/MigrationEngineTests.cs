@@ -1,6 +1,7 @@
 using Vmm.Memory;
 using Vmm.Migration;
 using Vmm.Mm;
+using static Vmm.Tests.Migration.MigrationTestHelpers;
 
 namespace Vmm.Tests.Migration;
 
@@ -34,8 +35,21 @@ public sealed class MigrationEngineTests
         return pfn;
     }
 
-    private static Func<long, long> OnNode(Machine machine, int node) =>
-        _ => machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, node);
+    /// <summary>
+    /// Isolates the <paramref name="pages"/> consecutive pages from <paramref name="va"/> (see
+    /// <see cref="Isolate"/>) and returns their frames in address order: the engine's <c>from</c> list.
+    /// Precondition: every one of those pages is present.
+    /// </summary>
+    private static List<long> IsolateRange(Machine machine, VmProcess process, ulong va, int pages)
+    {
+        var from = new List<long>();
+        for (int page = 0; page < pages; page++)
+            from.Add(Isolate(machine, process, va + (ulong)(page * PageSize)));
+        return from;
+    }
+
+    /// <summary>The engine's <c>allocate</c> callback: a new frame on <paramref name="node"/> only (<see cref="AllocOnNode"/>).</summary>
+    private static Func<long, long> OnNode(Machine machine, int node) => _ => AllocOnNode(machine, node);
 
     private static byte PatternOf(int process, int page, int offset) => (byte)((process * 131) + (page * 7) + (offset * 13) + 1);
 
@@ -91,16 +105,10 @@ public sealed class MigrationEngineTests
 
         var from = new List<long>();
         for (int id = 0; id < 3; id++)
-        {
-            for (int page = 0; page < Private; page++)
-                from.Add(Isolate(machine, processes[id], privateVas[id] + (ulong)(page * PageSize)));
-        }
-        for (int page = 0; page < Forked; page++)
-            from.Add(Isolate(machine, parent, forkedVa + (ulong)(page * PageSize)));
-        for (int page = 0; page < Shared; page++)
-            from.Add(Isolate(machine, parent, sharedVa + (ulong)(page * PageSize)));
-        for (int page = 0; page < Hidden; page++)
-            from.Add(Isolate(machine, parent, hiddenVa + (ulong)(page * PageSize)));
+            from.AddRange(IsolateRange(machine, processes[id], privateVas[id], Private));
+        from.AddRange(IsolateRange(machine, parent, forkedVa, Forked));
+        from.AddRange(IsolateRange(machine, parent, sharedVa, Shared));
+        from.AddRange(IsolateRange(machine, parent, hiddenVa, Hidden));
         int total = from.Count;
         Assert.That(total, Is.GreaterThan(MigrationEngine.MaxBatch), "more than one batch");
         Assert.That(from.All(pfn => machine.Topology.NodeOf(pfn) == 0), "everything starts on node 0");
@@ -152,9 +160,7 @@ public sealed class MigrationEngineTests
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(1024 * PageSize, fill: 0x3C, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess p, ulong va, _) = region;
-        var from = new List<long>();
-        for (int page = 0; page < 1024; page++)
-            from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, 1024);
 
         long flushes = TlbShootdown.Flushes;
         int rc = machine.Migration.MigratePages(from, OnNode(machine, 1), null, MigrateMode.Async, MigrateReason.Compaction, out int succeeded);
@@ -172,9 +178,7 @@ public sealed class MigrationEngineTests
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(8 * PageSize, fill: 0x21, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess p, ulong va, _) = region;
-        var from = new List<long>();
-        for (int page = 0; page < 8; page++)
-            from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, 8);
         long pinnedPfn = from[3];
 
         using (PinnedMemory pin = p.Pin(va + 3 * PageSize, PageSize, write: true))
@@ -201,9 +205,7 @@ public sealed class MigrationEngineTests
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(4 * PageSize, fill: 0x42, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess p, ulong va, _) = region;
-        var from = new List<long>();
-        for (int page = 0; page < 4; page++)
-            from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, 4);
         long locked = from[1];
         machine.PageLock.Lock(locked);
         int rc;
@@ -228,9 +230,7 @@ public sealed class MigrationEngineTests
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(4 * PageSize, fill: 0x43, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess p, ulong va, _) = region;
-        var from = new List<long>();
-        for (int page = 0; page < 4; page++)
-            from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, 4);
         long locked = from[2];
         machine.PageLock.Lock(locked);
         int rc = -1;
@@ -252,9 +252,7 @@ public sealed class MigrationEngineTests
     {
         using MachineWithRegion region = TestMachines.CreateWithRegion(10 * PageSize, fill: 0x55, options: TestMachines.TwoNodes);
         (Machine machine, VmProcess p, ulong va, _) = region;
-        var from = new List<long>();
-        for (int page = 0; page < 10; page++)
-            from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, 10);
         long[] original = [.. from];
         int allocations = 0;
         Func<long, long> onNode1 = OnNode(machine, 1);
@@ -369,9 +367,7 @@ public sealed class MigrationEngineTests
         int moved = 0;
         for (int round = 0; round < rounds; round++)
         {
-            var from = new List<long>();
-            for (int page = 0; page < Pages; page++)
-                from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+            List<long> from = IsolateRange(machine, p, va, Pages);
             machine.Migration.MigratePages(from, OnNode(machine, (round + 1) % 2), null,
                 round % 2 == 0 ? MigrateMode.Sync : MigrateMode.Async, MigrateReason.Syscall, out int succeeded);
             machine.Migration.PutbackMovablePages(from);
@@ -443,9 +439,7 @@ public sealed class MigrationEngineTests
             ulong va = p.Mmap(Pages * PageSize);
             p.Fill(va, Pages * PageSize, (byte)round);
             VmProcess child = p.Fork();
-            var from = new List<long>();
-            for (int page = 0; page < Pages; page++)
-                from.Add(Isolate(machine, p, va + (ulong)(page * PageSize)));
+            List<long> from = IsolateRange(machine, p, va, Pages);
             using var go = new Barrier(2);
             var meddler = new Thread(() =>
             {
@@ -543,12 +537,7 @@ public sealed class MigrationEngineTests
         long newPfn = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero, 1);
         MigrationEngine.CopyPage(machine, pfn, newPfn);
         machine.PageLock.Lock(newPfn); // as the engine does: both pages locked
-        machine.Rmap.RemoveMigrationPtes(pfn, newPfn);
-        machine.Lru.Add(newPfn); // as the engine does: the new frame joins the LRU
-        machine.PageLock.Unlock(newPfn);
-        machine.PutPage(newPfn);
-        machine.PageLock.Unlock(pfn);
-        machine.PutPage(pfn);
+        FinishMigration(machine, pfn, newPfn); // as the engine does: the new frame joins the LRU
         Assert.That(child.GetPagemap(va).Pfn, Is.EqualTo(newPfn), "both processes map the new frame");
 
         Assert.That(parent.GetPagemap(va).MapCount, Is.EqualTo(2));
@@ -576,9 +565,7 @@ public sealed class MigrationEngineTests
         VmProcess p = machine.CreateProcess(homeNode: 0);
         ulong va = p.Mmap(Pages * PageSize);
         FillPattern(p, 1, va, Pages);
-        var from = new List<long>();
-        for (int i = 0; i < Pages; i++)
-            from.Add(Isolate(machine, p, va + (ulong)(i * PageSize)));
+        List<long> from = IsolateRange(machine, p, va, Pages);
 
         int allocations = 0;
         int allocationsWhenWritten = -1;
@@ -586,14 +573,14 @@ public sealed class MigrationEngineTests
         long flushesBefore = machine.GetVmStats().TlbFlushes;
         int rc = machine.Migration.MigratePages(from, src =>
         {
-            if (++allocations == WaiterAt + 2 && waitersFirst)
+            if (allocations == WaiterAt + 1 && waitersFirst)
             {
-                // The second batch has started: the writer was woken when its page moved. Let it record
-                // before going on (a bounded wait: in Linux's order this point is reached only after the
-                // write has completed anyway).
+                // The second batch starts: the writer was woken when its page moved. Let it record before
+                // this allocation is counted (a bounded wait: in Linux's order this point is reached only
+                // after the write has completed anyway).
                 writer!.Join(TimeSpan.FromSeconds(30));
             }
-            if (allocations == WaiterAt + 1)
+            if (++allocations == WaiterAt + 1)
             {
                 long waits = machine.Migration.FaultsWaited;
                 writer = new Thread(() =>
@@ -606,7 +593,7 @@ public sealed class MigrationEngineTests
                 SpinWait.SpinUntil(() => machine.Migration.FaultsWaited != waits, TimeSpan.FromSeconds(30));
                 Assert.That(machine.Migration.FaultsWaited, Is.Not.EqualTo(waits), "the writer sleeps on the migration entry");
             }
-            return machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, 1);
+            return AllocOnNode(machine, 1);
         }, null, MigrateMode.Sync, MigrateReason.Syscall, out int succeeded);
         writer!.Join();
 

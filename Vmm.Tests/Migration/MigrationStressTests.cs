@@ -477,64 +477,53 @@ public sealed class MigrationStressTests
         Assert.That(ksm.Failure, Is.Null, "ksmd did not stop on an exception");
         Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
 
-        // Every byte of every region, through its own process and (the shared mapping) through both.
+        // Every byte of every region, through its own process and (the shared mapping) through both; then
+        // no failure is recorded and the audit is clean. Only for when no writer or mover runs any more.
         byte[] check = new byte[Page];
-        foreach (Region r in regions)
-            for (int page = 0; page < r.Pages; page++)
-                foreach (VmProcess p in r.Kind == Kind.Shared ? new[] { p0, p1 } : [r.Process])
-                    CheckPage(p, r.Base + (ulong)page * Page, r.Shadow, page, check, $"final check of {r} through {p}");
-        Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
-        TestMachines.AssertAuditClean(machine);
+        void CheckEveryRegion(string when)
+        {
+            foreach (Region r in regions)
+                for (int page = 0; page < r.Pages; page++)
+                    foreach (VmProcess p in r.Kind == Kind.Shared ? new[] { p0, p1 } : [r.Process])
+                        CheckPage(p, r.Base + (ulong)page * Page, r.Shadow, page, check, $"{when} of {r} through {p}");
+            Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
+            TestMachines.AssertAuditClean(machine);
+        }
+
+        // Asserts that every page of the regions, as seen through one process, is placed as it should be.
+        void AssertPlacement(IEnumerable<Region> of, VmProcess through, Func<PagemapEntry, bool> placed, string context)
+        {
+            foreach (Region r in of)
+            {
+                for (int page = 0; page < r.Pages; page++)
+                {
+                    PagemapEntry entry = through.GetPagemap(r.Base + (ulong)page * Page);
+                    Assert.That(placed(entry), Is.True, $"page {page} of {r} {context}: {entry}");
+                }
+            }
+        }
+
+        CheckEveryRegion("final check");
 
         // The last command fixes the placement: mbind BIND node 1 with MOVE_ALL over every range of P0
         // (shared and copy-on-write pages included) leaves every page of them on node 1 (nothing is pinned now).
         long movedByMbindBeforeFinal = MovedByMbind();
         foreach (Region r in regions.Where(r => r.Process == p0))
             Assert.That(p0.Mbind(r.Base, r.Length, MempolicyMode.Bind, NodeMask.Of(1), MempolicyFlags.None, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.None));
-        foreach (Region r in regions.Where(r => r.Process == p0))
-        {
-            for (int page = 0; page < r.Pages; page++)
-            {
-                PagemapEntry entry = p0.GetPagemap(r.Base + (ulong)page * Page);
-                Assert.That(entry.Present && entry.Node == 1, Is.True, $"page {page} of {r} after mbind BIND {{1}} MOVE_ALL: {entry}");
-            }
-        }
-        foreach (Region r in regions)
-            for (int page = 0; page < r.Pages; page++)
-                foreach (VmProcess p in r.Kind == Kind.Shared ? new[] { p0, p1 } : [r.Process])
-                    CheckPage(p, r.Base + (ulong)page * Page, r.Shadow, page, check, $"check after the final moves of {r} through {p}");
-        Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
-        TestMachines.AssertAuditClean(machine);
+        AssertPlacement(regions.Where(r => r.Process == p0), p0, entry => entry.Present && entry.Node == 1, "after mbind BIND {1} MOVE_ALL");
+        CheckEveryRegion("check after the final moves");
 
         // migrate_pages of P1 from node 0 to node 1 (root: MOVE_ALL) leaves every page it maps on node 1.
         Assert.That(p1.MigratePages(p1.Pid, NodeMask.Of(0), NodeMask.Of(1), out long finalNotMoved), Is.EqualTo(Errno.None));
         Assert.That(finalNotMoved, Is.Zero, "nothing is pinned or busy now");
-        foreach (Region r in regions.Where(r => r.Process == p1 || r.Kind == Kind.Shared))
-        {
-            for (int page = 0; page < r.Pages; page++)
-            {
-                PagemapEntry entry = p1.GetPagemap(r.Base + (ulong)page * Page);
-                Assert.That(!entry.Present || entry.Node == 1, Is.True, $"page {page} of {r} in {p1} after migrate_pages {{0}} -> {{1}}: {entry}");
-            }
-        }
+        AssertPlacement(regions.Where(r => r.Process == p1 || r.Kind == Kind.Shared), p1, entry => !entry.Present || entry.Node == 1,
+            $"in {p1} after migrate_pages {{0}} -> {{1}}");
 
         // P2's cpuset moves with memory_migrate: mems {0}, then {1}: every page of P2 ends on node 1.
         Assert.That(flipping.SetMems(NodeMask.Of(0)), Is.EqualTo(Errno.None));
         Assert.That(flipping.SetMems(NodeMask.Of(1)), Is.EqualTo(Errno.None));
-        foreach (Region r in regions.Where(r => r.Process == p2))
-        {
-            for (int page = 0; page < r.Pages; page++)
-            {
-                PagemapEntry entry = p2.GetPagemap(r.Base + (ulong)page * Page);
-                Assert.That(entry.Present && entry.Node == 1, Is.True, $"page {page} of {r} after its cpuset's mems became {{1}} with memory_migrate: {entry}");
-            }
-        }
-        foreach (Region r in regions)
-            for (int page = 0; page < r.Pages; page++)
-                foreach (VmProcess p in r.Kind == Kind.Shared ? new[] { p0, p1 } : [r.Process])
-                    CheckPage(p, r.Base + (ulong)page * Page, r.Shadow, page, check, $"check after migrate_pages and the cpuset move of {r} through {p}");
-        Assert.That(failures, Is.Empty, string.Join("\n", failures.Take(10)));
-        TestMachines.AssertAuditClean(machine);
+        AssertPlacement(regions.Where(r => r.Process == p2), p2, entry => entry.Present && entry.Node == 1, "after its cpuset's mems became {1} with memory_migrate");
+        CheckEveryRegion("check after migrate_pages and the cpuset move");
 
         MigrationStats after = machine.GetMigrationStats();
         KsmStats ksmStats = ksm.GetStats();

@@ -1,3 +1,5 @@
+using static Vmm.Tests.Migration.MigrationTestHelpers;
+
 namespace Vmm.Tests.Migration;
 
 /// <summary>
@@ -17,22 +19,15 @@ public sealed class MovePagesTests
 
     private static ulong[] PagesOf(ulong va, int count) => [.. Enumerable.Range(0, count).Select(i => va + (ulong)(i * Page))];
 
-    private static int NodeOf(VmProcess p, ulong va) => p.GetPagemap(va).Node;
-
-    private static int[] Expected(params int[] values) => values;
-
-    private static void FillPattern(VmProcess p, ulong va, int pages)
+    /// <summary>
+    /// Maps <paramref name="pages"/> pages in <paramref name="p"/>, writes random bytes into them (seeded by
+    /// the page count) and returns the address and the bytes read back: the contents a move must keep.
+    /// </summary>
+    private static (ulong Va, byte[] Before) MapRandomPages(VmProcess p, int pages)
     {
-        var bytes = new byte[pages * Page];
-        new Random(pages).NextBytes(bytes);
-        p.Write(va, bytes);
-    }
-
-    private static byte[] ReadAll(VmProcess p, ulong va, int pages)
-    {
-        var bytes = new byte[pages * Page];
-        p.Read(va, bytes);
-        return bytes;
+        ulong va = p.Mmap((ulong)(pages * Page));
+        WriteRandomPages(p, va, pages, seed: pages);
+        return (va, ReadPages(p, va, pages));
     }
 
     // ---------------------------------------------------------------------------------------------
@@ -235,16 +230,14 @@ public sealed class MovePagesTests
         const int count = 64;
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
         VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(count * Page);
-        FillPattern(p, va, count);
-        byte[] before = ReadAll(p, va, count);
+        (ulong va, byte[] before) = MapRandomPages(p, count);
         var status = new int[count];
 
         Assert.That(p.MovePages(0, PagesOf(va, count), Enumerable.Repeat(1, count).ToArray(), status), Is.EqualTo(Errno.None));
 
         Assert.That(status, Is.All.EqualTo(1));
-        Assert.That(Enumerable.Range(0, count).Select(i => NodeOf(p, va + (ulong)(i * Page))), Is.All.EqualTo(1));
-        Assert.That(ReadAll(p, va, count), Is.EqualTo(before), "every byte moved with its page");
+        Assert.That(NodesOf(p, va, count), Is.All.EqualTo(1));
+        Assert.That(ReadPages(p, va, count), Is.EqualTo(before), "every byte moved with its page");
         Assert.That(p.RssAnonPages, Is.EqualTo(count));
         MigrationStats stats = machine.GetMigrationStats();
         Assert.That((stats.SucceededByReason[MigrateReason.Syscall], stats.Failed), Is.EqualTo(((long)count, 0L)),
@@ -259,19 +252,17 @@ public sealed class MovePagesTests
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
         VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(6 * Page);
-        FillPattern(p, va, 6);
-        byte[] before = ReadAll(p, va, 6);
+        (ulong va, byte[] before) = MapRandomPages(p, 6);
         int[] nodes = [1, 1, 0, 1, 0, 0];
         var status = new int[6];
         Assert.That(p.MovePages(0, PagesOf(va, 6), nodes, status), Is.EqualTo(Errno.None));
         Assert.That(status, Is.EqualTo(nodes), "the node of each page, moved or already there");
-        Assert.That(Enumerable.Range(0, 6).Select(i => NodeOf(p, va + (ulong)(i * Page))), Is.EqualTo(nodes));
-        Assert.That(ReadAll(p, va, 6), Is.EqualTo(before));
+        Assert.That(NodesOf(p, va, 6), Is.EqualTo(nodes));
+        Assert.That(ReadPages(p, va, 6), Is.EqualTo(before));
 
         Assert.That(p.MovePages(0, PagesOf(va, 6), [0, 0, 0, 0, 0, 0], status), Is.EqualTo(Errno.None));
         Assert.That(status, Is.All.Zero, "and back");
-        Assert.That(ReadAll(p, va, 6), Is.EqualTo(before));
+        Assert.That(ReadPages(p, va, 6), Is.EqualTo(before));
         TestMachines.AssertAuditClean(machine);
     }
 
@@ -397,13 +388,11 @@ public sealed class MovePagesTests
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
         VmProcess admin = machine.CreateProcess();
         VmProcess worker = machine.CreateProcess(Credentials.User(1000));
-        ulong va = worker.Mmap(8 * Page);
-        FillPattern(worker, va, 8);
-        byte[] before = ReadAll(worker, va, 8);
+        (ulong va, byte[] before) = MapRandomPages(worker, 8);
         var status = new int[8];
         Assert.That(admin.MovePages(worker.Pid, PagesOf(va, 8), Enumerable.Repeat(1, 8).ToArray(), status), Is.EqualTo(Errno.None));
         Assert.That(status, Is.All.EqualTo(1));
-        Assert.That(ReadAll(worker, va, 8), Is.EqualTo(before));
+        Assert.That(ReadPages(worker, va, 8), Is.EqualTo(before));
         Assert.That(admin.RssAnonPages, Is.Zero, "the caller's own memory is not involved");
         TestMachines.AssertAuditClean(machine);
     }
