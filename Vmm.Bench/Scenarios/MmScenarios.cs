@@ -49,9 +49,11 @@ internal sealed class FaultScenario : IScenario
 
     public IReadOnlyList<KeyValuePair<string, object>> Run(ScenarioArgs args)
     {
-        ulong bytes = (ulong)args.GetInt("size-mib", 128) << 20;
+        int sizeMib = args.GetInt("size-mib", 128);
+        ulong bytes = (ulong)sizeMib << 20;
         int reps = args.GetInt("reps", 5);
-        using Machine machine = MmScenario.NewMachine();
+        // Nodes of 512 MiB, or larger for a larger buffer (the growth curve goes to 8 GiB).
+        using Machine machine = MmScenario.NewMachine(nodeMib: Math.Max(512, (sizeMib + 128 + 127) / 128 * 128));
         double cold = Measure(machine, bytes);
         MmScenario.WarmUp(() => Measure(machine, bytes));
         var warm = new List<double>();
