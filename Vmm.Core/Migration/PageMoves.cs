@@ -6,10 +6,10 @@
 // (ESRCH; EPERM when the caller may not move its pages; EINVAL when it has no mm any more), then the
 // arrays. Without nodes each page's node is reported. With nodes, the pages are taken in order and
 // gathered in runs that go to the same node (a run ends where the next page goes elsewhere, or at
-// 2048 pages: MaxRun); each page is
-// looked up (add_page_for_migration: -EFAULT no VMA, -ENOENT nothing or the zero page, its node when it
-// is there already, -EACCES when it is mapped more than once and MOVE_ALL was not given, -EBUSY when it
-// cannot be taken for migration: Lru.Isolate failed), and each run is migrated to its node by the engine
+// 2,048 pages: MaxRun); each page is looked up (add_page_for_migration: -EFAULT no VMA, -ENOENT nothing
+// or the zero page, its node when it is there already, -EACCES when it is mapped more than once and
+// MOVE_ALL was not given, -EBUSY when it cannot be taken for migration: the isolation of its lookup
+// chunk, Lru.IsolateMany, did not take it), and each run is migrated to its node by the engine
 // (MigrationEngine.MigratePages, SYNC, MR_SYSCALL, frames allocated on that node only), what did not move
 // is put back on its LRU list, and each page's status is the node or why it did not move.
 //
