@@ -408,18 +408,7 @@ internal sealed class LruLists
     /// frees the old frame when it was the last. Preconditions: the page isolated by <see cref="Isolate"/>.
     /// </summary>
     /// <exception cref="VmBugException">the page is not isolated.</exception>
-    public void ReleaseIsolated(long pfn)
-    {
-        long head = _memMap.CompoundHead(pfn);
-        LockAssert.Referenced(_memMap, head);
-        Lruvec lruvec = LruvecOf(head);
-        lock (lruvec.Lock)
-        {
-            UnlinkIsolatedLocked(lruvec, head);
-            Interlocked.And(ref _memMap[head].Flags, ~(ulong)(PageFlags.Active | PageFlags.Referenced));
-        }
-        _machine.PutPage(head);
-    }
+    public void ReleaseIsolated(long pfn) => ReleaseIsolatedMany([pfn]);
 
     /// <summary>
     /// <see cref="ReleaseIsolated"/> for the pages a migration batch moved: each lruvec's lock taken once
