@@ -80,6 +80,7 @@ public sealed unsafe partial class Machine : IDisposable
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
+            Hotplug = new MemoryHotplug(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
@@ -136,6 +137,9 @@ public sealed unsafe partial class Machine : IDisposable
 
     /// <summary>The native memory behind the frames. Machinery: hosts use the calls below.</summary>
     internal Arena Arena { get; }
+
+    /// <summary>The memory blocks and their hotplug: online, offline, the memory notifier chain.</summary>
+    public MemoryHotplug Hotplug { get; }
 
     /// <summary>The buddy allocator. Machinery: hosts use <see cref="ReleaseFreeMemory"/> and <see cref="GetMemoryBlock"/>.</summary>
     internal PageAllocator Allocator { get; }
@@ -421,6 +425,9 @@ public sealed unsafe partial class Machine : IDisposable
         using MachineCall call = EnterCall();
         if (!Topology.IsValidPfn(pfn))
             throw new ArgumentOutOfRangeException(nameof(pfn), pfn, "no such frame");
+        if (!Allocator.IsPfnOnline(pfn))
+            return new PageInfo(pfn, Topology.NodeOf(pfn), Allocator.ZoneTypeOf(pfn), Allocator.GetPageblockMigratetype(pfn),
+                PageFlags.Offline, 0, 0, -1, pfn);
         if (!_memMap.IsInitialised(pfn))
         {
             bool head = (pfn & (_memMap.FramesPerSection - 1)) == 0;

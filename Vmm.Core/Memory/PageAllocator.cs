@@ -68,7 +68,7 @@ internal sealed unsafe partial class PageAllocator
     private readonly Arena _arena;
     private readonly MemMap _memMap;
     private readonly Zone[][] _nodeZones;        // [node][ZoneType]; immutable after boot
-    private readonly Zone[] _blockZone;          // [block] -> zone; changed only by hotplug (later)
+    private readonly Zone[] _blockZone;          // [block] -> zone; changed only while the block is offline (PageAllocator.Hotplug.cs)
     private readonly Zone[][] _movableZonelist;  // [node] -> zones in fallback order
     private readonly Zone[][] _unmovableZonelist;
     private readonly Zone[][] _movableThisNode;
@@ -78,10 +78,12 @@ internal sealed unsafe partial class PageAllocator
     private readonly int _pcpMask;
     private readonly bool _poison; // MachineOptions.PoisonFreedFrames; immutable
     private readonly FaultInjector? _faults; // MachineOptions.FaultInjection; immutable, null when off
+    private readonly MachineOptions _options; // immutable
 
     internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options, FaultInjector? faults = null)
     {
         _faults = faults;
+        _options = options;
         _topology = topology;
         _arena = arena;
         _memMap = memMap;
@@ -107,6 +109,7 @@ internal sealed unsafe partial class PageAllocator
 
         int movableBlocks = options.EffectiveMovableBlocksPerNode(topology.BlocksPerNode);
         _blockZone = new Zone[topology.BlockCount];
+        _blockState = new byte[topology.BlockCount]; // all MemoryBlockState.Online
         for (int block = 0; block < topology.BlockCount; block++)
         {
             int node = topology.NodeOfBlock(block);
@@ -898,7 +901,8 @@ internal sealed unsafe partial class PageAllocator
         long free = 0, isolated = 0;
         lock (zone.Lock)
         {
-            for (long pfn = start; pfn < end;)
+            // An offline block has no free frames: its memory is not the allocator's (and its descriptors are gone).
+            for (long pfn = GetBlockState(block) == MemoryBlockState.Offline ? end : start; pfn < end;)
             {
                 if (!_memMap.IsInitialised(pfn))
                 {
