@@ -60,8 +60,9 @@ public sealed partial class MemoryHotplug
     private OfflineResult OfflineLocked(MemoryBlock block, IProgress<OfflineProgress>? progress, Stopwatch clock, CancellationToken cancellationToken)
     {
         PageAllocator allocator = _machine.Allocator;
-        if (allocator.GetBlockState(block.Index) != MemoryBlockState.Online)
-            return new OfflineResult(Errno.EINVAL, [], 0, 0, clock.Elapsed);
+        MemoryBlockState state = allocator.GetBlockState(block.Index);
+        if (state != MemoryBlockState.Online)
+            return new OfflineResult(state == MemoryBlockState.Absent ? Errno.ENODEV : Errno.EINVAL, [], 0, 0, clock.Elapsed);
         long start = block.StartPfn, end = start + block.Frames;
 
         // 1. Isolate.
@@ -168,7 +169,7 @@ public sealed partial class MemoryHotplug
         Topology topology = _machine.Topology;
         int first = block.Node * topology.BlocksPerNode;
         for (int b = first; b < first + topology.BlocksPerNode; b++)
-            if (b != block.Index && _machine.Allocator.GetBlockState(b) != MemoryBlockState.Offline)
+            if (b != block.Index && _machine.Allocator.IsBlockOnline(b))
                 return false;
         return true;
     }

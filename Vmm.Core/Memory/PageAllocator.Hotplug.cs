@@ -31,6 +31,8 @@ internal enum MemoryBlockState : byte
     GoingOffline,
     /// <summary>In no zone; its memory and descriptors are given back to the host.</summary>
     Offline,
+    /// <summary>Not present (the hot-add room, or removed): no device; its frames are reserved address space only.</summary>
+    Absent,
 }
 
 internal sealed unsafe partial class PageAllocator
@@ -40,19 +42,40 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>The state of memory block <paramref name="block"/> (read racily).</summary>
     public MemoryBlockState GetBlockState(int block) => (MemoryBlockState)Volatile.Read(ref _blockState[block]);
 
-    /// <summary>True if the block that holds <paramref name="pfn"/> is not offline (read racily; see the file overview).</summary>
-    public bool IsPfnOnline(long pfn) => GetBlockState(_topology.BlockOf(pfn)) != MemoryBlockState.Offline;
+    /// <summary>True if block <paramref name="block"/> is online or going offline: its frames belong to a zone.</summary>
+    public bool IsBlockOnline(int block) => GetBlockState(block) is MemoryBlockState.Online or MemoryBlockState.GoingOffline;
 
-    /// <summary>Frames of blocks that are offline (for the audit's frame count).</summary>
+    /// <summary>True if the block that holds <paramref name="pfn"/> is online or going offline (read racily; see the file overview).</summary>
+    public bool IsPfnOnline(long pfn) => IsBlockOnline(_topology.BlockOf(pfn));
+
+    /// <summary>Frames of blocks that are offline or absent, in no zone (for the audit's frame count).</summary>
     public long OfflineFrames
     {
         get
         {
             long frames = 0;
             for (int block = 0; block < _blockState.Length; block++)
-                if (GetBlockState(block) == MemoryBlockState.Offline)
+                if (!IsBlockOnline(block))
                     frames += _topology.FramesPerBlock;
             return frames;
+        }
+    }
+
+    /// <summary>
+    /// Hot-add (add_memory's memory block creation) or removal (remove_memory): an absent block becomes
+    /// present and offline, or an offline block absent. Preconditions: the caller holds the hotplug lock.
+    /// </summary>
+    /// <returns>False if the block was not in the expected state (nothing changed).</returns>
+    internal bool SetPresent(int block, bool present)
+    {
+        Zone zone = _blockZone[block];
+        lock (zone.Lock)
+        {
+            MemoryBlockState expected = present ? MemoryBlockState.Absent : MemoryBlockState.Offline;
+            if (GetBlockState(block) != expected)
+                return false;
+            Volatile.Write(ref _blockState[block], (byte)(present ? MemoryBlockState.Offline : MemoryBlockState.Absent));
+            return true;
         }
     }
 
@@ -60,7 +83,7 @@ internal sealed unsafe partial class PageAllocator
     public bool NodeHasOnlineMemory(int node)
     {
         for (int i = 0; i < _topology.BlocksPerNode; i++)
-            if (GetBlockState(node * _topology.BlocksPerNode + i) != MemoryBlockState.Offline)
+            if (IsBlockOnline(node * _topology.BlocksPerNode + i))
                 return true;
         return false;
     }
@@ -170,7 +193,7 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>The zone of an online block, or null if the block is offline.</summary>
     public ZoneType? ZoneTypeOfBlock(int block) =>
-        GetBlockState(block) == MemoryBlockState.Offline ? null : _blockZone[block].Type;
+        IsBlockOnline(block) ? _blockZone[block].Type : null;
 
     /// <summary>The zone type an offline block was last online in (its default zone for "online").</summary>
     public ZoneType LastZoneTypeOfBlock(int block) => _blockZone[block].Type;
@@ -182,7 +205,7 @@ internal sealed unsafe partial class PageAllocator
         long startPfn = long.MaxValue, endPfn = 0;
         for (int block = 0; block < _blockZone.Length; block++)
         {
-            if (_blockZone[block] != zone || GetBlockState(block) == MemoryBlockState.Offline)
+            if (_blockZone[block] != zone || !IsBlockOnline(block))
                 continue;
             long first = _topology.FirstPfnOfBlock(block);
             startPfn = Math.Min(startPfn, first);
