@@ -5,8 +5,9 @@
 //
 // Offline, once every frame of the block is free on an ISOLATE list (or retired by memory failure):
 // OfflineIsolatedBlock takes the free blocks off the lists, takes the block's frames out of its zone
-// (managed pages, the zone span) and marks the block offline; then its memory goes back to the host
-// (Arena.Decommit) and so do its descriptors (MemMap.DeinitSection), so an offline block costs the host
+// (managed pages, the zone span) and marks the block offline; after MEM_OFFLINE (whose callbacks may
+// read the descriptors one last time) ReleaseOfflineBlock gives its memory back to the host
+// (Arena.Decommit) and its descriptors too (MemMap.DeinitSection), so an offline block costs the host
 // nothing. Its pageblocks stay ISOLATE while it is offline, as in Linux.
 //
 // Online (OnlineBlockTo) gives the block to a zone exactly as boot does: as deferred sections that are
@@ -115,7 +116,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>
     /// __offline_isolated_pages and offline_pages' accounting: takes the free blocks of
     /// <paramref name="block"/> off the ISOLATE lists, the block's frames out of its zone (managed pages,
-    /// span), marks it offline, then gives its memory and its descriptors back to the host.
+    /// span) and marks it offline (<see cref="ReleaseOfflineBlock"/> then gives its memory back).
     /// Preconditions: <see cref="TestBlockIsolated"/> returned true and nothing can free into the block
     /// (every frame is free or retired, so no reference is left); the caller holds the hotplug lock.
     /// </summary>
@@ -153,13 +154,25 @@ internal sealed unsafe partial class PageAllocator
             Volatile.Write(ref _blockState[block], (byte)MemoryBlockState.Offline);
             RecomputeZoneSpanLocked(zone);
         }
-        // Nothing names a frame of the block any more: its memory and descriptors can go.
+        SetWatermarks(_options.EffectiveMinFreeKbytes(NormalManagedPages()));
+        return poisoned;
+    }
+
+    /// <summary>
+    /// Gives an offline block's memory and its descriptors back to the host. Called after MEM_OFFLINE,
+    /// whose callbacks (KSM's pruning of stable nodes that still name the block's frames) may read the
+    /// descriptors for the last time. Preconditions: the block is offline; the caller holds the hotplug lock.
+    /// </summary>
+    public void ReleaseOfflineBlock(int block)
+    {
+        if (GetBlockState(block) != MemoryBlockState.Offline)
+            throw new VmBugException($"memory block {block} released while {GetBlockState(block)}");
+        long start = _topology.FirstPfnOfBlock(block);
+        long end = start + _topology.FramesPerBlock;
         for (long section = _memMap.SectionOf(start); section < _memMap.SectionOf(end); section++)
             if (_memMap.IsSectionInitialised(section))
                 _memMap.DeinitSection(section);
         TryDecommit(start, end - start);
-        SetWatermarks(_options.EffectiveMinFreeKbytes(NormalManagedPages()));
-        return poisoned;
     }
 
     /// <summary>
