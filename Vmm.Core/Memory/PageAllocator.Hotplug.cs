@@ -196,11 +196,14 @@ internal sealed unsafe partial class PageAllocator
         for (long pb = start; pb < start + _topology.FramesPerBlock; pb += PageblockFrames)
             Volatile.Write(ref _pageblockType[pb >> PageblockOrder], (byte)MigrateType.Movable);
         Volatile.Write(ref _blockZone[block], zone);
-        // Online before the zone has the frames: from the moment an allocation can take one, every reader
-        // sees its block online (and its sections, not yet initialised, as free memory of the zone).
+        // Online in the same step as the zone gets the frames (its deferred count and cursor): from the
+        // moment an allocation can take one, every reader sees its block online, and a zone that grows
+        // meanwhile never meets the block's sections online but not yet counted as deferred.
         lock (zone.Lock)
+        {
             Volatile.Write(ref _blockState[block], (byte)MemoryBlockState.Online);
-        OnlineBlock(block);
+            OnlineBlockLocked(zone, block);
+        }
         SetWatermarks(_options.EffectiveMinFreeKbytes(NormalManagedPages()));
     }
 

@@ -945,17 +945,22 @@ internal sealed unsafe partial class PageAllocator
     private void OnlineBlock(int block)
     {
         Zone zone = _blockZone[block];
+        lock (zone.Lock)
+            OnlineBlockLocked(zone, block);
+    }
+
+    /// <summary>The body of <see cref="OnlineBlock"/>. Preconditions: the lock of the block's zone held.</summary>
+    private void OnlineBlockLocked(Zone zone, int block)
+    {
+        LockAssert.Held(zone.Lock, "the zone lock");
         long start = _topology.FirstPfnOfBlock(block);
         long end = start + _topology.FramesPerBlock;
-        lock (zone.Lock)
-        {
-            zone.StartPfn = Math.Min(zone.StartPfn, start);
-            zone.EndPfn = Math.Max(zone.EndPfn, end);
-            zone.ManagedPages += end - start;
-            zone.FreePages += end - start;
-            zone.DeferredPages += end - start;
-            zone.DeferredCursor = Math.Max(zone.DeferredCursor, _memMap.SectionOf(end));
-        }
+        zone.StartPfn = Math.Min(zone.StartPfn, start);
+        zone.EndPfn = Math.Max(zone.EndPfn, end);
+        zone.ManagedPages += end - start;
+        zone.FreePages += end - start;
+        zone.DeferredPages += end - start;
+        zone.DeferredCursor = Math.Max(zone.DeferredCursor, _memMap.SectionOf(end));
     }
 
     /// <summary>
@@ -970,7 +975,11 @@ internal sealed unsafe partial class PageAllocator
         while (zone.DeferredCursor > first)
         {
             long section = --zone.DeferredCursor;
-            if (_memMap.IsSectionInitialised(section) || ZoneOf(section << _memMap.SectionShift) != zone)
+            long pfn = section << _memMap.SectionShift;
+            // A section of an offline block is not deferred memory: its block keeps its zone for the next
+            // online, but its frames left the zone (and the cursor may still lie above them, if the block
+            // went offline after the zone had grown into it).
+            if (_memMap.IsSectionInitialised(section) || ZoneOf(pfn) != zone || GetBlockState(_topology.BlockOf(pfn)) == MemoryBlockState.Offline)
                 continue;
             // Initialising commits the section's descriptors (host memory): a host that refuses fails this
             // allocation as out of memory, and the section stays deferred for a later try.
