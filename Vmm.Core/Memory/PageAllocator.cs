@@ -976,10 +976,10 @@ internal sealed unsafe partial class PageAllocator
         {
             long section = --zone.DeferredCursor;
             long pfn = section << _memMap.SectionShift;
-            // A section of an offline block is not deferred memory: its block keeps its zone for the next
+            // A section of an offline (or absent) block is not deferred memory: its block keeps its zone for the next
             // online, but its frames left the zone (and the cursor may still lie above them, if the block
             // went offline after the zone had grown into it).
-            if (_memMap.IsSectionInitialised(section) || ZoneOf(pfn) != zone || GetBlockState(_topology.BlockOf(pfn)) == MemoryBlockState.Offline)
+            if (_memMap.IsSectionInitialised(section) || ZoneOf(pfn) != zone || !IsBlockOnline(_topology.BlockOf(pfn)))
                 continue;
             // Initialising commits the section's descriptors (host memory): a host that refuses fails this
             // allocation as out of memory, and the section stays deferred for a later try.
