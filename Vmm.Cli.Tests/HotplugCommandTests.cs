@@ -5,8 +5,11 @@ namespace Vmm.Cli.Tests;
 [Category("Smoke")]
 public sealed class HotplugCommandTests
 {
-    /// <summary>A small machine: 2 nodes x 64 MiB in 16 MiB blocks (two ZONE_MOVABLE blocks per node).</summary>
-    private static readonly string[] Small = ["hotplug", "--node-size-mib", "64", "--block-size-mib", "16", "--processes", "2", "--process-mib", "4"];
+    /// <summary>
+    /// A small machine: 2 nodes x 64 MiB in 16 MiB blocks (two ZONE_MOVABLE blocks per node). Merging takes
+    /// a fraction of a second; the generous timeout keeps a loaded CI machine from cutting it short.
+    /// </summary>
+    private static readonly string[] Small = ["hotplug", "--node-size-mib", "64", "--block-size-mib", "16", "--processes", "2", "--process-mib", "4", "--timeout-seconds", "30"];
 
     private static VmmResult _run = null!;
 

@@ -193,7 +193,8 @@ internal sealed partial class HotplugDemo
 
         if (!done.Succeeded)
         {
-            _problems.Add($"the offline of memory{block.Index} failed with {ErrnoName(done.Error)}");
+            string why = done.Error == Errno.EINTR ? $" (cancelled: it outlasted --timeout-seconds {_options.TimeoutSeconds})" : "";
+            _problems.Add($"the offline of memory{block.Index} failed with {ErrnoName(done.Error)}{why}");
             _console.MarkupLineInterpolated($"[red]offline of memory{block.Index} failed: {ErrnoName(done.Error)}[/] after {done.Passes} passes, {done.PagesMoved:N0} pages moved:");
             ShowBlockers(done.Blockers);
             return;
