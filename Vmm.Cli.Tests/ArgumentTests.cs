@@ -73,6 +73,7 @@ public sealed class ArgumentTests
     [TestCase("dedupe")]
     [TestCase("machine")]
     [TestCase("numa")]
+    [TestCase("hotplug")]
     public void Help_of_the_root_and_of_each_subcommand_lists_the_exit_codes(string command)
     {
         VmmResult result = VmmRun.Run(command.Length == 0 ? ["--help"] : [command, "--help"]);

@@ -8,6 +8,8 @@
 //   vmm machine          the machine's tables (nodes, zones, memory blocks, buddyinfo) and the fork demo.
 //   vmm numa             two nodes: processes placed by memory policy, then pages moved by mbind, move_pages,
 //                        migrate_pages and a cpuset's memory_migrate, shown like numastat -p (NumaDemo).
+//   vmm hotplug          two nodes busy with writers and KSM: a movable memory block taken offline with a
+//                        progress bar, a pinned page that stops an offline, the block onlined again (HotplugDemo).
 //
 // Exit codes (ExitCodes, listed by every --help): 0 success, 1 an audit found a problem, 2 bad
 // arguments, 3 internal error. Parsing is strict: an unknown option is an error, not a path (`--` ends
@@ -147,6 +149,19 @@ internal static class Program
         numaCommand.SetAction(parse => Guard(console, error, () =>
             NumaDemo.Run(ShapeOf(parse, 2), new NumaDemoOptions(parse.GetValue(processMib)), console)));
         root.Subcommands.Add(numaCommand);
+
+        Option<int> hotplugProcesses = Usage.IntOption("--processes", "processes, each with a writer thread (all their buffers must fit in half a node)", 4, 2, 16);
+        Option<int> hotplugProcessMib = Usage.IntOption("--process-mib", "MiB of each process's buffer: half merged by KSM, half rewritten by its writer", 8, 1, 1 << 20);
+        Option<int> maxPasses = Usage.IntOption("--max-passes", "offline_migrate_max_passes for the offline that a pinned page must stop", 3, 1, 1000);
+        Option<int> hotplugTimeout = Usage.IntOption("--timeout-seconds", "how long KSM may take to merge, and an offline to finish", 15, 1, 86_400);
+        var hotplugCommand = new Command("hotplug", "Memory hot-remove on two NUMA nodes busy with writers and KSM: the zones and memory blocks, a ZONE_MOVABLE block taken offline with a progress bar, a pinned page that keeps another block online (the dry run and the offline say why), and the block onlined again; every byte the writers wrote is checked.")
+        {
+            nodeSize, blockSize, hotplugProcesses, hotplugProcessMib, maxPasses, hotplugTimeout,
+        };
+        hotplugCommand.SetAction(parse => Guard(console, error, () =>
+            HotplugDemo.Run(ShapeOf(parse, 2), new HotplugDemoOptions(parse.GetValue(hotplugProcesses), parse.GetValue(hotplugProcessMib),
+                parse.GetValue(maxPasses), parse.GetValue(hotplugTimeout)), console)));
+        root.Subcommands.Add(hotplugCommand);
         root.Subcommands.Add(DedupeCommand.Build(run => Guard(console, error, run), console));
         Usage.AddExitCodesToHelp(root);
         return root;
