@@ -14,7 +14,7 @@
 //      the LRU, a reference taken by a call in progress) or held (a pin);
 //   4. the free frames leave the allocator, the block its zone; the block is offline; the chain hears
 //      MEM_OFFLINE (KSM prunes its stale stable nodes, reading their descriptors); then the block's
-//      memory and descriptors go back to the host.
+//      descriptors go back to the host, and its memory too, in the background (QueueGiveBack).
 // Any failure on the way (passes run out: EBUSY; the token cancelled: EINTR; no frame to move a page
 // to in a pass that moved nothing: ENOMEM) undoes the isolation, sets the block online again and the
 // chain hears MEM_CANCEL_OFFLINE; what did move stays moved (as in Linux), and the result names the
@@ -116,7 +116,12 @@ public sealed partial class MemoryHotplug
                 }
                 if (maxPasses != 0 && pass >= maxPasses)
                 {
-                    failure = Errno.EBUSY;
+                    // One last look: what held the block (another mover's isolation, a deferred put)
+                    // may have let go since the pass ended.
+                    Thread.Sleep(1);
+                    _machine.Tlb.Flush();
+                    if (!allocator.TestBlockIsolated(block.Index))
+                        failure = Errno.EBUSY;
                     break;
                 }
                 if (movedThisPass == 0)
@@ -139,6 +144,9 @@ public sealed partial class MemoryHotplug
         if (!completed)
         {
             IReadOnlyList<OfflineBlocker> blockers = failure == Errno.EINTR ? [] : FindBlockers(block, dryRun: false);
+            if (blockers.Count == 0 && failure != Errno.EINTR)
+                blockers = [new OfflineBlocker(-1, OfflineBlockReason.Busy, -1, 0,
+                    $"pages of memory{block.Index} were held by others during the last pass (isolated by another mover, or in transit) and let go since: try again")];
             CancelOffline(block, notification);
             return new OfflineResult(failure, blockers, moved, pass, clock.Elapsed);
         }
@@ -146,7 +154,8 @@ public sealed partial class MemoryHotplug
         progress?.Report(new OfflineProgress(pass, moved, 0, block.Frames));
         Notify(MemoryNotifierEvent.Offline, notification, out thrown);
         // After MEM_OFFLINE: KSM's callback reads the descriptors of stale stable nodes in the block.
-        allocator.ReleaseOfflineBlock(block.Index);
+        allocator.ReleaseOfflineDescriptors(block.Index);
+        QueueGiveBack(block.Index);
         thrown?.Throw();
         return new OfflineResult(Errno.None, [], moved, pass, clock.Elapsed);
     }
@@ -294,5 +303,109 @@ public sealed partial class MemoryHotplug
                 used++;
         }
         return used;
+    }
+
+    // ================================================================================================
+    // Giving an offline block's memory back to the host
+    // ================================================================================================
+
+    private readonly HashSet<int> _giveBackPending = []; // blocks offline whose memory is still committed; hotplug lock
+    private Task _giveBack = Task.CompletedTask;          // the worker; hotplug lock
+
+    /// <summary>
+    /// The block's memory goes back to the host (madvise DONTNEED of the whole block). That is the
+    /// host's work, not the offline's: Linux's offline ends with the block offline and leaves giving the
+    /// memory back to the hypervisor (virtio-mem, a balloon), and here it costs about as much as the
+    /// offline's migration itself (a 128 MiB zap, with TLB-shootdown IPIs to every CPU the host process
+    /// runs on). So a worker does it just after the offline returns, under the hotplug lock (an online
+    /// of the block first does it itself: its frames come back marked zero). Without background
+    /// threads (tests that want determinism) it is done on the offline's thread before it returns.
+    /// Preconditions: the hotplug lock held; the block offline.
+    /// </summary>
+    private void QueueGiveBack(int block)
+    {
+        if (!_machine.Options.BackgroundThreads)
+        {
+            _machine.Allocator.GiveBackBlockMemory(block);
+            return;
+        }
+        _giveBackPending.Add(block);
+        if (_giveBack.IsCompleted)
+            _giveBack = Task.Run(GiveBackWorker);
+    }
+
+    /// <summary>Gives back, now, what an offline left pending. Preconditions: the hotplug lock held.</summary>
+    private void GiveBackPendingLocked()
+    {
+        foreach (int block in _giveBackPending)
+            if (!_machine.Allocator.IsBlockOnline(block))
+                _machine.Allocator.GiveBackBlockMemory(block);
+        _giveBackPending.Clear();
+    }
+
+    private void GiveBackWorker()
+    {
+        // A call like any host's, so that Dispose waits for it (it touches the arena); after Dispose has
+        // begun the memory goes back with the arena anyway.
+        if (!_machine.TryEnterCall(out MachineCall call))
+            return;
+        using (call)
+        {
+            _hotplugLock.Wait();
+            try
+            {
+                GiveBackPendingLocked();
+            }
+            finally
+            {
+                _hotplugLock.Release();
+            }
+        }
+    }
+
+    /// <summary>Called by an online before the block joins a zone: its memory must read zero by then. Preconditions: the hotplug lock held.</summary>
+    private void GiveBackBeforeOnline(int block)
+    {
+        if (_giveBackPending.Remove(block))
+            _machine.Allocator.GiveBackBlockMemory(block);
+    }
+
+    /// <summary>
+    /// Gives the memory of every block offlined so far back to the host now and waits until it is done
+    /// (offline hands that to a background worker, so the host's RSS falls just after an offline returns;
+    /// without background threads, <see cref="MachineOptions.BackgroundThreads"/> false, the offline does
+    /// it itself and this returns at once).
+    /// </summary>
+    /// <exception cref="InvalidOperationException">called from a memory notifier callback of the same machine.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public void WaitForMemoryRelease()
+    {
+        using MachineCall call = _machine.EnterCall();
+        EnterHotplug(CancellationToken.None);
+        try
+        {
+            GiveBackPendingLocked();
+        }
+        finally
+        {
+            ExitHotplug();
+        }
+    }
+
+    /// <summary>Blocks whose memory a worker is still to give back (for tests).</summary>
+    internal int GiveBackPendingCount
+    {
+        get
+        {
+            _hotplugLock.Wait();
+            try
+            {
+                return _giveBackPending.Count;
+            }
+            finally
+            {
+                _hotplugLock.Release();
+            }
+        }
     }
 }

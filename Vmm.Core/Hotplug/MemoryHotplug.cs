@@ -306,6 +306,7 @@ public sealed partial class MemoryHotplug
             thrown?.Throw();
             return veto;
         }
+        GiveBackBeforeOnline(block.Index);
         allocator.OnlineBlockTo(block.Index, target);
         Interlocked.Increment(ref _onlines);
         Notify(MemoryNotifierEvent.Online, notification, out thrown);

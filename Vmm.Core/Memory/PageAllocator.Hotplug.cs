@@ -6,9 +6,9 @@
 // Offline, once every frame of the block is free on an ISOLATE list (or retired by memory failure):
 // OfflineIsolatedBlock takes the free blocks off the lists, takes the block's frames out of its zone
 // (managed pages, the zone span) and marks the block offline; after MEM_OFFLINE (whose callbacks may
-// read the descriptors one last time) ReleaseOfflineBlock gives its memory back to the host
-// (Arena.Decommit) and its descriptors too (MemMap.DeinitSection), so an offline block costs the host
-// nothing. Its pageblocks stay ISOLATE while it is offline, as in Linux.
+// read the descriptors one last time) ReleaseOfflineDescriptors gives its descriptors back to the host
+// (MemMap.DeinitSection) and GiveBackBlockMemory its memory (Arena.Decommit; MemoryHotplug runs it in
+// the background), so an offline block costs the host nothing. Its pageblocks stay ISOLATE while it is offline, as in Linux.
 //
 // Online (OnlineBlockTo) gives the block to a zone exactly as boot does: as deferred sections that are
 // initialised when the zone first needs their frames, so onlining touches no descriptor and no page and
@@ -18,6 +18,8 @@
 // hotplug lock); readers outside it (IsPfnOnline) read them racily and must not rely on them to read a
 // descriptor: a frame of a block that is online now may be offline a moment later only if nothing holds
 // it, and whoever holds a frame keeps its block online (offline waits for every reference to go).
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using Vmm.Diagnostics;
 using Vmm.Native;
 
@@ -116,11 +118,12 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>
     /// __offline_isolated_pages and offline_pages' accounting: takes the free blocks of
     /// <paramref name="block"/> off the ISOLATE lists, the block's frames out of its zone (managed pages,
-    /// span) and marks it offline (<see cref="ReleaseOfflineBlock"/> then gives its memory back).
+    /// span) and marks it offline (<see cref="ReleaseOfflineDescriptors"/> and <see cref="GiveBackBlockMemory"/> then give it back).
     /// Preconditions: <see cref="TestBlockIsolated"/> returned true and nothing can free into the block
     /// (every frame is free or retired, so no reference is left); the caller holds the hotplug lock.
     /// </summary>
     /// <returns>Frames that were retired by memory failure (they leave with the block).</returns>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // once per offline: never tiers up
     public long OfflineIsolatedBlock(int block)
     {
         Zone zone = _blockZone[block];
@@ -159,20 +162,36 @@ internal sealed unsafe partial class PageAllocator
     }
 
     /// <summary>
-    /// Gives an offline block's memory and its descriptors back to the host. Called after MEM_OFFLINE,
-    /// whose callbacks (KSM's pruning of stable nodes that still name the block's frames) may read the
-    /// descriptors for the last time. Preconditions: the block is offline; the caller holds the hotplug lock.
+    /// Gives an offline block's descriptors back to the host (MemMap.DeinitSection). Called after
+    /// MEM_OFFLINE, whose callbacks (KSM's pruning of stable nodes that still name the block's frames)
+    /// may read the descriptors for the last time. Preconditions: the block is offline; the caller holds
+    /// the hotplug lock.
     /// </summary>
-    public void ReleaseOfflineBlock(int block)
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)] // once per offline: never tiers up
+    public void ReleaseOfflineDescriptors(int block)
     {
-        if (GetBlockState(block) != MemoryBlockState.Offline)
+        if (IsBlockOnline(block))
             throw new VmBugException($"memory block {block} released while {GetBlockState(block)}");
         long start = _topology.FirstPfnOfBlock(block);
         long end = start + _topology.FramesPerBlock;
         for (long section = _memMap.SectionOf(start); section < _memMap.SectionOf(end); section++)
             if (_memMap.IsSectionInitialised(section))
                 _memMap.DeinitSection(section);
-        TryDecommit(start, end - start);
+    }
+
+    /// <summary>
+    /// Gives an offline (or absent) block's memory back to the host: afterwards it reads zero, which the
+    /// next online relies on (its frames come back with PG_zeroed). A decommit the host refuses is
+    /// replaced by zeroing, so that promise holds either way. Preconditions: the block is not online;
+    /// the caller holds the hotplug lock (an online cannot overtake it).
+    /// </summary>
+    public void GiveBackBlockMemory(int block)
+    {
+        if (IsBlockOnline(block))
+            throw new VmBugException($"memory block {block} given back while {GetBlockState(block)}");
+        long start = _topology.FirstPfnOfBlock(block);
+        if (!TryDecommit(start, _topology.FramesPerBlock))
+            NativeMemory.Clear(_arena.FrameAddress(start), (nuint)(_topology.FramesPerBlock << Topology.PageShift));
     }
 
     /// <summary>

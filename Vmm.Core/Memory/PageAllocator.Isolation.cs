@@ -200,6 +200,7 @@ internal sealed unsafe partial class PageAllocator
     /// <see cref="TestPagesIsolated(long, long)"/>; with <paramref name="acceptPoisoned"/> (MEMORY_OFFLINE),
     /// a frame retired by memory failure (PG_hwpoison, held only by the retirement) counts as isolated.
     /// </summary>
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.AggressiveOptimization)] // a per-frame loop run a few times per offline
     public bool TestPagesIsolated(long startPfn, long endPfn, bool acceptPoisoned)
     {
         CheckPageblockRange(startPfn, endPfn);
