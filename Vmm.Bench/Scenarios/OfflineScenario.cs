@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
 using Vmm.Migration;
+using Vmm.Native;
 
 namespace Vmm.Bench.Scenarios;
 
@@ -16,7 +17,9 @@ namespace Vmm.Bench.Scenarios;
 /// 0, then more pages faulted if some landed elsewhere), the contents of every page are checked after
 /// the offline, and the memcpy of the block's frames to frames of node 1 (the copy an offline cannot
 /// avoid) is measured just before it. The first --warm rounds (tier-up, host faults on destination
-/// frames never touched) are left out; medians of --rounds.
+/// frames never touched) are left out; medians of --rounds. For scale, the same run also times the
+/// host's part of giving a block's memory back (madvise(DONTNEED) of a block of touched memory, in an
+/// arena of its own): Vmm's offline does that, Linux's does not (its memory stays the machine's).
 /// With KSM (offline-ksm): two processes map the same half-block of contents, merged by KSM before the
 /// filler process fills the frames the merge freed, so half the block's frames are KSM pages mapped
 /// twice; the offline must move them keeping their sharing (pages_shared and pages_sharing unchanged,
@@ -91,6 +94,8 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
         var onlineMs = new List<double>();
         var memcpyNs = new List<double>();
         var ksmInBlock = new List<int>();
+        var decommitNs = new List<double>();
+        using var scratch = new Arena(new Topology(1, 1, blockBytes));
         long pagesMoved = -1;
         int passes = 0;
         for (int round = 0; round < warm + rounds; round++)
@@ -103,6 +108,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
                 throw new InvalidOperationException($"round {round}: the scenario's pages map {pfns.Length} of the block's {frames} frames");
             HashSet<int>? ksmBefore = ksm ? KsmIndices(a!, b!) : null;
             double copy = CopyFrames(machine, pfns, toNode: 1);
+            double decommit = TimeDecommit(scratch);
 
             long start = Stopwatch.GetTimestamp();
             OfflineResult result = block.Offline();
@@ -124,12 +130,13 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
 
             Console.WriteLine($"round {round}{(round < warm ? " (warm-up)" : "")}: offline {offline:F2} ms ({result.Passes} passes, {result.PagesMoved} pages, " +
                               $"{(double)result.PagesMoved * Topology.PageSize / offline / 1e6:F2} GB/s), online {onlineTime:F2} ms, " +
-                              $"memcpy of the block {copy / 1e6:F2} ms{(ksm ? $", {ksmPages} KSM pages in the block" : "")}");
+                              $"memcpy of the block {copy / 1e6:F2} ms, madvise(DONTNEED) of a block {decommit / 1e6:F2} ms{(ksm ? $", {ksmPages} KSM pages in the block" : "")}");
             if (round < warm)
                 continue;
             offlineMs.Add(offline);
             onlineMs.Add(onlineTime);
             memcpyNs.Add(copy);
+            decommitNs.Add(decommit);
             ksmInBlock.Add(ksmPages);
             pagesMoved = result.PagesMoved;
             passes = Math.Max(passes, result.Passes);
@@ -158,6 +165,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             new("move_gbps", moveGbps),
             new("memcpy_gbps", memcpyGbps),
             new("move_pct_of_memcpy", 100 * moveGbps / memcpyGbps),
+            new("host_decommit_ms", MmScenario.Median(decommitNs) / 1e6),
             new("offline_ms_min", offlineMs.Min()),
             new("offline_ms_max", offlineMs.Max()),
             new("online_ms_min", onlineMs.Min()),
@@ -287,6 +295,17 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
     /// <summary>The block's frames copied to new frames of <paramref name="toNode"/> with the engine's copy (PageOps.Copy); ns of the copy.</summary>
     private static double CopyFrames(Machine machine, long[] sources, int toNode) =>
         MmScenario.Median(MigrationBench.CopyFrames(machine, sources, toNode, passes: 1));
+
+    /// <summary>Every frame of <paramref name="scratch"/> touched, then all given back to the host at once (what an offline's Arena.Decommit does); ns of the give-back.</summary>
+    private static unsafe double TimeDecommit(Arena scratch)
+    {
+        long frames = scratch.Topology.FramesPerBlock;
+        for (long pfn = 0; pfn < frames; pfn++)
+            *scratch.FrameAddress(pfn) = 1;
+        long start = Stopwatch.GetTimestamp();
+        scratch.Decommit(0, frames);
+        return Stopwatch.GetElapsedTime(start).TotalNanoseconds;
+    }
 
     /// <summary>The CPU's model name (/proc/cpuinfo), or the architecture where there is none.</summary>
     internal static string CpuModel()
