@@ -19,7 +19,9 @@ namespace Vmm.Bench.Scenarios;
 /// avoid) is measured just before it. The first --warm rounds (tier-up, host faults on destination
 /// frames never touched) are left out; medians of --rounds. For scale, the same run also times the
 /// host's part of giving a block's memory back (madvise(DONTNEED) of a block of touched memory, in an
-/// arena of its own): Vmm's offline does that, Linux's does not (its memory stays the machine's).
+/// arena of its own): Vmm's offline does that, Linux's does not (its memory stays the machine's). And
+/// the offline's CPU time on the calling thread (offline_cpu_ms): on a shared machine the wall clock
+/// also counts the time the thread waited for a core.
 /// With KSM (offline-ksm): two processes map the same half-block of contents, merged by KSM before the
 /// filler process fills the frames the merge freed, so half the block's frames are KSM pages mapped
 /// twice; the offline must move them keeping their sharing (pages_shared and pages_sharing unchanged,
@@ -95,6 +97,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
         var memcpyNs = new List<double>();
         var ksmInBlock = new List<int>();
         var decommitNs = new List<double>();
+        var offlineCpuMs = new List<double>();
         using var scratch = new Arena(new Topology(1, 1, blockBytes));
         long pagesMoved = -1;
         int passes = 0;
@@ -110,9 +113,11 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             double copy = CopyFrames(machine, pfns, toNode: 1);
             double decommit = TimeDecommit(scratch);
 
+            double cpuStart = ThreadCpu.Nanoseconds();
             long start = Stopwatch.GetTimestamp();
             OfflineResult result = block.Offline();
             double offline = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
+            double offlineCpu = (ThreadCpu.Nanoseconds() - cpuStart) / 1e6;
             if (!result.Succeeded)
                 throw new InvalidOperationException($"round {round}: offline failed with {result.Error} after {result.Passes} passes: {string.Join("; ", result.Blockers)}");
             if (result.PagesMoved != frames)
@@ -128,12 +133,13 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             if (online != Errno.None || block.State != "online")
                 throw new InvalidOperationException($"round {round}: online failed with {online}, state {block.State}");
 
-            Console.WriteLine($"round {round}{(round < warm ? " (warm-up)" : "")}: offline {offline:F2} ms ({result.Passes} passes, {result.PagesMoved} pages, " +
+            Console.WriteLine($"round {round}{(round < warm ? " (warm-up)" : "")}: offline {offline:F2} ms ({offlineCpu:F2} ms CPU, {result.Passes} passes, {result.PagesMoved} pages, " +
                               $"{(double)result.PagesMoved * Topology.PageSize / offline / 1e6:F2} GB/s), online {onlineTime:F2} ms, " +
                               $"memcpy of the block {copy / 1e6:F2} ms, madvise(DONTNEED) of a block {decommit / 1e6:F2} ms{(ksm ? $", {ksmPages} KSM pages in the block" : "")}");
             if (round < warm)
                 continue;
             offlineMs.Add(offline);
+            offlineCpuMs.Add(offlineCpu);
             onlineMs.Add(onlineTime);
             memcpyNs.Add(copy);
             decommitNs.Add(decommit);
@@ -165,6 +171,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             new("move_gbps", moveGbps),
             new("memcpy_gbps", memcpyGbps),
             new("move_pct_of_memcpy", 100 * moveGbps / memcpyGbps),
+            new("offline_cpu_ms", MmScenario.Median(offlineCpuMs)),
             new("host_decommit_ms", MmScenario.Median(decommitNs) / 1e6),
             new("offline_ms_min", offlineMs.Min()),
             new("offline_ms_max", offlineMs.Max()),
