@@ -2,8 +2,8 @@
 // arena ("physical memory"), the frame descriptors (MemMap), the page lock, the page allocator, the
 // reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the LRU lists (Lru), the mapping-handle registry, KSM
 // (with ksmd and its memory-release worker), the shared zero page, the processes, the cpusets and the
-// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs); later kswapd and
-// the offliner. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
+// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs), the memory
+// blocks and their hotplug (Hotplug/MemoryHotplug.cs); later kswapd. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
 // GetPageInfo, GetMemoryBlock, Audit); Dispose's order is in MachineCall.cs and docs/architecture.md.
 //
 // Locking: the process table is a ConcurrentDictionary; the zero page's one-time allocation takes

@@ -38,16 +38,17 @@ public sealed class MemoryBlock
     /// <summary>Frames in the block.</summary>
     public long Frames { get; }
 
-    /// <summary>state: "online", "going-offline" (being emptied) or "offline".</summary>
+    /// <summary>state: "online", "going-offline" (being emptied) or "offline"; "removed" once <see cref="MemoryHotplug.RemoveMemory"/> took it out.</summary>
     public string State => _machine.Allocator.GetBlockState(Index) switch
     {
         MemoryBlockState.Online => "online",
         MemoryBlockState.GoingOffline => "going-offline",
-        _ => "offline",
+        MemoryBlockState.Offline => "offline",
+        _ => "removed",
     };
 
     /// <summary>True while the block is online (going-offline counts as online: it still holds pages).</summary>
-    public bool IsOnline => _machine.Allocator.GetBlockState(Index) != MemoryBlockState.Offline;
+    public bool IsOnline => _machine.Allocator.IsBlockOnline(Index);
 
     /// <summary>The zone of an online block; null while it is offline.</summary>
     public ZoneType? Zone => _machine.Allocator.ZoneTypeOfBlock(Index);

@@ -12,8 +12,9 @@
 //      every frame is free on an ISOLATE list (or retired by memory failure). A pass that moved nothing
 //      yields the processor briefly, since what is left is transient (a fault between allocation and
 //      the LRU, a reference taken by a call in progress) or held (a pin);
-//   4. the free frames leave the allocator, the block its zone, its memory and descriptors go back to
-//      the host; the block is offline; the chain hears MEM_OFFLINE (KSM prunes its stale stable nodes).
+//   4. the free frames leave the allocator, the block its zone; the block is offline; the chain hears
+//      MEM_OFFLINE (KSM prunes its stale stable nodes, reading their descriptors); then the block's
+//      memory and descriptors go back to the host.
 // Any failure on the way (passes run out: EBUSY; the token cancelled: EINTR; no frame to move a page
 // to in a pass that moved nothing: ENOMEM) undoes the isolation, sets the block online again and the
 // chain hears MEM_CANCEL_OFFLINE; what did move stays moved (as in Linux), and the result names the
@@ -60,8 +61,9 @@ public sealed partial class MemoryHotplug
     private OfflineResult OfflineLocked(MemoryBlock block, IProgress<OfflineProgress>? progress, Stopwatch clock, CancellationToken cancellationToken)
     {
         PageAllocator allocator = _machine.Allocator;
-        if (allocator.GetBlockState(block.Index) != MemoryBlockState.Online)
-            return new OfflineResult(Errno.EINVAL, [], 0, 0, clock.Elapsed);
+        MemoryBlockState state = allocator.GetBlockState(block.Index);
+        if (state != MemoryBlockState.Online)
+            return new OfflineResult(state == MemoryBlockState.Absent ? Errno.ENODEV : Errno.EINVAL, [], 0, 0, clock.Elapsed);
         long start = block.StartPfn, end = start + block.Frames;
 
         // 1. Isolate.
@@ -143,6 +145,8 @@ public sealed partial class MemoryHotplug
         Interlocked.Increment(ref _offlines);
         progress?.Report(new OfflineProgress(pass, moved, 0, block.Frames));
         Notify(MemoryNotifierEvent.Offline, notification, out thrown);
+        // After MEM_OFFLINE: KSM's callback reads the descriptors of stale stable nodes in the block.
+        allocator.ReleaseOfflineBlock(block.Index);
         thrown?.Throw();
         return new OfflineResult(Errno.None, [], moved, pass, clock.Elapsed);
     }
@@ -168,7 +172,7 @@ public sealed partial class MemoryHotplug
         Topology topology = _machine.Topology;
         int first = block.Node * topology.BlocksPerNode;
         for (int b = first; b < first + topology.BlocksPerNode; b++)
-            if (b != block.Index && _machine.Allocator.GetBlockState(b) != MemoryBlockState.Offline)
+            if (b != block.Index && _machine.Allocator.IsBlockOnline(b))
                 return false;
         return true;
     }

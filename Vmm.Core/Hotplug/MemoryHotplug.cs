@@ -58,15 +58,18 @@ public sealed partial class MemoryHotplug
             _blocks[i] = new MemoryBlock(this, machine, i);
     }
 
-    /// <summary>Every memory block of the machine, by index (phys_index).</summary>
-    public IReadOnlyList<MemoryBlock> Blocks => _blocks;
+    /// <summary>The memory blocks present now (online or offline; not the hot-add room), by index (phys_index). A snapshot.</summary>
+    public IReadOnlyList<MemoryBlock> Blocks =>
+        [.. _blocks.Where(b => _machine.Allocator.GetBlockState(b.Index) != MemoryBlockState.Absent)];
 
     /// <summary>The memory block <paramref name="index"/>.</summary>
-    /// <exception cref="ArgumentOutOfRangeException">no such block.</exception>
+    /// <exception cref="ArgumentOutOfRangeException">no such block, or it is not present (hot-add room, or removed).</exception>
     public MemoryBlock GetBlock(int index)
     {
         if ((uint)index >= (uint)_blocks.Length)
             throw new ArgumentOutOfRangeException(nameof(index), index, $"no memory block {index}: the machine has {_blocks.Length}");
+        if (_machine.Allocator.GetBlockState(index) == MemoryBlockState.Absent)
+            throw new ArgumentOutOfRangeException(nameof(index), index, $"memory block {index} is not present (hot-add room, or removed): AddMemory brings it in");
         return _blocks[index];
     }
 
@@ -273,26 +276,116 @@ public sealed partial class MemoryHotplug
             return entered;
         try
         {
-            PageAllocator allocator = _machine.Allocator;
-            if (allocator.GetBlockState(block.Index) != MemoryBlockState.Offline)
-                return Errno.EINVAL; // device_online on an online device: 1, which state_store turns into EINVAL
-            IReadOnlyList<ZoneType> valid = ValidZonesOf(block.Index);
-            ZoneType target = zone ?? valid[0];
-            if (!valid.Contains(target))
-                return Errno.EINVAL;
-            int node = block.Node;
-            var notification = new MemoryNotification(block.StartPfn, block.Frames, allocator.NodeHasOnlineMemory(node) ? -1 : node);
-            Errno veto = Notify(MemoryNotifierEvent.GoingOnline, notification, out ExceptionDispatchInfo? thrown);
-            if (veto != Errno.None || thrown is not null)
-            {
-                Notify(MemoryNotifierEvent.CancelOnline, notification, out _);
-                thrown?.Throw();
-                return veto;
-            }
-            allocator.OnlineBlockTo(block.Index, target);
-            Interlocked.Increment(ref _onlines);
-            Notify(MemoryNotifierEvent.Online, notification, out thrown);
+            return OnlineLocked(block, zone);
+        }
+        finally
+        {
+            ExitHotplug();
+        }
+    }
+
+    /// <summary><see cref="Online"/>. Preconditions: the hotplug lock held.</summary>
+    private Errno OnlineLocked(MemoryBlock block, ZoneType? zone)
+    {
+        PageAllocator allocator = _machine.Allocator;
+        MemoryBlockState state = allocator.GetBlockState(block.Index);
+        if (state == MemoryBlockState.Absent)
+            return Errno.ENODEV; // removed: the device is gone
+        if (state != MemoryBlockState.Offline)
+            return Errno.EINVAL; // device_online on an online device: 1, which state_store turns into EINVAL
+        IReadOnlyList<ZoneType> valid = ValidZonesOf(block.Index);
+        ZoneType target = zone ?? valid[0];
+        if (!valid.Contains(target))
+            return Errno.EINVAL;
+        int node = block.Node;
+        var notification = new MemoryNotification(block.StartPfn, block.Frames, allocator.NodeHasOnlineMemory(node) ? -1 : node);
+        Errno veto = Notify(MemoryNotifierEvent.GoingOnline, notification, out ExceptionDispatchInfo? thrown);
+        if (veto != Errno.None || thrown is not null)
+        {
+            Notify(MemoryNotifierEvent.CancelOnline, notification, out _);
             thrown?.Throw();
+            return veto;
+        }
+        allocator.OnlineBlockTo(block.Index, target);
+        Interlocked.Increment(ref _onlines);
+        Notify(MemoryNotifierEvent.Online, notification, out thrown);
+        thrown?.Throw();
+        return Errno.None;
+    }
+
+    // ================================================================================================
+    // Hot-add and removal
+    // ================================================================================================
+
+    /// <summary>
+    /// add_memory: brings the lowest absent block of <paramref name="node"/>'s hot-add room
+    /// (<see cref="MachineOptions.HotplugBlocksPerNode"/>) into the machine as a new, offline block, then
+    /// onlines it if <see cref="AutoOnlineBlocks"/> says so (a failed auto-online leaves it offline, as in Linux).
+    /// </summary>
+    /// <param name="node">the node the memory belongs to.</param>
+    /// <param name="block">the new block, or null on failure.</param>
+    /// <returns><see cref="Errno.None"/>, or ENOSPC when the node's room is used up.</returns>
+    /// <exception cref="ArgumentOutOfRangeException">no such node.</exception>
+    /// <exception cref="InvalidOperationException">called from a memory notifier callback of the same machine.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno AddMemory(int node, out MemoryBlock? block)
+    {
+        Topology topology = _machine.Topology;
+        if ((uint)node >= (uint)topology.NodeCount)
+            throw new ArgumentOutOfRangeException(nameof(node), node, $"no node {node}: the machine has {topology.NodeCount}");
+        block = null;
+        using MachineCall call = _machine.EnterCall();
+        Errno entered = EnterHotplug(CancellationToken.None);
+        if (entered != Errno.None)
+            return entered;
+        try
+        {
+            int first = node * topology.BlocksPerNode;
+            for (int b = first; b < first + topology.BlocksPerNode; b++)
+            {
+                if (!_machine.Allocator.SetPresent(b, present: true))
+                    continue;
+                block = _blocks[b];
+                Interlocked.Increment(ref _added);
+                string auto = _autoOnline;
+                if (auto != "offline" && ParseOnline(auto) is { } online)
+                    _ = OnlineLocked(block, online.Zone);
+                return Errno.None;
+            }
+            return Errno.ENOSPC;
+        }
+        finally
+        {
+            ExitHotplug();
+        }
+    }
+
+    /// <summary>
+    /// remove_memory: takes an offline block out of the machine (its device goes; it returns to the
+    /// hot-add room, and <see cref="AddMemory"/> may bring it back).
+    /// </summary>
+    /// <returns><see cref="Errno.None"/>; EBUSY if the block is not offline; ENODEV if it is already removed.</returns>
+    /// <exception cref="ArgumentNullException"><paramref name="block"/> is null.</exception>
+    /// <exception cref="ArgumentException"><paramref name="block"/> belongs to another machine.</exception>
+    /// <exception cref="InvalidOperationException">called from a memory notifier callback of the same machine.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public Errno RemoveMemory(MemoryBlock block)
+    {
+        ArgumentNullException.ThrowIfNull(block);
+        if (block.Index >= _blocks.Length || _blocks[block.Index] != block)
+            throw new ArgumentException($"{block} is a block of another machine", nameof(block));
+        using MachineCall call = _machine.EnterCall();
+        Errno entered = EnterHotplug(CancellationToken.None);
+        if (entered != Errno.None)
+            return entered;
+        try
+        {
+            MemoryBlockState state = _machine.Allocator.GetBlockState(block.Index);
+            if (state == MemoryBlockState.Absent)
+                return Errno.ENODEV;
+            if (!_machine.Allocator.SetPresent(block.Index, present: false))
+                return Errno.EBUSY; // try_remove_memory: a block that is not offline
+            Interlocked.Increment(ref _removed);
             return Errno.None;
         }
         finally
@@ -300,6 +393,14 @@ public sealed partial class MemoryHotplug
             ExitHotplug();
         }
     }
+
+    private long _added, _removed;
+
+    /// <summary>Blocks hot-added since boot.</summary>
+    public long AddedCount => Interlocked.Read(ref _added);
+
+    /// <summary>Blocks removed since boot.</summary>
+    public long RemovedCount => Interlocked.Read(ref _removed);
 
     private long _onlines, _offlines;
 

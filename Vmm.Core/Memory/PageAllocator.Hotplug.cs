@@ -5,8 +5,9 @@
 //
 // Offline, once every frame of the block is free on an ISOLATE list (or retired by memory failure):
 // OfflineIsolatedBlock takes the free blocks off the lists, takes the block's frames out of its zone
-// (managed pages, the zone span) and marks the block offline; then its memory goes back to the host
-// (Arena.Decommit) and so do its descriptors (MemMap.DeinitSection), so an offline block costs the host
+// (managed pages, the zone span) and marks the block offline; after MEM_OFFLINE (whose callbacks may
+// read the descriptors one last time) ReleaseOfflineBlock gives its memory back to the host
+// (Arena.Decommit) and its descriptors too (MemMap.DeinitSection), so an offline block costs the host
 // nothing. Its pageblocks stay ISOLATE while it is offline, as in Linux.
 //
 // Online (OnlineBlockTo) gives the block to a zone exactly as boot does: as deferred sections that are
@@ -31,6 +32,8 @@ internal enum MemoryBlockState : byte
     GoingOffline,
     /// <summary>In no zone; its memory and descriptors are given back to the host.</summary>
     Offline,
+    /// <summary>Not present (the hot-add room, or removed): no device; its frames are reserved address space only.</summary>
+    Absent,
 }
 
 internal sealed unsafe partial class PageAllocator
@@ -40,19 +43,40 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>The state of memory block <paramref name="block"/> (read racily).</summary>
     public MemoryBlockState GetBlockState(int block) => (MemoryBlockState)Volatile.Read(ref _blockState[block]);
 
-    /// <summary>True if the block that holds <paramref name="pfn"/> is not offline (read racily; see the file overview).</summary>
-    public bool IsPfnOnline(long pfn) => GetBlockState(_topology.BlockOf(pfn)) != MemoryBlockState.Offline;
+    /// <summary>True if block <paramref name="block"/> is online or going offline: its frames belong to a zone.</summary>
+    public bool IsBlockOnline(int block) => GetBlockState(block) is MemoryBlockState.Online or MemoryBlockState.GoingOffline;
 
-    /// <summary>Frames of blocks that are offline (for the audit's frame count).</summary>
+    /// <summary>True if the block that holds <paramref name="pfn"/> is online or going offline (read racily; see the file overview).</summary>
+    public bool IsPfnOnline(long pfn) => IsBlockOnline(_topology.BlockOf(pfn));
+
+    /// <summary>Frames of blocks that are offline or absent, in no zone (for the audit's frame count).</summary>
     public long OfflineFrames
     {
         get
         {
             long frames = 0;
             for (int block = 0; block < _blockState.Length; block++)
-                if (GetBlockState(block) == MemoryBlockState.Offline)
+                if (!IsBlockOnline(block))
                     frames += _topology.FramesPerBlock;
             return frames;
+        }
+    }
+
+    /// <summary>
+    /// Hot-add (add_memory's memory block creation) or removal (remove_memory): an absent block becomes
+    /// present and offline, or an offline block absent. Preconditions: the caller holds the hotplug lock.
+    /// </summary>
+    /// <returns>False if the block was not in the expected state (nothing changed).</returns>
+    internal bool SetPresent(int block, bool present)
+    {
+        Zone zone = _blockZone[block];
+        lock (zone.Lock)
+        {
+            MemoryBlockState expected = present ? MemoryBlockState.Absent : MemoryBlockState.Offline;
+            if (GetBlockState(block) != expected)
+                return false;
+            Volatile.Write(ref _blockState[block], (byte)(present ? MemoryBlockState.Offline : MemoryBlockState.Absent));
+            return true;
         }
     }
 
@@ -60,7 +84,7 @@ internal sealed unsafe partial class PageAllocator
     public bool NodeHasOnlineMemory(int node)
     {
         for (int i = 0; i < _topology.BlocksPerNode; i++)
-            if (GetBlockState(node * _topology.BlocksPerNode + i) != MemoryBlockState.Offline)
+            if (IsBlockOnline(node * _topology.BlocksPerNode + i))
                 return true;
         return false;
     }
@@ -92,7 +116,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>
     /// __offline_isolated_pages and offline_pages' accounting: takes the free blocks of
     /// <paramref name="block"/> off the ISOLATE lists, the block's frames out of its zone (managed pages,
-    /// span), marks it offline, then gives its memory and its descriptors back to the host.
+    /// span) and marks it offline (<see cref="ReleaseOfflineBlock"/> then gives its memory back).
     /// Preconditions: <see cref="TestBlockIsolated"/> returned true and nothing can free into the block
     /// (every frame is free or retired, so no reference is left); the caller holds the hotplug lock.
     /// </summary>
@@ -130,13 +154,25 @@ internal sealed unsafe partial class PageAllocator
             Volatile.Write(ref _blockState[block], (byte)MemoryBlockState.Offline);
             RecomputeZoneSpanLocked(zone);
         }
-        // Nothing names a frame of the block any more: its memory and descriptors can go.
+        SetWatermarks(_options.EffectiveMinFreeKbytes(NormalManagedPages()));
+        return poisoned;
+    }
+
+    /// <summary>
+    /// Gives an offline block's memory and its descriptors back to the host. Called after MEM_OFFLINE,
+    /// whose callbacks (KSM's pruning of stable nodes that still name the block's frames) may read the
+    /// descriptors for the last time. Preconditions: the block is offline; the caller holds the hotplug lock.
+    /// </summary>
+    public void ReleaseOfflineBlock(int block)
+    {
+        if (GetBlockState(block) != MemoryBlockState.Offline)
+            throw new VmBugException($"memory block {block} released while {GetBlockState(block)}");
+        long start = _topology.FirstPfnOfBlock(block);
+        long end = start + _topology.FramesPerBlock;
         for (long section = _memMap.SectionOf(start); section < _memMap.SectionOf(end); section++)
             if (_memMap.IsSectionInitialised(section))
                 _memMap.DeinitSection(section);
         TryDecommit(start, end - start);
-        SetWatermarks(_options.EffectiveMinFreeKbytes(NormalManagedPages()));
-        return poisoned;
     }
 
     /// <summary>
@@ -170,7 +206,7 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>The zone of an online block, or null if the block is offline.</summary>
     public ZoneType? ZoneTypeOfBlock(int block) =>
-        GetBlockState(block) == MemoryBlockState.Offline ? null : _blockZone[block].Type;
+        IsBlockOnline(block) ? _blockZone[block].Type : null;
 
     /// <summary>The zone type an offline block was last online in (its default zone for "online").</summary>
     public ZoneType LastZoneTypeOfBlock(int block) => _blockZone[block].Type;
@@ -182,7 +218,7 @@ internal sealed unsafe partial class PageAllocator
         long startPfn = long.MaxValue, endPfn = 0;
         for (int block = 0; block < _blockZone.Length; block++)
         {
-            if (_blockZone[block] != zone || GetBlockState(block) == MemoryBlockState.Offline)
+            if (_blockZone[block] != zone || !IsBlockOnline(block))
                 continue;
             long first = _topology.FirstPfnOfBlock(block);
             startPfn = Math.Min(startPfn, first);

@@ -107,15 +107,18 @@ internal sealed unsafe partial class PageAllocator
         _pageblockSavedType = new byte[_pageblockType.Length];
         Array.Fill(_pageblockType, (byte)MigrateType.Movable);
 
-        int movableBlocks = options.EffectiveMovableBlocksPerNode(topology.BlocksPerNode);
+        int bootBlocks = options.BootBlocksPerNode;
+        int movableBlocks = options.EffectiveMovableBlocksPerNode(bootBlocks);
         _blockZone = new Zone[topology.BlockCount];
-        _blockState = new byte[topology.BlockCount]; // all MemoryBlockState.Online
+        _blockState = new byte[topology.BlockCount]; // MemoryBlockState.Online unless absent (below)
         for (int block = 0; block < topology.BlockCount; block++)
         {
             int node = topology.NodeOfBlock(block);
             int indexInNode = block - node * topology.BlocksPerNode;
-            ZoneType type = indexInNode >= topology.BlocksPerNode - movableBlocks ? ZoneType.Movable : ZoneType.Normal;
+            ZoneType type = indexInNode >= bootBlocks - movableBlocks ? ZoneType.Movable : ZoneType.Normal;
             _blockZone[block] = _nodeZones[node][(int)type];
+            if (indexInNode >= bootBlocks)
+                _blockState[block] = (byte)MemoryBlockState.Absent; // the hot-add room (its zone: the default for "online")
         }
 
         int[,] distance = options.EffectiveNodeDistances(topology.NodeCount);
@@ -134,7 +137,8 @@ internal sealed unsafe partial class PageAllocator
         NodeDistances = distance;
 
         for (int block = 0; block < topology.BlockCount; block++)
-            OnlineBlock(block);
+            if (GetBlockState(block) == MemoryBlockState.Online)
+                OnlineBlock(block);
         SetWatermarks(options.EffectiveMinFreeKbytes(NormalManagedPages()));
     }
 
@@ -902,7 +906,7 @@ internal sealed unsafe partial class PageAllocator
         lock (zone.Lock)
         {
             // An offline block has no free frames: its memory is not the allocator's (and its descriptors are gone).
-            for (long pfn = GetBlockState(block) == MemoryBlockState.Offline ? end : start; pfn < end;)
+            for (long pfn = IsBlockOnline(block) ? start : end; pfn < end;)
             {
                 if (!_memMap.IsInitialised(pfn))
                 {
