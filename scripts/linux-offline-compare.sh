@@ -119,7 +119,7 @@ for round in $(seq 1 "$ROUNDS"); do
   vmm=$($VMM scenario offline --block-mib "$BLOCK_MIB" --rounds "$VMM_ROUNDS" --warm "$VMM_WARM" | tail -1)
   row offline "$round" "$linux_off" "$(field offline_ms "$vmm")" "${linux_note:-}"
   row online "$round" "$linux_on" "$(field online_ms "$vmm")"
-  echo "            vmm: $(field pages_moved "$vmm") pages, $(field move_gbps "$vmm") GB/s vs memcpy $(field memcpy_gbps "$vmm") GB/s, offline min $(field offline_ms_min "$vmm") max $(field offline_ms_max "$vmm") ms"
+  echo "            vmm: $(field pages_moved "$vmm") pages, $(field move_gbps "$vmm") GB/s vs memcpy $(field memcpy_gbps "$vmm") GB/s, offline min $(field offline_ms_min "$vmm") max $(field offline_ms_max "$vmm") ms, CPU $(field offline_cpu_ms "$vmm") ms (of which the host's madvise of a block ~$(field host_decommit_ms "$vmm") ms)"
   if [ "$KSM" -eq 1 ]; then
     vmm=$($VMM scenario offline-ksm --block-mib "$BLOCK_MIB" --rounds "$VMM_ROUNDS" --warm "$VMM_WARM" | tail -1)
     row offline-ksm "$round" "" "$(field offline_ms "$vmm")" "Vmm only: $(field ksm_pages_in_block "$vmm") KSM pages in the block"
