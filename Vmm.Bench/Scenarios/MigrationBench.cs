@@ -35,22 +35,39 @@ internal static class MigrationBench
     /// <paramref name="va"/> copied frame to frame onto new frames of the other node, with the engine's
     /// copy (PageOps.Copy); returns the ns of each of <paramref name="passes"/> passes over them.
     /// </summary>
-    public static unsafe double[] CopyFramesToOtherNode(Machine machine, VmProcess process, ulong va, int pages, int passes)
+    public static double[] CopyFramesToOtherNode(Machine machine, VmProcess process, ulong va, int pages, int passes)
     {
         var sources = new long[pages];
-        var copies = new long[pages];
         int other = 1 - machine.Topology.NodeOf(process.GetPagemap(va).Pfn);
         for (int i = 0; i < pages; i++)
-        {
             sources[i] = process.GetPagemap(va + (ulong)i * Topology.PageSize).Pfn;
-            copies[i] = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, other);
+        return CopyFrames(machine, sources, other, passes);
+    }
+
+    /// <summary>
+    /// The frames <paramref name="sources"/> copied frame to frame onto new frames of node
+    /// <paramref name="toNode"/> with the engine's copy (PageOps.Copy); returns the ns of each of
+    /// <paramref name="passes"/> passes over them. The new frames are freed after.
+    /// </summary>
+    public static unsafe double[] CopyFrames(Machine machine, long[] sources, int toNode, int passes)
+    {
+        var copies = new long[sources.Length];
+        for (int i = 0; i < sources.Length; i++)
+        {
+            copies[i] = machine.Allocator.AllocPages(0, AllocFlags.Movable | AllocFlags.NoZero | AllocFlags.ThisNode, toNode);
+            if (copies[i] < 0)
+            {
+                for (int j = 0; j < i; j++)
+                    machine.Allocator.FreePages(copies[j]);
+                throw new InvalidOperationException($"no free frame on node {toNode} for the memcpy's copy {i} of {sources.Length}");
+            }
         }
         Arena arena = machine.Arena;
         var ns = new double[passes];
         for (int r = 0; r < passes; r++)
         {
             long start = Stopwatch.GetTimestamp();
-            for (int i = 0; i < pages; i++)
+            for (int i = 0; i < sources.Length; i++)
                 PageOps.Copy(arena.FrameAddress(copies[i]), arena.FrameAddress(sources[i]));
             ns[r] = Stopwatch.GetElapsedTime(start).TotalNanoseconds;
         }

@@ -60,6 +60,8 @@ internal static class ScenarioRunner
         new MigrateScenario(),
         new MigrateKsmScenario(),
         new MigrateWriterScenario(),
+        new OfflineScenario(ksmHalf: false),
+        new OfflineScenario(ksmHalf: true),
     ];
 
     public static int Run(string[] args)
