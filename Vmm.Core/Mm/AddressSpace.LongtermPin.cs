@@ -16,6 +16,10 @@
 //      Linux's -ENOMEM, with nothing pinned; otherwise (-EAGAIN) pin the whole range again from step 1:
 //      the process's PTEs now name the new frames.
 //
+// While it runs, the thread's own page allocations leave out ZONE_MOVABLE (Linux's memalloc_pin_save,
+// PF_MEMALLOC_PIN): a page the pin faults in (not yet present, copied on write, or unshared from KSM or a
+// fork) is placed outside the zone from the start, so only pages that were already there need moving.
+//
 // Linux retries for as long as a pass returns -EAGAIN, also when nothing could be isolated (a page in
 // ZONE_MOVABLE isolated by another migration meanwhile). Vmm retries while migration makes progress and
 // bounds the passes that isolate nothing (MaxIdlePasses, sleeping between them): a page can only be
@@ -30,6 +34,7 @@
 // Locking: the pin passes are AddressSpace.Pin.cs's (the mmap_lock for read and the pte lock, per page);
 // the isolation takes the lru_lock; the migration runs with no lock held (the engine may sleep on page
 // locks), on isolated pages that hold their own references, so the unpinned pages cannot be freed under it.
+using System.Runtime.CompilerServices;
 using Microsoft.Extensions.ObjectPool;
 using Vmm.Memory;
 using Vmm.Migration;
@@ -43,6 +48,22 @@ internal sealed partial class AddressSpace
     /// another mover) before a long-term pin gives up. The passes after the first sleep a millisecond.
     /// </summary>
     internal const int MaxIdlePasses = 16;
+
+    /// <summary>
+    /// PF_MEMALLOC_PIN (memalloc_pin_save): true while this thread runs a long-term pin, so that the pages
+    /// its own faults allocate (a page not yet present, a copy on write, an unshare of a KSM page) are
+    /// taken outside ZONE_MOVABLE at once instead of being migrated out right after. Per thread, as Linux's
+    /// flag is per task: another thread of the process faulting meanwhile places its pages as usual.
+    /// </summary>
+    [ThreadStatic]
+    private static bool t_memallocPin;
+
+    /// <summary>
+    /// current_gfp_context for user pages: __GFP_MOVABLE cleared while this thread runs a long-term pin
+    /// (<see cref="t_memallocPin"/>). On the fault path: one thread-static read per page allocated.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static AllocFlags CurrentAllocContext(AllocFlags flags) => t_memallocPin ? flags & ~AllocFlags.Movable : flags;
 
     private static readonly ObjectPool<LongtermPinContext> LongtermContexts =
         new DefaultObjectPool<LongtermPinContext>(new LongtermPinContextPolicy(), Math.Max(4, Environment.ProcessorCount * 2));
@@ -61,6 +82,8 @@ internal sealed partial class AddressSpace
         CheckPinRange(address, length, write);
         LongtermPinContext context = LongtermContexts.Get();
         context.Machine = _machine;
+        bool savedMemallocPin = t_memallocPin; // memalloc_pin_save
+        t_memallocPin = true;
         try
         {
             int idlePasses = 0;
@@ -100,6 +123,7 @@ internal sealed partial class AddressSpace
         }
         finally
         {
+            t_memallocPin = savedMemallocPin; // memalloc_pin_restore
             // Reached with pins or isolated pages left only through an exception on the way: nothing stays.
             UnpinAll(context.Frames);
             if (context.Movable.Count != 0)

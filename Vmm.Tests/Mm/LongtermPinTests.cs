@@ -130,21 +130,27 @@ public sealed class LongtermPinTests
         TestMachines.AssertAuditClean(machine);
     }
 
-    [Test]
-    public void A_long_term_pin_of_pages_not_yet_faulted_pins_them_outside_ZONE_MOVABLE()
+    [TestCase(MapFlags.Private, true)]
+    [TestCase(MapFlags.Private, false)]
+    [TestCase(MapFlags.Shared, true)]
+    [TestCase(MapFlags.Shared, false)]
+    public void Pages_a_long_term_pin_faults_in_are_allocated_outside_ZONE_MOVABLE_with_nothing_to_migrate(MapFlags flags, bool write)
     {
         const int Pages = 8;
         using Machine machine = TestMachines.Create(WithMovable);
         VmProcess p = machine.CreateProcess(homeNode: 0);
-        ulong va = p.Mmap(Pages * PageSize);
+        Assert.That(p.Mmap(0, (Pages + 1) * PageSize, Protection.ReadWrite, flags, out ulong va), Is.EqualTo(Errno.None));
 
-        using (PinnedMemory pin = p.Pin(va, Pages * PageSize, write: true, longTerm: true))
+        using (PinnedMemory pin = p.Pin(va, Pages * PageSize, write, longTerm: true))
         {
             for (int page = 0; page < Pages; page++)
             {
                 Assert.That(machine.GetPageInfo(pin.FrameOf(page)).Zone, Is.EqualTo(ZoneType.Normal), $"page {page}");
                 Assert.That(pin.GetReadOnlySpan(page).ContainsAnyExcept((byte)0), Is.False, $"page {page} reads zeros");
             }
+            Assert.That(LongtermPinMoves(machine), Is.Zero, "memalloc_pin: the pin's own faults left out ZONE_MOVABLE, so nothing had to move");
+            p.Write<byte>(va + Pages * PageSize, 1);
+            Assert.That(ZoneAt(machine, p, va, Pages), Is.EqualTo(ZoneType.Movable), "after the pin, the same thread's faults use ZONE_MOVABLE again");
             TestMachines.AssertAuditClean(machine);
         }
         TestMachines.AssertAuditClean(machine);
@@ -336,6 +342,7 @@ public sealed class LongtermPinTests
                 Assert.That(machine.GetPageInfo(entry.Pfn).Zone, Is.EqualTo(ZoneType.Normal), $"page {page}: the copy lies in ZONE_NORMAL");
                 Assert.That(pin.GetReadOnlySpan(page).ContainsAnyExcept((byte)(0x30 + (page % 4))), Is.False, $"page {page}: contents intact");
             }
+            Assert.That(LongtermPinMoves(machine), Is.Zero, "the unshare faults ran under memalloc_pin: the copies were made outside ZONE_MOVABLE");
             Assert.That(b.GetPagemap(vaB).Pfn, Is.EqualTo(ksmPage), "the other process still shares the KSM page");
             Assert.That(b.GetPagemap(vaB).Ksm, Is.True);
             Assert.That(b.Read<byte>(vaB + 5 * PageSize), Is.EqualTo(0x31));
