@@ -263,6 +263,65 @@ public sealed class LongtermPinTests
     }
 
     [Test]
+    public void A_long_term_pin_waits_for_a_page_another_mover_holds_isolated_and_gives_up_after_a_bounded_number_of_passes()
+    {
+        const int Pages = 3;
+        using Machine machine = TestMachines.Create(WithMovable);
+        (VmProcess p, ulong va) = MapPatternInMovable(machine, Pages);
+        long held = p.GetPagemap(va + PageSize).Pfn;
+        void IsolateHeld()
+        {
+            // As a mover does: with a reference of its own, then the isolation's reference keeps the page.
+            machine.MemMap.GetPage(held);
+            machine.Lru.DrainAll();
+            Assert.That(machine.Lru.Isolate(held), Is.True, "another mover isolates the middle page");
+            machine.PutPage(held);
+        }
+        IsolateHeld();
+
+        var error = Assert.Throws<InsufficientMemoryException>(() => p.Pin(va, Pages * PageSize, write: true, longTerm: true));
+        Assert.That(error!.Message, Does.Contain("stayed isolated"));
+        for (int page = 0; page < Pages; page++)
+            Assert.That(p.GetPagemap(va + (ulong)(page * PageSize)).Pinned, Is.Zero, $"page {page}: nothing stays pinned");
+        Assert.That(machine.LongtermPins, Is.Empty);
+        machine.Lru.Putback(held);
+        TestMachines.AssertAuditClean(machine, "the failed pin left nothing behind");
+
+        // The other mover lets go a little later: a pin that starts before that waits for it and succeeds.
+        IsolateHeld();
+        PinnedMemory? pin = null;
+        Exception? failure = null;
+        var pinner = new Thread(() =>
+        {
+            try
+            {
+                pin = p.Pin(va, Pages * PageSize, write: true, longTerm: true);
+            }
+            catch (Exception e)
+            {
+                failure = e;
+            }
+        });
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        pinner.Start();
+        Thread.Sleep(1);
+        machine.Lru.Putback(held);
+        TimeSpan putbackAfter = clock.Elapsed;
+        pinner.Join();
+        if (failure is InsufficientMemoryException && putbackAfter > TimeSpan.FromMilliseconds(10))
+            Assert.Inconclusive($"the host was too busy to let go within the pin's bounded passes ({putbackAfter.TotalMilliseconds:F1} ms)");
+        Assert.That(failure, Is.Null, "the pin waited for the other mover");
+        using (pin)
+        {
+            for (int page = 0; page < Pages; page++)
+                Assert.That(machine.GetPageInfo(pin!.FrameOf(page)).Zone, Is.EqualTo(ZoneType.Normal), $"page {page}");
+            AssertPattern(p, va, Pages, "after the wait");
+            TestMachines.AssertAuditClean(machine);
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_long_term_pinned_page_stays_put_through_faults_fork_and_migration()
     {
         const int Pages = 2;
@@ -349,6 +408,29 @@ public sealed class LongtermPinTests
             TestMachines.AssertAuditClean(machine);
             ksm.RunFullScans(2);
             Assert.That(a.GetPagemap(vaA).Pfn, Is.EqualTo(pin.FrameOf(0)), "ksmd never merges a pinned page");
+            TestMachines.AssertAuditClean(machine);
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    [Category("Ksm")]
+    public void A_VmmBuffer_pin_is_short_term_and_its_stores_process_can_pin_it_long_term()
+    {
+        using Machine machine = TestMachines.Create(TestMachines.TwoLargeNodes with { EnableKsm = true, MovableBlocksPerNode = 2 });
+        using var store = new DedupeStore(machine);
+        byte[] contents = Enumerable.Range(0, 3 * PageSize).Select(i => (byte)(i * 31 + 7)).ToArray();
+        using VmmBuffer buffer = store.Create(contents);
+        using (PinnedBuffer shortPin = buffer.Pin())
+        {
+            for (int page = 0; page < 3; page++)
+                Assert.That(ZoneAt(machine, store.Process, buffer.Address, page), Is.EqualTo(ZoneType.Movable), $"page {page}: a buffer pin moves nothing");
+        }
+        using (PinnedMemory pin = store.Process.Pin(buffer.Address, (ulong)buffer.Length, write: false, longTerm: true))
+        {
+            for (int page = 0; page < 3; page++)
+                Assert.That(machine.GetPageInfo(pin.FrameOf(page)).Zone, Is.EqualTo(ZoneType.Normal), $"page {page}");
+            Assert.That(buffer.ToArray(), Is.EqualTo(contents), "the buffer's bytes are intact");
             TestMachines.AssertAuditClean(machine);
         }
         TestMachines.AssertAuditClean(machine);
