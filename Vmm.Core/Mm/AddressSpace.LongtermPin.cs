@@ -182,9 +182,10 @@ internal sealed partial class AddressSpace
     {
         MigrationEngine engine = _machine.Migration;
         int rc = engine.MigratePages(context.Movable, context.Allocate, null, MigrateMode.Sync, MigrateReason.LongtermPin, out _);
-        if (context.Movable.Count != 0)
+        int left = context.Movable.Count; // exactly the pages not migrated, still isolated
+        if (left != 0)
             engine.PutbackMovablePages(context.Movable);
-        return rc != 0 ? rc : context.Movable.Count;
+        return rc != 0 ? rc : left;
     }
 
     /// <summary>A long-term pin's work lists (pooled).</summary>
