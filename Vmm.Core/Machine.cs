@@ -2,8 +2,8 @@
 // arena ("physical memory"), the frame descriptors (MemMap), the page lock, the page allocator, the
 // reverse map (Rmap), the TLB flusher and its deferred puts (Tlb), the LRU lists (Lru), the mapping-handle registry, KSM
 // (with ksmd and its memory-release worker), the shared zero page, the processes, the cpusets and the
-// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs); later kswapd and
-// the offliner. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
+// weighted-interleave weights (partial, in Migration/Cpuset.cs and Migration/Mempolicy.cs), the memory
+// blocks and their hotplug (Hotplug/MemoryHotplug.cs); later kswapd. Its public calls are the host API of the whole machine (stats, ReleaseFreeMemory,
 // GetPageInfo, GetMemoryBlock, Audit); Dispose's order is in MachineCall.cs and docs/architecture.md.
 //
 // Locking: the process table is a ConcurrentDictionary; the zero page's one-time allocation takes
@@ -80,6 +80,7 @@ public sealed unsafe partial class Machine : IDisposable
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
+            Hotplug = new MemoryHotplug(this);
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
@@ -136,6 +137,9 @@ public sealed unsafe partial class Machine : IDisposable
 
     /// <summary>The native memory behind the frames. Machinery: hosts use the calls below.</summary>
     internal Arena Arena { get; }
+
+    /// <summary>The memory blocks and their hotplug: online, offline, the memory notifier chain.</summary>
+    public MemoryHotplug Hotplug { get; }
 
     /// <summary>The buddy allocator. Machinery: hosts use <see cref="ReleaseFreeMemory"/> and <see cref="GetMemoryBlock"/>.</summary>
     internal PageAllocator Allocator { get; }
@@ -428,6 +432,9 @@ public sealed unsafe partial class Machine : IDisposable
         using MachineCall call = EnterCall();
         if (!Topology.IsValidPfn(pfn))
             throw new ArgumentOutOfRangeException(nameof(pfn), pfn, "no such frame");
+        if (!Allocator.IsPfnOnline(pfn))
+            return new PageInfo(pfn, Topology.NodeOf(pfn), Allocator.ZoneTypeOf(pfn), Allocator.GetPageblockMigratetype(pfn),
+                PageFlags.Offline, 0, 0, -1, pfn);
         if (!_memMap.IsInitialised(pfn))
         {
             bool head = (pfn & (_memMap.FramesPerSection - 1)) == 0;

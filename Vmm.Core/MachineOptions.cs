@@ -31,6 +31,14 @@ public sealed record MachineOptions
     public int? MovableBlocksPerNode { get; init; }
 
     /// <summary>
+    /// Room for memory hot-add: blocks of address space reserved above each node's memory (reserved only:
+    /// they cost no host memory), absent at boot, that <see cref="MemoryHotplug.AddMemory"/> brings in.
+    /// 0 (the default): no hot-add. NodeCount x (NodeSizeBytes + this many blocks) counts toward
+    /// <see cref="MaxTotalBytes"/>.
+    /// </summary>
+    public int HotplugBlocksPerNode { get; init; }
+
+    /// <summary>
     /// Linux's min_free_kbytes: memory kept free for emergencies. Null: Linux's formula
     /// (sqrt(16 x lowmem KiB), clamped to 128 KiB .. 256 MiB). 0: no reserve at all (tests that want to
     /// allocate the last frame). Less than the machine's ZONE_NORMAL memory, in KiB.
@@ -143,6 +151,12 @@ public sealed record MachineOptions
             throw new ArgumentOutOfRangeException(nameof(NodeSizeBytes), NodeSizeBytes,
                 $"{nameof(NodeCount)} x {nameof(NodeSizeBytes)} ({NodeCount} x {NodeSizeBytes}) exceeds {MaxTotalBytes} bytes (16 TiB less 2 MiB: a pfn must fit 32 bits)");
 
+        if (HotplugBlocksPerNode < 0)
+            throw new ArgumentOutOfRangeException(nameof(HotplugBlocksPerNode), HotplugBlocksPerNode, $"{nameof(HotplugBlocksPerNode)} must not be negative");
+        if ((NodeSizeBytes + HotplugBlocksPerNode * BlockSizeBytes) > MaxTotalBytes / NodeCount)
+            throw new ArgumentOutOfRangeException(nameof(HotplugBlocksPerNode), HotplugBlocksPerNode,
+                $"{nameof(NodeCount)} x ({nameof(NodeSizeBytes)} + {nameof(HotplugBlocksPerNode)} x {nameof(BlockSizeBytes)}) exceeds {MaxTotalBytes} bytes (16 TiB less 2 MiB: a pfn must fit 32 bits)");
+
         int blocksPerNode = (int)(NodeSizeBytes / BlockSizeBytes);
         if (MovableBlocksPerNode is int movable && (movable < 0 || movable >= blocksPerNode))
             throw new ArgumentOutOfRangeException(nameof(MovableBlocksPerNode), movable,
@@ -185,7 +199,10 @@ public sealed record MachineOptions
 
     /// <summary>The topology of a validated machine.</summary>
     internal Topology CreateTopology() =>
-        new(NodeCount, (int)(NodeSizeBytes / BlockSizeBytes), BlockSizeBytes);
+        new(NodeCount, BootBlocksPerNode + HotplugBlocksPerNode, BlockSizeBytes);
+
+    /// <summary>The blocks of each node present at boot (the node's memory; the hot-add room lies above them).</summary>
+    internal int BootBlocksPerNode => (int)(NodeSizeBytes / BlockSizeBytes);
 
     /// <summary>How many blocks of each node are MOVABLE (validated: 0 to blocks per node minus one).</summary>
     internal int EffectiveMovableBlocksPerNode(int blocksPerNode) => MovableBlocksPerNode ?? blocksPerNode / 2;

@@ -159,6 +159,11 @@ internal static unsafe class Auditor
 
         foreach ((long pfn, int expected) in mapcount)
         {
+            if (!machine.Allocator.IsPfnOnline(pfn))
+            {
+                problems.Add($"frame {pfn} is mapped or held ({expected} mappings) but its memory block is offline");
+                continue;
+            }
             if (expected > 1 && memMap.TestFlag(pfn, PageFlags.AnonExclusive))
                 problems.Add($"frame {pfn} is PG_anon_exclusive but mapped {expected} times");
             int pins = memMap[pfn].PinCount;
@@ -182,10 +187,19 @@ internal static unsafe class Auditor
         // frames (refcount 0). A frame held by none of these leaked: an orphan. A section whose descriptors
         // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
-        long inUse = 0;
+        long inUse = 0, offline = 0;
         var deferred = new Dictionary<Zone, long>();
         for (long pfn = 0; pfn < memMap.FrameCount; pfn++)
         {
+            if ((pfn & (memMap.FramesPerSection - 1)) == 0 && !machine.Allocator.IsPfnOnline(pfn))
+            {
+                // An offline block: in no zone, its descriptors given back (MemMap.DeinitSection).
+                if (memMap.IsInitialised(pfn))
+                    problems.Add($"frame {pfn} is in an offline memory block but its memmap section is initialised");
+                offline += memMap.FramesPerSection;
+                pfn += memMap.FramesPerSection - 1;
+                continue;
+            }
             if ((pfn & (memMap.FramesPerSection - 1)) == 0 && !memMap.IsInitialised(pfn))
             {
                 Zone zone = machine.Allocator.ZoneOf(pfn);
@@ -235,8 +249,10 @@ internal static unsafe class Auditor
         }
         machine.Ksm?.Audit(problems, ksmZeroPtes);
         long free = machine.GetStats().AllFreePages;
-        if (free + inUse != memMap.FrameCount)
-            problems.Add($"free frames {free} + frames in use {inUse} != {memMap.FrameCount}");
+        if (free + inUse + offline != memMap.FrameCount)
+            problems.Add($"free frames {free} + frames in use {inUse} + offline frames {offline} != {memMap.FrameCount}");
+        if (offline != machine.Allocator.OfflineFrames)
+            problems.Add($"offline blocks hold {machine.Allocator.OfflineFrames} frames, frames found offline {offline}");
         AuditCpusetsAndPolicies(machine, problems);
         AuditLongtermPins(machine, problems);
         return problems;

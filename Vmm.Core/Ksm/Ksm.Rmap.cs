@@ -108,6 +108,8 @@ public sealed partial class Ksm
             {
                 problems.Add($"KSM node {node.Handle} (page {node.Kpfn}) is not in the stable index");
             }
+            if (!_machine.Allocator.IsPfnOnline(Volatile.Read(ref node.Kpfn)))
+                problems.Add($"KSM node {node.Handle} names frame {node.Kpfn}, which is in an offline memory block");
             int count = 0;
             for (int h = node.Hlist; h >= 0; h = _items[h].HashNext)
             {

@@ -120,6 +120,7 @@ public sealed partial class Ksm
     {
         lock (_threadMutex)
         {
+            WaitWhileOfflining();
             if (value == _mergeAcrossNodes)
                 return Errno.None;
             if (_pagesShared != 0 || !RemoveAllStableNodes())
@@ -145,6 +146,7 @@ public sealed partial class Ksm
     {
         lock (_threadMutex)
         {
+            WaitWhileOfflining();
             if (value == _maxPageSharing)
                 return Errno.None;
             if (_pagesShared != 0 || !RemoveAllStableNodes())

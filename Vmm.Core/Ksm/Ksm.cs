@@ -135,6 +135,7 @@ public sealed partial class Ksm
         _unstableMask = InitialBuckets - 1;
         _nodeCount = nodes;
         _domainSecrets[0] = NewSecret();
+        machine.Hotplug.RegisterNotifier(MemoryCallback, MemoryCallbackPriority);
     }
 
     // ================================================================================================
@@ -333,6 +334,7 @@ public sealed partial class Ksm
         using MachineCall call = _machine.EnterCall();
         lock (_threadMutex)
         {
+            WaitWhileOfflining();
             if (_run == value)
                 return Errno.None;
             _run = value;
@@ -515,7 +517,10 @@ public sealed partial class Ksm
         ArgumentOutOfRangeException.ThrowIfNegative(pages);
         using MachineCall call = _machine.EnterCall();
         lock (_threadMutex)
+        {
+            WaitWhileOfflining();
             return DoScan(pages);
+        }
     }
 
     /// <summary>
@@ -536,6 +541,7 @@ public sealed partial class Ksm
                 throw new ObjectDisposedException(nameof(Machine), $"the machine ({_machine}) was disposed during RunFullScans");
             lock (_threadMutex)
             {
+                WaitWhileOfflining();
                 if (Volatile.Read(ref _seqnr) >= target)
                     return;
                 if (IsListEmpty)
@@ -587,6 +593,7 @@ public sealed partial class Ksm
             {
                 lock (_threadMutex)
                 {
+                    WaitWhileOfflining();
                     if (ShouldRun && !_stopping)
                     {
                         try

@@ -128,6 +128,30 @@ internal sealed unsafe class MemMap : IDisposable
         Interlocked.Increment(ref _initialisedSections);
     }
 
+    /// <summary>
+    /// The reverse of <see cref="InitSection"/>, for memory offline (Linux keeps the memmap of an offline
+    /// section until the memory is removed; Vmm gives it back at once, since online initialises sections
+    /// lazily anyway): marks the section not initialised, then gives its descriptors' host memory back.
+    /// A lock-free reader that checked IsInitialised just before reads zeros (or stale values on the
+    /// portable fallback) from a frame nobody can reach any more: no page table, list or stable node
+    /// names a frame of an offline block (the offline removed or pruned every one first).
+    /// Preconditions: the block of the section is offline (under the zone lock's protection no more:
+    /// nothing links to its frames); the section is initialised.
+    /// </summary>
+    /// <exception cref="VmBugException">the section was not initialised.</exception>
+    public void DeinitSection(long section)
+    {
+        if (!IsSectionInitialised(section))
+            throw new VmBugException($"memmap section {section} de-initialised while not initialised");
+        Interlocked.And(ref _sectionInitialised[section >> 6], ~(1UL << (int)(section & 63)));
+        Interlocked.Decrement(ref _initialisedSections);
+        byte* start = (byte*)(_pages + (section << SectionShift));
+        nuint length = (nuint)(FramesPerSection * PageDescriptor.Size);
+        // Best effort, as Arena.Decommit: a refusal keeps the descriptors committed; InitSection rewrites them.
+        if (_reservation.IsMapped)
+            _ = Vmm.Native.Interop.Libc.madvise((nint)start, length, Vmm.Native.Interop.Libc.MADV_DONTNEED);
+    }
+
     /// <summary>The descriptor of a frame, by reference.</summary>
     public ref PageDescriptor this[long pfn]
     {

@@ -1,5 +1,5 @@
-// PageAllocator.Isolation: MIGRATE_ISOLATE ranges (Linux's mm/page_isolation.c), what memory offline and
-// contiguous allocation will stand on (neither exists yet: today only tests call it).
+// PageAllocator.Isolation: MIGRATE_ISOLATE ranges (Linux's mm/page_isolation.c), what memory offline
+// (Hotplug/MemoryHotplug.Offline.cs) and contiguous allocation stand on.
 //
 // IsolatePageRange marks every pageblock of a range ISOLATE (saving its old type): its free blocks move
 // to the ISOLATE lists, and frames freed there later go there too, so the allocator hands out nothing
@@ -34,7 +34,14 @@ internal sealed unsafe partial class PageAllocator
     /// <returns><see cref="Errno.None"/>, or EBUSY if a pageblock is already isolated or holds an
     /// unmovable page (nothing is isolated then).</returns>
     /// <exception cref="ArgumentException">the range is not pageblock aligned or leaves the arena.</exception>
-    public Errno IsolatePageRange(long startPfn, long endPfn, out long unmovablePfn)
+    public Errno IsolatePageRange(long startPfn, long endPfn, out long unmovablePfn) =>
+        IsolatePageRange(startPfn, endPfn, forOffline: false, out unmovablePfn);
+
+    /// <summary>
+    /// <see cref="IsolatePageRange(long, long, out long)"/>; with <paramref name="forOffline"/> (Linux's
+    /// MEMORY_OFFLINE), frames retired by memory failure do not count as unmovable: they leave with the block.
+    /// </summary>
+    public Errno IsolatePageRange(long startPfn, long endPfn, bool forOffline, out long unmovablePfn)
     {
         CheckPageblockRange(startPfn, endPfn);
         unmovablePfn = NoPfn;
@@ -46,7 +53,7 @@ internal sealed unsafe partial class PageAllocator
             Errno error;
             lock (zone.Lock)
             {
-                error = SetMigratetypeIsolateLocked(zone, pb, out unmovablePfn);
+                error = SetMigratetypeIsolateLocked(zone, pb, forOffline, out unmovablePfn);
             }
             if (error != Errno.None)
             {
@@ -69,7 +76,7 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>set_migratetype_isolate for one pageblock: refuses (EBUSY, the frame in <paramref name="unmovablePfn"/>)
     /// when it is already isolated or something unmovable is in it, else marks it ISOLATE and moves its free
     /// blocks to the ISOLATE lists. Preconditions: zone lock held.</summary>
-    private Errno SetMigratetypeIsolateLocked(Zone zone, long pageblockPfn, out long unmovablePfn)
+    private Errno SetMigratetypeIsolateLocked(Zone zone, long pageblockPfn, bool forOffline, out long unmovablePfn)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
         unmovablePfn = NoPfn;
@@ -79,7 +86,7 @@ internal sealed unsafe partial class PageAllocator
             unmovablePfn = pageblockPfn;
             return Errno.EBUSY;
         }
-        long bad = FindUnmovablePageLocked(zone, pageblockPfn);
+        long bad = FindUnmovablePageLocked(zone, pageblockPfn, forOffline);
         if (bad != NoPfn)
         {
             unmovablePfn = bad;
@@ -96,7 +103,7 @@ internal sealed unsafe partial class PageAllocator
     /// ZONE_NORMAL without PG_lru or PG_movable). ZONE_MOVABLE holds only movable pages by construction.
     /// Preconditions: zone lock held.
     /// </summary>
-    private long FindUnmovablePageLocked(Zone zone, long pageblockPfn)
+    private long FindUnmovablePageLocked(Zone zone, long pageblockPfn, bool forOffline)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
         if (CoveringFreeBlock(zone, pageblockPfn) != NoPfn)
@@ -113,6 +120,11 @@ internal sealed unsafe partial class PageAllocator
             }
             if ((flags & PageFlags.Reserved) != 0)
                 return pfn;
+            if (forOffline && (flags & PageFlags.HWPoison) != 0)
+            {
+                pfn++;
+                continue;
+            }
             if (zone.Type == ZoneType.Movable || (Volatile.Read(ref page.RefCount) == 0 && (flags & PageFlags.Tail) == 0))
             {
                 pfn++;
@@ -182,7 +194,13 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>test_pages_isolated: true if every frame of [start, end) is free on an ISOLATE list.</summary>
     /// <exception cref="ArgumentException">the range is not pageblock aligned or leaves the arena.</exception>
-    public bool TestPagesIsolated(long startPfn, long endPfn)
+    public bool TestPagesIsolated(long startPfn, long endPfn) => TestPagesIsolated(startPfn, endPfn, acceptPoisoned: false);
+
+    /// <summary>
+    /// <see cref="TestPagesIsolated(long, long)"/>; with <paramref name="acceptPoisoned"/> (MEMORY_OFFLINE),
+    /// a frame retired by memory failure (PG_hwpoison, held only by the retirement) counts as isolated.
+    /// </summary>
+    public bool TestPagesIsolated(long startPfn, long endPfn, bool acceptPoisoned)
     {
         CheckPageblockRange(startPfn, endPfn);
         for (long pb = startPfn; pb < endPfn; pb += PageblockFrames)
@@ -201,6 +219,11 @@ internal sealed unsafe partial class PageAllocator
                 for (long pfn = pb; pfn < pb + PageblockFrames;)
                 {
                     ref PageDescriptor page = ref _memMap[pfn];
+                    if (acceptPoisoned && IsRetiredPoisoned(ref page))
+                    {
+                        pfn++;
+                        continue;
+                    }
                     if ((page.Flags & (ulong)PageFlags.Buddy) == 0 || (MigrateType)page.Index != MigrateType.Isolate)
                         return false;
                     pfn += 1L << (int)page.Private;
@@ -209,4 +232,9 @@ internal sealed unsafe partial class PageAllocator
         }
         return true;
     }
+
+    /// <summary>A frame retired by memory failure: PG_hwpoison, no mapping, held only by the retirement's reference.</summary>
+    private static bool IsRetiredPoisoned(ref PageDescriptor page) =>
+        (Volatile.Read(ref page.Flags) & (ulong)PageFlags.HWPoison) != 0 && Volatile.Read(ref page.RefCount) == 1 &&
+        Volatile.Read(ref page.MapCount) == -1;
 }

@@ -68,7 +68,7 @@ internal sealed unsafe partial class PageAllocator
     private readonly Arena _arena;
     private readonly MemMap _memMap;
     private readonly Zone[][] _nodeZones;        // [node][ZoneType]; immutable after boot
-    private readonly Zone[] _blockZone;          // [block] -> zone; changed only by hotplug (later)
+    private readonly Zone[] _blockZone;          // [block] -> zone; changed only while the block is offline (PageAllocator.Hotplug.cs)
     private readonly Zone[][] _movableZonelist;  // [node] -> zones in fallback order
     private readonly Zone[][] _unmovableZonelist;
     private readonly Zone[][] _movableThisNode;
@@ -78,10 +78,12 @@ internal sealed unsafe partial class PageAllocator
     private readonly int _pcpMask;
     private readonly bool _poison; // MachineOptions.PoisonFreedFrames; immutable
     private readonly FaultInjector? _faults; // MachineOptions.FaultInjection; immutable, null when off
+    private readonly MachineOptions _options; // immutable
 
     internal PageAllocator(Topology topology, Arena arena, MemMap memMap, MachineOptions options, FaultInjector? faults = null)
     {
         _faults = faults;
+        _options = options;
         _topology = topology;
         _arena = arena;
         _memMap = memMap;
@@ -105,14 +107,18 @@ internal sealed unsafe partial class PageAllocator
         _pageblockSavedType = new byte[_pageblockType.Length];
         Array.Fill(_pageblockType, (byte)MigrateType.Movable);
 
-        int movableBlocks = options.EffectiveMovableBlocksPerNode(topology.BlocksPerNode);
+        int bootBlocks = options.BootBlocksPerNode;
+        int movableBlocks = options.EffectiveMovableBlocksPerNode(bootBlocks);
         _blockZone = new Zone[topology.BlockCount];
+        _blockState = new byte[topology.BlockCount]; // MemoryBlockState.Online unless absent (below)
         for (int block = 0; block < topology.BlockCount; block++)
         {
             int node = topology.NodeOfBlock(block);
             int indexInNode = block - node * topology.BlocksPerNode;
-            ZoneType type = indexInNode >= topology.BlocksPerNode - movableBlocks ? ZoneType.Movable : ZoneType.Normal;
+            ZoneType type = indexInNode >= bootBlocks - movableBlocks ? ZoneType.Movable : ZoneType.Normal;
             _blockZone[block] = _nodeZones[node][(int)type];
+            if (indexInNode >= bootBlocks)
+                _blockState[block] = (byte)MemoryBlockState.Absent; // the hot-add room (its zone: the default for "online")
         }
 
         int[,] distance = options.EffectiveNodeDistances(topology.NodeCount);
@@ -131,7 +137,8 @@ internal sealed unsafe partial class PageAllocator
         NodeDistances = distance;
 
         for (int block = 0; block < topology.BlockCount; block++)
-            OnlineBlock(block);
+            if (GetBlockState(block) == MemoryBlockState.Online)
+                OnlineBlock(block);
         SetWatermarks(options.EffectiveMinFreeKbytes(NormalManagedPages()));
     }
 
@@ -898,7 +905,8 @@ internal sealed unsafe partial class PageAllocator
         long free = 0, isolated = 0;
         lock (zone.Lock)
         {
-            for (long pfn = start; pfn < end;)
+            // An offline block has no free frames: its memory is not the allocator's (and its descriptors are gone).
+            for (long pfn = IsBlockOnline(block) ? start : end; pfn < end;)
             {
                 if (!_memMap.IsInitialised(pfn))
                 {
@@ -937,17 +945,22 @@ internal sealed unsafe partial class PageAllocator
     private void OnlineBlock(int block)
     {
         Zone zone = _blockZone[block];
+        lock (zone.Lock)
+            OnlineBlockLocked(zone, block);
+    }
+
+    /// <summary>The body of <see cref="OnlineBlock"/>. Preconditions: the lock of the block's zone held.</summary>
+    private void OnlineBlockLocked(Zone zone, int block)
+    {
+        LockAssert.Held(zone.Lock, "the zone lock");
         long start = _topology.FirstPfnOfBlock(block);
         long end = start + _topology.FramesPerBlock;
-        lock (zone.Lock)
-        {
-            zone.StartPfn = Math.Min(zone.StartPfn, start);
-            zone.EndPfn = Math.Max(zone.EndPfn, end);
-            zone.ManagedPages += end - start;
-            zone.FreePages += end - start;
-            zone.DeferredPages += end - start;
-            zone.DeferredCursor = Math.Max(zone.DeferredCursor, _memMap.SectionOf(end));
-        }
+        zone.StartPfn = Math.Min(zone.StartPfn, start);
+        zone.EndPfn = Math.Max(zone.EndPfn, end);
+        zone.ManagedPages += end - start;
+        zone.FreePages += end - start;
+        zone.DeferredPages += end - start;
+        zone.DeferredCursor = Math.Max(zone.DeferredCursor, _memMap.SectionOf(end));
     }
 
     /// <summary>
@@ -962,7 +975,11 @@ internal sealed unsafe partial class PageAllocator
         while (zone.DeferredCursor > first)
         {
             long section = --zone.DeferredCursor;
-            if (_memMap.IsSectionInitialised(section) || ZoneOf(section << _memMap.SectionShift) != zone)
+            long pfn = section << _memMap.SectionShift;
+            // A section of an offline block is not deferred memory: its block keeps its zone for the next
+            // online, but its frames left the zone (and the cursor may still lie above them, if the block
+            // went offline after the zone had grown into it).
+            if (_memMap.IsSectionInitialised(section) || ZoneOf(pfn) != zone || GetBlockState(_topology.BlockOf(pfn)) == MemoryBlockState.Offline)
                 continue;
             // Initialising commits the section's descriptors (host memory): a host that refuses fails this
             // allocation as out of memory, and the section stays deferred for a later try.

@@ -69,6 +69,8 @@ public enum PageFlags : ulong
     Movable = 1UL << 24,
     /// <summary>PG_anon_exclusive: an anonymous page mapped by exactly one process, which may write it without copying.</summary>
     AnonExclusive = 1UL << 25,
+    /// <summary>PG_hwpoison: the frame's memory failed (or was soft-offlined); it is retired and never handed out again.</summary>
+    HWPoison = 1UL << 26,
 }
 
 /// <summary>Where a flag lives on a compound page (see the file overview).</summary>
@@ -125,6 +127,7 @@ internal static class PageFlagPolicies
         PageFlags.Offline => PageFlagPolicy.Any,
         PageFlags.Movable => PageFlagPolicy.Head,
         PageFlags.AnonExclusive => PageFlagPolicy.NoTail,
+        PageFlags.HWPoison => PageFlagPolicy.Any,
         _ => throw new ArgumentException($"'{flag}' is not a single page flag", nameof(flag)),
     };
 }
