@@ -436,6 +436,65 @@ public sealed class LongtermPinTests
         TestMachines.AssertAuditClean(machine);
     }
 
+    /// <summary>Block 1 of <see cref="WithMovable"/>: node 0's ZONE_MOVABLE block (block 0 is its ZONE_NORMAL one).</summary>
+    private const int MovableBlockOfNode0 = 1;
+
+    [Test]
+    [Category("Hotplug")]
+    public void A_ZONE_MOVABLE_block_goes_offline_while_pages_that_were_in_it_are_pinned_long_term()
+    {
+        const int Pages = 32;
+        using Machine machine = TestMachines.Create(WithMovable with { BackgroundThreads = false });
+        (VmProcess p, ulong va) = MapPatternInMovable(machine, Pages);
+        MemoryBlock block = machine.Hotplug.GetBlock(MovableBlockOfNode0);
+        Assert.That(machine.Topology.BlockOf(p.GetPagemap(va).Pfn), Is.EqualTo(MovableBlockOfNode0), "the pages start in the block");
+
+        using PinnedMemory pin = p.Pin(va, Pages * PageSize, write: true, longTerm: true);
+        Assert.That(block.CanOffline(out IReadOnlyList<OfflineBlocker> blockers), Is.True, string.Join("; ", blockers));
+        OfflineResult result = block.Offline();
+
+        Assert.That(result.Error, Is.EqualTo(Errno.None), string.Join("; ", result.Blockers));
+        Assert.That(block.State, Is.EqualTo("offline"));
+        for (int page = 0; page < Pages; page++)
+        {
+            Assert.That(p.GetPagemap(va + (ulong)(page * PageSize)).Pfn, Is.EqualTo(pin.FrameOf(page)), $"page {page}: the offline did not touch the pinned page");
+            AssertPattern(pin.GetReadOnlySpan(page), page, "through the pin after the offline");
+        }
+        pin.GetSpan(0)[0] = 0x5A;
+        Assert.That(p.Read<byte>(va), Is.EqualTo(0x5A), "the pin still is the process's page");
+        TestMachines.AssertAuditClean(machine);
+        Assert.That(block.Online(), Is.EqualTo(Errno.None));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    [Category("Hotplug")]
+    public void A_short_term_pin_in_ZONE_MOVABLE_holds_up_its_blocks_offline_and_a_long_term_pin_of_the_same_page_does_not()
+    {
+        using Machine machine = TestMachines.Create(WithMovable with { BackgroundThreads = false });
+        (VmProcess p, ulong va) = MapPatternInMovable(machine, 4);
+        MemoryBlock block = machine.Hotplug.GetBlock(MovableBlockOfNode0);
+        machine.Hotplug.OfflineMigrateMaxPasses = 2;
+
+        using (PinnedMemory shortPin = p.Pin(va + PageSize, PageSize, write: true))
+        {
+            OfflineResult refused = block.Offline();
+            Assert.That(refused.Error, Is.EqualTo(Errno.EBUSY), "the short-term pinned page cannot move");
+            Assert.That(refused.Blockers.Select(b => (b.Reason, b.Pid, b.Address)), Does.Contain((OfflineBlockReason.Pinned, p.Pid, va + PageSize)),
+                "the blocker names the pin's process and address");
+            Assert.That(block.State, Is.EqualTo("online"));
+        }
+        using (PinnedMemory longPin = p.Pin(va + PageSize, PageSize, write: true, longTerm: true))
+        {
+            OfflineResult result = block.Offline();
+            Assert.That(result.Error, Is.EqualTo(Errno.None), string.Join("; ", result.Blockers));
+            Assert.That(p.GetPagemap(va + PageSize).Pfn, Is.EqualTo(longPin.FrameOf(0)));
+            AssertPattern(p, va, 4, "after the offline");
+            TestMachines.AssertAuditClean(machine);
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
+
     [Test]
     public void Audit_reports_a_live_long_term_pin_that_holds_a_page_in_ZONE_MOVABLE()
     {
