@@ -222,6 +222,13 @@ public sealed unsafe partial class Machine : IDisposable
     /// <summary>Objects named by frames' mapping words.</summary>
     internal MappingRegistry Mappings { get; } = new();
 
+    /// <summary>
+    /// The live long-term pins (FOLL_LONGTERM), so that Audit can check that none of their pages lies in
+    /// ZONE_MOVABLE. Added by PinnedMemory's constructor, removed by its Dispose; short-term pins are not
+    /// listed (they cost nothing here). Thread-safe (a concurrent set: no lock of the tree).
+    /// </summary>
+    internal ConcurrentDictionary<PinnedMemory, byte> LongtermPins { get; } = new(ReferenceEqualityComparer.Instance);
+
     /// <summary>NR_PAGETABLE: page-table frames of every process. Atomic.</summary>
     internal long PageTablePagesTotal;
 

@@ -436,6 +436,45 @@ public sealed partial class VmProcess
     }
 
     /// <summary>
+    /// pin_user_pages with or without FOLL_LONGTERM. Without <paramref name="longTerm"/> this is the
+    /// short-term <see cref="Pin(ulong, ulong, bool)"/>. With it, the pin may be held for an unbounded time,
+    /// so no pinned page may lie in ZONE_MOVABLE (whose blocks must always be able to go offline): each page
+    /// of the range that lies there is first migrated to a frame outside it (reason
+    /// <see cref="MigrateReason.LongtermPin"/>; the page's node first, any node when that one is full),
+    /// contents, mappings and sharing kept, and then the range is pinned. The pages stay there while
+    /// pinned.
+    /// </summary>
+    /// <remarks>
+    /// <para>As in Linux, the range is pinned, every page that is not long-term pinnable is isolated, the
+    /// whole range is unpinned, those pages are migrated, and the range is pinned again, for as long as
+    /// the migration moves every page it was given. The shared zero page is long-term pinnable wherever it
+    /// lies. A page pinned read-only is first made the process's own (as for a short-term pin), so a KSM
+    /// page or a page shared with a forked child is copied, and the copy is what moves.</para>
+    /// <para>Use a short-term pin for I/O-like access that ends soon (it costs no migration); use a
+    /// long-term pin for memory handed to something that keeps it (a registered buffer, a device ring).
+    /// A short-term pin of a page in ZONE_MOVABLE holds up an offline of its block until it is disposed.</para>
+    /// </remarks>
+    /// <param name="address">the first byte to pin.</param>
+    /// <param name="length">how many bytes to pin.</param>
+    /// <param name="write">true to write through <see cref="PinnedMemory.GetSpan"/>.</param>
+    /// <param name="longTerm">true for FOLL_LONGTERM: move the pages out of ZONE_MOVABLE first.</param>
+    /// <returns>the pin (<see cref="PinnedMemory.IsLongTerm"/> is <paramref name="longTerm"/>); dispose it to unpin.</returns>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="length"/> is 0, the range wraps past 2^64,
+    /// or it spans more pages than an array can hold.</exception>
+    /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access, or the range starts at or
+    /// runs into TASK_SIZE (nothing stays pinned).</exception>
+    /// <exception cref="InsufficientMemoryException">the machine is out of frames; or, for a long-term pin, a page
+    /// could not be moved out of ZONE_MOVABLE: no free frame outside it, or the page is held by someone else
+    /// (Linux's -ENOMEM for both). Nothing stays pinned and every page is where it was or moved whole.</exception>
+    /// <exception cref="InvalidOperationException">the process has exited.</exception>
+    /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
+    public PinnedMemory Pin(ulong address, ulong length, bool write, bool longTerm)
+    {
+        using MachineCall call = EnterLiveCall();
+        return Mm.Pin(address, length, write, longTerm);
+    }
+
+    /// <summary>
     /// What /proc/pid/pagemap says about the page at <paramref name="address"/>. An address outside user
     /// space (at or above TASK_SIZE, non-canonical ones included) has nothing mapped: the entry is not
     /// present (Linux's pagemap read there returns no entries, not an error).

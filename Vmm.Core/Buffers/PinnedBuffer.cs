@@ -6,6 +6,15 @@
 // whose references are not all explained by mappings, so a pinned page is never merged. The price is
 // that a long-lived pin keeps its pages out of deduplication: pin, use, dispose.
 //
+// Short-term, not long-term (FOLL_LONGTERM), on purpose. A buffer pin is the host reading or writing the
+// bytes in place and letting go, like O_DIRECT I/O, for which Linux uses short-term pins too. A long-term
+// pin would copy every page of the buffer that lies in ZONE_MOVABLE (where user pages go first) to
+// ZONE_NORMAL on every pin, about the cost of reading the buffer, and leave the pages there after the
+// unpin, filling the zone that page tables and other unmovable memory need. The price of the short pin:
+// a memory offline of a ZONE_MOVABLE block waits (and, with its passes bounded, gives up with EBUSY)
+// while the pin is held. A host that keeps a buffer pinned indefinitely pins it long-term itself through
+// the store's process (VmProcess.Pin with longTerm), as VmmBuffer.Pin's remarks say.
+//
 // Locking: none of its own; pinning and unpinning are PinnedMemory's (AddressSpace.Pin.cs).
 using System.Buffers;
 

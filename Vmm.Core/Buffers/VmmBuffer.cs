@@ -117,6 +117,13 @@ public sealed class VmmBuffer : IDisposable
     /// pinning a page that is merged gives the buffer its own copy again, as Linux's FOLL_PIN does. Pinning
     /// also allocates every page of the buffer that was never written.
     /// </summary>
+    /// <remarks>
+    /// The pin is short-term (FOLL_PIN without FOLL_LONGTERM, like O_DIRECT I/O): the pages stay where they
+    /// are, also in ZONE_MOVABLE, and a memory offline of their block waits until the pin is disposed. For
+    /// memory handed over for an unbounded time, pin the range long-term instead:
+    /// <c>store.Process.Pin(buffer.Address, (ulong)buffer.Length, write, longTerm: true)</c> moves the pages
+    /// out of ZONE_MOVABLE first.
+    /// </remarks>
     /// <param name="writable">true to write through <see cref="PinnedBuffer.GetSpan"/>.</param>
     /// <exception cref="InsufficientMemoryException">the machine ran out of frames (nothing stays pinned).</exception>
     /// <exception cref="InvalidOperationException">the buffer spans more pages than one pin can hold (an array's worth).</exception>

@@ -254,7 +254,29 @@ internal static unsafe class Auditor
         if (offline != machine.Allocator.OfflineFrames)
             problems.Add($"offline blocks hold {machine.Allocator.OfflineFrames} frames, frames found offline {offline}");
         AuditCpusetsAndPolicies(machine, problems);
+        AuditLongtermPins(machine, problems);
         return problems;
+    }
+
+    /// <summary>
+    /// Long-term pins (FOLL_LONGTERM): every page of a live one is pinned and long-term pinnable (outside
+    /// ZONE_MOVABLE, or the zero page): nothing may have moved it back, and the pin never took a page there.
+    /// </summary>
+    private static void AuditLongtermPins(Machine machine, List<string> problems)
+    {
+        MemMap memMap = machine.MemMap;
+        foreach (PinnedMemory pin in machine.LongtermPins.Keys)
+        {
+            if (pin.IsDisposed)
+                continue; // a Dispose in progress (Audit is exact only when nothing else runs)
+            foreach (long pfn in pin.Frames)
+            {
+                if (memMap[pfn].PinCount <= 0)
+                    problems.Add($"frame {pfn} of a live long-term pin is not pinned");
+                if (!AddressSpace.IsLongtermPinnable(machine, pfn))
+                    problems.Add($"frame {pfn} of a live long-term pin lies in {machine.Allocator.ZoneTypeOf(pfn)}");
+            }
+        }
     }
 
     /// <summary>

@@ -61,6 +61,7 @@ internal sealed unsafe partial class AddressSpace
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private long AllocUserPage(Vma vma, ulong va, AllocFlags flags)
     {
+        flags = CurrentAllocContext(flags);
         Mempolicy? policy = vma.Policy ?? TaskPolicy;
         if (policy is null && MemsAllowed == _machine.NodesWithMemory)
             return _machine.Allocator.AllocPages(0, flags, HomeNode);
@@ -74,9 +75,10 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public long AllocSharedPage(Mempolicy? policy, ulong ilx)
     {
+        AllocFlags flags = CurrentAllocContext(AllocFlags.Movable);
         if (policy is null && MemsAllowed == _machine.NodesWithMemory)
-            return _machine.Allocator.AllocPages(0, AllocFlags.Movable, HomeNode);
-        return Mempolicy.AllocPage(_machine, AllocFlags.Movable, policy, ilx, HomeNode, MemsAllowed);
+            return _machine.Allocator.AllocPages(0, flags, HomeNode);
+        return Mempolicy.AllocPage(_machine, flags, policy, ilx, HomeNode, MemsAllowed);
     }
 
     /// <summary>get_vma_policy without the task fallback (__get_vma_policy). Preconditions: mmap_lock held.</summary>

@@ -21,6 +21,19 @@ internal sealed unsafe partial class AddressSpace
     /// </summary>
     public PinnedMemory Pin(ulong address, ulong length, bool write)
     {
+        ulong pageCount = CheckPinRange(address, length, write);
+        // Grows with the pages pinned: never sized by the length alone (see the summary).
+        var frames = new List<long>((int)Math.Min(pageCount, 64));
+        PinRange(address, length, write, frames);
+        return new PinnedMemory(_machine, address, length, [.. frames], write, longTerm: false);
+    }
+
+    /// <summary>
+    /// Validates a range to pin (see <see cref="Pin(ulong, ulong, bool)"/>).
+    /// </summary>
+    /// <returns>the number of pages it spans.</returns>
+    private ulong CheckPinRange(ulong address, ulong length, bool write)
+    {
         ArgumentOutOfRangeException.ThrowIfZero(length);
         if (address < TaskSize && length - 1 > ulong.MaxValue - address)
             throw new ArgumentOutOfRangeException(nameof(length), length, $"0x{address:x} + {length} wraps past 2^64");
@@ -30,8 +43,18 @@ internal sealed unsafe partial class AddressSpace
         ulong pageCount = ((last - first) >> PageShift) + 1;
         if (pageCount > (ulong)Array.MaxLength)
             throw new ArgumentOutOfRangeException(nameof(length), length, $"a pin holds at most {Array.MaxLength} pages");
-        // Grows with the pages pinned: never sized by the length alone (see the summary).
-        var frames = new List<long>((int)Math.Min(pageCount, 64));
+        return pageCount;
+    }
+
+    /// <summary>
+    /// __get_user_pages with FOLL_PIN: faults in and pins every page of a checked range, appending each
+    /// pinned frame to <paramref name="frames"/> (empty on entry). On an exception every page it pinned is
+    /// unpinned again and <paramref name="frames"/> is left empty.
+    /// </summary>
+    private void PinRange(ulong address, ulong length, bool write, List<long> frames)
+    {
+        ulong first = address & ~PageMask;
+        ulong last = (address + length - 1) & ~PageMask;
         try
         {
             // The first page is faulted at the address itself, so a SegmentationFault there names the first
@@ -41,11 +64,17 @@ internal sealed unsafe partial class AddressSpace
         }
         catch
         {
-            foreach (long pfn in frames)
-                Unpin(pfn);
+            UnpinAll(frames);
             throw;
         }
-        return new PinnedMemory(_machine, address, length, [.. frames], write);
+    }
+
+    /// <summary>unpin_user_pages of a list the caller owns; empties it.</summary>
+    private void UnpinAll(List<long> frames)
+    {
+        foreach (long pfn in frames)
+            Unpin(pfn);
+        frames.Clear();
     }
 
     private void Unpin(long pfn)

@@ -54,16 +54,20 @@ public sealed unsafe class PinnedMemory : IDisposable
     private int _disposed;
     private int _holdsArena; // 1 while this pin holds its reference on the arena's address range. Atomic.
 
-    internal PinnedMemory(Machine machine, ulong address, ulong length, long[] frames, bool writable)
+    internal PinnedMemory(Machine machine, ulong address, ulong length, long[] frames, bool writable, bool longTerm)
     {
         _machine = machine;
         _address = address;
         _length = length;
         _frames = frames;
         Writable = writable;
+        IsLongTerm = longTerm;
         // Made inside a machine call (VmProcess.Pin), so the arena is not disposed yet.
         machine.Arena.AddPinReference();
         _holdsArena = 1;
+        // Audit checks that no page of a live long-term pin lies in ZONE_MOVABLE: it needs to find them.
+        if (longTerm)
+            machine.LongtermPins.TryAdd(this, 0);
     }
 
     /// <summary>True once <see cref="Dispose"/> has run, or the machine was disposed.</summary>
@@ -74,6 +78,15 @@ public sealed unsafe class PinnedMemory : IDisposable
 
     /// <summary>True if the pin allows writes through <see cref="GetSpan"/>.</summary>
     public bool Writable { get; }
+
+    /// <summary>
+    /// True for a long-term pin (FOLL_LONGTERM: <see cref="VmProcess.Pin(ulong, ulong, bool, bool)"/> with
+    /// <c>longTerm</c>): none of its pages lies in ZONE_MOVABLE, so it never holds up a memory offline.
+    /// </summary>
+    public bool IsLongTerm { get; }
+
+    /// <summary>The frames pinned, one per page (for Audit).</summary>
+    internal ReadOnlySpan<long> Frames => _frames;
 
     /// <summary>The bytes of page <paramref name="index"/> that lie in the pinned range; valid until the pin is disposed.</summary>
     /// <exception cref="InvalidOperationException">a read-only pin (use <see cref="GetReadOnlySpan"/>).</exception>
@@ -141,6 +154,8 @@ public sealed unsafe class PinnedMemory : IDisposable
         if (Interlocked.Exchange(ref _disposed, 1) != 0)
             return;
         GC.SuppressFinalize(this);
+        if (IsLongTerm)
+            _machine.LongtermPins.TryRemove(this, out _);
         if (_machine.TryEnterCall(out MachineCall call))
         {
             using (call)

@@ -10,8 +10,8 @@ namespace Vmm.Tests.Migration;
 /// into a MAP_SHARED mapping, and read them back, while ksmd merges the duplicate-rich ranges, a forker
 /// forks, checks the child against a snapshot and exits it, and movers keep moving the pages by every
 /// path there is: mbind MOVE / MOVE_ALL (BIND and PREFERRED, node 0 and node 1), cpuset mems changes,
-/// <c>TryReplacePage</c>, move_pages, migrate_pages and cpuset memory_migrate, and short pins that make
-/// moves fail. The oracle: a shadow of every region (per process for private and copy-on-write pages,
+/// <c>TryReplacePage</c>, move_pages, migrate_pages and cpuset memory_migrate, and pins (short-term, which
+/// make moves fail, and long-term, which first move their page out of ZONE_MOVABLE). The oracle: a shadow of every region (per process for private and copy-on-write pages,
 /// one for the shared mapping); every byte read must match it, so a lost write, a write seen by another
 /// process (a copy-on-write page moved without its break) or a stale read (a reader left on an old frame)
 /// all fail. Freed frames are poisoned. At the end: every byte checked, Audit clean, and the placement a
@@ -109,7 +109,7 @@ public sealed class MigrationStressTests
         var stopwatch = Stopwatch.StartNew();
         var failures = new ConcurrentQueue<string>();
         int writersRunning = regions.Count;
-        long checks = 0, forks = 0, maxSharing = 0, pins = 0, pinnedWrites = 0;
+        long checks = 0, forks = 0, maxSharing = 0, pins = 0, pinnedWrites = 0, longtermPins = 0, longtermPinsRefused = 0;
         long mbindCalls = 0, cpusetChanges = 0, replaced = 0, replaceBackedOff = 0;
         long movePagesCalls = 0, movePagesPlaced = 0, movePagesBusy = 0, migratePagesCalls = 0, migratePagesNotMoved = 0;
         MigrationStats before = machine.GetMigrationStats();
@@ -276,8 +276,8 @@ public sealed class MigrationStressTests
             }
         }
 
-        // "Move the page at this address now", one page at a time, to a random node; and short pins,
-        // which make every move of the pinned page fail until they are released.
+        // "Move the page at this address now", one page at a time, to a random node; and pins (short-term
+        // ones make every move of the pinned page fail until they are released).
         void Replacer()
         {
             start.Wait();
@@ -294,9 +294,29 @@ public sealed class MigrationStressTests
                         // A pin for write is a device writing into the page (DMA): its writes go to the
                         // pinned frame, so a page moved while pinned would lose the second write.
                         bool write = random.Next(2) == 0;
-                        using (PinnedMemory pin = p.Pin(va, Page, write))
+                        // Half of them long-term (FOLL_LONGTERM): the page first leaves ZONE_MOVABLE, under the
+                        // writers, KSM and the other movers. Its move may find the page busy (another pin, a
+                        // merge in progress): Linux's -ENOMEM, with nothing pinned.
+                        bool longTerm = random.Next(2) == 0;
+                        PinnedMemory pin;
+                        try
+                        {
+                            pin = p.Pin(va, Page, write, longTerm);
+                        }
+                        catch (InsufficientMemoryException) when (longTerm)
+                        {
+                            Interlocked.Increment(ref longtermPinsRefused);
+                            continue;
+                        }
+                        using (pin)
                         {
                             Interlocked.Increment(ref pins);
+                            if (longTerm)
+                            {
+                                Interlocked.Increment(ref longtermPins);
+                                if (machine.GetPageInfo(pin.FrameOf(0)).Zone == ZoneType.Movable)
+                                    Fail($"a long-term pin of 0x{va:x} in {p} holds a page in ZONE_MOVABLE");
+                            }
                             if (write)
                                 PinnedWrite(region, va, pin, random);
                             Thread.Yield();
@@ -530,7 +550,8 @@ public sealed class MigrationStressTests
         TestContext.Progress.WriteLine(
             $"MigrationStressTests(merge_across_nodes={mergeAcrossNodes}, seed {seed}): {stopwatch.Elapsed.TotalSeconds:F1} s, {checks} page checks; "
             + $"moved by mbind {movedByMbindBeforeFinal} pages in {mbindCalls} calls (+{MovedByMbind() - movedByMbindBeforeFinal} by the final one), "
-            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges} (memory_migrate on), pins {pins} ({pinnedWrites} writes through them); "
+            + $"TryReplacePage {replaced} ({replaceBackedOff} backed off), cpuset mems changes {cpusetChanges} (memory_migrate on), pins {pins} ({pinnedWrites} writes through them; {longtermPins} long-term, {longtermPinsRefused} long-term refused, "
+            + $"{after.SucceededByReason.GetValueOrDefault(MigrateReason.LongtermPin) - before.SucceededByReason.GetValueOrDefault(MigrateReason.LongtermPin)} pages moved out of ZONE_MOVABLE for them); "
             + $"move_pages {movePagesCalls} calls placed {movePagesPlaced} pages ({movePagesBusy} -EBUSY), migrate_pages {migratePagesCalls} calls ({migratePagesNotMoved} not moved); "
             + $"pgmigrate_success {after.Succeeded - before.Succeeded}, pgmigrate_fail {after.Failed - before.Failed}, faults waited {machine.Migration.FaultsWaited}; "
             + $"KSM max pages_sharing {maxSharing}, full scans {ksmStats.FullScans}, cow_ksm {ksmStats.CowKsm}; forks {forks}");

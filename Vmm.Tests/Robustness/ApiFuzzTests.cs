@@ -127,7 +127,7 @@ public sealed class ApiFuzzTests
     internal sealed record WriteValueCall(int P, Addr At, long Value) : Call;
     internal sealed record ReadValueCall(int P, Addr At) : Call;
     internal sealed record FillCall(int P, Addr At, Len Length, byte Value) : Call;
-    internal sealed record PinCall(int P, Addr At, Len Length, bool Write) : Call;
+    internal sealed record PinCall(int P, Addr At, Len Length, bool Write, bool LongTerm) : Call;
     internal sealed record PinWriteCall(int Pin, int Page, byte Value) : Call;
     internal sealed record UnpinCall(int Pin) : Call;
     internal sealed record ForkCall(int P) : Call;
@@ -211,7 +211,7 @@ public sealed class ApiFuzzTests
         (60, SimpleCallGen(concurrentSafe: false)),
         (3, from p in ProcessGen select (Call)new ExitCall(p)),
         (4, from p in ProcessGen from a in AddrGen from l in LenGen
-            from w in Gen.Elements(true, false) select (Call)new PinCall(p, a, l, w)),
+            from w in Gen.Elements(true, false) from lt in Gen.Elements(false, false, true) select (Call)new PinCall(p, a, l, w, lt)),
         (3, from i in Gen.Choose(0, 7) from pg in Gen.Choose(0, 20) from v in Gen.Choose(0, 255) select (Call)new PinWriteCall(i, pg, (byte)v)),
         (2, from i in Gen.Choose(0, 7) select (Call)new UnpinCall(i)),
         (2, from n in Gen.Choose(0, 2) select (Call)new KsmFullScansCall(n)),
@@ -288,8 +288,10 @@ public sealed class ApiFuzzTests
             new ForkCall(0),
             new KsmFullScansCall(2),
             new WriteCall(1, new Addr(0, 3, 100), 5000, 9),
-            new PinCall(0, new Addr(0, 1, 0), new Len(0, 2), true),
+            new PinCall(0, new Addr(0, 1, 0), new Len(0, 2), true, false),
             new PinWriteCall(0, 1, 7),
+            new PinCall(0, new Addr(0, 4, 0), new Len(0, 2), true, true),
+            new PinWriteCall(1, 1, 8),
             new ConcurrentCall([new FillCall(0, new Addr(0, 2, 0), new Len(0, 3), 2), new KsmScanCall(200), new ReadCall(1, new Addr(0, 0, 0), 8192)]),
             new ExitCall(0),
             new StoreCreateCall(5000, 1),
@@ -1008,7 +1010,7 @@ public sealed class ApiFuzzTests
             ulong length = c.Length.Bytes;
             if (sp is null)
             {
-                ExpectExited(c, () => p.Pin(at, length, c.Write).Dispose());
+                ExpectExited(c, () => p.Pin(at, length, c.Write, c.LongTerm).Dispose());
                 return;
             }
             // Argument errors, checked before anything is pinned: length 0, a range that wraps past 2^64 from
@@ -1018,7 +1020,7 @@ public sealed class ApiFuzzTests
             PinnedMemory pin;
             try
             {
-                pin = p.Pin(at, length, c.Write);
+                pin = p.Pin(at, length, c.Write, c.LongTerm);
             }
             catch (ArgumentOutOfRangeException e) when (e.ParamName == "length")
             {
@@ -1048,6 +1050,19 @@ public sealed class ApiFuzzTests
                 {
                     pin.Dispose();
                     throw Oracle(c, $"pinned although 0x{bad:x} does not allow the access");
+                }
+                if (pin.IsLongTerm != c.LongTerm)
+                {
+                    pin.Dispose();
+                    throw Oracle(c, $"IsLongTerm {pin.IsLongTerm}, asked for {c.LongTerm}");
+                }
+                for (int i = 0; c.LongTerm && i < pin.PageCount; i++)
+                {
+                    if (_machine.GetPageInfo(pin.FrameOf(i)).Zone == ZoneType.Movable)
+                    {
+                        pin.Dispose();
+                        throw Oracle(c, $"a long-term pin holds page {i} in ZONE_MOVABLE");
+                    }
                 }
                 ulong first = at & ~(Page - 1);
                 var pages = new ShadowPage[pin.PageCount];

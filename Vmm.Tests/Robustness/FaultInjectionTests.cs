@@ -137,6 +137,19 @@ public sealed class FaultInjectionTests
             w => AssertPattern(w.Child, w.Va), Retry: true);
         yield return new("Pin(write) of unpopulated pages", w => { OneProcess(w); w.Va = w.P.Mmap(Pages * Page); },
             w => { w.Disposables.Add(w.P.Pin(w.Va, Pages * Page, write: true)); return null; }, Retry: true);
+        yield return new("Pin(write, longTerm) of pages in ZONE_MOVABLE (migrated out first)", PatternedProcess,
+            w => { w.Disposables.Add(w.P.Pin(w.Va, Pages * Page, write: true, longTerm: true)); return null; },
+            w =>
+            {
+                AssertPattern(w.P, w.Va);
+                foreach (PinnedMemory pin in w.Disposables.OfType<PinnedMemory>())
+                {
+                    for (int i = 0; i < pin.PageCount; i++)
+                        Assert.That(w.Machine.GetPageInfo(pin.FrameOf(i)).Zone, Is.EqualTo(ZoneType.Normal), $"pinned page {i} lies outside ZONE_MOVABLE");
+                }
+            }, Retry: true);
+        yield return new("Pin(read, longTerm) of shared copy-on-write pages", ForkedPattern,
+            w => { w.Disposables.Add(w.Child.Pin(w.Va, Pages * Page, write: false, longTerm: true)); return null; }, PatternInBoth, Retry: true);
         yield return new("Pin(read) of shared copy-on-write pages", ForkedPattern,
             w => { w.Disposables.Add(w.Child.Pin(w.Va, Pages * Page, write: false)); return null; }, PatternInBoth, Retry: true);
         yield return new("Pin(write) after fork", ForkedPattern,
