@@ -244,12 +244,18 @@ public sealed partial class VmProcess
     /// madvise. EINVAL: misaligned start, a length that wraps when rounded up or added to the start,
     /// unknown advice (Mergeable / Unmergeable without KSM); ENOMEM: part of the range unmapped (addresses
     /// outside user space, non-canonical ones included, are never mapped). A zero length succeeds.
+    /// <see cref="Advice.HwPoison"/> and <see cref="Advice.SoftOffline"/> (madvise_inject_error) need
+    /// CAP_SYS_ADMIN (EPERM) and go page by page, stopping at the first error: EFAULT for an address with
+    /// no readable page (unmapped, PROT_NONE, or poisoned already); EBUSY for a page Vmm does not poison
+    /// (the zero page of untouched memory, a KSM page) or one still referenced elsewhere (a pin: the page
+    /// is poisoned all the same), or that could not be moved; EIO for a soft offline of the zero page;
+    /// ENOMEM when no frame is free for the move.
     /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Madvise(ulong address, ulong length, Advice advice)
     {
         using MachineCall call = Machine.EnterCall();
-        return Mm.Madvise(address, length, advice);
+        return Mm.Madvise(address, length, advice, Credentials.Has(Capabilities.SysAdmin));
     }
 
     /// <summary>

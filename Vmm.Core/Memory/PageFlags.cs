@@ -69,6 +69,12 @@ public enum PageFlags : ulong
     Movable = 1UL << 24,
     /// <summary>PG_anon_exclusive: an anonymous page mapped by exactly one process, which may write it without copying.</summary>
     AnonExclusive = 1UL << 25,
+    /// <summary>
+    /// PG_hwpoison: the frame's memory failed (MADV_HWPOISON, a hard offline) or was retired by a soft
+    /// offline. Such a frame is never handed out again: it keeps one reference (the retirement's), is
+    /// unmapped, on no list and names no mapping once its last other user is gone.
+    /// </summary>
+    HWPoison = 1UL << 26,
 }
 
 /// <summary>Where a flag lives on a compound page (see the file overview).</summary>
@@ -93,7 +99,8 @@ internal static class PageFlagPolicies
     public const PageFlags CheckAtFree =
         PageFlags.Locked | PageFlags.Lru | PageFlags.Active | PageFlags.Private | PageFlags.Writeback |
         PageFlags.Reclaim | PageFlags.SwapCache | PageFlags.Unevictable | PageFlags.Mlocked |
-        PageFlags.Buddy | PageFlags.Isolated | PageFlags.Table | PageFlags.Reserved;
+        PageFlags.Buddy | PageFlags.Isolated | PageFlags.Table | PageFlags.Reserved |
+        PageFlags.HWPoison; // a retired frame keeps its reference for ever: reaching the free path is a bug
 
     /// <summary>The policy of a single flag.</summary>
     /// <exception cref="ArgumentException"><paramref name="flag"/> is not exactly one flag.</exception>
@@ -125,6 +132,7 @@ internal static class PageFlagPolicies
         PageFlags.Offline => PageFlagPolicy.Any,
         PageFlags.Movable => PageFlagPolicy.Head,
         PageFlags.AnonExclusive => PageFlagPolicy.NoTail,
+        PageFlags.HWPoison => PageFlagPolicy.Any,
         _ => throw new ArgumentException($"'{flag}' is not a single page flag", nameof(flag)),
     };
 }

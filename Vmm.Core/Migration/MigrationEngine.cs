@@ -199,6 +199,7 @@ internal sealed class MigrationEngine
         {
             batch.Allocate = allocate;
             batch.Free = free;
+            batch.Reason = reason;
             while (next < from.Count || batch.Deferred.Count > 0)
             {
                 // Pages a batch left untried because a thread was waiting on one of its pages come first.
@@ -457,7 +458,7 @@ internal sealed class MigrationEngine
             // Freed from under us: only the isolation reference is left (its last mapping went away,
             // or the page cache dropped it), and nothing can map it again. Nothing to move: done, as
             // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge.
-            ReleaseSource(src);
+            ReleaseSource(batch, src);
             return Outcome.Done;
         }
         long dst = batch.Allocate(src);
@@ -606,6 +607,7 @@ internal sealed class MigrationEngine
         _machine.Lru.AddMany(newFrames);
         foreach (long dst in newFrames)
             _machine.PutPage(dst);
+        KeepSourcesForMemoryFailure(batch, batch.Moved.AsSpan(0, count));
         _machine.Lru.ReleaseIsolatedMany(batch.Moved.AsSpan(0, count));
         batch.MovedCount = 0;
     }
@@ -639,7 +641,24 @@ internal sealed class MigrationEngine
     /// migrate_folio_done: a page that moved (or was freed under us) leaves the isolated list and loses
     /// the isolation reference, which frees it.
     /// </summary>
-    private void ReleaseSource(long src) => _machine.Lru.ReleaseIsolated(src);
+    private void ReleaseSource(MigrationBatch batch, long src)
+    {
+        KeepSourcesForMemoryFailure(batch, [src]);
+        _machine.Lru.ReleaseIsolated(src);
+    }
+
+    /// <summary>
+    /// migrate_folio_done with MR_MEMORY_FAILURE: the old frames of a soft offline are not freed, so
+    /// that the caller can retire them (page_handle_poison): each keeps one reference past the release
+    /// of its isolation, which becomes the retirement's (Mm/MemoryFailure.cs).
+    /// </summary>
+    private void KeepSourcesForMemoryFailure(MigrationBatch batch, ReadOnlySpan<long> sources)
+    {
+        if (batch.Reason != MigrateReason.MemoryFailure)
+            return;
+        foreach (long src in sources)
+            _machine.MemMap.GetPage(src);
+    }
 
     /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
     internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)
@@ -694,6 +713,9 @@ internal sealed class MigrationEngine
         public Func<long, long> Allocate { get; set; } = null!;
 
         public Action<long>? Free { get; set; }
+
+        /// <summary>The call's reason (MemoryFailure keeps the old frames: KeepSourcesForMemoryFailure).</summary>
+        public MigrateReason Reason { get; set; }
     }
 
     private sealed class BatchPolicy(MemMap memMap) : IPooledObjectPolicy<MigrationBatch>
