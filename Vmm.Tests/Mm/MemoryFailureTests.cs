@@ -539,3 +539,198 @@ public sealed class MemoryFailureTests
         TestMachines.AssertAuditClean(machine);
     }
 }
+
+/// <summary>
+/// Memory failure under load: soft offline and hard poison racing with writers, readers, ksmd, fork and
+/// exit. Every write survives a soft offline, a poisoned page stays poisoned for every process that
+/// maps it, nothing else is disturbed, and the Audit is clean at the end.
+/// </summary>
+[Category("Stress")]
+public sealed class MemoryFailureStressTests
+{
+    private const ulong Page = 4096;
+    private const int Writers = 3;
+    private const int PagesPerWriter = 8;
+    private const int Sacrificial = 24;
+    private const int MergeablePages = 24;
+
+    [Test]
+    public void Soft_offline_and_poison_racing_with_writers_ksm_and_fork_lose_nothing_else()
+    {
+        int rounds = 150 * TestEnvironment.StressScale;
+        DateTime? until = TestEnvironment.StressDuration is { } d ? DateTime.UtcNow + d : null;
+        using Machine machine = TestMachines.CreateForKsm();
+        VmProcess a = machine.CreateProcess();
+        ulong written = a.Mmap(Writers * PagesPerWriter * Page);
+        a.Fill(written, Writers * PagesPerWriter * Page, 0);
+        ulong sacrificial = a.Mmap(Sacrificial * Page);
+        for (int i = 0; i < Sacrificial; i++)
+            a.Fill(sacrificial + (ulong)i * Page, Page, (byte)(i + 1));
+        ulong mergeable = a.Mmap(MergeablePages * Page);
+        for (int i = 0; i < MergeablePages; i++)
+            a.Fill(mergeable + (ulong)i * Page, Page, (byte)(0xA0 + i % 4));
+        Assert.That(a.Madvise(mergeable, MergeablePages * Page, Advice.Mergeable), Is.EqualTo(Errno.None));
+
+        var poisoned = new bool[Sacrificial];          // written only by the poisoner
+        var failures = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        var lastWritten = new long[Writers * PagesPerWriter];
+        using var stop = new CancellationTokenSource();
+        int softDone = 0, hardDone = 0;
+
+        void Guard(Action body)
+        {
+            try
+            {
+                body();
+            }
+            catch (Exception e)
+            {
+                failures.Enqueue(e.ToString());
+                stop.Cancel();
+            }
+        }
+
+        var threads = new List<Thread>();
+        for (int w = 0; w < Writers; w++)
+        {
+            int writer = w;
+            threads.Add(new Thread(() => Guard(() =>
+            {
+                long value = 0;
+                while (!stop.IsCancellationRequested)
+                {
+                    int page = writer * PagesPerWriter + (int)(value % PagesPerWriter);
+                    ulong va = written + (ulong)page * Page;
+                    value++;
+                    a.Write<long>(va, value);
+                    a.Write<long>(va + Page - 8, value);
+                    Volatile.Write(ref lastWritten[page], value);
+                    if (a.Read<long>(va) != value || a.Read<long>(va + Page - 8) != value)
+                        failures.Enqueue($"writer {writer}: page {page} lost {value}");
+                }
+            })));
+        }
+        threads.Add(new Thread(() => Guard(() =>
+        {
+            // Reader of the sacrificial pages: the pattern, or a BusError once the page is poisoned.
+            while (!stop.IsCancellationRequested)
+            {
+                for (int i = 0; i < Sacrificial; i++)
+                {
+                    bool known = Volatile.Read(ref poisoned[i]);
+                    try
+                    {
+                        byte b = a.Read<byte>(sacrificial + (ulong)i * Page + 100);
+                        if (known)
+                            failures.Enqueue($"sacrificial page {i} read after its poison");
+                        else if (b != i + 1)
+                            failures.Enqueue($"sacrificial page {i} reads {b}");
+                    }
+                    catch (BusError)
+                    {
+                        // poisoned (perhaps a moment before the poisoner recorded it)
+                    }
+                }
+            }
+        })));
+        threads.Add(new Thread(() => Guard(() =>
+        {
+            while (!stop.IsCancellationRequested)
+                machine.Ksm!.RunFullScans(1);
+        })));
+        threads.Add(new Thread(() => Guard(() =>
+        {
+            while (!stop.IsCancellationRequested)
+            {
+                VmProcess child = a.Fork();
+                for (int i = 0; i < Sacrificial; i++)
+                {
+                    bool known = Volatile.Read(ref poisoned[i]);
+                    try
+                    {
+                        child.Read<byte>(sacrificial + (ulong)i * Page);
+                        if (known)
+                            failures.Enqueue($"child reads sacrificial page {i} after its poison");
+                    }
+                    catch (BusError)
+                    {
+                    }
+                }
+                for (int i = 0; i < MergeablePages; i++)
+                {
+                    byte b = child.Read<byte>(mergeable + (ulong)i * Page + 7);
+                    if (b != 0xA0 + i % 4)
+                        failures.Enqueue($"child reads mergeable page {i} as {b}");
+                }
+                child.Exit();
+            }
+        })));
+        foreach (Thread t in threads)
+            t.Start();
+
+        var random = new Random(TestEnvironment.Seed(1212));
+        for (int round = 0; (until is { } end ? DateTime.UtcNow < end : round < rounds) && !stop.IsCancellationRequested; round++)
+        {
+            ulong target = random.Next(3) switch
+            {
+                0 => written + (ulong)random.Next(Writers * PagesPerWriter) * Page,
+                1 => mergeable + (ulong)random.Next(MergeablePages) * Page,
+                _ => sacrificial + (ulong)random.Next(Sacrificial) * Page,
+            };
+            Errno soft = a.Madvise(target, Page, Advice.SoftOffline);
+            if (soft == Errno.None)
+                softDone++;
+            else if (soft is not (Errno.EBUSY or Errno.EFAULT)) // EBUSY: busy through every pass; EFAULT: poisoned already
+                failures.Enqueue($"soft offline of 0x{target:x}: {soft}");
+            if (round % 10 == 0)
+            {
+                int i = random.Next(Sacrificial);
+                Errno hard = a.Madvise(sacrificial + (ulong)i * Page, Page, Advice.HwPoison);
+                if (hard == Errno.None)
+                {
+                    hardDone++;
+                    Volatile.Write(ref poisoned[i], true);
+                }
+                else if (hard == Errno.EFAULT)
+                {
+                    if (!poisoned[i])
+                        failures.Enqueue($"poison of sacrificial page {i}: EFAULT, but it was not poisoned");
+                }
+                else if (hard == Errno.EBUSY)
+                {
+                    // Still referenced elsewhere for a moment (MF_FAILED: poisoned all the same), or refused
+                    // before the poison (isolated by a mover): the page table tells which.
+                    if (!a.GetPagemap(sacrificial + (ulong)i * Page).Present)
+                        Volatile.Write(ref poisoned[i], true);
+                }
+                else
+                {
+                    failures.Enqueue($"poison of sacrificial page {i}: {hard}");
+                }
+            }
+        }
+        stop.Cancel();
+        foreach (Thread t in threads)
+            t.Join();
+
+        Assert.That(failures, Is.Empty);
+        for (int page = 0; page < Writers * PagesPerWriter; page++)
+        {
+            long expected = lastWritten[page];
+            Assert.That(a.Read<long>(written + (ulong)page * Page), Is.EqualTo(expected), $"written page {page}");
+        }
+        for (int i = 0; i < MergeablePages; i++)
+            Assert.That(a.Read<byte>(mergeable + (ulong)i * Page + 4095), Is.EqualTo(0xA0 + i % 4), $"mergeable page {i}");
+        for (int i = 0; i < Sacrificial; i++)
+        {
+            if (poisoned[i])
+                Assert.Throws<BusError>(() => a.Read<byte>(sacrificial + (ulong)i * Page), $"sacrificial page {i} stays poisoned");
+            else
+                Assert.That(a.Read<byte>(sacrificial + (ulong)i * Page), Is.EqualTo(i + 1));
+        }
+        Assert.That(softDone, Is.GreaterThan(0), "setup: soft offline did move pages");
+        Assert.That(machine.GetStats().PoisonedPages, Is.GreaterThanOrEqualTo(softDone + hardDone));
+        TestContext.Out.WriteLine($"{rounds} rounds: {softDone} soft offlines, {hardDone} poisons, {machine.GetMigrationStats().FailedByReason[MigrateReason.MemoryFailure]} pages not moved");
+        TestMachines.AssertAuditClean(machine);
+    }
+}
