@@ -356,6 +356,7 @@ public sealed partial class VmProcess
     /// <summary>Reads user memory. An empty destination reads nothing and never faults.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not readable, or the range starts at or
     /// runs into TASK_SIZE (non-canonical addresses included); see the exception for partial reads.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (for a page table or the zero page).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -369,6 +370,7 @@ public sealed partial class VmProcess
     /// <exception cref="SegmentationFault">a page is unmapped or not writable, or the range starts at or
     /// runs into TASK_SIZE (non-canonical addresses included); the pages before a bad one may have been
     /// written, as on Linux.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was written before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -380,6 +382,7 @@ public sealed partial class VmProcess
 
     /// <summary>Reads one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not readable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -394,6 +397,7 @@ public sealed partial class VmProcess
 
     /// <summary>Writes one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not writable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -409,6 +413,7 @@ public sealed partial class VmProcess
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="address"/> + <paramref name="length"/> wraps past 2^64.</exception>
     /// <exception cref="SegmentationFault">a page is unmapped or not writable (the pages before it were filled,
     /// as on Linux), or the range starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was filled before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -432,6 +437,7 @@ public sealed partial class VmProcess
     /// or it spans more pages than an array can hold.</exception>
     /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access, or the range starts at or
     /// runs into TASK_SIZE (nothing stays pinned).</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (nothing stays pinned).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>

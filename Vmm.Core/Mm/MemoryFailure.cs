@@ -160,6 +160,38 @@ internal sealed class MemoryFailure
         }
     }
 
+    /// <summary>
+    /// For memory offline: the poisoned frames of [<paramref name="startPfn"/>, <paramref name="endPfn"/>)
+    /// leave the machine with their block (Linux's clear_hwpoisoned_pages when a block is removed): they
+    /// stop being counted and lose PG_hwpoison and the retirement's reference, so that the block's
+    /// descriptors can be de-initialised (and come back fresh if the block is onlined again). Returns
+    /// how many there were. Preconditions: the range is isolated and being taken offline (no frame of it
+    /// can be allocated, mapped or poisoned meanwhile); no lock held (takes the memory-failure mutex).
+    /// </summary>
+    public long ForgetRange(long startPfn, long endPfn)
+    {
+        MemMap memMap = _machine.MemMap;
+        long forgotten = 0;
+        lock (_mutex)
+        {
+            for (long pfn = Math.Max(0, startPfn); pfn < Math.Min(endPfn, memMap.FrameCount); pfn++)
+            {
+                if (!memMap.IsInitialised(pfn))
+                {
+                    pfn |= memMap.FramesPerSection - 1; // a never-initialised section holds no poisoned frame
+                    continue;
+                }
+                if (!memMap.TestFlag(pfn, PageFlags.HWPoison))
+                    continue;
+                memMap.ClearFlag(pfn, PageFlags.HWPoison);
+                Interlocked.Decrement(ref memMap[pfn].RefCount);
+                forgotten++;
+            }
+            Interlocked.Add(ref _poisonedPages, -forgotten);
+        }
+        return forgotten;
+    }
+
     private bool IsPoisoned(long pfn) =>
         _machine.MemMap.IsInitialised(pfn) && _machine.MemMap.TestFlag(pfn, PageFlags.HWPoison);
 

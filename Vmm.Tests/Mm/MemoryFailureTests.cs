@@ -521,6 +521,24 @@ public sealed class MemoryFailureTests
         TestMachines.AssertAuditClean(machine);
     }
 
+    [Test]
+    public void Forgetting_a_range_for_offline_uncounts_its_retired_frames_only()
+    {
+        using Machine machine = TestMachines.Create();
+        long inside = machine.Topology.TotalFrames - 3, outside = machine.Topology.TotalFrames - 2000;
+        Assert.That(machine.HardOfflinePage(inside), Is.EqualTo(Errno.None));
+        Assert.That(machine.SoftOfflinePage(outside), Is.EqualTo(Errno.None));
+        long block = machine.Topology.TotalFrames - 512;
+
+        Assert.That(machine.MemoryFailure.ForgetRange(block, machine.Topology.TotalFrames), Is.EqualTo(1));
+
+        Assert.That(machine.GetStats().PoisonedPages, Is.EqualTo(1), "the frame outside the range stays counted");
+        PageInfo info = machine.GetPageInfo(inside);
+        Assert.That((info.Flags & PageFlags.HWPoison, info.RefCount), Is.EqualTo((PageFlags.None, 0)), "ready for its descriptors to go");
+        AssertRetired(machine, outside, "outside the range");
+        // No Audit here: the forgotten frame is left for the offline to de-initialise, which this test has no block for.
+    }
+
     // ---- the Audit -----------------------------------------------------------------------------------
 
     [Test]
