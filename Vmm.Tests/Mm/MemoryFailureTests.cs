@@ -400,6 +400,32 @@ public sealed class MemoryFailureTests
         TestMachines.AssertAuditClean(machine);
     }
 
+    [Test]
+    public void Soft_offline_with_no_frame_to_move_to_is_ENOMEM_and_changes_nothing()
+    {
+        using Machine machine = TestMachines.Create();
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap((ulong)machine.Topology.TotalFrames * Page);
+        ulong end = va;
+        try
+        {
+            for (; ; end += Page)
+                p.Write<byte>(end, 0x77);
+        }
+        catch (InsufficientMemoryException)
+        {
+        }
+        long pfn = p.GetPagemap(va).Pfn;
+
+        Assert.That(p.Madvise(va, Page, Advice.SoftOffline), Is.EqualTo(Errno.ENOMEM), "no frame for the copy");
+
+        Assert.That(p.GetPagemap(va).Pfn, Is.EqualTo(pfn));
+        Assert.That(p.Read<byte>(va), Is.EqualTo(0x77));
+        Assert.That(machine.GetStats().PoisonedPages, Is.Zero);
+        Assert.That(machine.GetMigrationStats().SucceededByReason[MigrateReason.MemoryFailure], Is.Zero);
+        TestMachines.AssertAuditClean(machine);
+    }
+
     // ---- pfn calls: hard_offline_page / soft_offline_page --------------------------------------------
 
     [Test]
