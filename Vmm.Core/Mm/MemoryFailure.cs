@@ -55,7 +55,7 @@ internal sealed class MemoryFailure
     /// <summary>mf_mutex: one memory failure or soft offline at a time.</summary>
     private readonly Lock _mutex = new();
 
-    /// <summary>num_poisoned_pages: frames with PG_hwpoison. Written under _mutex, read atomically.</summary>
+    /// <summary>num_poisoned_pages: frames with PG_hwpoison. Raised under _mutex, lowered atomically (Forget), read atomically.</summary>
     private long _poisonedPages;
 
     public MemoryFailure(Machine machine) => _machine = machine;
@@ -161,35 +161,22 @@ internal sealed class MemoryFailure
     }
 
     /// <summary>
-    /// For memory offline: the poisoned frames of [<paramref name="startPfn"/>, <paramref name="endPfn"/>)
-    /// leave the machine with their block (Linux's clear_hwpoisoned_pages when a block is removed): they
-    /// stop being counted and lose PG_hwpoison and the retirement's reference, so that the block's
-    /// descriptors can be de-initialised (and come back fresh if the block is onlined again). Returns
-    /// how many there were. Preconditions: the range is isolated and being taken offline (no frame of it
-    /// can be allocated, mapped or poisoned meanwhile); no lock held (takes the memory-failure mutex).
+    /// For memory offline: <paramref name="frames"/> retired frames left the machine with an offlined
+    /// block (Linux's num_poisoned_pages_sub when a block with hwpoisoned pages goes): they stop being
+    /// counted. The offline counts them (they are the block's only frames in use) and de-initialises
+    /// their descriptors; a block onlined again comes back with fresh frames. Meant for the hotplug's
+    /// <c>ForgetPoisoned</c> hook. Atomic, takes no lock (why: the offline calls it holding the hotplug
+    /// lock, and memory failure may one day take that lock inside its mutex, as Linux's soft_offline_page
+    /// takes get_online_mems inside mf_mutex).
     /// </summary>
-    public long ForgetRange(long startPfn, long endPfn)
+    public void Forget(long frames)
     {
-        MemMap memMap = _machine.MemMap;
-        long forgotten = 0;
-        lock (_mutex)
+        ArgumentOutOfRangeException.ThrowIfNegative(frames);
+        if (Interlocked.Add(ref _poisonedPages, -frames) < 0)
         {
-            for (long pfn = Math.Max(0, startPfn); pfn < Math.Min(endPfn, memMap.FrameCount); pfn++)
-            {
-                if (!memMap.IsInitialised(pfn))
-                {
-                    pfn |= memMap.FramesPerSection - 1; // a never-initialised section holds no poisoned frame
-                    continue;
-                }
-                if (!memMap.TestFlag(pfn, PageFlags.HWPoison))
-                    continue;
-                memMap.ClearFlag(pfn, PageFlags.HWPoison);
-                Interlocked.Decrement(ref memMap[pfn].RefCount);
-                forgotten++;
-            }
-            Interlocked.Add(ref _poisonedPages, -forgotten);
+            Interlocked.Add(ref _poisonedPages, frames);
+            throw new VmBugException($"{frames} poisoned frames forgotten, more than are counted");
         }
-        return forgotten;
     }
 
     private bool IsPoisoned(long pfn) =>
