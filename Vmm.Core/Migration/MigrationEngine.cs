@@ -29,7 +29,8 @@
 //      Ksm.MigratePage) and every migration entry now name the new frame;
 //   6. unlock both; every 32 moved pages (and at the end of the move step), the new frames join their LRU
 //      lists together and the old ones lose the isolation reference and are freed (FinishMoved: one
-//      lru_lock round trip per 32 pages).
+//      lru_lock round trip per 32 pages). For MigrateReason.MemoryFailure (soft offline) the old frame
+//      keeps one reference instead, which the caller turns into its retirement (migrate_folio_done).
 //
 // The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
 // are retried in the next pass, permanent failures are not; ENOMEM (no new frame) stops the loop and
@@ -639,7 +640,8 @@ internal sealed class MigrationEngine
 
     /// <summary>
     /// migrate_folio_done: a page that moved (or was freed under us) leaves the isolated list and loses
-    /// the isolation reference, which frees it.
+    /// the isolation reference, which frees it (for MigrateReason.MemoryFailure the caller gets a
+    /// reference instead: <see cref="KeepSourcesForMemoryFailure"/>).
     /// </summary>
     private void ReleaseSource(MigrationBatch batch, long src)
     {
