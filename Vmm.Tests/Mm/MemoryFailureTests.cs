@@ -710,7 +710,11 @@ public sealed class MemoryFailureStressTests
             t.Start();
 
         var random = new Random(TestEnvironment.Seed(1212));
-        for (int round = 0; (until is { } end ? DateTime.UtcNow < end : round < rounds) && !stop.IsCancellationRequested; round++)
+        // Every move retires a frame: a long soak stops once half the machine is retired, before the
+        // writers' copy-on-write faults (after a fork) could run out of frames.
+        long retireAtMost = machine.Topology.TotalFrames / 2;
+        for (int round = 0; (until is { } end ? DateTime.UtcNow < end : round < rounds) && !stop.IsCancellationRequested &&
+             softDone + hardDone < retireAtMost; round++)
         {
             ulong target = random.Next(3) switch
             {
@@ -771,7 +775,7 @@ public sealed class MemoryFailureStressTests
         }
         Assert.That(softDone, Is.GreaterThan(0), "setup: soft offline did move pages");
         Assert.That(machine.GetStats().PoisonedPages, Is.GreaterThanOrEqualTo(softDone + hardDone));
-        TestContext.Out.WriteLine($"{rounds} rounds: {softDone} soft offlines, {hardDone} poisons, {machine.GetMigrationStats().FailedByReason[MigrateReason.MemoryFailure]} pages not moved");
+        TestContext.Out.WriteLine($"{(until is null ? rounds : "timed")} rounds: {softDone} soft offlines, {hardDone} poisons, {machine.GetMigrationStats().FailedByReason[MigrateReason.MemoryFailure]} pages not moved");
         TestMachines.AssertAuditClean(machine);
     }
 }
