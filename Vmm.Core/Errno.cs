@@ -3,7 +3,7 @@ namespace Vmm;
 /// <summary>
 /// Linux error numbers, returned (never thrown) by the syscall-shaped operations: VmProcess's Mmap,
 /// Munmap, Mprotect, Madvise, SetMemoryMerge / GetMemoryMerge, SetDedupeDomain, ReadKsmStat, MovePages,
-/// MigratePages and the credential calls; Ksm's Write, TryRead and SetRun; Machine.ReadVmStat. <see cref="None"/> is success.
+/// MigratePages and the credential calls; Ksm's Write, TryRead and SetRun; Machine.ReadVmStat, SoftOfflinePage and HardOfflinePage. <see cref="None"/> is success.
 /// </summary>
 public enum Errno
 {
@@ -17,8 +17,10 @@ public enum Errno
     ESRCH = 3,
     /// <summary>Interrupted (cancelled).</summary>
     EINTR = 4,
-    /// <summary>I/O error, or a page that cannot be made to comply.</summary>
+    /// <summary>I/O error, or a page that cannot be made to comply (a soft offline of a page that is neither free nor on an LRU list).</summary>
     EIO = 5,
+    /// <summary>No such device or address (a frame number outside the machine).</summary>
+    ENXIO = 6,
     /// <summary>Try again.</summary>
     EAGAIN = 11,
     /// <summary>Out of memory, or part of a range not mapped.</summary>
@@ -41,4 +43,6 @@ public enum Errno
     ERANGE = 34,
     /// <summary>Operation not supported (an unknown flag with MAP_SHARED_VALIDATE).</summary>
     EOPNOTSUPP = 95,
+    /// <summary>Memory page has hardware error (a frame poisoned already).</summary>
+    EHWPOISON = 133,
 }

@@ -81,6 +81,8 @@ public sealed unsafe partial class Machine : IDisposable
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
             Hotplug = new MemoryHotplug(this);
+            MemoryFailure = new MemoryFailure(this);
+            Hotplug.ForgetPoisoned = MemoryFailure.Forget;
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
@@ -337,7 +339,10 @@ public sealed unsafe partial class Machine : IDisposable
                 IsolatedAnonPages = isolated,
             };
         }
-        return new MachineStats(nodes, Topology.TotalFrames, _memMap.CommittedBytes, HostMemory.ReadRssBytes());
+        return new MachineStats(nodes, Topology.TotalFrames, _memMap.CommittedBytes, HostMemory.ReadRssBytes())
+        {
+            PoisonedPages = MemoryFailure.PoisonedPages,
+        };
     }
 
     /// <summary>
@@ -383,11 +388,13 @@ public sealed unsafe partial class Machine : IDisposable
     /// nr_page_table_pages, pgmigrate_success, pgmigrate_fail, cow_ksm, nr_tlb_remote_flush (the TLB
     /// shootdowns of this host process), nr_inactive_anon, nr_active_anon, nr_isolated_anon (pages on
     /// the LRU lists of all nodes, and isolated from them; pages still in a per-CPU add batch are on
-    /// none), and Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line).
+    /// none), Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line), and
+    /// num_poisoned_pages (frames poisoned or retired by memory failure, Linux's counter behind
+    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
         ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "pgmigrate_fail", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
-         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon"];
+         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages"];
 
     /// <summary>
     /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
@@ -414,6 +421,7 @@ public sealed unsafe partial class Machine : IDisposable
             "nr_inactive_anon" => GetStats().Nodes.Sum(n => n.InactiveAnonPages),
             "nr_active_anon" => GetStats().Nodes.Sum(n => n.ActiveAnonPages),
             "nr_isolated_anon" => GetStats().Nodes.Sum(n => n.IsolatedAnonPages),
+            "num_poisoned_pages" => MemoryFailure.PoisonedPages,
             _ => stats.CowFaults,
         };
         return Errno.None;

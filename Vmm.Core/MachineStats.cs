@@ -72,6 +72,16 @@ public sealed record MachineStats(IReadOnlyList<NodeStats> Nodes, long TotalFram
 
     /// <summary>Every free frame, allocatable or isolated.</summary>
     public long AllFreePages => Nodes.Sum(n => n.Zones.Sum(z => z.AllFreePages));
+
+    /// <summary>
+    /// num_poisoned_pages: frames taken out of use by memory failure (<see cref="Advice.HwPoison"/>,
+    /// <see cref="Advice.SoftOffline"/>, <see cref="Machine.HardOfflinePage"/>, <see cref="Machine.SoftOfflinePage"/>).
+    /// They are never handed out again and count as in use (not free).
+    /// </summary>
+    public long PoisonedPages { get; init; }
+
+    /// <summary>/proc/meminfo's HardwareCorrupted, in bytes: <see cref="PoisonedPages"/> times the page size.</summary>
+    public long HardwareCorruptedBytes => PoisonedPages * Topology.PageSize;
 }
 
 /// <summary>What one frame's descriptor says, copied out for tests and tools.</summary>

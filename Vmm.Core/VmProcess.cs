@@ -244,12 +244,18 @@ public sealed partial class VmProcess
     /// madvise. EINVAL: misaligned start, a length that wraps when rounded up or added to the start,
     /// unknown advice (Mergeable / Unmergeable without KSM); ENOMEM: part of the range unmapped (addresses
     /// outside user space, non-canonical ones included, are never mapped). A zero length succeeds.
+    /// <see cref="Advice.HwPoison"/> and <see cref="Advice.SoftOffline"/> (madvise_inject_error) need
+    /// CAP_SYS_ADMIN (EPERM) and go page by page, stopping at the first error: EFAULT for an address with
+    /// no readable page (unmapped, PROT_NONE, or poisoned already); EBUSY for a page Vmm does not poison
+    /// (the zero page of untouched memory, a KSM page) or one still referenced elsewhere (a pin: the page
+    /// is poisoned all the same), or that could not be moved; EIO for a soft offline of the zero page;
+    /// ENOMEM when no frame is free for the move.
     /// </summary>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public Errno Madvise(ulong address, ulong length, Advice advice)
     {
         using MachineCall call = Machine.EnterCall();
-        return Mm.Madvise(address, length, advice);
+        return Mm.Madvise(address, length, advice, Credentials.Has(Capabilities.SysAdmin));
     }
 
     /// <summary>
@@ -350,6 +356,7 @@ public sealed partial class VmProcess
     /// <summary>Reads user memory. An empty destination reads nothing and never faults.</summary>
     /// <exception cref="SegmentationFault">a page is unmapped or not readable, or the range starts at or
     /// runs into TASK_SIZE (non-canonical addresses included); see the exception for partial reads.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (for a page table or the zero page).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -363,6 +370,7 @@ public sealed partial class VmProcess
     /// <exception cref="SegmentationFault">a page is unmapped or not writable, or the range starts at or
     /// runs into TASK_SIZE (non-canonical addresses included); the pages before a bad one may have been
     /// written, as on Linux.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was written before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -374,6 +382,7 @@ public sealed partial class VmProcess
 
     /// <summary>Reads one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not readable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -388,6 +397,7 @@ public sealed partial class VmProcess
 
     /// <summary>Writes one unmanaged value.</summary>
     /// <exception cref="SegmentationFault">the address is unmapped or not writable, or the value starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames.</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -403,6 +413,7 @@ public sealed partial class VmProcess
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="address"/> + <paramref name="length"/> wraps past 2^64.</exception>
     /// <exception cref="SegmentationFault">a page is unmapped or not writable (the pages before it were filled,
     /// as on Linux), or the range starts at or runs into TASK_SIZE.</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (what was filled before stays).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
@@ -426,6 +437,7 @@ public sealed partial class VmProcess
     /// or it spans more pages than an array can hold.</exception>
     /// <exception cref="SegmentationFault">a page is unmapped or does not allow the access, or the range starts at or
     /// runs into TASK_SIZE (nothing stays pinned).</exception>
+    /// <exception cref="BusError">a page of the range was poisoned (memory failure: <see cref="Advice.HwPoison"/>); the pages before it were done.</exception>
     /// <exception cref="InsufficientMemoryException">the machine is out of frames (nothing stays pinned).</exception>
     /// <exception cref="InvalidOperationException">the process has exited.</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>

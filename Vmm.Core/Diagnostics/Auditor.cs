@@ -1,5 +1,6 @@
 // Auditor: recounts every counter, mapcount and refcount from ground truth (the page tables, the
-// page caches, the free lists, the LRU lists and their add batches) and reports each difference. Tests call it after every scenario; it is
+// page caches, the free lists, the LRU lists and their add batches) and reports each difference;
+// poisoned frames (memory failure) must be retired ones, and as many as num_poisoned_pages. Tests call it after every scenario; it is
 // exact only when no other thread changes memory meanwhile.
 //
 // Locking: Run takes the KSM thread mutex when KSM is built in (no batch runs while it recounts), and
@@ -69,6 +70,15 @@ internal static unsafe class Auditor
                     if (vma is null)
                     {
                         problems.Add($"{process}: PTE at 0x{va:x} ({pte}) outside every VMA");
+                        continue;
+                    }
+                    if (pte.IsHwPoisonEntry)
+                    {
+                        // A mapping of a poisoned page: no reference, no mapcount, no RSS; the frame it
+                        // names must be poisoned (and is checked as a retired frame below).
+                        if (!memMap.IsValidPfn(pte.SwapOffset) || !memMap.IsInitialised(pte.SwapOffset) ||
+                            !memMap.TestFlag(pte.SwapOffset, PageFlags.HWPoison))
+                            problems.Add($"{process}: hwpoison entry at 0x{va:x} names frame {pte.SwapOffset}, which is not PG_hwpoison");
                         continue;
                     }
                     if (!pte.IsPresent)
@@ -188,6 +198,7 @@ internal static unsafe class Auditor
         // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
         long inUse = 0, offline = 0;
+        long poisonedFrames = 0;
         var deferred = new Dictionary<Zone, long>();
         for (long pfn = 0; pfn < memMap.FrameCount; pfn++)
         {
@@ -223,13 +234,23 @@ internal static unsafe class Auditor
             ref PageDescriptor page = ref memMap[pfn];
             if ((page.Flags & (ulong)PageFlags.Lru) != 0 && !onLruLists.Contains(pfn))
                 problems.Add($"frame {pfn} has PG_lru (refcount {page.RefCount}) but is on no LRU list");
+            bool poisoned = (page.Flags & (ulong)PageFlags.HWPoison) != 0;
+            if (poisoned)
+                poisonedFrames++;
             if (page.RefCount == 0)
             {
                 if (page.PinCount != 0)
                     problems.Add($"frame {pfn} is free but has {page.PinCount} pins");
+                if (poisoned)
+                    problems.Add($"frame {pfn} is PG_hwpoison but free: a retired frame went back to the allocator");
                 continue;
             }
             inUse++;
+            if (poisoned)
+            {
+                CheckRetiredFrame(machine, pfn, tables.Contains(pfn) || mapcount.ContainsKey(pfn), problems);
+                continue;
+            }
             if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
                 continue;
             if (page.PinCount > 0)
@@ -247,6 +268,8 @@ internal static unsafe class Auditor
             if (counted != expected)
                 problems.Add($"{zone}: DeferredPages {counted}, frames of sections never initialised {expected}");
         }
+        if (poisonedFrames != machine.MemoryFailure.PoisonedPages)
+            problems.Add($"num_poisoned_pages {machine.MemoryFailure.PoisonedPages}, frames with PG_hwpoison {poisonedFrames}");
         machine.Ksm?.Audit(problems, ksmZeroPtes);
         long free = machine.GetStats().AllFreePages;
         if (free + inUse + offline != memMap.FrameCount)
@@ -277,6 +300,31 @@ internal static unsafe class Auditor
                     problems.Add($"frame {pfn} of a live long-term pin lies in {machine.Allocator.ZoneTypeOf(pfn)}");
             }
         }
+    }
+
+    /// <summary>
+    /// A frame with PG_hwpoison is retired (issue12-design.md, "A poisoned, retired frame"): its one
+    /// reference is the retirement's (plus one per pin still held, which the pins drop), it is mapped by
+    /// nothing (hwpoison entries are not mappings), cached by no page cache, on no list and no page
+    /// table, names no mapping, and carries no flag but PG_hwpoison (and the page lock's bits). It
+    /// counts as in use, never as free and never as an orphan.
+    /// </summary>
+    private static void CheckRetiredFrame(Machine machine, long pfn, bool usedAsPage, List<string> problems)
+    {
+        ref PageDescriptor page = ref machine.MemMap[pfn];
+        if (usedAsPage || pfn == machine.ZeroPagePfnIfAllocated)
+            problems.Add($"frame {pfn} is PG_hwpoison but still mapped, cached, on an LRU list or a page table");
+        if (page.RefCount != 1 + page.PinCount)
+            problems.Add($"retired frame {pfn}: refcount {page.RefCount}, expected the retirement's 1 + {page.PinCount} pins");
+        if (page.MapCount != -1)
+            problems.Add($"retired frame {pfn}: mapcount {page.MapCount + 1}");
+        if (page.Mapping != 0)
+            problems.Add($"retired frame {pfn} names mapping {page.Mapping:x}");
+        var extra = (PageFlags)page.Flags & ~(PageFlags.HWPoison | PageFlags.Locked | PageFlags.Waiters);
+        if (extra != 0)
+            problems.Add($"retired frame {pfn} has flags {extra}");
+        if (page.LruNext != PageDescriptor.NoLink || page.LruPrev != PageDescriptor.NoLink)
+            problems.Add($"retired frame {pfn} is linked on a list");
     }
 
     /// <summary>

@@ -234,6 +234,16 @@ public sealed partial class MemoryHotplug
         _hotplugLock.Release();
     }
 
+    /// <summary>
+    /// get_online_mems: no block changes state until <see cref="PutOnlineMems"/> (memory failure's pfn
+    /// calls, which must not meet a block half offline). Must not be called holding a reference to a
+    /// frame: an offline in progress may be waiting for that reference to go.
+    /// </summary>
+    internal void GetOnlineMems() => EnterHotplug(CancellationToken.None);
+
+    /// <summary>put_online_mems.</summary>
+    internal void PutOnlineMems() => ExitHotplug();
+
     /// <summary>True while this thread changes a block's state of this machine (inside a notifier callback).</summary>
     internal bool IsChangingOnThisThread => t_changing == this;
 

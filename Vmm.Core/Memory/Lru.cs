@@ -384,7 +384,8 @@ internal sealed class LruLists
 
     /// <summary>
     /// folio_putback_lru: an isolated page goes back on its list (the one PG_active names), nr_isolated
-    /// - 1, and the isolation's reference is dropped (freeing the page if it was the last).
+    /// - 1, and the isolation's reference is dropped (freeing the page if it was the last). A page
+    /// poisoned meanwhile (PG_hwpoison) only leaves the isolated list.
     /// Preconditions: the page isolated by <see cref="Isolate"/>.
     /// </summary>
     /// <exception cref="VmBugException">the page is not isolated.</exception>
@@ -396,7 +397,10 @@ internal sealed class LruLists
         lock (lruvec.Lock)
         {
             UnlinkIsolatedLocked(lruvec, head);
-            AddToListLocked(lruvec, head);
+            // A page poisoned while a mover had it isolated (memory failure could not take it off the
+            // LRU itself) is retired: it never goes back on a list (Mm/MemoryFailure.cs).
+            if ((Volatile.Read(ref _memMap[head].Flags) & (ulong)PageFlags.HWPoison) == 0)
+                AddToListLocked(lruvec, head);
         }
         _machine.PutPage(head);
     }

@@ -1027,10 +1027,12 @@ internal sealed unsafe partial class PageAllocator
         {
             if (_memMap.IsSectionInitialised(section))
                 continue;
-            Zone zone = ZoneOf(section << _memMap.SectionShift);
+            long pfn = section << _memMap.SectionShift;
+            Zone zone = ZoneOf(pfn);
             lock (zone.Lock)
             {
-                if (!_memMap.IsSectionInitialised(section))
+                // An offline block's sections are not the zone's: they stay as the offline left them.
+                if (!_memMap.IsSectionInitialised(section) && IsBlockOnline(_topology.BlockOf(pfn)))
                     InitSectionLocked(zone, section);
             }
         }

@@ -69,7 +69,11 @@ public enum PageFlags : ulong
     Movable = 1UL << 24,
     /// <summary>PG_anon_exclusive: an anonymous page mapped by exactly one process, which may write it without copying.</summary>
     AnonExclusive = 1UL << 25,
-    /// <summary>PG_hwpoison: the frame's memory failed (or was soft-offlined); it is retired and never handed out again.</summary>
+    /// <summary>
+    /// PG_hwpoison: the frame's memory failed (MADV_HWPOISON, a hard offline) or was retired by a soft
+    /// offline. Such a frame is never handed out again: it keeps one reference (the retirement's), is
+    /// unmapped, on no list and names no mapping once its last other user is gone.
+    /// </summary>
     HWPoison = 1UL << 26,
 }
 
@@ -95,7 +99,8 @@ internal static class PageFlagPolicies
     public const PageFlags CheckAtFree =
         PageFlags.Locked | PageFlags.Lru | PageFlags.Active | PageFlags.Private | PageFlags.Writeback |
         PageFlags.Reclaim | PageFlags.SwapCache | PageFlags.Unevictable | PageFlags.Mlocked |
-        PageFlags.Buddy | PageFlags.Isolated | PageFlags.Table | PageFlags.Reserved;
+        PageFlags.Buddy | PageFlags.Isolated | PageFlags.Table | PageFlags.Reserved |
+        PageFlags.HWPoison; // a retired frame keeps its reference for ever: reaching the free path is a bug
 
     /// <summary>The policy of a single flag.</summary>
     /// <exception cref="ArgumentException"><paramref name="flag"/> is not exactly one flag.</exception>

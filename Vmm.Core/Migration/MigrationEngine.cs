@@ -29,7 +29,8 @@
 //      Ksm.MigratePage) and every migration entry now name the new frame;
 //   6. unlock both; every 32 moved pages (and at the end of the move step), the new frames join their LRU
 //      lists together and the old ones lose the isolation reference and are freed (FinishMoved: one
-//      lru_lock round trip per 32 pages).
+//      lru_lock round trip per 32 pages). For MigrateReason.MemoryFailure (soft offline) the old frame
+//      keeps one reference instead, which the caller turns into its retirement (migrate_folio_done).
 //
 // The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
 // are retried in the next pass, permanent failures are not; ENOMEM (no new frame) stops the loop and
@@ -199,6 +200,7 @@ internal sealed class MigrationEngine
         {
             batch.Allocate = allocate;
             batch.Free = free;
+            batch.Reason = reason;
             while (next < from.Count || batch.Deferred.Count > 0)
             {
                 // Pages a batch left untried because a thread was waiting on one of its pages come first.
@@ -457,7 +459,7 @@ internal sealed class MigrationEngine
             // Freed from under us: only the isolation reference is left (its last mapping went away,
             // or the page cache dropped it), and nothing can map it again. Nothing to move: done, as
             // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge.
-            ReleaseSource(src);
+            ReleaseSource(batch, src);
             return Outcome.Done;
         }
         long dst = batch.Allocate(src);
@@ -606,6 +608,7 @@ internal sealed class MigrationEngine
         _machine.Lru.AddMany(newFrames);
         foreach (long dst in newFrames)
             _machine.PutPage(dst);
+        KeepSourcesForMemoryFailure(batch, batch.Moved.AsSpan(0, count));
         _machine.Lru.ReleaseIsolatedMany(batch.Moved.AsSpan(0, count));
         batch.MovedCount = 0;
     }
@@ -637,9 +640,27 @@ internal sealed class MigrationEngine
 
     /// <summary>
     /// migrate_folio_done: a page that moved (or was freed under us) leaves the isolated list and loses
-    /// the isolation reference, which frees it.
+    /// the isolation reference, which frees it (for MigrateReason.MemoryFailure the caller gets a
+    /// reference instead: <see cref="KeepSourcesForMemoryFailure"/>).
     /// </summary>
-    private void ReleaseSource(long src) => _machine.Lru.ReleaseIsolated(src);
+    private void ReleaseSource(MigrationBatch batch, long src)
+    {
+        KeepSourcesForMemoryFailure(batch, [src]);
+        _machine.Lru.ReleaseIsolated(src);
+    }
+
+    /// <summary>
+    /// migrate_folio_done with MR_MEMORY_FAILURE: the old frames of a soft offline are not freed, so
+    /// that the caller can retire them (page_handle_poison): each keeps one reference past the release
+    /// of its isolation, which becomes the retirement's (Mm/MemoryFailure.cs).
+    /// </summary>
+    private void KeepSourcesForMemoryFailure(MigrationBatch batch, ReadOnlySpan<long> sources)
+    {
+        if (batch.Reason != MigrateReason.MemoryFailure)
+            return;
+        foreach (long src in sources)
+            _machine.MemMap.GetPage(src);
+    }
 
     /// <summary>Copies contents and identity (mapping, index, carried flags) to the new frame.</summary>
     internal static unsafe void CopyPage(Machine machine, long pfn, long newPfn)
@@ -694,6 +715,9 @@ internal sealed class MigrationEngine
         public Func<long, long> Allocate { get; set; } = null!;
 
         public Action<long>? Free { get; set; }
+
+        /// <summary>The call's reason (MemoryFailure keeps the old frames: KeepSourcesForMemoryFailure).</summary>
+        public MigrateReason Reason { get; set; }
     }
 
     private sealed class BatchPolicy(MemMap memMap) : IPooledObjectPolicy<MigrationBatch>

@@ -131,7 +131,8 @@ internal sealed unsafe partial class AddressSpace
 
     /// <summary>
     /// The exception for a failed fault: SegmentationFault for a bad address or access (and for an exit
-    /// that began during the access), InsufficientMemoryException when no frame could be had.
+    /// that began during the access), BusError for a poisoned page, InsufficientMemoryException when no
+    /// frame could be had.
     /// </summary>
     public static Exception FaultException(ulong va, bool write, FaultResult result)
     {
@@ -141,6 +142,7 @@ internal sealed unsafe partial class AddressSpace
             FaultResult.MapError => new SegmentationFault(va, kind, SegvReason.MapError),
             FaultResult.AccessError => new SegmentationFault(va, kind, SegvReason.AccessError),
             FaultResult.Exited => new SegmentationFault(va, kind, SegvReason.Exited),
+            FaultResult.HwPoison => new BusError(va, kind),
             _ => OutOfFrames(va, kind),
         };
     }

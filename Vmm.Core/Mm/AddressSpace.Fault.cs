@@ -33,6 +33,8 @@ internal enum FaultResult
     AccessError,
     OutOfMemory,
     Exited,
+    /// <summary>VM_FAULT_HWPOISON: the address maps a poisoned page (a hwpoison entry, or a shared page poisoned in its object).</summary>
+    HwPoison,
 }
 
 internal sealed unsafe partial class AddressSpace
@@ -70,6 +72,8 @@ internal sealed unsafe partial class AddressSpace
                 MigrationEntryWait(slot, ptePfn, pte);
                 return FaultResult.Done;
             }
+            if (pte.IsHwPoisonEntry)
+                return FaultResult.HwPoison; // do_swap_page on a hwpoison entry: VM_FAULT_HWPOISON
             if (!pte.IsPresent)
                 throw new VmBugException($"fault on a swap entry ({pte}) at 0x{va:x}: swap is not built yet");
             if ((pte.Value & Pte.UserBit) == 0)
@@ -175,6 +179,8 @@ internal sealed unsafe partial class AddressSpace
         long pfn = shmem.GetPage((long)vma.PageIndex(va), this, EffectivePolicy(vma));
         if (pfn == PageAllocator.NoPfn)
             return FaultResult.OutOfMemory;
+        if (pfn == ShmemObject.PoisonedPfn)
+            return FaultResult.HwPoison; // shmem_fault: the page at this index was poisoned
         if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
         Interlocked.Increment(ref _machine.MemMap[pfn].MapCount); // page_add_file_rmap; the reference came with GetPage

@@ -114,7 +114,7 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>
     /// copy_nonpresent_pte for a migration entry: the child gets the entry too (the migrator restores
     /// it through the reverse map); a private writable one becomes read-only in both, as the page is now
-    /// shared copy-on-write.
+    /// shared copy-on-write. A hwpoison entry is copied as it is.
     /// </summary>
     private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child)
     {
@@ -124,6 +124,13 @@ internal sealed unsafe partial class AddressSpace
             var pte = new Pte(Volatile.Read(ref *slot));
             if (pte.IsPresent || pte.IsNone)
                 return false;
+            if (pte.IsHwPoisonEntry)
+            {
+                // The child inherits the poison (copy_nonpresent_pte copies the entry as it is): its
+                // access there is a bus error too. No reference, no RSS.
+                *childSlot = pte.Value;
+                return true;
+            }
             if (!pte.IsMigrationEntry)
                 throw new VmBugException($"fork met a swap entry ({pte}): swap is not built yet");
             if (!parentVma.IsShared)

@@ -1,6 +1,7 @@
 // AddressSpace.Madvise: madvise (Linux's mm/madvise.c) on anonymous memory: DONTNEED zaps the range
 // (the next touch faults again), WILLNEED only checks it is mapped, MERGEABLE / UNMERGEABLE
-// hand the range to KSM (AddressSpace.Ksm.cs). TryMadviseEnd is the length rule shared with
+// hand the range to KSM (AddressSpace.Ksm.cs), HWPOISON / SOFT_OFFLINE to the memory-failure handler
+// page by page (AddressSpace.MemoryFailure.cs, with madvise_inject_error's own error idiom). TryMadviseEnd is the length rule shared with
 // SetDedupeDomain.
 //
 // Errors, in Linux's order and idiom (madvise_walk_vmas): a misaligned start, an advice the Advice enum
@@ -30,8 +31,12 @@ internal sealed unsafe partial class AddressSpace
         return aligned >= length && end >= address;
     }
 
-    /// <summary>madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range unmapped (the mapped part is still advised).</summary>
-    public Errno Madvise(ulong address, ulong length, Advice advice)
+    /// <summary>
+    /// madvise. EINVAL: misaligned start, overflowing length, unknown advice; ENOMEM: part of the range
+    /// unmapped (the mapped part is still advised). HWPOISON and SOFT_OFFLINE: EPERM without
+    /// <paramref name="capSysAdmin"/>, then madvise_inject_error's errors (AddressSpace.MemoryFailure.cs).
+    /// </summary>
+    public Errno Madvise(ulong address, ulong length, Advice advice, bool capSysAdmin = false)
     {
         // Linux's order: a misaligned start, then the advice, then the length.
         if ((address & PageMask) != 0)
@@ -44,6 +49,8 @@ internal sealed unsafe partial class AddressSpace
             return Errno.EINVAL;
         if (end == address)
             return Errno.None;
+        if (advice is Advice.HwPoison or Advice.SoftOffline)
+            return capSysAdmin ? MadviseInjectError(address, end, advice) : Errno.EPERM; // no mmap_lock: per page
         if (advice == Advice.WillNeed)
             return CheckMapped(address, end); // anonymous memory: only swap readahead would happen here
 

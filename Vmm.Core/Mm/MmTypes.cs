@@ -57,6 +57,17 @@ public enum Advice
     Mergeable = 12,
     /// <summary>MADV_UNMERGEABLE: unmerge and stop merging.</summary>
     Unmergeable = 13,
+    /// <summary>
+    /// MADV_HWPOISON (CAP_SYS_ADMIN): inject a memory failure into each page of the range, as if the
+    /// hardware had found it corrupted: the frame is poisoned and retired, every mapping of it becomes a
+    /// hwpoison entry, and a later access there throws <see cref="BusError"/>.
+    /// </summary>
+    HwPoison = 100,
+    /// <summary>
+    /// MADV_SOFT_OFFLINE (CAP_SYS_ADMIN): move each page of the range to a new frame (contents and
+    /// mappings kept) and retire the old frame, without disturbing the processes that use it.
+    /// </summary>
+    SoftOffline = 101,
 }
 
 /// <summary>Capabilities a process may hold (Linux's CAP_* subset that memory management checks).</summary>
@@ -182,6 +193,46 @@ public sealed class SegmentationFault : Exception
 
     /// <summary>Why.</summary>
     public SegvReason Reason { get; }
+}
+
+/// <summary>
+/// An access to poisoned memory (SIGBUS with BUS_MCEERR_AR): the page at <see cref="Address"/> was hit by
+/// a memory failure (<see cref="Advice.HwPoison"/>, <see cref="Machine.HardOfflinePage"/>) and its contents
+/// are gone. Every mapping of the page, in every process (forked children included), throws it on access,
+/// and a pin of it fails with it; other pages are not affected, and the process may go on using them.
+/// </summary>
+/// <remarks>
+/// <see cref="Address"/> is the first byte that could not be accessed, as for <see cref="SegmentationFault"/>:
+/// a multi-page access has done its part before the poisoned page. Unmapping the page (munmap, or
+/// <see cref="Advice.DontNeed"/>) drops the hwpoison entry: the address then faults in a new page as usual.
+/// Thread safety: the properties this exception adds are immutable; the members it inherits from
+/// <see cref="Exception"/> are not thread-safe.
+/// </remarks>
+[System.Diagnostics.CodeAnalysis.SuppressMessage("Naming", "CA1710", Justification = "The name a kernel reader expects (SIGBUS).")]
+public sealed class BusError : Exception
+{
+    /// <summary>Creates the exception.</summary>
+    public BusError() { }
+
+    /// <summary>Creates the exception with a message.</summary>
+    public BusError(string message) : base(message) { }
+
+    /// <summary>Creates the exception with a message and cause.</summary>
+    public BusError(string message, Exception inner) : base(message, inner) { }
+
+    /// <summary>Creates the exception for an access to a poisoned page.</summary>
+    public BusError(ulong address, AccessKind kind)
+        : base($"bus error: {kind.ToString().ToLowerInvariant()} at 0x{address:x} (hardware memory corruption)")
+    {
+        Address = address;
+        Kind = kind;
+    }
+
+    /// <summary>The faulting address.</summary>
+    public ulong Address { get; }
+
+    /// <summary>Read or write.</summary>
+    public AccessKind Kind { get; }
 }
 
 /// <summary>What /proc/pid/pagemap (with kpageflags) says about one virtual page.</summary>

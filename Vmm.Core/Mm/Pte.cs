@@ -5,8 +5,9 @@
 // Present entry:      bit 0 present, 1 write, 2 user, 5 accessed, 6 dirty, 9 special (no struct page
 //                     behind it: the shared zero page), bits 12-51 the pfn.
 // Non-present entry:  0 is "none". Otherwise bits 1-5 hold a type and bits 12-51 an offset, as a swap
-//                     entry: types 1-29 are swap devices, 30 and 31 are migration entries (read / write),
-//                     whose offset is the pfn of the page being migrated.
+//                     entry: types 1-27 are swap devices, 28 is a hwpoison entry (Linux's SWP_HWPOISON:
+//                     the page it names failed; an access is a bus error), 29-31 are migration entries
+//                     (read-exclusive / read / write); the offset of both kinds is a pfn.
 // Upper levels (PGD, PUD, PMD) hold present | write | user | the pfn of the next table.
 using System.Runtime.CompilerServices;
 
@@ -24,6 +25,13 @@ internal readonly record struct Pte(ulong Value)
     public const ulong PfnMask = ((1UL << 52) - 1) & ~0xFFFUL;
     private const int TypeShift = 1;
     private const ulong TypeMask = 0x1FUL << TypeShift;
+
+    /// <summary>
+    /// Swap type of a hwpoison entry (SWP_HWPOISON): the mapping's page was poisoned (memory failure), and
+    /// an access faults with a bus error. Its offset is the poisoned frame; it holds no reference and
+    /// counts in no RSS.
+    /// </summary>
+    public const int HwPoisonType = 28;
 
     /// <summary>Swap type of a migration entry for a read-only mapping of a page exclusive to its process
     /// (PG_anon_exclusive lives in the entry while the page is unmapped, as in Linux).</summary>
@@ -88,6 +96,12 @@ internal readonly record struct Pte(ulong Value)
 
     public bool IsMigrationEntry => IsSwapFormat && SwapType >= MigrationReadExclusiveType;
 
+    /// <summary>make_hwpoison_entry: the entry that replaces every mapping of a poisoned frame.</summary>
+    public static Pte HwPoisonEntry(long pfn) => SwapEntry(HwPoisonType, pfn);
+
+    /// <summary>is_hwpoison_entry.</summary>
+    public bool IsHwPoisonEntry => IsSwapFormat && SwapType == HwPoisonType;
+
     /// <summary>A migration entry that remembers the page was exclusive to this process.</summary>
     public bool IsExclusiveMigrationEntry => IsMigrationEntry && SwapType != MigrationReadType;
 
@@ -102,6 +116,7 @@ internal readonly record struct Pte(ulong Value)
     public override string ToString() =>
         IsNone ? "none"
         : IsPresent ? $"pfn {Pfn}{(IsWrite ? " W" : " RO")}{(IsDirty ? " D" : "")}{(IsAccessed ? " A" : "")}{(IsSpecial ? " special" : "")}"
+        : IsHwPoisonEntry ? $"hwpoison pfn {SwapOffset}"
         : IsMigrationEntry ? $"migration {(SwapType == MigrationWriteType ? "write" : SwapType == MigrationReadExclusiveType ? "read-exclusive" : "read")} pfn {SwapOffset}"
         : $"swap type {SwapType} offset {SwapOffset}";
 }

@@ -15,6 +15,10 @@
 // lock, never sees one appear behind its back. Release drops the cache's references after the next TLB
 // flush (DeferPutPage), since another thread may still read a frame through a cached translation.
 //
+// A poisoned page (memory failure, Mm/MemoryFailure.cs) leaves the page cache and its index is
+// remembered in Poisoned: a fault there gets PoisonedPfn (the fault is a bus error), as Linux's
+// shmem_get_folio refuses a hwpoisoned folio it finds in the cache. The frame itself is retired at once.
+//
 // Why Mm/ and not Rmap/: the object is the backing store of a kind of VMA (it lists Vmas, and the fault
 // path and mmap/munmap are its callers); the reverse map only looks it up by handle (RmapWalker,
 // MigrationEngine), as it looks up anon_vmas.
@@ -43,6 +47,12 @@ internal sealed class ShmemObject
     /// <summary>Cached pages by index; each holds one reference. Protected by Lock.</summary>
     public readonly Dictionary<long, long> Pages = [];
 
+    /// <summary>Indexes whose page was poisoned (memory failure); null until the first. Protected by Lock.</summary>
+    public HashSet<long>? Poisoned;
+
+    /// <summary>What <see cref="GetPage"/> returns for an index whose page was poisoned.</summary>
+    public const long PoisonedPfn = -2;
+
     /// <summary>VMAs mapping the object (i_mmap). Protected by Lock.</summary>
     public readonly List<Vma> Vmas = [];
 
@@ -56,7 +66,8 @@ internal sealed class ShmemObject
 
     /// <summary>
     /// shmem_get_folio: the page at <paramref name="index"/>, created zeroed if absent, with a reference
-    /// for the caller. A new page is placed by <paramref name="policy"/> (the faulting VMA's or task's;
+    /// for the caller (<see cref="PoisonedPfn"/>, and no reference, for an index whose page was
+    /// poisoned). A new page is placed by <paramref name="policy"/> (the faulting VMA's or task's;
     /// Vmm keeps mbind's policy on the VMA rather than in a shared policy tree of the object) inside the
     /// faulting process's cpuset, interleaved by the object's handle + the index (shmem_get_pgoff_policy).
     /// Preconditions: the faulting mm's mmap_lock held.
@@ -66,6 +77,8 @@ internal sealed class ShmemObject
         MemMap memMap = _machine.MemMap;
         lock (Lock)
         {
+            if (Poisoned is { } poisoned && poisoned.Contains(index))
+                return PoisonedPfn;
             if (Pages.TryGetValue(index, out long cached))
             {
                 memMap.GetPage(cached);

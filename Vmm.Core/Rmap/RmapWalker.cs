@@ -6,7 +6,8 @@
 // its page tables alive: munmap and exit unlink a VMA under that lock before they free its tables.
 //
 // On top of the walk: PageReferenced (test and clear accessed bits), TryToUnmap (replace every mapping
-// with a non-present entry; TryToMigrate makes them migration entries, later swap entries) and
+// with a non-present entry; TryToMigrate makes them migration entries, later swap entries;
+// TryToUnmapPoisoned hwpoison entries, for memory failure) and
 // RemoveMigrationPtes (map the page, or its replacement, back where the migration entries are). The
 // migration engine unmaps a whole batch of pages before one flush: TryToMigrate with an UnmapBatch
 // (UnmapBatch.cs, Linux's TTU_BATCH_FLUSH) collects the touched mms and FlushBatch flushes them. A KSM
@@ -283,6 +284,47 @@ internal sealed unsafe class RmapWalker
             },
             Done = page => memMap.MapCount(page) == 0,
             InvalidVma = invalidVma,
+        });
+        foreach (AddressSpace mm in touched)
+            mm.BumpGeneration();
+        if (touched.Count > 0)
+            _machine.Tlb.Flush();
+        return memMap.MapCount(pfn) == 0;
+    }
+
+    /// <summary>
+    /// try_to_unmap with TTU_HWPOISON (memory failure): every PTE that maps <paramref name="pfn"/> becomes
+    /// a hwpoison entry, so that an access there is a bus error. Each mapping's mapcount, reference and
+    /// RSS go (Linux's dec_mm_counter: the entry counts in no RSS); a dirty bit moves to PG_dirty. One
+    /// flush at the end, after which no thread reaches the frame through a stale translation. Returns
+    /// true if no mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    public bool TryToUnmapPoisoned(long pfn)
+    {
+        LockAssert.PageLocked(_machine.PageLock, pfn);
+        LockAssert.Referenced(_machine.MemMap, pfn);
+        MemMap memMap = _machine.MemMap;
+        var touched = new HashSet<AddressSpace>();
+        Walk(pfn, new RmapWalkControl
+        {
+            RmapOne = (page, vma, address) =>
+            {
+                bool unmapped = ChangePte(vma, address,
+                    pte => pte.IsPresent && !pte.IsSpecial && pte.Pfn == page ? Pte.HwPoisonEntry(page) : null,
+                    old =>
+                    {
+                        if (old.IsDirty)
+                            memMap.SetFlag(page, PageFlags.Dirty);
+                        Interlocked.Decrement(ref memMap[page].MapCount);
+                        Interlocked.Decrement(ref vma.IsShared ? ref vma.Mm.RssShmem : ref vma.Mm.RssAnon);
+                        if (memMap.PutPageTestZero(page))
+                            throw new VmBugException($"hwpoison unmap dropped the last reference of frame {page}");
+                    });
+                if (unmapped)
+                    touched.Add(vma.Mm);
+                return true;
+            },
+            Done = page => memMap.MapCount(page) == 0,
         });
         foreach (AddressSpace mm in touched)
             mm.BumpGeneration();

@@ -11,15 +11,17 @@ public sealed class MadviseAdviceTests
     private const ulong Pages = 4;
     private const byte Fill = 0xAB;
 
-    /// <summary>What each advice does to a written private region: the bytes read afterwards, and whether
-    /// the process then has a VM_MERGEABLE VMA.</summary>
-    private static readonly Dictionary<Advice, (byte Reads, bool Mergeable)> Effects = new()
+    /// <summary>What each advice does to a written private region: the bytes read afterwards (null: the
+    /// read throws <see cref="BusError"/>), and whether the process then has a VM_MERGEABLE VMA.</summary>
+    private static readonly Dictionary<Advice, (byte? Reads, bool Mergeable)> Effects = new()
     {
         [Advice.Normal] = (Fill, false),
         [Advice.WillNeed] = (Fill, false),
         [Advice.DontNeed] = (0, false),     // private anonymous memory reads zero after DONTNEED
         [Advice.Mergeable] = (Fill, true),
         [Advice.Unmergeable] = (Fill, false),
+        [Advice.HwPoison] = (null, false),  // every page poisoned: a read is a bus error
+        [Advice.SoftOffline] = (Fill, false), // every page moved to a new frame, contents kept
     };
 
     [Test]
@@ -34,13 +36,20 @@ public sealed class MadviseAdviceTests
         [Values] Advice advice) // [Values] on an enum: every value it defines
     {
         using MachineWithRegion m = TestMachines.CreateWithRegion(Pages * (ulong)Topology.PageSize, Fill, TestMachines.TwoLargeNodes);
-        Assert.That(Effects.TryGetValue(advice, out (byte Reads, bool Mergeable) expected), Is.True, $"{advice} has a specified effect");
+        Assert.That(Effects.TryGetValue(advice, out (byte? Reads, bool Mergeable) expected), Is.True, $"{advice} has a specified effect");
 
         Assert.That(m.Process.Madvise(m.Va, m.Bytes, advice), Is.EqualTo(Errno.None), $"{advice} is a value madvise implements");
 
         byte[] bytes = new byte[m.Bytes];
-        m.Process.Read(m.Va, bytes);
-        Assert.That(bytes, Is.All.EqualTo(expected.Reads), $"what {advice} leaves in the region");
+        if (expected.Reads is byte reads)
+        {
+            m.Process.Read(m.Va, bytes);
+            Assert.That(bytes, Is.All.EqualTo(reads), $"what {advice} leaves in the region");
+        }
+        else
+        {
+            Assert.Throws<BusError>(() => m.Process.Read(m.Va, bytes), $"{advice} leaves poison in the region");
+        }
         Assert.That(m.Process.GetKsmStats().Mergeable, Is.EqualTo(expected.Mergeable), $"whether {advice} makes the region VM_MERGEABLE");
         TestMachines.AssertAuditClean(m.Machine);
     }
