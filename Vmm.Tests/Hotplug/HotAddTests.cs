@@ -3,6 +3,8 @@ using static Vmm.Tests.Migration.MigrationTestHelpers;
 namespace Vmm.Tests.Hotplug;
 
 /// <summary>Hot-add into the reserved room, auto_online_blocks, and removal of offline blocks.</summary>
+[Category("Smoke")]
+[Category("Hotplug")]
 public class HotAddTests
 {
     private static MachineOptions WithRoom(int room = 2) =>

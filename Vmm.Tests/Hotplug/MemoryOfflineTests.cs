@@ -4,6 +4,8 @@ using static Vmm.Tests.Migration.MigrationTestHelpers;
 namespace Vmm.Tests.Hotplug;
 
 /// <summary>Memory offline and online of one block: the sequence, the state file, errors, memory given back.</summary>
+[Category("Smoke")]
+[Category("Hotplug")]
 public class MemoryOfflineTests
 {
     /// <summary>The MOVABLE block of node 0 of <see cref="TestMachines.TwoNodes"/> (blocks 0-1 are node 0, the upper one movable).</summary>
