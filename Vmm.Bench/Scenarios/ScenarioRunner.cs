@@ -62,6 +62,7 @@ internal static class ScenarioRunner
         new MigrateWriterScenario(),
         new OfflineScenario(ksmHalf: false),
         new OfflineScenario(ksmHalf: true),
+        new OfflineWriterScenario(),
     ];
 
     public static int Run(string[] args)
