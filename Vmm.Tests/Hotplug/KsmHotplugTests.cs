@@ -165,4 +165,40 @@ public sealed class KsmHotplugTests
         Assert.That(machine.Ksm.GetStats().PagesShared, Is.EqualTo(1), "the stale node is still there");
         Assert.That(machine.Audit(), Has.Some.Contains("which is in an offline memory block"));
     }
+    [Test]
+    public void Offline_prunes_a_stale_node_waiting_on_migrate_nodes_whose_frame_was_in_the_block()
+    {
+        using Machine machine = NewMachine();
+        Vmm.Ksm ksm = machine.Ksm!;
+        Assert.That(ksm.Write("merge_across_nodes", "0"), Is.EqualTo(Errno.None));
+        Assert.That(ksm.Write("smart_scan", "0"), Is.EqualTo(Errno.None)); // every page is looked at on every scan
+        // q comes first in KSM's list: its page is looked at before p's pages in every scan.
+        VmProcess q = machine.CreateProcess(homeNode: 0);
+        ulong qva = KsmTestKit.MapPattern(q, 1, _ => 0x11);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        ulong va = KsmTestKit.MapPattern(p, 6, _ => 0x3C);
+        ksm.RunFullScans(3);
+        Assert.That(ksm.GetStats().PagesShared, Is.EqualTo(1));
+        // q's page takes the same content; one scan records its checksum (a changed page is not merged).
+        q.Fill(qva, Page, 0x3C);
+        ksm.RunFullScans(1);
+        Assert.That(ksm.GetStats().PagesSharing, Is.EqualTo(5), "q's page is not merged yet");
+        // The KSM page moves to node 1: its node, in node 0's index, is misplaced. The next scan looks q's
+        // page up in node 0's index before it meets the KSM page: the lookup moves the node to migrate_nodes.
+        int[] status = new int[1];
+        Assert.That(p.MovePages(0, [va], [1], status, MovePolicyFlags.MoveAll), Is.EqualTo(Errno.None));
+        Assert.That(status[0], Is.EqualTo(1));
+        long kpfn = p.GetPagemap(va).Pfn;
+        for (int step = 0; step < 8 && ksm.MigrateNodeCount == 0; step++)
+            ksm.ScanPages(1);
+        Assert.That(ksm.MigrateNodeCount, Is.EqualTo(1), "the node waits on migrate_nodes");
+        Assert.That(p.Munmap(va, 6 * Page), Is.EqualTo(Errno.None));
+        machine.Tlb.Flush();
+        Assert.That(ksm.MigrateNodeCount, Is.EqualTo(1), "stale now, and no scan met it");
+
+        Assert.That(BlockOf(machine, kpfn).Offline().Error, Is.EqualTo(Errno.None));
+
+        Assert.That(ksm.MigrateNodeCount, Is.Zero, "MEM_OFFLINE pruned it");
+        TestMachines.AssertAuditClean(machine);
+    }
 }
