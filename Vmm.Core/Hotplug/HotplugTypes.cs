@@ -33,8 +33,8 @@ public readonly record struct MemoryNotification(long StartPfn, long PageCount, 
 /// that changes the block's state, under the machine's hotplug lock: it must not change a block's state
 /// itself (that throws <see cref="InvalidOperationException"/>).
 /// </summary>
-/// <remarks>Instances are immutable (a delegate): safe to share between threads; the chain calls one
-/// callback at a time, on the thread that changes the block.</remarks>
+/// <remarks>Callbacks are called one at a time (the hotplug lock serialises the changes), but on whatever
+/// thread changes a block's state: a callback that shares state with other threads must be thread-safe.</remarks>
 /// <param name="action">the event.</param>
 /// <param name="notification">the block.</param>
 /// <returns><see cref="Errno.None"/>; any other value from a GOING_ event vetoes the change (the caller

@@ -24,6 +24,9 @@ public sealed partial class Ksm
 
     private bool _offlining; // KSM_RUN_OFFLINE; protected by the thread mutex
 
+    /// <summary>KSM's place on the memory notifier chain (tests dispose it to show what the Audit catches without the callback).</summary>
+    internal IDisposable MemoryNotifierRegistration { get; }
+
     /// <summary>True between MEM_GOING_OFFLINE and MEM_OFFLINE / MEM_CANCEL_OFFLINE (for tests).</summary>
     internal bool IsOfflining
     {

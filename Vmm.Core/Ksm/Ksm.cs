@@ -135,7 +135,7 @@ public sealed partial class Ksm
         _unstableMask = InitialBuckets - 1;
         _nodeCount = nodes;
         _domainSecrets[0] = NewSecret();
-        machine.Hotplug.RegisterNotifier(MemoryCallback, MemoryCallbackPriority);
+        MemoryNotifierRegistration = machine.Hotplug.RegisterNotifier(MemoryCallback, MemoryCallbackPriority);
     }
 
     // ================================================================================================

@@ -54,4 +54,98 @@ public sealed class OfflineCycleTests
         Assert.That(upper.Online(), Is.EqualTo(Errno.None));
         TestMachines.AssertAuditClean(machine);
     }
+    private static long[] ManagedPerZone(Machine machine) =>
+        [.. machine.GetStats().Nodes.SelectMany(n => n.Zones).Select(z => z.ManagedPages)];
+
+    [Test]
+    public void Repeated_offline_and_online_cycles_leak_nothing()
+    {
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        MemoryBlock block = machine.Hotplug.GetBlock(1); // node 0's MOVABLE block
+        long[] managedAtBoot = ManagedPerZone(machine);
+        long freeAtBoot = machine.GetStats().AllFreePages;
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        const int pages = 1500;
+        long freeAfterCycle = -1, descriptorsAfterCycle = -1;
+        for (int cycle = 0; cycle < 6; cycle++)
+        {
+            ulong va = p.Mmap((ulong)pages * Page);
+            byte[] data = WriteRandomPages(p, va, pages, seed: 20 + cycle);
+            int inBlock = PagesIn(machine, p, va, pages, block);
+            Assert.That(inBlock, Is.GreaterThan(pages / 2), $"cycle {cycle}: the pages start in the block");
+
+            OfflineResult result = block.Offline();
+            Assert.That(result.Error, Is.EqualTo(Errno.None), $"cycle {cycle}: {string.Join("; ", result.Blockers)}");
+            Assert.That(result.PagesMoved, Is.EqualTo(inBlock));
+            Assert.That(ReadPages(p, va, pages), Is.EqualTo(data), $"cycle {cycle}: contents after the offline");
+            for (long section = machine.MemMap.SectionOf(block.StartPfn); section < machine.MemMap.SectionOf(block.StartPfn + block.Frames); section++)
+                Assert.That(machine.MemMap.IsSectionInitialised(section), Is.False, $"cycle {cycle}: the block's descriptors went back");
+            long initialised = Enumerable.Range(0, (int)machine.MemMap.SectionCount).Count(s => machine.MemMap.IsSectionInitialised(s));
+            Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(initialised * machine.MemMap.FramesPerSection * 64), $"cycle {cycle}: descriptor memory counts the initialised sections");
+            TestMachines.AssertAuditClean(machine, $"cycle {cycle}, offline");
+
+            Assert.That(block.Online(ZoneType.Movable), Is.EqualTo(Errno.None));
+            Assert.That(ManagedPerZone(machine), Is.EqualTo(managedAtBoot), $"cycle {cycle}: every zone manages what it did at boot");
+            Assert.That(p.Munmap(va, (ulong)pages * Page), Is.EqualTo(Errno.None));
+            machine.Tlb.Flush();
+            TestMachines.AssertAuditClean(machine, $"cycle {cycle}, online");
+
+            MachineStats stats = machine.GetStats();
+            if (cycle > 0)
+            {
+                Assert.That(stats.AllFreePages, Is.EqualTo(freeAfterCycle), $"cycle {cycle}: every frame came back");
+                Assert.That(stats.DescriptorBytes, Is.EqualTo(descriptorsAfterCycle), $"cycle {cycle}: descriptor memory does not grow");
+            }
+            freeAfterCycle = stats.AllFreePages;
+            descriptorsAfterCycle = stats.DescriptorBytes;
+        }
+        Assert.That(machine.Hotplug.OfflineCount, Is.EqualTo(6));
+        Assert.That(machine.Hotplug.OnlineCount, Is.EqualTo(6));
+        p.Exit();
+        machine.Tlb.Flush();
+        long zeroPage = machine.ZeroPagePfnIfAllocated >= 0 ? 1 : 0;
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeAtBoot - zeroPage), "every frame is free after the exit");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void An_offlined_block_gives_its_touched_memory_back_to_the_host_and_online_takes_none()
+    {
+        if (!OperatingSystem.IsLinux())
+            Assert.Ignore("RSS is read from /proc");
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        if (!machine.ReturnsMemoryToHost)
+            Assert.Ignore("this arena cannot lower the host's RSS");
+        MemoryBlock block = machine.Hotplug.GetBlock(1);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        const int pages = 1900;
+        ulong va = p.Mmap((ulong)pages * Page);
+        WriteRandomPages(p, va, pages, seed: 30);
+        long touched = PagesIn(machine, p, va, pages, block) * (long)Page;
+        Assert.That(touched, Is.GreaterThan(6L << 20), "most of the block is touched");
+        // Freed, the frames stay resident (nothing gives free memory back until asked): the offline must.
+        Assert.That(p.Munmap(va, (ulong)pages * Page), Is.EqualTo(Errno.None));
+        machine.Tlb.Flush();
+        long descriptorsBefore = machine.GetStats().DescriptorBytes;
+        GC.Collect();
+        long before = HostMemory.ReadRssBytes();
+
+        OfflineResult result = block.Offline();
+        Assert.That(result.Error, Is.EqualTo(Errno.None));
+        Assert.That(result.PagesMoved, Is.Zero, "nothing was in use");
+        GC.Collect();
+        long offline = HostMemory.ReadRssBytes();
+        long descriptorsOffline = machine.GetStats().DescriptorBytes;
+
+        Assert.That(before - offline, Is.GreaterThanOrEqualTo(touched * 9 / 10),
+            $"RSS {before >> 10} -> {offline >> 10} KiB: the block's {touched >> 10} KiB touched left the process");
+        Assert.That(descriptorsOffline, Is.EqualTo(descriptorsBefore - (block.Frames * 64)), "the block's descriptors went back too");
+
+        Assert.That(block.Online(), Is.EqualTo(Errno.None));
+        GC.Collect();
+        long online = HostMemory.ReadRssBytes();
+        Assert.That(online - offline, Is.LessThan(touched / 4), $"RSS {offline >> 10} -> {online >> 10} KiB: online commits nothing");
+        Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(descriptorsOffline), "nor any descriptor");
+        TestMachines.AssertAuditClean(machine);
+    }
 }
