@@ -148,4 +148,63 @@ public sealed class OfflineCycleTests
         Assert.That(machine.GetStats().DescriptorBytes, Is.EqualTo(descriptorsOffline), "nor any descriptor");
         TestMachines.AssertAuditClean(machine);
     }
+
+    [Test]
+    public void With_background_threads_the_give_back_follows_the_offline_and_WaitForMemoryRelease_waits_for_it()
+    {
+        if (!OperatingSystem.IsLinux())
+            Assert.Ignore("RSS is read from /proc");
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes with { EnableKsm = false });
+        if (!machine.ReturnsMemoryToHost)
+            Assert.Ignore("this arena cannot lower the host's RSS");
+        MemoryBlock block = machine.Hotplug.GetBlock(1);
+        VmProcess p = machine.CreateProcess(homeNode: 0);
+        const int pages = 1900;
+        ulong va = p.Mmap((ulong)pages * Page);
+        WriteRandomPages(p, va, pages, seed: 31);
+        long touched = PagesIn(machine, p, va, pages, block) * (long)Page;
+        Assert.That(p.Munmap(va, (ulong)pages * Page), Is.EqualTo(Errno.None));
+        machine.Tlb.Flush();
+        GC.Collect();
+        long before = HostMemory.ReadRssBytes();
+
+        Assert.That(block.Offline().Error, Is.EqualTo(Errno.None));
+        machine.Hotplug.WaitForMemoryRelease();
+        Assert.That(machine.Hotplug.GiveBackPendingCount, Is.Zero);
+        GC.Collect();
+        long after = HostMemory.ReadRssBytes();
+        Assert.That(before - after, Is.GreaterThanOrEqualTo(touched * 9 / 10),
+            $"RSS {before >> 10} -> {after >> 10} KiB: the block's {touched >> 10} KiB touched left the process");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void An_online_that_overtakes_the_background_give_back_hands_out_frames_that_read_zero()
+    {
+        // The frames of an onlined block come back marked zero (PG_zeroed: not zeroed again when allocated),
+        // so the online must give the old contents back first if the worker has not yet.
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes with { EnableKsm = false });
+        MemoryBlock block = machine.Hotplug.GetBlock(1);
+        for (int round = 0; round < 5; round++)
+        {
+            VmProcess p = machine.CreateProcess(homeNode: 0);
+            const int pages = 1900;
+            ulong va = p.Mmap((ulong)pages * Page);
+            p.Fill(va, (ulong)pages * Page, 0xC3);
+            Assert.That(p.Munmap(va, (ulong)pages * Page), Is.EqualTo(Errno.None));
+            machine.Tlb.Flush();
+            Assert.That(block.Offline().Error, Is.EqualTo(Errno.None));
+            Assert.That(block.Online(ZoneType.Movable), Is.EqualTo(Errno.None), "at once: the worker may not have run");
+            Assert.That(machine.Hotplug.GiveBackPendingCount, Is.Zero, "the online gave the block back itself");
+            ulong fresh = p.Mmap((ulong)pages * Page);
+            var page = new byte[Page];
+            for (int i = 0; i < pages; i++)
+            {
+                p.Read(fresh + (ulong)i * Page, page);
+                Assert.That(Array.IndexOf(page, (byte)0xC3), Is.EqualTo(-1), $"round {round}, page {i}: an old byte came back");
+            }
+            p.Exit();
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
 }
