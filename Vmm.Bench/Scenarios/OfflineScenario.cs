@@ -53,7 +53,9 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             BlockSizeBytes = blockBytes,
             MovableBlocksPerNode = 1,
             MinFreeKbytes = 0,
-            BackgroundThreads = false, // no worker giving free frames back to the host in the middle of a measurement
+            // As a host runs it: the offline hands the block's give-back to the hotplug worker, which the
+            // round then waits for (WaitForMemoryRelease, timed apart as giveback_ms) before going on.
+            BackgroundThreads = true,
         });
         int target = BlocksPerNode - 1; // node 0's ZONE_MOVABLE block
         MemoryBlock block = machine.Hotplug.GetBlock(target);
@@ -98,6 +100,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
         var ksmInBlock = new List<int>();
         var decommitNs = new List<double>();
         var offlineCpuMs = new List<double>();
+        var giveBackMs = new List<double>();
         using var scratch = new Arena(new Topology(1, 1, blockBytes));
         long pagesMoved = -1;
         int passes = 0;
@@ -118,6 +121,9 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             OfflineResult result = block.Offline();
             double offline = Stopwatch.GetElapsedTime(start).TotalMilliseconds;
             double offlineCpu = (ThreadCpu.Nanoseconds() - cpuStart) / 1e6;
+            long giveBackStart = Stopwatch.GetTimestamp();
+            machine.Hotplug.WaitForMemoryRelease();
+            double giveBack = Stopwatch.GetElapsedTime(giveBackStart).TotalMilliseconds;
             if (!result.Succeeded)
                 throw new InvalidOperationException($"round {round}: offline failed with {result.Error} after {result.Passes} passes: {string.Join("; ", result.Blockers)}");
             if (result.PagesMoved != frames)
@@ -134,12 +140,13 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
                 throw new InvalidOperationException($"round {round}: online failed with {online}, state {block.State}");
 
             Console.WriteLine($"round {round}{(round < warm ? " (warm-up)" : "")}: offline {offline:F2} ms ({offlineCpu:F2} ms CPU, {result.Passes} passes, {result.PagesMoved} pages, " +
-                              $"{(double)result.PagesMoved * Topology.PageSize / offline / 1e6:F2} GB/s), online {onlineTime:F2} ms, " +
+                              $"{(double)result.PagesMoved * Topology.PageSize / offline / 1e6:F2} GB/s), online {onlineTime:F2} ms, give-back after it {giveBack:F2} ms, " +
                               $"memcpy of the block {copy / 1e6:F2} ms, madvise(DONTNEED) of a block {decommit / 1e6:F2} ms{(ksm ? $", {ksmPages} KSM pages in the block" : "")}");
             if (round < warm)
                 continue;
             offlineMs.Add(offline);
             offlineCpuMs.Add(offlineCpu);
+            giveBackMs.Add(giveBack);
             onlineMs.Add(onlineTime);
             memcpyNs.Add(copy);
             decommitNs.Add(decommit);
@@ -172,6 +179,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             new("memcpy_gbps", memcpyGbps),
             new("move_pct_of_memcpy", 100 * moveGbps / memcpyGbps),
             new("offline_cpu_ms", MmScenario.Median(offlineCpuMs)),
+            new("giveback_ms", MmScenario.Median(giveBackMs)),
             new("host_decommit_ms", MmScenario.Median(decommitNs) / 1e6),
             new("offline_ms_min", offlineMs.Min()),
             new("offline_ms_max", offlineMs.Max()),
