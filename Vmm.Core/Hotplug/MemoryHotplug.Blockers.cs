@@ -26,22 +26,10 @@ public sealed partial class MemoryHotplug
         var blockers = new List<OfflineBlocker>();
         long start = block.StartPfn, end = start + block.Frames;
         long inUse = 0;
-        for (long pfn = start; pfn < end; pfn++)
+        for (long pfn = NextNotFree(start, end); pfn < end; pfn = NextNotFree(pfn + 1, end))
         {
-            if (!memMap.IsInitialised(pfn))
-            {
-                pfn += memMap.FramesPerSection - 1 - (pfn & (memMap.FramesPerSection - 1));
-                continue;
-            }
             ref PageDescriptor page = ref memMap[pfn];
-            ulong flags = Volatile.Read(ref page.Flags);
-            if ((flags & (ulong)PageFlags.Buddy) != 0)
-            {
-                int order = (int)Math.Min(Volatile.Read(ref page.Private), (ulong)PageAllocator.MaxOrder);
-                pfn += (1L << order) - 1 - (pfn & ((1L << order) - 1));
-                continue;
-            }
-            if (Volatile.Read(ref page.RefCount) == 0 || (flags & (ulong)PageFlags.HWPoison) != 0)
+            if (Volatile.Read(ref page.RefCount) == 0 || (Volatile.Read(ref page.Flags) & (ulong)PageFlags.HWPoison) != 0)
                 continue;
             inUse++;
             if (blockers.Count >= MaxBlockersReported)

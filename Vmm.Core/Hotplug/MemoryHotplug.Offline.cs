@@ -215,22 +215,9 @@ public sealed partial class MemoryHotplug
         Func<long, long> allocate = _ => allocator.AllocPagesNodemask(0, AllocFlags.Movable | AllocFlags.NoZero, node, targets);
         try
         {
-            for (long pfn = start; pfn < end; pfn++)
+            for (long pfn = NextNotFree(start, end); pfn < end; pfn = NextNotFree(pfn + 1, end))
             {
-                if (!memMap.IsInitialised(pfn))
-                {
-                    pfn += memMap.FramesPerSection - 1 - (pfn & (memMap.FramesPerSection - 1));
-                    continue;
-                }
-                ref PageDescriptor page = ref memMap[pfn];
-                ulong flags = Volatile.Read(ref page.Flags);
-                if ((flags & (ulong)PageFlags.Buddy) != 0)
-                {
-                    // Racy read of a free block's order: a wrong skip only leaves a page for the next pass.
-                    int order = (int)Math.Min(Volatile.Read(ref page.Private), (ulong)PageAllocator.MaxOrder);
-                    pfn += (1L << order) - 1 - (pfn & ((1L << order) - 1));
-                    continue;
-                }
+                ulong flags = Volatile.Read(ref memMap[pfn].Flags);
                 if ((flags & (ulong)PageFlags.Lru) == 0 || (flags & (ulong)PageFlags.Tail) != 0)
                     continue;
                 // Isolation needs a reference of our own (get_page_unless_zero: the page may be freed meanwhile).
@@ -284,25 +271,38 @@ public sealed partial class MemoryHotplug
     {
         MemMap memMap = _machine.MemMap;
         long used = 0;
-        for (long pfn = start; pfn < end; pfn++)
+        for (long pfn = NextNotFree(start, end); pfn < end; pfn = NextNotFree(pfn + 1, end))
         {
-            if (!memMap.IsInitialised(pfn))
-            {
-                pfn += memMap.FramesPerSection - 1 - (pfn & (memMap.FramesPerSection - 1));
-                continue;
-            }
             ref PageDescriptor page = ref memMap[pfn];
-            ulong flags = Volatile.Read(ref page.Flags);
-            if ((flags & (ulong)PageFlags.Buddy) != 0)
-            {
-                int order = (int)Math.Min(Volatile.Read(ref page.Private), (ulong)PageAllocator.MaxOrder);
-                pfn += (1L << order) - 1 - (pfn & ((1L << order) - 1));
-                continue;
-            }
-            if (Volatile.Read(ref page.RefCount) > 0 && (flags & (ulong)PageFlags.HWPoison) == 0)
+            if (Volatile.Read(ref page.RefCount) > 0 && (Volatile.Read(ref page.Flags) & (ulong)PageFlags.HWPoison) == 0)
                 used++;
         }
         return used;
+    }
+
+    /// <summary>
+    /// The first frame of [<paramref name="pfn"/>, <paramref name="end"/>) that is not known free, or
+    /// <paramref name="end"/>: sections never initialised and free buddy blocks are skipped whole. The
+    /// reads are racy (the machine keeps running): a wrong skip only leaves a page for the next pass, and
+    /// the final word is TestBlockIsolated's, under the zone lock.
+    /// </summary>
+    private long NextNotFree(long pfn, long end)
+    {
+        MemMap memMap = _machine.MemMap;
+        while (pfn < end)
+        {
+            if (!memMap.IsInitialised(pfn))
+            {
+                pfn += memMap.FramesPerSection - (pfn & (memMap.FramesPerSection - 1));
+                continue;
+            }
+            ref PageDescriptor page = ref memMap[pfn];
+            if ((Volatile.Read(ref page.Flags) & (ulong)PageFlags.Buddy) == 0)
+                return pfn;
+            int order = (int)Math.Min(Volatile.Read(ref page.Private), (ulong)PageAllocator.MaxOrder);
+            pfn += (1L << order) - (pfn & ((1L << order) - 1));
+        }
+        return end;
     }
 
     // ================================================================================================
