@@ -257,7 +257,25 @@ internal sealed unsafe class RmapWalker
     /// <paramref name="invalidVma"/> may exclude VMAs (whose mappings then stay). Returns true if no
     /// mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
     /// </summary>
-    public bool TryToUnmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma)
+    public bool TryToUnmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma) =>
+        Unmap(pfn, entryFor, invalidVma, dropRss: false);
+
+    /// <summary>
+    /// try_to_unmap with TTU_HWPOISON (memory failure): every PTE that maps <paramref name="pfn"/> becomes
+    /// a hwpoison entry, so that an access there is a bus error. Each mapping's mapcount, reference and
+    /// RSS go (Linux's dec_mm_counter: the entry counts in no RSS); a dirty bit moves to PG_dirty. One
+    /// flush at the end, after which no thread reaches the frame through a stale translation. Returns
+    /// true if no mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    public bool TryToUnmapPoisoned(long pfn) => Unmap(pfn, static pte => Pte.HwPoisonEntry(pte.Pfn), invalidVma: null, dropRss: true);
+
+    /// <summary>
+    /// The body of both unmaps: each PTE that maps <paramref name="pfn"/> becomes the entry
+    /// <paramref name="entryFor"/> gives, losing its mapcount and reference (and, with
+    /// <paramref name="dropRss"/>, its RSS count: an entry that counts in no RSS), a dirty bit moved to
+    /// PG_dirty; one flush at the end. Preconditions: the page lock is held; the caller holds its own reference.
+    /// </summary>
+    private bool Unmap(long pfn, Func<Pte, Pte> entryFor, Func<Vma, bool>? invalidVma, bool dropRss)
     {
         LockAssert.PageLocked(_machine.PageLock, pfn);
         LockAssert.Referenced(_machine.MemMap, pfn);
@@ -274,6 +292,8 @@ internal sealed unsafe class RmapWalker
                         if (old.IsDirty)
                             memMap.SetFlag(page, PageFlags.Dirty);
                         Interlocked.Decrement(ref memMap[page].MapCount);
+                        if (dropRss)
+                            Interlocked.Decrement(ref vma.IsShared ? ref vma.Mm.RssShmem : ref vma.Mm.RssAnon);
                         // The entry holds no reference.
                         if (memMap.PutPageTestZero(page))
                             throw new VmBugException($"try_to_unmap dropped the last reference of frame {page}");
@@ -284,47 +304,6 @@ internal sealed unsafe class RmapWalker
             },
             Done = page => memMap.MapCount(page) == 0,
             InvalidVma = invalidVma,
-        });
-        foreach (AddressSpace mm in touched)
-            mm.BumpGeneration();
-        if (touched.Count > 0)
-            _machine.Tlb.Flush();
-        return memMap.MapCount(pfn) == 0;
-    }
-
-    /// <summary>
-    /// try_to_unmap with TTU_HWPOISON (memory failure): every PTE that maps <paramref name="pfn"/> becomes
-    /// a hwpoison entry, so that an access there is a bus error. Each mapping's mapcount, reference and
-    /// RSS go (Linux's dec_mm_counter: the entry counts in no RSS); a dirty bit moves to PG_dirty. One
-    /// flush at the end, after which no thread reaches the frame through a stale translation. Returns
-    /// true if no mapping is left. Preconditions: the page lock is held; the caller holds its own reference.
-    /// </summary>
-    public bool TryToUnmapPoisoned(long pfn)
-    {
-        LockAssert.PageLocked(_machine.PageLock, pfn);
-        LockAssert.Referenced(_machine.MemMap, pfn);
-        MemMap memMap = _machine.MemMap;
-        var touched = new HashSet<AddressSpace>();
-        Walk(pfn, new RmapWalkControl
-        {
-            RmapOne = (page, vma, address) =>
-            {
-                bool unmapped = ChangePte(vma, address,
-                    pte => pte.IsPresent && !pte.IsSpecial && pte.Pfn == page ? Pte.HwPoisonEntry(page) : null,
-                    old =>
-                    {
-                        if (old.IsDirty)
-                            memMap.SetFlag(page, PageFlags.Dirty);
-                        Interlocked.Decrement(ref memMap[page].MapCount);
-                        Interlocked.Decrement(ref vma.IsShared ? ref vma.Mm.RssShmem : ref vma.Mm.RssAnon);
-                        if (memMap.PutPageTestZero(page))
-                            throw new VmBugException($"hwpoison unmap dropped the last reference of frame {page}");
-                    });
-                if (unmapped)
-                    touched.Add(vma.Mm);
-                return true;
-            },
-            Done = page => memMap.MapCount(page) == 0,
         });
         foreach (AddressSpace mm in touched)
             mm.BumpGeneration();
