@@ -240,6 +240,19 @@ internal sealed class MigrationEngine
     }
 
     /// <summary>
+    /// The one way a mover (offline, compaction, alloc_contig_range) takes a page it found by pfn for
+    /// migration: folio_isolate_lru for a page on an LRU list, isolate_movable_ops_page for a non-LRU
+    /// movable page (its owner's isolate callback). On true the page is isolated and holds one more
+    /// reference, the isolation's, which <see cref="MigratePages"/> or <see cref="PutbackMovablePages"/>
+    /// drops. Preconditions: the caller holds a reference of its own; no page lock held.
+    /// </summary>
+    public bool IsolatePage(long pfn, IsolateMode mode)
+    {
+        _ = mode; // for the owners of non-LRU movable pages (issue 13)
+        return _machine.Lru.Isolate(pfn);
+    }
+
+    /// <summary>
     /// putback_movable_pages: gives back every page left on <paramref name="from"/> after
     /// <see cref="MigratePages"/> (each loses its isolation reference) and empties the list.
     /// </summary>

@@ -157,6 +157,21 @@ public readonly record struct NodeMask(ulong Bits)
     }
 }
 
+/// <summary>
+/// How a mover isolates a page for migration (Linux's isolate_mode_t, with its values): passed to
+/// a movable page owner's isolate callback (movable_operations), so an owner can refuse work it cannot do without blocking.
+/// </summary>
+[Flags]
+public enum IsolateMode
+{
+    /// <summary>No restriction.</summary>
+    None = 0,
+    /// <summary>ISOLATE_ASYNC_MIGRATE: the migration that follows is asynchronous (compaction's first tries): never block.</summary>
+    AsyncMigrate = 0x4,
+    /// <summary>ISOLATE_UNEVICTABLE: unevictable (mlocked) pages may be taken too.</summary>
+    Unevictable = 0x8,
+}
+
 /// <summary>How hard a migration may try (Linux's enum migrate_mode).</summary>
 public enum MigrateMode
 {
