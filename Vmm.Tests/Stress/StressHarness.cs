@@ -17,6 +17,10 @@ internal sealed class StressRegion(VmProcess process, ulong baseVa, int pages, R
     public int Writer { get; } = writer;
     public ulong[] Shadow { get; } = new ulong[pages * StressHarness.Words];
     public object Lock { get; } = new();
+
+    /// <summary>Per page, how many times a writer dropped it (MADV_DONTNEED); a pin taken before a drop holds a frame the region no longer maps. Under <see cref="Lock"/>.</summary>
+    public int[] Drops { get; } = new int[pages];
+
     public ulong Length => (ulong)Pages * StressHarness.Page;
     public ulong PageVa(int page) => Base + (ulong)page * StressHarness.Page;
     public override string ToString() => $"{Kind} region of writer {Writer} in {Process}";
@@ -211,13 +215,19 @@ internal sealed class StressHarness
         Interlocked.Increment(ref Checks);
     }
 
-    /// <summary>Writes one word through a pin (a device's DMA) and into the shadow, under the region's lock.</summary>
-    public void PinnedWrite(StressRegion region, ulong va, PinnedMemory pin, Random random)
+    /// <summary>
+    /// Writes one word through a pin (a device's DMA) and into the shadow, under the region's lock; unless
+    /// a writer dropped the page since <paramref name="drops"/> was read (before the pin): then the pinned
+    /// frame may be one the region no longer maps, and a write into it is, as in Linux, seen by nobody.
+    /// </summary>
+    public void PinnedWrite(StressRegion region, ulong va, PinnedMemory pin, int drops, Random random)
     {
         int page = (int)((va - region.Base) / Page), w = random.Next(Words);
         ulong v = 0x00DD_0000_0000_0000UL | ((ulong)region.Writer << 56) | (ulong)Interlocked.Increment(ref PinnedWrites);
         lock (region.Lock)
         {
+            if (region.Drops[page] != drops)
+                return;
             BitConverter.TryWriteBytes(pin.GetSpan(0).Slice(w * 8, 8), v);
             region.Shadow[page * Words + w] = v;
         }
@@ -231,6 +241,9 @@ internal sealed class StressHarness
     /// </summary>
     public bool PinAndWrite(StressRegion region, VmProcess through, ulong va, bool write, bool longTerm, Random random, Action<PinnedMemory> hold)
     {
+        int drops;
+        lock (region.Lock)
+            drops = region.Drops[(int)((va - region.Base) / Page)];
         PinnedMemory pin;
         try
         {
@@ -244,10 +257,10 @@ internal sealed class StressHarness
         {
             Interlocked.Increment(ref Pins);
             if (write)
-                PinnedWrite(region, va, pin, random);
+                PinnedWrite(region, va, pin, drops, random);
             hold(pin);
             if (write)
-                PinnedWrite(region, va, pin, random);
+                PinnedWrite(region, va, pin, drops, random);
         }
         return true;
     }
@@ -302,6 +315,7 @@ internal sealed class StressHarness
                         if (e != Errno.None)
                             Fail($"{region}: MADV_DONTNEED of page {target} returned {e}");
                         Array.Clear(region.Shadow, target * Words, Words);
+                        region.Drops[target]++;
                         Interlocked.Increment(ref Drops);
                     }
                     else
