@@ -40,9 +40,10 @@ namespace Vmm;
 /// that hands them out throws <see cref="ObjectDisposedException"/>, and so does the span of a Memory
 /// taken earlier; a span taken earlier cannot be recalled (if the machine is disposed first, it reads
 /// zeros, never unmapped memory, until the buffer is disposed).</para>
-/// <para>Thread safety: every member but <see cref="Dispose"/> may be used concurrently from multiple
-/// threads; the bytes themselves are the host's to synchronise, as any shared memory is. Dispose must not
-/// race with users of the spans (a span taken before Dispose points at frames the buffer no longer holds).
+/// <para>Not thread-safe with respect to <see cref="Dispose"/>: every other member, and the spans and
+/// Memory it hands out, may be used concurrently from multiple threads (the bytes themselves are the
+/// host's to synchronise, as any shared memory is), but Dispose must not race with them (a span taken
+/// before Dispose points at frames the buffer no longer holds).
 /// Dispose is idempotent (concurrent Disposes are harmless), and after the machine's Dispose it only lets
 /// go of the arena's address range.</para>
 /// </remarks>

@@ -116,7 +116,16 @@ internal sealed unsafe partial class PageAllocator
     private long FreeBlockHeadLocked(Zone zone, long pfn)
     {
         LockAssert.Held(zone.Lock, "the zone lock");
-        for (int order = 0; order <= zone.MaxOrder; order++)
+        return FreeBlockHead(zone, pfn, minOrder: 0);
+    }
+
+    /// <summary>
+    /// The head of the free buddy block of order <paramref name="minOrder"/> or more that holds
+    /// <paramref name="pfn"/>, or NoPfn (a racy answer unless the caller holds the zone lock).
+    /// </summary>
+    private long FreeBlockHead(Zone zone, long pfn, int minOrder)
+    {
+        for (int order = minOrder; order <= zone.MaxOrder; order++)
         {
             long head = pfn & ~((1L << order) - 1);
             ref PageDescriptor block = ref _memMap[head];
