@@ -8,8 +8,8 @@
 //      nothing is allocated from them, and frames freed there stay there. A pageblock holding a page that
 //      can never move (a page table, a contiguous buffer) refuses: EBUSY, nothing changed;
 //   2. passes until every frame of the range is free on an ISOLATE list: drain the LRU add batches and
-//      the deferred puts, then isolate each page in use in the range through MigrationEngine.IsolatePage
-//      and migrate it (MR_CONTIG_RANGE, SYNC) to a frame allocated normally (it cannot land in the range:
+//      the deferred puts, then isolate each page in use in the range (on an LRU list: the batched fast
+//      path; any other: MigrationEngine.IsolatePage, which takes non-LRU movable pages) and migrate it (MR_CONTIG_RANGE, SYNC) to a frame allocated normally (it cannot land in the range:
 //      its pageblocks are ISOLATE), RangeMigration's walk, shared with memory offline. A pass that moved
 //      nothing counts as a try; the fifth try gives up with EBUSY (Linux's __alloc_contig_migrate_range
 //      "tries"), which is what a pinned page gives after its migration's own retries;
@@ -113,7 +113,7 @@ internal sealed class ContigAlloc(Machine machine)
                 machine.Lru.DrainAll();
                 machine.Tlb.Flush();
                 long movedThisPass = RangeMigration.MigrateRange(machine, startPfn, endPfn, allocate, MigrateReason.ContigRange,
-                    RangeIsolation.EachPage, cancellationToken, out bool outOfMemory);
+                    RangeIsolation.All, cancellationToken, out bool outOfMemory);
                 moved += movedThisPass;
                 AfterPass?.Invoke(pass);
                 if (allocator.TestRangeIsolated(startPfn, endPfn))

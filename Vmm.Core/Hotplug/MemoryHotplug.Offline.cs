@@ -199,7 +199,7 @@ public sealed partial class MemoryHotplug
     {
         PageAllocator allocator = _machine.Allocator;
         Func<long, long> allocate = _ => allocator.AllocPagesNodemask(0, AllocFlags.Movable | AllocFlags.NoZero, node, targets);
-        return RangeMigration.MigrateRange(_machine, start, end, allocate, MigrateReason.MemoryHotplug, RangeIsolation.LruBatched,
+        return RangeMigration.MigrateRange(_machine, start, end, allocate, MigrateReason.MemoryHotplug, RangeIsolation.LruOnly,
             CancellationToken.None, out outOfMemory);
     }
 
