@@ -112,6 +112,19 @@ public sealed class ContiguousBufferTests
     }
 
     [Test]
+    public void A_range_holding_a_live_buffer_is_refused_by_alloc_contig_range_at_isolation()
+    {
+        using Machine machine = TestMachines.Create(AllNormal);
+        using ContiguousBuffer buffer = machine.AllocateContiguous(64 << 10, node: 1);
+        long start = buffer.FirstPfn & ~(long)(PageAllocator.PageblockFrames - 1);
+        Assert.That(machine.Contig.AllocContigRange(start, start + PageAllocator.PageblockFrames, CancellationToken.None, out long moved),
+            Is.EqualTo(Errno.EBUSY), "a buffer's frames are unmovable");
+        Assert.That(moved, Is.Zero);
+        Assert.That(buffer.GetSpan().IndexOfAnyExcept((byte)0), Is.EqualTo(-1), "the buffer is untouched");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Misuse_throws_and_no_memory_throws_InsufficientMemoryException_leaving_nothing_allocated()
     {
         using Machine machine = TestMachines.Create(AllNormal);
