@@ -80,6 +80,7 @@ public sealed unsafe partial class Machine : IDisposable
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
+            Contig = new ContigAlloc(this);
             Hotplug = new MemoryHotplug(this);
             MemoryFailure = new MemoryFailure(this);
             Hotplug.ForgetPoisoned = MemoryFailure.Forget;

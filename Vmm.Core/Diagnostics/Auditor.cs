@@ -197,6 +197,7 @@ internal static unsafe class Auditor
         // frames (refcount 0). A frame held by none of these leaked: an orphan. A section whose descriptors
         // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
+        HashSet<long> contiguous = AuditContiguousBuffers(machine, problems);
         long inUse = 0, offline = 0;
         long poisonedFrames = 0;
         var deferred = new Dictionary<Zone, long>();
@@ -251,7 +252,7 @@ internal static unsafe class Auditor
                 CheckRetiredFrame(machine, pfn, tables.Contains(pfn) || mapcount.ContainsKey(pfn), problems);
                 continue;
             }
-            if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
+            if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn) || contiguous.Contains(pfn))
                 continue;
             if (page.PinCount > 0)
             {
@@ -279,6 +280,39 @@ internal static unsafe class Auditor
         AuditCpusetsAndPolicies(machine, problems);
         AuditLongtermPins(machine, problems);
         return problems;
+    }
+
+    /// <summary>
+    /// Contiguous buffers (Machine.AllocateContiguous): every frame of a live one is held by the buffer's
+    /// one reference alone (no mapping, pin, page cache or LRU list), lies in an online ZONE_NORMAL block
+    /// and belongs to no other buffer. Returns the frames, which the orphan check then counts as owned.
+    /// </summary>
+    private static HashSet<long> AuditContiguousBuffers(Machine machine, List<string> problems)
+    {
+        MemMap memMap = machine.MemMap;
+        var frames = new HashSet<long>();
+        foreach (ContiguousBuffer buffer in machine.ContiguousBuffers.Snapshot())
+        {
+            if (buffer.IsDisposed)
+                continue; // a Dispose in progress (Audit is exact only when nothing else runs)
+            for (long pfn = buffer.FirstPfn; pfn < buffer.FirstPfn + buffer.PageCount; pfn++)
+            {
+                if (!frames.Add(pfn))
+                    problems.Add($"frame {pfn} belongs to two contiguous buffers");
+                if (!machine.Allocator.IsPfnOnline(pfn) || !memMap.IsInitialised(pfn))
+                {
+                    problems.Add($"frame {pfn} of a live {buffer} is in a block that is not online");
+                    continue;
+                }
+                ref PageDescriptor page = ref memMap[pfn];
+                if (page.RefCount != 1 || page.MapCount != -1 || page.PinCount != 0 || page.Mapping != 0 ||
+                    (page.Flags & (ulong)(PageFlags.Buddy | PageFlags.Lru | PageFlags.Head | PageFlags.Tail)) != 0)
+                    problems.Add($"frame {pfn} of a live {buffer}: refcount {page.RefCount}, mapcount {page.MapCount}, pincount {page.PinCount}, mapping {page.Mapping:x}, flags {(PageFlags)page.Flags}; expected only the buffer's reference");
+                if (machine.Allocator.ZoneTypeOf(pfn) != ZoneType.Normal)
+                    problems.Add($"frame {pfn} of a live {buffer} lies in {machine.Allocator.ZoneTypeOf(pfn)}, not ZONE_NORMAL");
+            }
+        }
+        return frames;
     }
 
     /// <summary>

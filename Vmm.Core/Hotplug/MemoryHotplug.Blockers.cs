@@ -78,6 +78,9 @@ public sealed partial class MemoryHotplug
         PageAllocator allocator = _machine.Allocator;
         if (!memMap.IsInitialised(pfn))
             return null;
+        if (_machine.ContiguousBuffers.Find(pfn) is { } buffer)
+            return new OfflineBlocker(pfn, OfflineBlockReason.ContiguousBuffer, -1, 0,
+                $"frame {pfn} belongs to a {buffer} (Machine.AllocateContiguous): unmovable until the buffer is disposed");
         if (pfn == _machine.ZeroPagePfnIfAllocated)
             return new OfflineBlocker(pfn, OfflineBlockReason.Reserved, -1, 0, $"frame {pfn} is the shared zero page (reserved, never migrated)");
         var flags = memMap.RawFlags(pfn);

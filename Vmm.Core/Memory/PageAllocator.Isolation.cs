@@ -140,17 +140,7 @@ internal sealed unsafe partial class PageAllocator
     }
 
     /// <summary>The head of a free block larger than a pageblock that covers <paramref name="pageblockPfn"/>, or NoPfn.</summary>
-    private long CoveringFreeBlock(Zone zone, long pageblockPfn)
-    {
-        for (int o = PageblockOrder; o <= zone.MaxOrder; o++)
-        {
-            long start = pageblockPfn & ~((1L << o) - 1);
-            ref PageDescriptor page = ref _memMap[start];
-            if ((page.Flags & (ulong)PageFlags.Buddy) != 0 && (int)page.Private >= o)
-                return start;
-        }
-        return NoPfn;
-    }
+    private long CoveringFreeBlock(Zone zone, long pageblockPfn) => FreeBlockHead(zone, pageblockPfn, PageblockOrder);
 
     /// <summary>
     /// undo_isolate_page_range: gives the pageblocks of [start, end) back their type from before
