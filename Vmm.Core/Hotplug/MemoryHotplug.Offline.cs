@@ -7,7 +7,8 @@
 //      (a page table or the zero page in ZONE_NORMAL) refuses: EBUSY, nothing changed;
 //   2. the block is going-offline; the chain hears MEM_GOING_OFFLINE (a veto undoes everything);
 //   3. passes until the block is empty: drain the LRU add batches (lru_add_drain_all), isolate every
-//      page on an LRU list in the block and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
+//      page on an LRU list in the block (and every non-LRU movable page whose owner lets it go,
+//      MigrationEngine.IsolatePage) and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
 //      block's own node only when it is the only node with memory, as Linux does), then test that
 //      every frame is free on an ISOLATE list (or retired by memory failure). A pass that moved nothing
 //      yields the processor briefly, since what is left is transient (a fault between allocation and
@@ -198,7 +199,8 @@ public sealed partial class MemoryHotplug
 
     /// <summary>
     /// One pass of scan_movable_pages + do_migrate_range over [start, end): every page on an LRU list is
-    /// isolated (IsolateChunk at a time) and migrated (MigrateRun at a time); what did not move is put back.
+    /// isolated (IsolateChunk at a time), every non-LRU movable page through its owner, and migrated
+    /// (MigrateRun at a time); what did not move is put back.
     /// </summary>
     /// <returns>Pages moved.</returns>
     private long MigrateBlock(long start, long end, int node, ulong targets, out bool outOfMemory)
@@ -218,8 +220,23 @@ public sealed partial class MemoryHotplug
             for (long pfn = NextNotFree(start, end); pfn < end; pfn = NextNotFree(pfn + 1, end))
             {
                 ulong flags = Volatile.Read(ref memMap[pfn].Flags);
-                if ((flags & (ulong)PageFlags.Lru) == 0 || (flags & (ulong)PageFlags.Tail) != 0)
+                if ((flags & (ulong)PageFlags.Tail) != 0)
                     continue;
+                if ((flags & (ulong)PageFlags.Lru) == 0)
+                {
+                    // Not on an LRU list: a non-LRU movable page goes through the one isolation entry point,
+                    // which asks its owner (isolate_movable_ops_page). The rest is in transit or unmovable.
+                    if ((Volatile.Read(ref memMap[pfn].Mapping) & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable &&
+                        (flags & (ulong)PageFlags.Isolated) == 0 && memMap.TryGetPageUnlessZero(pfn))
+                    {
+                        if (engine.IsolatePage(pfn, IsolateMode.None))
+                            list.Add(pfn);
+                        _machine.PutPage(pfn); // the isolation holds its own reference
+                        if (list.Count >= MigrateRun)
+                            moved += MigrateList(list, allocate, ref outOfMemory);
+                    }
+                    continue;
+                }
                 // Isolation needs a reference of our own (get_page_unless_zero: the page may be freed meanwhile).
                 if (!memMap.TryGetPageUnlessZero(pfn))
                     continue;
