@@ -229,9 +229,15 @@ public sealed partial class MemoryHotplug
                     if ((Volatile.Read(ref memMap[pfn].Mapping) & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable &&
                         (flags & (ulong)PageFlags.Isolated) == 0 && memMap.TryGetPageUnlessZero(pfn))
                     {
-                        if (engine.IsolatePage(pfn, IsolateMode.None))
-                            list.Add(pfn);
-                        _machine.PutPage(pfn); // the isolation holds its own reference
+                        try
+                        {
+                            if (engine.IsolatePage(pfn, IsolateMode.None))
+                                list.Add(pfn);
+                        }
+                        finally
+                        {
+                            _machine.PutPage(pfn); // the isolation holds its own reference (an owner's callback may throw)
+                        }
                         if (list.Count >= MigrateRun)
                             moved += MigrateList(list, allocate, ref outOfMemory);
                     }
