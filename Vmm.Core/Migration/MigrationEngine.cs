@@ -32,6 +32,15 @@
 //      lru_lock round trip per 32 pages). For MigrateReason.MemoryFailure (soft offline) the old frame
 //      keeps one reference instead, which the caller turns into its retirement (migrate_folio_done).
 //
+// Non-LRU movable pages (movable_operations, MovableOperations.cs): IsolatePage asks the owner under a
+// trylocked page lock and sets PG_isolated (isolate_movable_ops_page). Classify sends such a page down a
+// path with no rmap work (it is never mapped); the move step asks the owner (MoveMovableOpsPage): None
+// moves the owner's tag and reference to the new frame and frees the old one (no LRU add: FinishMoved's
+// batching stays for LRU pages), EAGAIN is retried in the next pass, any other answer undoes both frames
+// and fails the page for the call. A page its owner freed while isolated (tag gone, PG_isolated set) is
+// done, as Linux counts it. PutbackMovablePages hands PG_isolated pages back to their owner
+// (putback_movable_ops_page). An owner's exception fails its page and is rethrown once the lists are consistent.
+//
 // The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
 // are retried in the next pass, permanent failures are not; ENOMEM (no new frame) stops the loop and
 // leaves the pages not tried on `from`. In SYNC and SYNC_LIGHT modes a batch is first tried in ASYNC
