@@ -47,7 +47,7 @@ public sealed class Balloon : MovableOperations
     private readonly Lock _lock = new();
 
     /// <summary>Ballooned frames a mover may isolate (b_dev_info->pages). Protected by _lock.</summary>
-    private readonly HashSet<long> _pages = [];
+    private readonly FrameList _pages = new();
 
     /// <summary>Ballooned frames a mover has isolated (counted by b_dev_info->isolated_pages). Protected by _lock.</summary>
     private readonly HashSet<long> _isolated = [];
@@ -143,14 +143,8 @@ public sealed class Balloon : MovableOperations
             // off it, no mover can isolate them (the callback refuses), so they are freed with no lock held.
             lock (_lock)
             {
-                foreach (long pfn in _pages)
-                {
-                    batch[n++] = pfn;
-                    if (n == want)
-                        break;
-                }
-                foreach (long pfn in batch[..n])
-                    _pages.Remove(pfn);
+                while (n < want && _pages.Count > 0)
+                    batch[n++] = _pages.RemoveLast();
             }
             if (n == 0)
                 break;
@@ -254,5 +248,50 @@ public sealed class Balloon : MovableOperations
                 if (!_pages.Contains(pfn) && !_isolated.Contains(pfn))
                     problems.Add($"balloon: frame {pfn} carries the balloon's tag but is not on its list");
         }
+    }
+
+    /// <summary>
+    /// The balloon's list: add, remove any frame (an isolation) and take the last (a deflate) in O(1),
+    /// so deflating a large balloon stays linear. Not thread-safe: used under the balloon's lock.
+    /// </summary>
+    private sealed class FrameList : IEnumerable<long>
+    {
+        private readonly List<long> _frames = [];
+        private readonly Dictionary<long, int> _index = [];
+
+        public int Count => _frames.Count;
+
+        public bool Contains(long pfn) => _index.ContainsKey(pfn);
+
+        public void Add(long pfn)
+        {
+            _index.Add(pfn, _frames.Count);
+            _frames.Add(pfn);
+        }
+
+        public bool Remove(long pfn)
+        {
+            if (!_index.Remove(pfn, out int at))
+                return false;
+            long last = _frames[^1];
+            _frames.RemoveAt(_frames.Count - 1);
+            if (last != pfn)
+            {
+                _frames[at] = last;
+                _index[last] = at;
+            }
+            return true;
+        }
+
+        public long RemoveLast()
+        {
+            long pfn = _frames[^1];
+            Remove(pfn);
+            return pfn;
+        }
+
+        public IEnumerator<long> GetEnumerator() => _frames.GetEnumerator();
+
+        System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
     }
 }

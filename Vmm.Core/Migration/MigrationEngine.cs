@@ -258,7 +258,8 @@ internal sealed class MigrationEngine
     /// migration: folio_isolate_lru for a page on an LRU list, isolate_movable_ops_page for a non-LRU
     /// movable page (its owner's isolate callback). On true the page is isolated and holds one more
     /// reference, the isolation's, which <see cref="MigratePages"/> or <see cref="PutbackMovablePages"/>
-    /// drops. Preconditions: the caller holds a reference of its own; no page lock held.
+    /// drops. Preconditions: the caller holds a reference of its own; no page lock, zone lock or lru_lock
+    /// held (a non-LRU movable page's owner is called, and takes its own lock).
     /// </summary>
     public bool IsolatePage(long pfn, IsolateMode mode)
     {
