@@ -97,6 +97,35 @@ public class BalloonTests
     }
 
     [Test]
+    public void A_refused_decommit_zeroes_the_ballooned_frame_instead()
+    {
+        using Machine machine = TestMachines.Create(TestMachines.OneNode with
+        {
+            FaultInjection = new FaultInjection { Sites = FaultSites.HostDecommit, Interval = 3 },
+        });
+        VmProcess p = machine.CreateProcess();
+        const int pages = 1024;
+        ulong va = p.Mmap((ulong)pages * Page);
+        p.Fill(va, (ulong)pages * Page, 0xC3);
+        Assert.That(p.Munmap(va, (ulong)pages * Page), Is.EqualTo(Errno.None));
+        machine.Tlb.Flush();
+
+        long taken = machine.Balloon.Inflate(2000);
+
+        Assert.That(taken, Is.EqualTo(2000), "a refused decommit does not stop the inflate");
+        Assert.That(machine.GetFaultInjectionStats().HostDecommitFailures, Is.GreaterThan(0), "some decommits were refused");
+        TestMachines.AssertAuditClean(machine);
+        machine.Balloon.Deflate(taken);
+        va = p.Mmap((ulong)pages * Page);
+        for (int i = 0; i < pages; i++)
+        {
+            p.Write<byte>(va + (ulong)i * Page, 1);
+            Assert.That(p.Read<long>(va + (ulong)i * Page + 8), Is.Zero, $"page {i}: a frame the balloon held reads zero, given back or zeroed");
+        }
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Inflate_stops_quietly_when_memory_runs_out()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
