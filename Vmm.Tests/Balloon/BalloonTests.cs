@@ -235,6 +235,25 @@ public class BalloonTests
     }
 
     [Test]
+    public void Memory_failure_of_a_balloon_frame_is_refused_and_changes_nothing()
+    {
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
+        machine.Balloon.Inflate(4);
+        List<long> frames = BalloonFrames(machine);
+
+        Errno hard = machine.HardOfflinePage(frames[0]);
+        Errno soft = machine.SoftOfflinePage(frames[1]);
+
+        Assert.That(hard, Is.Not.EqualTo(Errno.None), "memory failure handles LRU pages only: a balloon frame is refused");
+        Assert.That(soft, Is.Not.EqualTo(Errno.None));
+        Assert.That(BalloonFrames(machine), Is.EqualTo(frames), "the balloon keeps its frames");
+        Assert.That(machine.GetStats().PoisonedPages, Is.Zero);
+        TestMachines.AssertAuditClean(machine);
+        Assert.That(machine.Balloon.Deflate(4), Is.EqualTo(4));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Inflate_and_deflate_reject_negative_counts()
     {
         using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
