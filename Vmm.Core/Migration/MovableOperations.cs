@@ -34,8 +34,8 @@ namespace Vmm;
 /// from any thread that migrates pages, concurrently for different frames, with the frame's page lock
 /// held (both frames' for <see cref="MigratePage"/>); an implementation protects its own structures with
 /// its own lock, and must not call <see cref="MovablePages.FreePage"/> while holding a lock its callbacks
-/// take (the free waits for the page lock). Callbacks must not call back into
-/// <see cref="MovablePages.FreePage"/> for the frames they were called for. An owner belongs to the
+/// take (the free waits for the page lock). Callbacks must not call <see cref="MovablePages.FreePage"/>
+/// (it throws <see cref="InvalidOperationException"/> there). An owner belongs to the
 /// first machine it allocates a frame from.
 /// </remarks>
 public abstract class MovableOperations

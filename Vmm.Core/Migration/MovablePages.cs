@@ -8,7 +8,7 @@
 //
 // Locking: AllocatePage takes the allocator's locks and the owner's registration lock (a leaf); FreePage
 // takes the page lock (sleeping: never call it holding a lock the owner's callbacks take, nor from a
-// callback for the same frame) and then the registration lock; Read, Write and CopyPage take none (the
+// callback) and then the registration lock; Read, Write and CopyPage take none (the
 // owner serialises its own accesses with its migrate callback, as Linux's drivers do with their locks).
 using Vmm.Diagnostics;
 using Vmm.Memory;
@@ -91,7 +91,7 @@ public sealed unsafe class MovablePages
     /// </summary>
     /// <exception cref="ArgumentNullException"><paramref name="owner"/> is null.</exception>
     /// <exception cref="ArgumentException">the frame is not one of <paramref name="owner"/>'s.</exception>
-    /// <exception cref="InvalidOperationException">called from a callback for this frame (it would wait for itself).</exception>
+    /// <exception cref="InvalidOperationException">called from a movable_operations callback (it could wait for a page lock its own thread holds).</exception>
     /// <exception cref="ObjectDisposedException">the machine was disposed.</exception>
     public void FreePage(MovableOperations owner, long pfn)
     {
@@ -107,8 +107,10 @@ public sealed unsafe class MovablePages
     /// </summary>
     internal void Free(MovableOperations owner, long pfn, bool zeroed)
     {
-        if (t_inCallback && (pfn == t_callbackPfn || pfn == t_callbackNewPfn))
-            throw new InvalidOperationException($"frame {pfn} cannot be freed from a movable_operations callback for it (its page lock is held by the caller)");
+        // Not from a callback at all: it runs under page locks (its own frame's, and a migration batch may
+        // hold up to 1,024 more), and a free waits for a page lock, so it could wait for its own thread.
+        if (t_inCallback)
+            throw new InvalidOperationException($"frame {pfn} cannot be freed from a movable_operations callback (the caller holds page locks the free could wait for)");
         MemMap memMap = _machine.MemMap;
         // A reference of our own first: a wrong pfn may name a free frame, whose lock we must not touch.
         if (!_machine.Topology.IsValidPfn(pfn) || !_machine.Allocator.IsPfnOnline(pfn) || !memMap.IsInitialised(pfn) ||
