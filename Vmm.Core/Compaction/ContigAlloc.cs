@@ -113,7 +113,7 @@ internal sealed class ContigAlloc(Machine machine)
                 machine.Lru.DrainAll();
                 machine.Tlb.Flush();
                 long movedThisPass = RangeMigration.MigrateRange(machine, startPfn, endPfn, allocate, MigrateReason.ContigRange,
-                    RangeIsolation.All, cancellationToken, out bool outOfMemory);
+                    cancellationToken, out bool outOfMemory);
                 moved += movedThisPass;
                 AfterPass?.Invoke(pass);
                 if (allocator.TestRangeIsolated(startPfn, endPfn))
@@ -236,8 +236,9 @@ internal sealed class ContigAlloc(Machine machine)
                 return pfn;
             if (Volatile.Read(ref page.RefCount) == 0 || (flags & PageFlags.Tail) != 0)
                 continue; // free (on a per-CPU list, or just freed), or a tail whose head was looked at
-            if ((flags & (PageFlags.Lru | PageFlags.Movable)) == 0)
-                return pfn;
+            if ((flags & PageFlags.Lru) == 0 &&
+                (Volatile.Read(ref page.Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingMovable)
+                return pfn; // neither on an LRU list nor a non-LRU movable page (the tag, not a flag: design section 2)
             if ((flags & PageFlags.Head) != 0)
                 pfn += (1L << memMap[pfn].CompoundOrder) - 1;
         }

@@ -7,7 +7,8 @@
 //      (a page table or the zero page in ZONE_NORMAL) refuses: EBUSY, nothing changed;
 //   2. the block is going-offline; the chain hears MEM_GOING_OFFLINE (a veto undoes everything);
 //   3. passes until the block is empty: drain the LRU add batches (lru_add_drain_all), isolate every
-//      page on an LRU list in the block and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
+//      page on an LRU list in the block (and every non-LRU movable page whose owner lets it go,
+//      MigrationEngine.IsolatePage) and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
 //      block's own node only when it is the only node with memory, as Linux does), then test that
 //      every frame is free on an ISOLATE list (or retired by memory failure). A pass that moved nothing
 //      yields the processor briefly, since what is left is transient (a fault between allocation and
@@ -192,15 +193,15 @@ public sealed partial class MemoryHotplug
 
     /// <summary>
     /// One pass of scan_movable_pages + do_migrate_range over [start, end): every page on an LRU list is
-    /// isolated and migrated (RangeMigration, shared with alloc_contig_range); what did not move is put back.
+    /// isolated and migrated, and every non-LRU movable page through its owner (RangeMigration, shared with
+    /// alloc_contig_range); what did not move is put back.
     /// </summary>
     /// <returns>Pages moved.</returns>
     private long MigrateBlock(long start, long end, int node, ulong targets, out bool outOfMemory)
     {
         PageAllocator allocator = _machine.Allocator;
         Func<long, long> allocate = _ => allocator.AllocPagesNodemask(0, AllocFlags.Movable | AllocFlags.NoZero, node, targets);
-        return RangeMigration.MigrateRange(_machine, start, end, allocate, MigrateReason.MemoryHotplug, RangeIsolation.LruOnly,
-            CancellationToken.None, out outOfMemory);
+        return RangeMigration.MigrateRange(_machine, start, end, allocate, MigrateReason.MemoryHotplug, CancellationToken.None, out outOfMemory);
     }
 
     /// <summary>Frames of [start, end) in use (not free, not retired): for progress reports (racy).</summary>

@@ -100,7 +100,7 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>
     /// has_unmovable_pages: a frame in use that migration could never move out (reserved, or in
-    /// ZONE_NORMAL without PG_lru or PG_movable). ZONE_MOVABLE holds only movable pages by construction.
+    /// ZONE_NORMAL without PG_lru or the MOVABLE mapping tag). ZONE_MOVABLE holds only movable pages by construction.
     /// Preconditions: zone lock held.
     /// </summary>
     private long FindUnmovablePageLocked(Zone zone, long pageblockPfn, bool forOffline)
@@ -132,7 +132,9 @@ internal sealed unsafe partial class PageAllocator
             }
             long head = _memMap.CompoundHead(pfn);
             var headFlags = (PageFlags)Volatile.Read(ref _memMap[head].Flags);
-            if ((headFlags & (PageFlags.Lru | PageFlags.Movable)) == 0)
+            // Movable: on an LRU list, or a non-LRU movable page (the MOVABLE tag in its mapping word).
+            if ((headFlags & PageFlags.Lru) == 0 &&
+                (Volatile.Read(ref _memMap[head].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingMovable)
                 return pfn;
             pfn += head == pfn && (headFlags & PageFlags.Head) != 0 ? 1L << _memMap[head].CompoundOrder : 1;
         }

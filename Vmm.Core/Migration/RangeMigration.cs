@@ -7,8 +7,8 @@
 // runs of isolated pages to MigrationEngine.MigratePages; what did not move is put back. Pages on an LRU
 // list are isolated by the batched fast path (Lru.IsolateMany, one lru_lock round trip per chunk of 64:
 // measured, a 64 MiB range clears in about 60 % of the time it takes one page at a time); every other page
-// in use, in RangeIsolation.All, one at a time through MigrationEngine.IsolatePage, the one entry point
-// (design section 1) that takes non-LRU movable pages. The reads are racy (the machine keeps running): a wrong skip only
+// in use that carries the MOVABLE tag, one at a time through MigrationEngine.IsolatePage, the one entry
+// point that takes non-LRU movable pages (its owner's isolate callback). The reads are racy (the machine keeps running): a wrong skip only
 // leaves a page for the caller's next pass, and the caller's final word is taken under the zone lock
 // (TestPagesIsolated and friends).
 //
@@ -16,16 +16,6 @@
 using Vmm.Memory;
 
 namespace Vmm.Migration;
-
-/// <summary>Which pages <see cref="RangeMigration.MigrateRange"/> isolates.</summary>
-internal enum RangeIsolation
-{
-    /// <summary>Pages with PG_lru only, through the batched fast path (memory offline today).</summary>
-    LruOnly,
-    /// <summary>Every page in use: those with PG_lru through the batched fast path, every other one through
-    /// <see cref="MigrationEngine.IsolatePage"/>, which takes non-LRU movable pages (alloc_contig_range).</summary>
-    All,
-}
 
 /// <summary>The migrate-a-range pass shared by memory offline and alloc_contig_range (see the file overview).</summary>
 internal static class RangeMigration
@@ -38,13 +28,13 @@ internal static class RangeMigration
 
     /// <summary>
     /// One pass over [<paramref name="start"/>, <paramref name="end"/>): every page in use there is
-    /// isolated (as <paramref name="isolation"/> says) and migrated (MigrateRun at a time) to the frame
+    /// isolated (LRU pages and non-LRU movable ones) and migrated (MigrateRun at a time) to the frame
     /// <paramref name="allocate"/> gives; what did not move is put back. Stops early, between runs, when
     /// <paramref name="cancellationToken"/> is cancelled (what moved stays moved).
     /// </summary>
     /// <returns>Pages moved.</returns>
     internal static long MigrateRange(Machine machine, long start, long end, Func<long, long> allocate, MigrateReason reason,
-        RangeIsolation isolation, CancellationToken cancellationToken, out bool outOfMemory)
+        CancellationToken cancellationToken, out bool outOfMemory)
     {
         outOfMemory = false;
         MemMap memMap = machine.MemMap;
@@ -62,7 +52,10 @@ internal static class RangeMigration
                 if ((flags & (ulong)PageFlags.Tail) != 0)
                     continue;
                 bool lru = (flags & (ulong)PageFlags.Lru) != 0;
-                if (!lru && isolation == RangeIsolation.LruOnly)
+                // Not on an LRU list: only a non-LRU movable page (the MOVABLE tag), not isolated already, can
+                // be taken; the rest is in transit (the next pass sees it) or unmovable (the caller names it).
+                if (!lru && ((Volatile.Read(ref memMap[pfn].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingMovable ||
+                             (flags & (ulong)PageFlags.Isolated) != 0))
                     continue;
                 // Isolation needs a reference of our own (get_page_unless_zero: the page may be freed meanwhile).
                 if (!memMap.TryGetPageUnlessZero(pfn))
@@ -80,9 +73,15 @@ internal static class RangeMigration
                 }
                 else
                 {
-                    if (engine.IsolatePage(pfn, IsolateMode.None))
-                        list.Add(pfn);
-                    machine.PutPage(pfn); // the isolation holds its own reference
+                    try
+                    {
+                        if (engine.IsolatePage(pfn, IsolateMode.None))
+                            list.Add(pfn);
+                    }
+                    finally
+                    {
+                        machine.PutPage(pfn); // the isolation holds its own reference (an owner's callback may throw)
+                    }
                 }
                 if (list.Count >= MigrateRun)
                 {
