@@ -10,6 +10,8 @@
 //                        migrate_pages and a cpuset's memory_migrate, shown like numastat -p (NumaDemo).
 //   vmm hotplug          two nodes busy with writers and KSM: a movable memory block taken offline with a
 //                        progress bar, a pinned page that stops an offline, the block onlined again (HotplugDemo).
+//   vmm balloon          the memory balloon: inflate (RSS falls), an offline that migrates balloon pages,
+//                        deflate, Audit (BalloonDemo).
 //
 // Exit codes (ExitCodes, listed by every --help): 0 success, 1 an audit found a problem, 2 bad
 // arguments, 3 internal error. Parsing is strict: an unknown option is an error, not a path (`--` ends
@@ -162,6 +164,16 @@ internal static class Program
             HotplugDemo.Run(ShapeOf(parse, 2), new HotplugDemoOptions(parse.GetValue(hotplugProcesses), parse.GetValue(hotplugProcessMib),
                 parse.GetValue(maxPasses), parse.GetValue(hotplugTimeout)), console)));
         root.Subcommands.Add(hotplugCommand);
+
+        Option<int> balloonProcessMib = Usage.IntOption("--process-mib", "MiB a process writes and frees first (resident until the balloon takes it)", 64, 1, 1 << 20);
+        Option<int> inflateMib = Usage.IntOption("--inflate-mib", "MiB the balloon inflates by (at most a node)", 160, 1, 1 << 20);
+        var balloonCommand = new Command("balloon", "The memory balloon (virtio-balloon) on two NUMA nodes: inflate (the host's RSS falls), the zones and the balloon counters, a ZONE_MOVABLE block holding balloon pages taken offline (they migrate: movable_operations), deflate, Audit.")
+        {
+            nodeSize, blockSize, balloonProcessMib, inflateMib,
+        };
+        balloonCommand.SetAction(parse => Guard(console, error, () =>
+            BalloonDemo.Run(ShapeOf(parse, 2), new BalloonDemoOptions(parse.GetValue(balloonProcessMib), parse.GetValue(inflateMib)), console)));
+        root.Subcommands.Add(balloonCommand);
         root.Subcommands.Add(DedupeCommand.Build(run => Guard(console, error, run), console));
         Usage.AddExitCodesToHelp(root);
         return root;

@@ -80,10 +80,13 @@ public sealed unsafe partial class Machine : IDisposable
             Rmap = new RmapWalker(this);
             Tlb = new TlbFlusher(this);
             Migration = new MigrationEngine(this);
+            Contig = new ContigAlloc(this);
             Hotplug = new MemoryHotplug(this);
             MemoryFailure = new MemoryFailure(this);
             Hotplug.ForgetPoisoned = MemoryFailure.Forget;
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
+            MovablePages = new MovablePages(this);
+            Balloon = new Balloon(this);
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
             RootCpuset = new Cpuset(this, "/", null, NodesWithMemory);
@@ -220,6 +223,15 @@ public sealed unsafe partial class Machine : IDisposable
 
     /// <summary>The zero page if it exists, without allocating it.</summary>
     internal long ZeroPagePfnIfAllocated => Volatile.Read(ref _zeroPagePfn);
+
+    /// <summary>
+    /// Frames for owners of non-LRU movable pages (<see cref="MovableOperations"/>, Linux's
+    /// movable_operations): migration, offline and compaction move them by asking their owner.
+    /// </summary>
+    public MovablePages MovablePages { get; }
+
+    /// <summary>The memory balloon (Linux's virtio-balloon): takes frames from the machine and gives their memory back to the host.</summary>
+    public Balloon Balloon { get; }
 
     /// <summary>Objects named by frames' mapping words.</summary>
     internal MappingRegistry Mappings { get; } = new();
@@ -390,11 +402,13 @@ public sealed unsafe partial class Machine : IDisposable
     /// the LRU lists of all nodes, and isolated from them; pages still in a per-CPU add batch are on
     /// none), Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line), and
     /// num_poisoned_pages (frames poisoned or retired by memory failure, Linux's counter behind
-    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>).
+    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>), and the
+    /// balloon's balloon_inflate, balloon_deflate and balloon_migrate (pages, <see cref="Balloon"/>).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
         ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "pgmigrate_fail", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
-         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages"];
+         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages",
+         "balloon_inflate", "balloon_deflate", "balloon_migrate"];
 
     /// <summary>
     /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
@@ -422,6 +436,9 @@ public sealed unsafe partial class Machine : IDisposable
             "nr_active_anon" => GetStats().Nodes.Sum(n => n.ActiveAnonPages),
             "nr_isolated_anon" => GetStats().Nodes.Sum(n => n.IsolatedAnonPages),
             "num_poisoned_pages" => MemoryFailure.PoisonedPages,
+            "balloon_inflate" => Balloon.Inflated,
+            "balloon_deflate" => Balloon.Deflated,
+            "balloon_migrate" => Balloon.Migrated,
             _ => stats.CowFaults,
         };
         return Errno.None;
@@ -452,6 +469,9 @@ public sealed unsafe partial class Machine : IDisposable
         }
         ref PageDescriptor page = ref _memMap[pfn];
         var flags = (PageFlags)Volatile.Read(ref page.Flags);
+        // PG_movable lives in the mapping word's tag (PAGE_MAPPING_MOVABLE), never in the flags.
+        if ((Volatile.Read(ref page.Mapping) & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable)
+            flags |= PageFlags.Movable;
         return new PageInfo(pfn, Topology.NodeOf(pfn), Allocator.ZoneTypeOf(pfn), Allocator.GetPageblockMigratetype(pfn),
             flags, Volatile.Read(ref page.RefCount), Volatile.Read(ref page.MapCount) + 1,
             (flags & PageFlags.Buddy) != 0 ? (int)page.Private : -1, _memMap.CompoundHead(pfn));

@@ -290,7 +290,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
     }
 
     /// <summary>Every page of the regions that is on node 1 (the offline put it there) back to node 0 by move_pages (MOVE_ALL: KSM pages have two mappings).</summary>
-    private static void MoveBack(Region[] regions)
+    internal static void MoveBack(Region[] regions, bool checkStatus = true)
     {
         foreach (Region r in regions)
         {
@@ -303,7 +303,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
             if (addresses.Count == 0)
                 continue;
             var status = new int[addresses.Count];
-            MigrationBench.MovePagesTo(r.Process, [.. addresses], new int[addresses.Count], status, 0, MovePolicyFlags.MoveAll);
+            MigrationBench.MovePagesTo(r.Process, [.. addresses], new int[addresses.Count], status, 0, MovePolicyFlags.MoveAll, checkStatus);
         }
     }
 
@@ -343,7 +343,7 @@ internal sealed class OfflineScenario(bool ksmHalf) : IScenario
     }
 
     /// <summary>One process's anonymous mapping, faulted page by page with contents a seed and the page index determine.</summary>
-    private sealed class Region
+    internal sealed class Region
     {
         private readonly ulong _seed;
         private readonly int _capacity;

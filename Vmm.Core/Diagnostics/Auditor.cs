@@ -197,8 +197,10 @@ internal static unsafe class Auditor
         // frames (refcount 0). A frame held by none of these leaked: an orphan. A section whose descriptors
         // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
+        HashSet<long> contiguous = AuditContiguousBuffers(machine, problems);
         long inUse = 0, offline = 0;
         long poisonedFrames = 0;
+        var movable = new Dictionary<long, HashSet<long>>(); // owner handle -> frames tagged with it
         var deferred = new Dictionary<Zone, long>();
         for (long pfn = 0; pfn < memMap.FrameCount; pfn++)
         {
@@ -251,7 +253,14 @@ internal static unsafe class Auditor
                 CheckRetiredFrame(machine, pfn, tables.Contains(pfn) || mapcount.ContainsKey(pfn), problems);
                 continue;
             }
-            if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn))
+            if ((page.Flags & (ulong)PageFlags.Isolated) != 0)
+                problems.Add($"frame {pfn} is PG_isolated at quiet (refcount {page.RefCount}): an isolation of a non-LRU movable page was never finished");
+            if ((page.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable)
+            {
+                CheckMovableFrame(machine, pfn, tables.Contains(pfn) || mapcount.ContainsKey(pfn), movable, problems);
+                continue;
+            }
+            if (pfn == machine.ZeroPagePfnIfAllocated || tables.Contains(pfn) || mapcount.ContainsKey(pfn) || contiguous.Contains(pfn))
                 continue;
             if (page.PinCount > 0)
             {
@@ -268,6 +277,7 @@ internal static unsafe class Auditor
             if (counted != expected)
                 problems.Add($"{zone}: DeferredPages {counted}, frames of sections never initialised {expected}");
         }
+        AuditMovableOwners(machine, movable, problems);
         if (poisonedFrames != machine.MemoryFailure.PoisonedPages)
             problems.Add($"num_poisoned_pages {machine.MemoryFailure.PoisonedPages}, frames with PG_hwpoison {poisonedFrames}");
         machine.Ksm?.Audit(problems, ksmZeroPtes);
@@ -279,6 +289,87 @@ internal static unsafe class Auditor
         AuditCpusetsAndPolicies(machine, problems);
         AuditLongtermPins(machine, problems);
         return problems;
+    }
+
+    /// <summary>
+    /// Contiguous buffers (Machine.AllocateContiguous): every frame of a live one is held by the buffer's
+    /// one reference alone (no mapping, pin, page cache or LRU list), lies in an online ZONE_NORMAL block
+    /// and belongs to no other buffer. Returns the frames, which the orphan check then counts as owned.
+    /// </summary>
+    private static HashSet<long> AuditContiguousBuffers(Machine machine, List<string> problems)
+    {
+        MemMap memMap = machine.MemMap;
+        var frames = new HashSet<long>();
+        foreach (ContiguousBuffer buffer in machine.ContiguousBuffers.Snapshot())
+        {
+            if (buffer.IsDisposed)
+                continue; // a Dispose in progress (Audit is exact only when nothing else runs)
+            for (long pfn = buffer.FirstPfn; pfn < buffer.FirstPfn + buffer.PageCount; pfn++)
+            {
+                if (!frames.Add(pfn))
+                    problems.Add($"frame {pfn} belongs to two contiguous buffers");
+                if (!machine.Allocator.IsPfnOnline(pfn) || !memMap.IsInitialised(pfn))
+                {
+                    problems.Add($"frame {pfn} of a live {buffer} is in a block that is not online");
+                    continue;
+                }
+                ref PageDescriptor page = ref memMap[pfn];
+                if (page.RefCount != 1 || page.MapCount != -1 || page.PinCount != 0 || page.Mapping != 0 ||
+                    (page.Flags & (ulong)(PageFlags.Buddy | PageFlags.Lru | PageFlags.Head | PageFlags.Tail)) != 0)
+                    problems.Add($"frame {pfn} of a live {buffer}: refcount {page.RefCount}, mapcount {page.MapCount}, pincount {page.PinCount}, mapping {page.Mapping:x}, flags {(PageFlags)page.Flags}; expected only the buffer's reference");
+                if (machine.Allocator.ZoneTypeOf(pfn) != ZoneType.Normal)
+                    problems.Add($"frame {pfn} of a live {buffer} lies in {machine.Allocator.ZoneTypeOf(pfn)}, not ZONE_NORMAL");
+            }
+        }
+        return frames;
+    }
+
+    /// <summary>
+    /// A frame tagged MOVABLE (a non-LRU movable page, MovableOperations): held by its owner's one
+    /// reference only (no isolation at quiet), mapped by nothing, on no list, no page table; counted
+    /// under its owner's handle for <see cref="AuditMovableOwners"/>.
+    /// </summary>
+    private static void CheckMovableFrame(Machine machine, long pfn, bool usedAsPage, Dictionary<long, HashSet<long>> movable, List<string> problems)
+    {
+        ref PageDescriptor page = ref machine.MemMap[pfn];
+        long handle = (long)(page.Mapping >> 2);
+        if (!movable.TryGetValue(handle, out HashSet<long>? frames))
+            movable[handle] = frames = [];
+        frames.Add(pfn);
+        if (usedAsPage || pfn == machine.ZeroPagePfnIfAllocated)
+            problems.Add($"non-LRU movable frame {pfn} is also mapped, cached or a page table");
+        if (page.RefCount != 1)
+            problems.Add($"non-LRU movable frame {pfn}: refcount {page.RefCount}, expected its owner's 1");
+        if (page.MapCount != -1 || page.PinCount != 0)
+            problems.Add($"non-LRU movable frame {pfn}: mapcount {page.MapCount + 1}, pincount {page.PinCount}");
+        if ((page.Flags & (ulong)(PageFlags.Lru | PageFlags.Head | PageFlags.Tail | PageFlags.Locked)) != 0)
+            problems.Add($"non-LRU movable frame {pfn} has flags {(PageFlags)page.Flags}");
+    }
+
+    /// <summary>
+    /// Every handle a MOVABLE-tagged frame names is a live owner, which counts exactly those frames; every
+    /// registered owner holds frames (its handle goes with its last one); each owner checks its own lists.
+    /// </summary>
+    private static void AuditMovableOwners(Machine machine, Dictionary<long, HashSet<long>> movable, List<string> problems)
+    {
+        foreach ((long handle, HashSet<long> frames) in movable)
+        {
+            MovableOperations? owner = machine.Mappings.Find<MovableOperations>(handle);
+            if (owner is null)
+                problems.Add($"{frames.Count} frames (first {frames.Min()}) carry the MOVABLE tag of handle {handle}, which names no live owner");
+            else if (owner.Handle != handle)
+                problems.Add($"movable owner {owner.GetType().Name} is registered as {handle} but holds handle {owner.Handle}");
+        }
+        foreach ((long handle, MovableOperations owner) in machine.Mappings.All<MovableOperations>())
+        {
+            HashSet<long> frames = movable.TryGetValue(handle, out HashSet<long>? found) ? found : [];
+            if (owner.PageCount != frames.Count)
+                problems.Add($"movable owner {owner.GetType().Name} (handle {handle}) counts {owner.PageCount} frames, frames tagged with it {frames.Count}");
+            owner.Audit(machine, frames, problems);
+        }
+        // An owner with no frame is unregistered, but its own lists must be empty too (the balloon's).
+        if (machine.Balloon.Handle == 0)
+            machine.Balloon.Audit(machine, new HashSet<long>(), problems);
     }
 
     /// <summary>

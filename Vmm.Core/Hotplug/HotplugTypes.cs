@@ -60,6 +60,10 @@ public enum OfflineBlockReason
     NotifierVeto,
     /// <summary>The block is not online (a dry run of an offline or going-offline block; no frame).</summary>
     NotOnline,
+    /// <summary>A frame of a live <see cref="ContiguousBuffer"/> (<see cref="Machine.AllocateContiguous(long, int, CancellationToken)"/>): unmovable until the buffer is disposed.</summary>
+    ContiguousBuffer,
+    /// <summary>A non-LRU movable page (<see cref="MovableOperations"/>) whose owner refused to isolate it, or failed its migration.</summary>
+    MovableRefused,
 }
 
 /// <summary>One frame that keeps a memory block from going offline, and why (beyond Linux: its offline says only EBUSY).</summary>

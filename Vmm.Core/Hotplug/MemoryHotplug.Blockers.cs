@@ -78,6 +78,9 @@ public sealed partial class MemoryHotplug
         PageAllocator allocator = _machine.Allocator;
         if (!memMap.IsInitialised(pfn))
             return null;
+        if (_machine.ContiguousBuffers.Find(pfn) is { } buffer)
+            return new OfflineBlocker(pfn, OfflineBlockReason.ContiguousBuffer, -1, 0,
+                $"frame {pfn} belongs to a {buffer} (Machine.AllocateContiguous): unmovable until the buffer is disposed");
         if (pfn == _machine.ZeroPagePfnIfAllocated)
             return new OfflineBlocker(pfn, OfflineBlockReason.Reserved, -1, 0, $"frame {pfn} is the shared zero page (reserved, never migrated)");
         var flags = memMap.RawFlags(pfn);
@@ -92,7 +95,10 @@ public sealed partial class MemoryHotplug
         {
             long head = memMap.CompoundHead(pfn);
             flags = memMap.RawFlags(head);
-            bool lru = (flags & (PageFlags.Lru | PageFlags.Movable)) != 0;
+            // Movable: on an LRU list, or a non-LRU movable page (the MOVABLE tag in its mapping word).
+            ulong mapping = Volatile.Read(ref memMap[head].Mapping);
+            bool movableOps = (mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable;
+            bool lru = (flags & PageFlags.Lru) != 0 || movableOps;
             int pins = Volatile.Read(ref memMap[head].PinCount);
             (int pid, ulong address) = FindMapping(head);
             string where = pid >= 0 ? $", mapped by pid {pid} at 0x{address:x}" : "";
@@ -103,6 +109,12 @@ public sealed partial class MemoryHotplug
                 return new OfflineBlocker(pfn, OfflineBlockReason.Unmovable, pid, address, $"frame {pfn} is in use and not movable (flags {flags}){where}");
             if (!afterPasses)
                 return null;
+            if (movableOps && (flags & PageFlags.Isolated) == 0)
+            {
+                string owner = _machine.MovablePages.OwnerOf(mapping)?.GetType().Name ?? "an owner that let it go";
+                return new OfflineBlocker(pfn, OfflineBlockReason.MovableRefused, -1, 0,
+                    $"frame {pfn} is a non-LRU movable page of {owner}, which refused to isolate it or failed its migration");
+            }
             if (!lru)
                 return new OfflineBlocker(pfn, OfflineBlockReason.NotIsolatable, pid, address,
                     $"frame {pfn} is in use but on no LRU list (flags {flags}, refcount {memMap.RefCount(head) - 1}){where}: being set up, torn down or moved by someone else");

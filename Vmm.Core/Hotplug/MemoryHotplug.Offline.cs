@@ -7,7 +7,8 @@
 //      (a page table or the zero page in ZONE_NORMAL) refuses: EBUSY, nothing changed;
 //   2. the block is going-offline; the chain hears MEM_GOING_OFFLINE (a veto undoes everything);
 //   3. passes until the block is empty: drain the LRU add batches (lru_add_drain_all), isolate every
-//      page on an LRU list in the block and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
+//      page on an LRU list in the block (and every non-LRU movable page whose owner lets it go,
+//      MigrationEngine.IsolatePage) and migrate it (MR_MEMORY_HOTPLUG, SYNC) to another node (the
 //      block's own node only when it is the only node with memory, as Linux does), then test that
 //      every frame is free on an ISOLATE list (or retired by memory failure). A pass that moved nothing
 //      yields the processor briefly, since what is left is transient (a fault between allocation and
@@ -35,12 +36,6 @@ namespace Vmm;
 
 public sealed partial class MemoryHotplug
 {
-    /// <summary>Pages isolated before they are handed to the migration engine together.</summary>
-    private const int MigrateRun = 2048;
-
-    /// <summary>Candidates isolated under one lru_lock round trip.</summary>
-    private const int IsolateChunk = 64;
-
     /// <summary>The offline of <paramref name="block"/> (see the file overview).</summary>
     internal OfflineResult Offline(MemoryBlock block, IProgress<OfflineProgress>? progress, CancellationToken cancellationToken)
     {
@@ -198,72 +193,15 @@ public sealed partial class MemoryHotplug
 
     /// <summary>
     /// One pass of scan_movable_pages + do_migrate_range over [start, end): every page on an LRU list is
-    /// isolated (IsolateChunk at a time) and migrated (MigrateRun at a time); what did not move is put back.
+    /// isolated and migrated, and every non-LRU movable page through its owner (RangeMigration, shared with
+    /// alloc_contig_range); what did not move is put back.
     /// </summary>
     /// <returns>Pages moved.</returns>
     private long MigrateBlock(long start, long end, int node, ulong targets, out bool outOfMemory)
     {
-        outOfMemory = false;
-        MemMap memMap = _machine.MemMap;
-        MigrationEngine engine = _machine.Migration;
         PageAllocator allocator = _machine.Allocator;
-        List<long> list = engine.RentList();
-        Span<long> chunk = stackalloc long[IsolateChunk];
-        Span<bool> taken = stackalloc bool[IsolateChunk];
-        int pending = 0;
-        long moved = 0;
         Func<long, long> allocate = _ => allocator.AllocPagesNodemask(0, AllocFlags.Movable | AllocFlags.NoZero, node, targets);
-        try
-        {
-            for (long pfn = NextNotFree(start, end); pfn < end; pfn = NextNotFree(pfn + 1, end))
-            {
-                ulong flags = Volatile.Read(ref memMap[pfn].Flags);
-                if ((flags & (ulong)PageFlags.Lru) == 0 || (flags & (ulong)PageFlags.Tail) != 0)
-                    continue;
-                // Isolation needs a reference of our own (get_page_unless_zero: the page may be freed meanwhile).
-                if (!memMap.TryGetPageUnlessZero(pfn))
-                    continue;
-                chunk[pending++] = pfn;
-                if (pending == IsolateChunk)
-                {
-                    IsolateChunkInto(chunk, taken, list);
-                    pending = 0;
-                }
-                if (list.Count >= MigrateRun)
-                    moved += MigrateList(list, allocate, ref outOfMemory);
-            }
-            if (pending > 0)
-                IsolateChunkInto(chunk[..pending], taken[..pending], list);
-            if (list.Count > 0)
-                moved += MigrateList(list, allocate, ref outOfMemory);
-        }
-        finally
-        {
-            engine.PutbackMovablePages(list);
-            engine.ReturnList(list);
-        }
-        return moved;
-    }
-
-    /// <summary>Isolates the referenced pages of <paramref name="chunk"/> onto <paramref name="list"/> and drops our references.</summary>
-    private void IsolateChunkInto(Span<long> chunk, Span<bool> taken, List<long> list)
-    {
-        _machine.Lru.IsolateMany(chunk, taken);
-        for (int i = 0; i < chunk.Length; i++)
-        {
-            if (taken[i])
-                list.Add(chunk[i]);
-            _machine.PutPage(chunk[i]); // the isolation holds its own reference
-        }
-    }
-
-    private long MigrateList(List<long> list, Func<long, long> allocate, ref bool outOfMemory)
-    {
-        int rc = _machine.Migration.MigratePages(list, allocate, null, MigrateMode.Sync, MigrateReason.MemoryHotplug, out int succeeded);
-        if (rc == -(int)Errno.ENOMEM)
-            outOfMemory = true;
-        _machine.Migration.PutbackMovablePages(list);
-        return succeeded;
+        return RangeMigration.MigrateRange(_machine, start, end, allocate, MigrateReason.MemoryHotplug, CancellationToken.None, out outOfMemory);
     }
 
     /// <summary>Frames of [start, end) in use (not free, not retired): for progress reports (racy).</summary>
@@ -280,30 +218,8 @@ public sealed partial class MemoryHotplug
         return used;
     }
 
-    /// <summary>
-    /// The first frame of [<paramref name="pfn"/>, <paramref name="end"/>) that is not known free, or
-    /// <paramref name="end"/>: sections never initialised and free buddy blocks are skipped whole. The
-    /// reads are racy (the machine keeps running): a wrong skip only leaves a page for the next pass, and
-    /// the final word is TestBlockIsolated's, under the zone lock.
-    /// </summary>
-    private long NextNotFree(long pfn, long end)
-    {
-        MemMap memMap = _machine.MemMap;
-        while (pfn < end)
-        {
-            if (!memMap.IsInitialised(pfn))
-            {
-                pfn += memMap.FramesPerSection - (pfn & (memMap.FramesPerSection - 1));
-                continue;
-            }
-            ref PageDescriptor page = ref memMap[pfn];
-            if ((Volatile.Read(ref page.Flags) & (ulong)PageFlags.Buddy) == 0)
-                return pfn;
-            int order = (int)Math.Min(Volatile.Read(ref page.Private), (ulong)PageAllocator.MaxOrder);
-            pfn += (1L << order) - (pfn & ((1L << order) - 1));
-        }
-        return end;
-    }
+    /// <summary>The first frame of [<paramref name="pfn"/>, <paramref name="end"/>) that is not known free (RangeMigration.NextNotFree).</summary>
+    private long NextNotFree(long pfn, long end) => RangeMigration.NextNotFree(_machine.MemMap, pfn, end);
 
     // ================================================================================================
     // Giving an offline block's memory back to the host

@@ -100,7 +100,7 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>
     /// has_unmovable_pages: a frame in use that migration could never move out (reserved, or in
-    /// ZONE_NORMAL without PG_lru or PG_movable). ZONE_MOVABLE holds only movable pages by construction.
+    /// ZONE_NORMAL without PG_lru or the MOVABLE mapping tag). ZONE_MOVABLE holds only movable pages by construction.
     /// Preconditions: zone lock held.
     /// </summary>
     private long FindUnmovablePageLocked(Zone zone, long pageblockPfn, bool forOffline)
@@ -132,7 +132,9 @@ internal sealed unsafe partial class PageAllocator
             }
             long head = _memMap.CompoundHead(pfn);
             var headFlags = (PageFlags)Volatile.Read(ref _memMap[head].Flags);
-            if ((headFlags & (PageFlags.Lru | PageFlags.Movable)) == 0)
+            // Movable: on an LRU list, or a non-LRU movable page (the MOVABLE tag in its mapping word).
+            if ((headFlags & PageFlags.Lru) == 0 &&
+                (Volatile.Read(ref _memMap[head].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingMovable)
                 return pfn;
             pfn += head == pfn && (headFlags & PageFlags.Head) != 0 ? 1L << _memMap[head].CompoundOrder : 1;
         }
@@ -140,17 +142,7 @@ internal sealed unsafe partial class PageAllocator
     }
 
     /// <summary>The head of a free block larger than a pageblock that covers <paramref name="pageblockPfn"/>, or NoPfn.</summary>
-    private long CoveringFreeBlock(Zone zone, long pageblockPfn)
-    {
-        for (int o = PageblockOrder; o <= zone.MaxOrder; o++)
-        {
-            long start = pageblockPfn & ~((1L << o) - 1);
-            ref PageDescriptor page = ref _memMap[start];
-            if ((page.Flags & (ulong)PageFlags.Buddy) != 0 && (int)page.Private >= o)
-                return start;
-        }
-        return NoPfn;
-    }
+    private long CoveringFreeBlock(Zone zone, long pageblockPfn) => FreeBlockHead(zone, pageblockPfn, PageblockOrder);
 
     /// <summary>
     /// undo_isolate_page_range: gives the pageblocks of [start, end) back their type from before

@@ -106,15 +106,6 @@ internal sealed unsafe partial class PageAllocator
             return true; // a deferred section is one free block waiting to be initialised
         Zone zone = ZoneOf(pfn);
         lock (zone.Lock)
-        {
-            for (int order = 0; order <= zone.MaxOrder; order++)
-            {
-                long head = pfn & ~((1L << order) - 1);
-                ref PageDescriptor block = ref _memMap[head];
-                if ((block.Flags & (ulong)PageFlags.Buddy) != 0 && (int)block.Private >= order)
-                    return true;
-            }
-        }
-        return false;
+            return FreeBlockHeadLocked(zone, pfn) != NoPfn;
     }
 }

@@ -69,7 +69,7 @@ internal sealed unsafe partial class PageAllocator
     /// reported, so a later release tries again: giving memory back is best effort, as Linux's free
     /// page reporting is, and must never fail the caller (the KSM release worker has nobody to tell).
     /// </summary>
-    private bool TryDecommit(long pfn, long count)
+    internal bool TryDecommit(long pfn, long count)
     {
         if (_faults is not null && _faults.ShouldFail(FaultSite.HostDecommit))
             return false;

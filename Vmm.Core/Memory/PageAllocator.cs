@@ -562,6 +562,21 @@ internal sealed unsafe partial class PageAllocator
             FreeToBuddy(pfn, order);
     }
 
+    /// <summary>
+    /// <see cref="FreeFrozenPages"/> of one frame whose memory was given back to the host (a balloon
+    /// page's): it reads zero, so it is freed PG_zeroed and its next allocation skips the zeroing (and
+    /// does not commit it again). With page poisoning on it is poisoned and freed as any other.
+    /// Preconditions: refcount 0; no other thread can reach the frame; its memory decommitted.
+    /// </summary>
+    internal void FreeFrozenZeroedPage(long pfn)
+    {
+        LockAssert.That(_memMap[pfn].RefCount == 0, $"frame {pfn} with refcount 0");
+        FreePagesPrepare(pfn, 0);
+        if (!_poison)
+            _memMap[pfn].Flags = (ulong)PageFlags.Zeroed;
+        FreeToPcp(pfn);
+    }
+
     /// <summary>free_pages_prepare: checks that nothing still uses the frames and clears their state.</summary>
     private void FreePagesPrepare(long pfn, int order)
     {

@@ -65,7 +65,11 @@ public enum PageFlags : ulong
     Table = 1UL << 22,
     /// <summary>PG_offline (a page type in Linux): the frame is in an offline block or ballooned out.</summary>
     Offline = 1UL << 23,
-    /// <summary>PG_movable (Linux keeps it in page->mapping's low bits): a non-LRU page with movable ops.</summary>
+    /// <summary>
+    /// PG_movable: a non-LRU page with movable operations (<see cref="MovableOperations"/>). As in Linux it
+    /// lives in the mapping word's low bits (PAGE_MAPPING_MOVABLE), never in the stored flags;
+    /// <see cref="Machine.GetPageInfo"/> reports it for a frame that carries that tag.
+    /// </summary>
     Movable = 1UL << 24,
     /// <summary>PG_anon_exclusive: an anonymous page mapped by exactly one process, which may write it without copying.</summary>
     AnonExclusive = 1UL << 25,

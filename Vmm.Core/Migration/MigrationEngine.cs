@@ -32,11 +32,21 @@
 //      lru_lock round trip per 32 pages). For MigrateReason.MemoryFailure (soft offline) the old frame
 //      keeps one reference instead, which the caller turns into its retirement (migrate_folio_done).
 //
+// Non-LRU movable pages (movable_operations, MovableOperations.cs): IsolatePage asks the owner under a
+// trylocked page lock and sets PG_isolated (isolate_movable_ops_page). Classify sends such a page down a
+// path with no rmap work (it is never mapped); the move step asks the owner (MoveMovableOpsPage): None
+// moves the owner's tag and reference to the new frame and frees the old one (no LRU add: FinishMoved's
+// batching stays for LRU pages), EAGAIN is retried in the next pass, any other answer undoes both frames
+// and fails the page for the call. A page its owner freed while isolated (tag gone, PG_isolated set) is
+// done, as Linux counts it. PutbackMovablePages hands PG_isolated pages back to their owner
+// (putback_movable_ops_page). An owner's exception fails its page and is rethrown once the lists are consistent.
+//
 // The loop (migrate_pages): up to 10 passes (NR_MAX_MIGRATE_PAGES_RETRY) over each batch; EAGAIN pages
 // are retried in the next pass, permanent failures are not; ENOMEM (no new frame) stops the loop and
 // leaves the pages not tried on `from`. In SYNC and SYNC_LIGHT modes a batch is first tried in ASYNC
 // mode for 3 passes (migrate_pages_sync), then each page that failed is retried alone, waiting for its
 // lock, for the remaining 7.
+using System.Runtime.ExceptionServices;
 using Microsoft.Extensions.ObjectPool;
 using Vmm.Diagnostics;
 using Vmm.Memory;
@@ -193,6 +203,7 @@ internal sealed class MigrationEngine
         if ((uint)reason >= (uint)ReasonCount)
             throw new ArgumentOutOfRangeException(nameof(reason), reason, "no such reason");
         MigrationBatch batch = _batches.Get();
+        ExceptionDispatchInfo? thrown = null;
         var stats = default(Stats);
         int rcGather = 0;
         int next = 0;
@@ -201,6 +212,7 @@ internal sealed class MigrationEngine
             batch.Allocate = allocate;
             batch.Free = free;
             batch.Reason = reason;
+            batch.Mode = mode;
             while (next < from.Count || batch.Deferred.Count > 0)
             {
                 // Pages a batch left untried because a thread was waiting on one of its pages come first.
@@ -228,6 +240,7 @@ internal sealed class MigrationEngine
                 batch.Failed.Add(from[i]);
             from.Clear();
             from.AddRange(batch.Failed);
+            thrown = batch.Thrown;
         }
         finally
         {
@@ -236,6 +249,7 @@ internal sealed class MigrationEngine
         Interlocked.Add(ref _succeeded[(int)reason], stats.Succeeded);
         Interlocked.Add(ref _failed[(int)reason], stats.FailedPages);
         succeeded = stats.Succeeded;
+        thrown?.Throw(); // an owner's callback threw: its page is on from, like any that failed
         return rcGather;
     }
 
@@ -244,12 +258,48 @@ internal sealed class MigrationEngine
     /// migration: folio_isolate_lru for a page on an LRU list, isolate_movable_ops_page for a non-LRU
     /// movable page (its owner's isolate callback). On true the page is isolated and holds one more
     /// reference, the isolation's, which <see cref="MigratePages"/> or <see cref="PutbackMovablePages"/>
-    /// drops. Preconditions: the caller holds a reference of its own; no page lock held.
+    /// drops. Preconditions: the caller holds a reference of its own; no page lock, zone lock or lru_lock
+    /// held (a non-LRU movable page's owner is called, and takes its own lock).
     /// </summary>
     public bool IsolatePage(long pfn, IsolateMode mode)
     {
-        _ = mode; // for the owners of non-LRU movable pages (issue 13)
-        return _machine.Lru.Isolate(pfn);
+        if (_machine.Lru.Isolate(pfn))
+            return true;
+        // Not on an LRU list: a non-LRU movable page, if its mapping word carries the MOVABLE tag.
+        return (Volatile.Read(ref _machine.MemMap[pfn].Mapping) & PageDescriptor.MappingTagMask) == PageDescriptor.MappingMovable &&
+               IsolateMovableOpsPage(pfn, mode);
+    }
+
+    /// <summary>
+    /// isolate_movable_ops_page: trylock the page (a mover never waits for a page lock here: the holder may
+    /// be the owner freeing it, or another mover), check the tag and !PG_isolated again under it, ask the
+    /// owner, then set PG_isolated and take the isolation's reference. Preconditions: the caller holds a
+    /// reference; no page lock held.
+    /// </summary>
+    private bool IsolateMovableOpsPage(long pfn, IsolateMode mode)
+    {
+        MemMap memMap = _machine.MemMap;
+        LockAssert.Referenced(memMap, pfn);
+        if ((Volatile.Read(ref memMap[pfn].Flags) & (ulong)(PageFlags.Isolated | PageFlags.Head | PageFlags.Tail)) != 0)
+            return false;
+        if (!_machine.PageLock.TryLock(pfn))
+            return false;
+        try
+        {
+            // Again under the lock: PG_isolated and the tag change only under it (MovablePages.Free clears the tag).
+            ref PageDescriptor page = ref memMap[pfn];
+            if ((Volatile.Read(ref page.Flags) & (ulong)PageFlags.Isolated) != 0 ||
+                _machine.MovablePages.OwnerOf(Volatile.Read(ref page.Mapping)) is not { } owner ||
+                !_machine.MovablePages.CallIsolate(owner, pfn, mode))
+                return false;
+            memMap.GetPage(pfn); // the isolation's reference
+            memMap.SetFlag(pfn, PageFlags.Isolated);
+            return true;
+        }
+        finally
+        {
+            _machine.PageLock.Unlock(pfn);
+        }
     }
 
     /// <summary>
@@ -259,12 +309,42 @@ internal sealed class MigrationEngine
     public void PutbackMovablePages(List<long> from)
     {
         ArgumentNullException.ThrowIfNull(from);
+        ExceptionDispatchInfo? thrown = null;
         foreach (long pfn in from)
         {
-            // Non-LRU movable pages (issue 13) will go back to their owner here (putback_movable_ops_page).
-            _machine.Lru.Putback(pfn);
+            // PG_isolated: a non-LRU movable page (LRU isolation never sets it); it goes back to its owner.
+            if ((Volatile.Read(ref _machine.MemMap[pfn].Flags) & (ulong)PageFlags.Isolated) == 0)
+                _machine.Lru.Putback(pfn);
+            else
+                PutbackMovableOpsPage(pfn, ref thrown);
         }
         from.Clear();
+        thrown?.Throw();
+    }
+
+    /// <summary>
+    /// putback_movable_ops_page: the owner gets the page back (unless it freed it meanwhile: then it
+    /// only loses PG_isolated and the isolation's reference, which frees it). An owner's exception is kept
+    /// for the end of the list, so that every page is put back. Preconditions: no page lock held.
+    /// </summary>
+    private void PutbackMovableOpsPage(long pfn, ref ExceptionDispatchInfo? thrown)
+    {
+        _machine.PageLock.Lock(pfn);
+        try
+        {
+            if (_machine.MovablePages.OwnerOf(Volatile.Read(ref _machine.MemMap[pfn].Mapping)) is { } owner)
+                _machine.MovablePages.CallPutback(owner, pfn);
+        }
+        catch (Exception e)
+        {
+            thrown ??= ExceptionDispatchInfo.Capture(e);
+        }
+        finally
+        {
+            _machine.MemMap.ClearFlag(pfn, PageFlags.Isolated);
+            _machine.PageLock.Unlock(pfn);
+        }
+        _machine.PutPage(pfn);
     }
 
     /// <summary>
@@ -399,8 +479,21 @@ internal sealed class MigrationEngine
                     case Outcome.Done:
                         stats.Succeeded++;
                         break;
+                    case Outcome.Failed:
+                    {
+                        // Only a non-LRU movable page's owner fails a move for good: undo both frames
+                        // (migrate_folio_undo_src / _dst); the page goes back with the others not moved.
+                        ref Entry entry = ref batch.Unmapped[i];
+                        nrFailed++;
+                        stats.FailedPages++;
+                        UndoSource(batch, entry.Src, entry.WasMapped);
+                        failed.Add(entry.Src);
+                        UndoDestination(batch, entry.Dst);
+                        entry = default;
+                        break;
+                    }
                     default:
-                        throw new VmBugException("migrate_folio_move can only succeed or ask again");
+                        throw new VmBugException("migrate_folio_move can only succeed, ask again or fail a movable page");
                 }
             }
             batch.UnmappedCount = keep;
@@ -467,11 +560,13 @@ internal sealed class MigrationEngine
     {
         LockAssert.Referenced(_machine.MemMap, src);
         MemMap memMap = _machine.MemMap;
-        if (memMap.RefCount(src) == 1 && (Volatile.Read(ref memMap[src].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingKsm)
+        if (memMap.RefCount(src) == 1 && (Volatile.Read(ref memMap[src].Mapping) & PageDescriptor.MappingTagMask) != PageDescriptor.MappingKsm &&
+            (Volatile.Read(ref memMap[src].Flags) & (ulong)PageFlags.Isolated) == 0)
         {
             // Freed from under us: only the isolation reference is left (its last mapping went away,
             // or the page cache dropped it), and nothing can map it again. Nothing to move: done, as
-            // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge.
+            // Linux counts it. Not for a KSM page: its stable node can still hand it to a merge. Not for a
+            // non-LRU movable page (PG_isolated): its flag is cleared under the page lock (Classify's Done).
             ReleaseSource(batch, src);
             return Outcome.Done;
         }
@@ -493,8 +588,16 @@ internal sealed class MigrationEngine
             outcome = Outcome.Again; // pinned: its contents may change behind any copy
         if (outcome != Outcome.Unmapped)
         {
+            if (outcome == Outcome.Done)
+                memMap.ClearFlag(src, PageFlags.Isolated); // a movable page its owner freed while isolated
             _machine.PageLock.Unlock(src);
             FreeDestination(batch, dst);
+            if (outcome == Outcome.Done)
+            {
+                // migrate_folio_done for it: on no LRU list, so only the isolation's reference to drop.
+                KeepSourcesForMemoryFailure(batch, [src]);
+                _machine.PutPage(src);
+            }
             return outcome;
         }
 
@@ -532,9 +635,13 @@ internal sealed class MigrationEngine
         ulong mapping = page.Mapping;
         ulong tag = mapping & PageDescriptor.MappingTagMask;
         if (mapping == 0 || memMap.IsCompound(src) || (page.Flags & (ulong)PageFlags.Reserved) != 0)
-            return Outcome.Failed;
+        {
+            // A non-LRU movable page whose owner freed it while it was isolated: nothing to move, and
+            // Linux counts it as moved (migrate_folio_unmap's !folio_mapping_flags case).
+            return mapping == 0 && (page.Flags & (ulong)PageFlags.Isolated) != 0 ? Outcome.Done : Outcome.Failed;
+        }
         if (tag == PageDescriptor.MappingMovable)
-            return Outcome.Failed; // non-LRU movable pages (movable_operations) come with issue 13
+            return Outcome.Unmapped; // never mapped: no rmap work; its owner moves it (MoveMovableOpsPage)
         if (tag == PageDescriptor.MappingKsm)
             return _machine.Ksm is null ? Outcome.Failed : Outcome.Unmapped; // its mappings: the stable node's items
         if (tag == PageDescriptor.MappingAnon)
@@ -574,12 +681,15 @@ internal sealed class MigrationEngine
         }
         else
         {
+            ulong tag = oldPage.Mapping & PageDescriptor.MappingTagMask;
+            if (tag == PageDescriptor.MappingMovable)
+                return MoveMovableOpsPage(batch, ref entry);
             // Anonymous: the isolation reference only. A pin, a fork that copied the page, or a fault
             // that took a reference before the freeze shows up here.
             // A KSM page holds no reference of KSM's (its stable node names it by pfn): the same check.
             if (memMap.RefCount(src) != 1 || oldPage.PinCount != 0)
                 return Outcome.Again;
-            bool ksm = (oldPage.Mapping & PageDescriptor.MappingTagMask) == PageDescriptor.MappingKsm;
+            bool ksm = tag == PageDescriptor.MappingKsm;
             CopyPage(_machine, src, dst);
             // ksm_migrate_folio: after the copy and before any PTE names the new frame, with both pages
             // locked, the stable node switches to it; the KSM reverse-map walk of the restore below
@@ -602,6 +712,54 @@ internal sealed class MigrationEngine
         batch.Moved[batch.MovedCount++] = src;
         if (batch.MovedCount == FinishChunk)
             FinishMoved(batch);
+        entry = default;
+        return Outcome.Done;
+    }
+
+    /// <summary>
+    /// move_to_new_folio for a non-LRU movable page: the owner moves it (<see cref="MovableOperations.MigratePage"/>).
+    /// On success the VM moves the owner's tag and reference to the new frame (the allocation's reference
+    /// becomes the owner's), clears PG_isolated, and the old frame loses the owner's and the isolation's
+    /// references, which frees it; the new frame joins no LRU list. EAGAIN leaves both frozen for the next
+    /// pass; any other answer (or an exception, kept for the end of the call) is a permanent failure the
+    /// caller undoes. Preconditions: both pages locked; the page lock held from the unmap step on, so the
+    /// owner cannot have freed the page since (MovablePages.Free takes it).
+    /// </summary>
+    private Outcome MoveMovableOpsPage(MigrationBatch batch, ref Entry entry)
+    {
+        long src = entry.Src;
+        long dst = entry.Dst;
+        LockAssert.PageLocked(_machine.PageLock, src);
+        LockAssert.PageLocked(_machine.PageLock, dst);
+        MemMap memMap = _machine.MemMap;
+        ulong mapping = Volatile.Read(ref memMap[src].Mapping);
+        MovableOperations owner = _machine.MovablePages.OwnerOf(mapping)
+                                  ?? throw new VmBugException($"frame {src} carries the MOVABLE tag of an owner that is gone (mapping {mapping:x})");
+        Errno rc;
+        try
+        {
+            rc = _machine.MovablePages.CallMigrate(owner, dst, src, batch.Mode);
+        }
+        catch (Exception e)
+        {
+            batch.Thrown ??= ExceptionDispatchInfo.Capture(e);
+            rc = Errno.EFAULT;
+        }
+        if (rc == Errno.EAGAIN)
+            return Outcome.Again;
+        if (rc != Errno.None)
+            return Outcome.Failed;
+
+        // Past this line the page lives in the new frame: the owner points at it; the tag follows, before
+        // the new frame's lock is released (whoever finds it through the owner waits for that lock).
+        Volatile.Write(ref memMap[dst].Mapping, mapping);
+        Volatile.Write(ref memMap[src].Mapping, 0);
+        memMap.ClearFlag(src, PageFlags.Isolated);
+        _machine.PageLock.Unlock(dst);
+        _machine.PageLock.Unlock(src);
+        KeepSourcesForMemoryFailure(batch, [src]);
+        _machine.PutPage(src); // the owner's reference, now the new frame's (the allocation's)
+        _machine.PutPage(src); // the isolation's: frees the old frame
         entry = default;
         return Outcome.Done;
     }
@@ -731,6 +889,12 @@ internal sealed class MigrationEngine
 
         /// <summary>The call's reason (MemoryFailure keeps the old frames: KeepSourcesForMemoryFailure).</summary>
         public MigrateReason Reason { get; set; }
+
+        /// <summary>The call's mode, as the owners of non-LRU movable pages are told it.</summary>
+        public MigrateMode Mode { get; set; }
+
+        /// <summary>The first exception a movable page's owner threw, rethrown once the call's lists are consistent.</summary>
+        public ExceptionDispatchInfo? Thrown { get; set; }
     }
 
     private sealed class BatchPolicy(MemMap memMap) : IPooledObjectPolicy<MigrationBatch>
@@ -749,6 +913,7 @@ internal sealed class MigrationEngine
             batch.MovedCount = 0;
             batch.Allocate = null!;
             batch.Free = null;
+            batch.Thrown = null;
             if (batch.Failed.Capacity > 4 * MaxBatch)
                 batch.Failed.Capacity = 4 * MaxBatch; // a huge call's list is not kept forever
             return true;

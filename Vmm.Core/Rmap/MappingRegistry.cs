@@ -10,8 +10,8 @@ using System.Collections.Concurrent;
 namespace Vmm.Rmap;
 
 /// <summary>
-/// The objects a frame's mapping word can name (anon_vma, shmem object, KSM stable node; later
-/// movable-ops owners), by handle. Handles are never reused, so a stale mapping word of a freed page
+/// The objects a frame's mapping word can name (anon_vma, shmem object, KSM stable node, owner of
+/// non-LRU movable pages), by handle. Handles are never reused, so a stale mapping word of a freed page
 /// can name only a missing object, never a different one.
 /// </summary>
 internal sealed class MappingRegistry
@@ -32,4 +32,12 @@ internal sealed class MappingRegistry
     public T? Find<T>(long handle) where T : class => _objects.TryGetValue(handle, out object? value) ? value as T : null;
 
     public int Count => _objects.Count;
+
+    /// <summary>The registered objects of type <typeparamref name="T"/> with their handles (a racy snapshot; for Audit).</summary>
+    public IEnumerable<(long Handle, T Value)> All<T>() where T : class
+    {
+        foreach ((long handle, object value) in _objects)
+            if (value is T typed)
+                yield return (handle, typed);
+    }
 }
