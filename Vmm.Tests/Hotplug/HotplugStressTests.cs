@@ -194,13 +194,7 @@ public sealed class HotplugStressTests
         });
 
         // Short pins (a device writing into the page): an offline meanwhile must wait for them or give up.
-        h.Add("pinner", 202, random =>
-        {
-            (StressRegion region, int page, VmProcess p) = h.PickPage(random);
-            bool write = random.Next(2) == 0;
-            h.PinAndWrite(region, p, region.PageVa(page), write, longTerm: false, random, _ => Thread.Sleep(random.Next(3)));
-            Thread.Sleep(random.Next(3));
-        });
+        h.AddShortPinner(202);
         h.AddForker(203);
         h.AddMovePagesMover(204, maxPauseMs: 1);
         // KSM stepped by hand beside ksmd: both wait while a block goes offline.

@@ -409,6 +409,18 @@ internal sealed class StressHarness
     }
 
     /// <summary>
+    /// Short pins of random pages (a device writing into the page, for write pins): held a few
+    /// milliseconds, during which a mover must wait for them, skip the page or give up on it.
+    /// </summary>
+    public void AddShortPinner(int seedOffset) => Add("pinner", seedOffset, random =>
+    {
+        (StressRegion region, int page, VmProcess through) = PickPage(random);
+        bool write = random.Next(2) == 0;
+        PinAndWrite(region, through, region.PageVa(page), write, longTerm: false, random, _ => Thread.Sleep(random.Next(3)));
+        Thread.Sleep(random.Next(3));
+    });
+
+    /// <summary>
     /// move_pages: a few pages (an address anywhere in each page) of a random region to random nodes,
     /// called by a random process on the region's (pid), Move or MoveAll. Every page's status is its new
     /// node or a documented errno. <paramref name="acceptCallError"/> names a whole-call errno the test
