@@ -84,9 +84,12 @@ public sealed unsafe partial class Machine : IDisposable
             MemoryFailure = new MemoryFailure(this);
             Hotplug.ForgetPoisoned = MemoryFailure.Forget;
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
+            Compaction = new Compaction(this);
+            Allocator.DirectCompactor = Compaction;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
             RootCpuset = new Cpuset(this, "/", null, NodesWithMemory);
+            Compaction.StartDaemons(); // last: kcompactd may run from here on
         }
         catch
         {
@@ -176,6 +179,9 @@ public sealed unsafe partial class Machine : IDisposable
     }
 
     internal MemMap MemMap => _memMap;
+
+    /// <summary>Memory compaction: compact_memory, its knobs and counters (kcompactd and direct compaction run by themselves).</summary>
+    public Compaction Compaction { get; }
 
     /// <summary>Kernel samepage merging: its knobs, counters and scanner; null when built without it (<see cref="MachineOptions.EnableKsm"/>).</summary>
     public Ksm? Ksm { get; }
@@ -390,11 +396,14 @@ public sealed unsafe partial class Machine : IDisposable
     /// the LRU lists of all nodes, and isolated from them; pages still in a per-CPU add batch are on
     /// none), Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line), and
     /// num_poisoned_pages (frames poisoned or retired by memory failure, Linux's counter behind
-    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>).
+    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>), and compaction's
+    /// compact_migrate_scanned, compact_free_scanned, compact_isolated, compact_stall, compact_fail,
+    /// compact_success, compact_daemon_wake, compact_daemon_migrate_scanned and compact_daemon_free_scanned
+    /// (<see cref="CompactionStats"/>).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
         ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "pgmigrate_fail", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
-         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages"];
+         "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages", .. Compaction.VmStatNames];
 
     /// <summary>
     /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
@@ -422,6 +431,7 @@ public sealed unsafe partial class Machine : IDisposable
             "nr_active_anon" => GetStats().Nodes.Sum(n => n.ActiveAnonPages),
             "nr_isolated_anon" => GetStats().Nodes.Sum(n => n.IsolatedAnonPages),
             "num_poisoned_pages" => MemoryFailure.PoisonedPages,
+            _ when name.StartsWith("compact_", StringComparison.Ordinal) => Compaction.ReadVmStat(name),
             _ => stats.CowFaults,
         };
         return Errno.None;
@@ -521,8 +531,10 @@ public sealed unsafe partial class Machine : IDisposable
         // calls in flight drain.
         TlbShootdown.Flush();
         Ksm?.StopBackgroundWork(); // ksmd and the release worker stop before the memory they use goes away
+        Compaction.StopDaemons();   // so do the kcompactd threads
         TlbShootdown.WaitForMachineCalls(Id);
         Ksm?.Shutdown();
+        Compaction.Shutdown();
         _memMap.Dispose();
         Arena.Dispose();
     }
