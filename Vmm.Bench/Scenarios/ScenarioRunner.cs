@@ -63,6 +63,7 @@ internal static class ScenarioRunner
         new OfflineScenario(ksmHalf: false),
         new OfflineScenario(ksmHalf: true),
         new OfflineWriterScenario(),
+        new CompactScenario(),
     ];
 
     public static int Run(string[] args)
