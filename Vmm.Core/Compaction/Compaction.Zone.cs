@@ -287,8 +287,9 @@ public sealed partial class Compaction
         PageAllocator allocator = _machine.Allocator;
         long lowPfn = (cc.MigratePfn & ~(PageblockFrames - 1)) + PageblockFrames; // pageblock_end_pfn(migrate_pfn)
         int wanted = Math.Max(1, cc.MigrateList.Count);
-        long blockStart = cc.FreePfn;
-        for (; blockStart >= lowPfn; blockStart -= PageblockFrames)
+        long isolateStart = cc.FreePfn; // may lie inside its pageblock: where the last call stopped
+        long blockStart = isolateStart & ~(PageblockFrames - 1);
+        for (; blockStart >= lowPfn; blockStart -= PageblockFrames, isolateStart = blockStart)
         {
             if (!allocator.PageblockInZone(zone, blockStart))
                 continue;
@@ -296,13 +297,17 @@ public sealed partial class Compaction
                 continue;
             int need = wanted - cc.FreeList.Count;
             int before = cc.FreeList.Count;
-            int got = allocator.IsolateFreePagesBlock(zone, blockStart, cc.FreeList, need, out long scanned, out bool lowMemory);
+            int got = allocator.IsolateFreePagesBlock(zone, Math.Max(isolateStart, blockStart), cc.FreeList, need,
+                out long scanned, out bool lowMemory, out long stopPfn);
             cc.FreeScanned += scanned;
             cc.Isolated += got;
             Interlocked.Add(ref _isolatedFreeNow, cc.FreeList.Count - before);
             if (lowMemory)
+            {
+                isolateStart = stopPfn;
                 break; // the zone is at its min watermark: take no more (the run ends with what it has)
-            if (got == 0)
+            }
+            if (got == 0 && isolateStart == blockStart)
             {
                 // update_pageblock_skip: the hint (shared with the migrate scanner, as Linux's one bit
                 // is), and the cached free position below this pageblock.
@@ -312,9 +317,18 @@ public sealed partial class Compaction
                 continue;
             }
             if (cc.FreeList.Count >= wanted)
-                break; // this pageblock may have more: the next call starts here again
+            {
+                // Enough: the next call goes on where this one stopped (the next pageblock down if this one is done).
+                isolateStart = stopPfn;
+                if (stopPfn >= blockStart + PageblockFrames)
+                {
+                    blockStart -= PageblockFrames;
+                    isolateStart = blockStart;
+                }
+                break;
+            }
         }
-        cc.FreePfn = blockStart < lowPfn ? lowPfn - PageblockFrames : blockStart;
+        cc.FreePfn = blockStart < lowPfn ? lowPfn - PageblockFrames : Math.Max(isolateStart, blockStart);
     }
 
     /// <summary>compaction_alloc: the next isolated free frame (the free scanner runs when there is none), prepared as an allocation; NoPfn when none is left.</summary>

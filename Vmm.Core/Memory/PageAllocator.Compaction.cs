@@ -120,28 +120,32 @@ internal sealed unsafe partial class PageAllocator
     }
 
     /// <summary>
-    /// isolate_freepages_block over the pageblock of <paramref name="pageblockPfn"/>: takes its free
-    /// buddy blocks (below pageblock order) off the lists, split to order 0, onto <paramref name="freeList"/>,
+    /// isolate_freepages_block over the pageblock of <paramref name="startPfn"/>, from that frame on: takes
+    /// its free buddy blocks (below pageblock order) off the lists, split to order 0, onto <paramref name="freeList"/>,
     /// until <paramref name="wanted"/> frames were taken or the zone would fall below its min watermark.
     /// Refused (nothing taken) for a pageblock that is not MOVABLE (ISOLATE included), not initialised,
     /// or covered by a free block of pageblock order or more. Returns the frames taken;
     /// <paramref name="scanned"/> counts the frames looked at (compact_free_scanned);
-    /// <paramref name="belowWatermark"/> says it stopped at the min watermark.
+    /// <paramref name="belowWatermark"/> says it stopped at the min watermark; <paramref name="stopPfn"/> is
+    /// where the next call may go on (the pageblock's end when it was scanned to the end).
     /// </summary>
-    internal int IsolateFreePagesBlock(Zone zone, long pageblockPfn, List<long> freeList, int wanted, out long scanned, out bool belowWatermark)
+    internal int IsolateFreePagesBlock(Zone zone, long startPfn, List<long> freeList, int wanted, out long scanned, out bool belowWatermark, out long stopPfn)
     {
         scanned = 0;
         belowWatermark = false;
+        long pageblockPfn = startPfn & ~(long)(PageblockFrames - 1);
+        long end = pageblockPfn + PageblockFrames;
+        stopPfn = end;
         if (!_memMap.IsInitialised(pageblockPfn))
             return 0; // a deferred section: one max-order free block, nothing to gain
         int taken = 0;
-        long end = pageblockPfn + PageblockFrames;
         lock (zone.Lock)
         {
             // suitable_migration_target, under the lock: isolation changes the type under it too.
             if (PageblockType(pageblockPfn) != MigrateType.Movable || CoveringFreeBlock(zone, pageblockPfn) != NoPfn)
                 return 0;
-            for (long pfn = pageblockPfn; pfn < end && taken < wanted;)
+            long pfn = startPfn;
+            for (; pfn < end && taken < wanted;)
             {
                 scanned++;
                 ref PageDescriptor page = ref _memMap[pfn];
@@ -163,6 +167,7 @@ internal sealed unsafe partial class PageAllocator
                 taken += 1 << order;
                 pfn += 1L << order;
             }
+            stopPfn = pfn;
         }
         return taken;
     }
