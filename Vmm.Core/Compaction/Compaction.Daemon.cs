@@ -209,7 +209,7 @@ public sealed partial class Compaction
             CompactResult status;
             try
             {
-                status = CompactZoneOrder(zone, order, MigrateType.Movable, MigrateMode.SyncLight, daemon: true);
+                status = CompactZoneOrderLocked(zone, order, MigrateType.Movable, MigrateMode.SyncLight, daemon: true);
             }
             finally
             {
@@ -245,7 +245,7 @@ public sealed partial class Compaction
                     cc.Init(zone, order: -1, MigrateType.Movable, MigrateMode.SyncLight);
                     cc.WholeZone = true;
                     cc.Proactive = true;
-                    CompactZone(cc);
+                    CompactZoneLocked(cc);
                     CountScans(cc, daemon: true);
                 }
                 finally

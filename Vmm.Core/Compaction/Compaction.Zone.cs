@@ -16,6 +16,7 @@
 // Locking: the caller holds the hotplug lock (the zone's span is stable); the migrate scanner reads
 // descriptors racily and isolates through the engine (lru_lock); the free scanner and the release take
 // the zone lock per pageblock. No lock is held across MigratePages.
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Migration;
 
@@ -26,8 +27,9 @@ public sealed partial class Compaction
     private const long PageblockFrames = PageAllocator.PageblockFrames;
 
     /// <summary>compact_zone. Preconditions: the hotplug lock held (GetOnlineMems); no page lock held.</summary>
-    private CompactResult CompactZone(CompactControl cc)
+    private CompactResult CompactZoneLocked(CompactControl cc)
     {
+        LockAssert.That(_machine.Hotplug.IsChangingOnThisThread, "the hotplug lock held (get_online_mems)");
         Zone zone = cc.Zone;
         PageAllocator allocator = _machine.Allocator;
         long start = zone.StartPfn, end = zone.EndPfn;

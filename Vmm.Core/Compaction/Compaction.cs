@@ -36,6 +36,7 @@
 // (KcompactdMutex) is above the hotplug lock: held across a daemon step, and by Audit (so no daemon
 // run changes memory under an audit). Compaction's counters are atomic; the knobs are plain ints read racily.
 using Microsoft.Extensions.ObjectPool;
+using Vmm.Diagnostics;
 using Vmm.Memory;
 using Vmm.Migration;
 
@@ -177,7 +178,7 @@ public sealed partial class Compaction : PageAllocator.IDirectCompactor
                     cc.Init(zone, order: -1, MigrateType.Movable, MigrateMode.Sync);
                     cc.IgnoreSkipHint = true;
                     cc.WholeZone = true;
-                    CompactZone(cc);
+                    CompactZoneLocked(cc);
                     CountScans(cc, daemon: false);
                 }
                 finally
@@ -269,7 +270,7 @@ public sealed partial class Compaction : PageAllocator.IDirectCompactor
             CompactResult status;
             try
             {
-                status = CompactZoneOrder(zone, order, mt, mode, daemon: false);
+                status = CompactZoneOrderLocked(zone, order, mt, mode, daemon: false);
             }
             finally
             {
@@ -302,15 +303,19 @@ public sealed partial class Compaction : PageAllocator.IDirectCompactor
         CompactionDeferReset(_machine.Allocator.ZoneOf(pfn), order, allocSuccess: true);
     }
 
-    /// <summary>compact_zone_order: one zone for an allocation of <paramref name="order"/>, skip hints honoured, from the cached positions.</summary>
-    private CompactResult CompactZoneOrder(Zone zone, int order, MigrateType mt, MigrateMode mode, bool daemon)
+    /// <summary>
+    /// compact_zone_order: one zone for an allocation of <paramref name="order"/>, skip hints honoured,
+    /// from the cached positions. Preconditions: the hotplug lock held; no page lock held.
+    /// </summary>
+    private CompactResult CompactZoneOrderLocked(Zone zone, int order, MigrateType mt, MigrateMode mode, bool daemon)
     {
+        LockAssert.That(_machine.Hotplug.IsChangingOnThisThread, "the hotplug lock held (get_online_mems)");
         CompactControl cc = _controls.Get();
         try
         {
             cc.Init(zone, order, mt, mode);
             cc.Direct = !daemon;
-            CompactResult result = CompactZone(cc);
+            CompactResult result = CompactZoneLocked(cc);
             CountScans(cc, daemon);
             return result;
         }

@@ -131,8 +131,10 @@ internal sealed class Zone
     public long AllocFailures;
 
     // Compaction's per-zone state (Linux's compact_cached_*, compact_considered / defer_shift /
-    // order_failed, compact_blockskip_flush). Written by compaction only, which works on a zone under
-    // the hotplug lock (one run at a time); read racily by the allocator's slow path and the views.
+    // order_failed, compact_blockskip_flush). Written by compaction, which works on a zone under the
+    // hotplug lock (one run at a time), and, for the deferral fields, racily by the direct-compaction
+    // retry of an allocation and the deferral check (as Linux's: a lost update costs one extra or one
+    // skipped attempt); read racily.
 
     /// <summary>compact_cached_migrate_pfn[async, sync]: where the migrate scanner goes on. Hotplug lock.</summary>
     public readonly long[] CompactCachedMigratePfn = new long[2];
