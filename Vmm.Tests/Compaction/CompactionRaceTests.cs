@@ -25,6 +25,13 @@ public class CompactionRaceTests
         var versions = new int[f.Pages]; // the shadow: page i holds Pattern(i, versions[i]); 0 = zero page (dropped)
         for (int i = 1; i < f.Pages; i += 2)
             versions[i] = -1; // FragmentedMachine's own contents
+        // Half of the kept pages dropped too (i = 3 mod 4, which stay zero): room for compaction to move
+        // pages into while the rounds below fault and take memory.
+        for (int i = 3; i < f.Pages; i += 4)
+        {
+            Assert.That(f.Process.Madvise(f.AddressOf(i), Topology.PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
+            versions[i] = 0;
+        }
         using var stop = new CancellationTokenSource();
         var failures = new List<Exception>();
         var threads = new Thread[Writers];
@@ -41,9 +48,9 @@ public class CompactionRaceTests
                     var read = new byte[Topology.PageSize];
                     while (!stop.IsCancellationRequested)
                     {
-                        // Writer t owns the kept pages whose pair index is t modulo Writers.
-                        int pair = random.Next(f.Pages / 2 / Writers) * Writers + me;
-                        int i = 2 * pair + 1;
+                        // Writer t owns the pages i = 1 mod 4 whose quarter index is t modulo Writers.
+                        int quarter = random.Next(f.Pages / 4 / Writers) * Writers + me;
+                        int i = 4 * quarter + 1;
                         if (i >= f.Pages)
                             continue;
                         switch (random.Next(4))
@@ -81,21 +88,41 @@ public class CompactionRaceTests
         long order9 = 0;
         for (int round = 0; round < rounds || (TestEnvironment.StressDuration is { } d && clock.Elapsed < d); round++)
         {
-            machine.Compaction.CompactMemory();
-            long pfn = machine.Allocator.AllocPages(9, AllocFlags.Movable);
-            if (pfn != PageAllocator.NoPfn)
+            if (round % 3 == 0)
+                machine.Compaction.CompactMemory();
+            // Fragment again with the even pages, which nobody else touches: all faulted in, every other
+            // one dropped at once (scattered holes), the rest after this round.
+            for (int i = 0; i < f.Pages; i += 2)
+                f.Process.Write<long>(f.AddressOf(i), i);
+            for (int i = 0; i < f.Pages; i += 4)
+                Assert.That(f.Process.Madvise(f.AddressOf(i), Topology.PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
+            // Take order-9 blocks (a few: compaction needs free memory to move pages into): they need
+            // direct compaction under the writers; kcompactd is woken while they are held, then they go back.
+            var held = new List<long>();
+            for (int k = 0; k < 6; k++)
             {
-                order9++;
-                machine.Allocator.FreePages(pfn, 9);
+                long pfn = machine.Allocator.AllocPages(9, AllocFlags.Movable);
+                if (pfn == PageAllocator.NoPfn)
+                    break;
+                held.Add(pfn);
             }
+            order9 += held.Count;
             machine.Compaction.WakeKcompactd(0, 9);
             Thread.Sleep(20);
+            foreach (long pfn in held)
+                machine.Allocator.FreePages(pfn, 9);
+            for (int i = 2; i < f.Pages; i += 4)
+                Assert.That(f.Process.Madvise(f.AddressOf(i), Topology.PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
             if (failures.Count > 0)
                 break;
         }
         stop.Cancel();
         foreach (Thread thread in threads)
             thread.Join();
+        CompactionStats stats = machine.Compaction.GetStats();
+        TestContext.Out.WriteLine($"{clock.Elapsed.TotalSeconds:F0} s: {Interlocked.Read(ref ops)} writer operations, {stats.PagesMigrated} pages migrated by compaction " +
+                                  $"({stats.PagesFailed} failed), {order9} order-9 allocations, stall {stats.Stall} / success {stats.Success}, " +
+                                  $"kcompactd wakes {stats.DaemonWake}, daemon migrate_scanned {stats.DaemonMigrateScanned}");
         Assert.That(failures, Is.Empty, "no writer saw a wrong byte");
         Assert.That(Interlocked.Read(ref ops), Is.GreaterThan(0));
         Assert.That(machine.Compaction.GetStats().PagesMigrated, Is.GreaterThan(0), "compaction moved pages under the writers");
