@@ -87,9 +87,12 @@ public sealed unsafe partial class Machine : IDisposable
             Ksm = Options.EnableKsm ? new Ksm(this) : null;
             MovablePages = new MovablePages(this);
             Balloon = new Balloon(this);
+            Compaction = new Compaction(this);
+            Allocator.DirectCompactor = Compaction;
             NodesWithMemory = NodeMask.FirstNodes(Topology.NodeCount).Bits;
             _interleaveWeights = CreateDefaultInterleaveWeights();
             RootCpuset = new Cpuset(this, "/", null, NodesWithMemory);
+            Compaction.StartDaemons(); // last: kcompactd may run from here on
         }
         catch
         {
@@ -179,6 +182,9 @@ public sealed unsafe partial class Machine : IDisposable
     }
 
     internal MemMap MemMap => _memMap;
+
+    /// <summary>Memory compaction: compact_memory, its knobs and counters (kcompactd and direct compaction run by themselves).</summary>
+    public Compaction Compaction { get; }
 
     /// <summary>Kernel samepage merging: its knobs, counters and scanner; null when built without it (<see cref="MachineOptions.EnableKsm"/>).</summary>
     public Ksm? Ksm { get; }
@@ -402,13 +408,16 @@ public sealed unsafe partial class Machine : IDisposable
     /// the LRU lists of all nodes, and isolated from them; pages still in a per-CPU add batch are on
     /// none), Vmm's own cow_faults (copy-on-write faults that copied a page; Linux has no such line), and
     /// num_poisoned_pages (frames poisoned or retired by memory failure, Linux's counter behind
-    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>), and the
-    /// balloon's balloon_inflate, balloon_deflate and balloon_migrate (pages, <see cref="Balloon"/>).
+    /// /proc/meminfo's HardwareCorrupted: <see cref="MachineStats.HardwareCorruptedBytes"/>), and compaction's
+    /// compact_migrate_scanned, compact_free_scanned, compact_isolated, compact_stall, compact_fail,
+    /// compact_success, compact_daemon_wake, compact_daemon_migrate_scanned and compact_daemon_free_scanned
+    /// (<see cref="CompactionStats"/>), and the balloon's balloon_inflate, balloon_deflate and balloon_migrate
+    /// (pages, <see cref="Balloon"/>).
     /// </summary>
     public static IReadOnlyList<string> VmStatNames { get; } =
         ["nr_free_pages", "nr_page_table_pages", "pgmigrate_success", "pgmigrate_fail", "cow_ksm", "nr_tlb_remote_flush", "cow_faults",
          "nr_inactive_anon", "nr_active_anon", "nr_isolated_anon", "num_poisoned_pages",
-         "balloon_inflate", "balloon_deflate", "balloon_migrate"];
+         "balloon_inflate", "balloon_deflate", "balloon_migrate", .. Compaction.VmStatNames];
 
     /// <summary>
     /// One /proc/vmstat counter by name (see <see cref="VmStatNames"/>). ENOENT (and 0) for a name it
@@ -439,6 +448,7 @@ public sealed unsafe partial class Machine : IDisposable
             "balloon_inflate" => Balloon.Inflated,
             "balloon_deflate" => Balloon.Deflated,
             "balloon_migrate" => Balloon.Migrated,
+            _ when name.StartsWith("compact_", StringComparison.Ordinal) => Compaction.ReadVmStat(name),
             _ => stats.CowFaults,
         };
         return Errno.None;
@@ -541,8 +551,10 @@ public sealed unsafe partial class Machine : IDisposable
         // calls in flight drain.
         TlbShootdown.Flush();
         Ksm?.StopBackgroundWork(); // ksmd and the release worker stop before the memory they use goes away
+        Compaction.StopDaemons();   // so do the kcompactd threads
         TlbShootdown.WaitForMachineCalls(Id);
         Ksm?.Shutdown();
+        Compaction.Shutdown();
         _memMap.Dispose();
         Arena.Dispose();
     }

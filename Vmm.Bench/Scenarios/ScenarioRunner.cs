@@ -64,6 +64,7 @@ internal static class ScenarioRunner
         new OfflineScenario(ksmHalf: true),
         new OfflineWriterScenario(),
         new ContigScenario(),
+        new CompactScenario(),
     ];
 
     public static int Run(string[] args)

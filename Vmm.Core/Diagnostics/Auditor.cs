@@ -15,6 +15,13 @@ internal static unsafe class Auditor
 {
     public static List<string> Run(Machine machine)
     {
+        // No kcompactd run may move pages while the counters are recounted (its mutex is above KSM's).
+        lock (machine.Compaction.KcompactdMutex)
+            return RunWithoutDaemons(machine);
+    }
+
+    private static List<string> RunWithoutDaemons(Machine machine)
+    {
         // No KSM batch may run while the counters are recounted.
         if (machine.Ksm is { } ksm)
         {
@@ -281,6 +288,7 @@ internal static unsafe class Auditor
         if (poisonedFrames != machine.MemoryFailure.PoisonedPages)
             problems.Add($"num_poisoned_pages {machine.MemoryFailure.PoisonedPages}, frames with PG_hwpoison {poisonedFrames}");
         machine.Ksm?.Audit(problems, ksmZeroPtes);
+        machine.Compaction.Audit(problems);
         long free = machine.GetStats().AllFreePages;
         if (free + inUse + offline != memMap.FrameCount)
             problems.Add($"free frames {free} + frames in use {inUse} + offline frames {offline} != {memMap.FrameCount}");

@@ -241,6 +241,19 @@ public sealed partial class MemoryHotplug
     /// </summary>
     internal void GetOnlineMems() => EnterHotplug(CancellationToken.None);
 
+    /// <summary>
+    /// get_online_mems without waiting, for callers that may hold frame references (direct compaction
+    /// from an allocation, kcompactd): false when a state change holds the lock (or this thread is
+    /// inside one), and the caller does without. On true, <see cref="PutOnlineMems"/> ends it.
+    /// </summary>
+    internal bool TryGetOnlineMems()
+    {
+        if (t_changing == this || !_hotplugLock.Wait(0))
+            return false;
+        t_changing = this;
+        return true;
+    }
+
     /// <summary>put_online_mems.</summary>
     internal void PutOnlineMems() => ExitHotplug();
 

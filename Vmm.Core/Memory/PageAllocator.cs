@@ -206,6 +206,8 @@ internal sealed unsafe partial class PageAllocator
     private interface INodeFilter
     {
         bool Allows(int node);
+
+        ulong Mask { get; }
     }
 
     /// <summary>No nodemask. A struct type argument, so the JIT compiles the unfiltered walk without any test:
@@ -213,12 +215,16 @@ internal sealed unsafe partial class PageAllocator
     private readonly struct AnyNode : INodeFilter
     {
         public bool Allows(int node) => true;
+
+        public ulong Mask => AllNodes;
     }
 
     /// <summary>A nodemask: bit n allows node n.</summary>
     private readonly struct InNodemask(ulong mask) : INodeFilter
     {
         public bool Allows(int node) => ((mask >> node) & 1) != 0;
+
+        public ulong Mask => mask;
     }
 
     private long AllocPagesFiltered<TFilter>(int order, AllocFlags flags, int preferredNode, TFilter nodemask)
@@ -258,11 +264,48 @@ internal sealed unsafe partial class PageAllocator
                 }
                 pfn = TryZonelist(zonelist, order, mt, level, nodemask);
             }
+            if (pfn == NoPfn && order > 0 && DirectCompactor is { } compactor)
+                pfn = AllocPagesDirectCompact(compactor, zonelist, order, mt, level, nodemask, node);
             if (pfn == NoPfn)
                 return NoPfn;
         }
         PrepNewPage(pfn, order, flags);
         return pfn;
+    }
+
+    /// <summary>
+    /// The compaction part of __alloc_pages_slowpath, for an order above 0 that failed even after the
+    /// drain: kcompactd is woken, then direct compaction runs at ASYNC priority and, if that did not
+    /// give a block, at SYNC_LIGHT, the allocation retried after each run. Runs with no allocator lock
+    /// held; the caller must hold no page lock, pte lock or zone lock (compaction migrates pages).
+    /// </summary>
+    private long AllocPagesDirectCompact<TFilter>(IDirectCompactor compactor, Zone[] zonelist, int order, MigrateType mt,
+        WatermarkLevel level, TFilter nodemask, int node)
+        where TFilter : struct, INodeFilter
+    {
+        compactor.WakeKcompactd(node, order);
+        foreach (MigrateMode mode in (ReadOnlySpan<MigrateMode>)[MigrateMode.Async, MigrateMode.SyncLight])
+        {
+            CompactResult result = compactor.TryToCompactPages(order, mt, zonelist, nodemask.Mask, mode);
+            if (result is CompactResult.Skipped or CompactResult.Deferred)
+                continue;
+            DrainZonesOf(zonelist, nodemask); // the sources compaction freed sit on per-CPU lists
+            long pfn = TryZonelist(zonelist, order, mt, level, nodemask);
+            compactor.AfterDirectCompaction(order, pfn);
+            if (pfn != NoPfn)
+                return pfn;
+        }
+        return NoPfn;
+    }
+
+    private void DrainZonesOf<TFilter>(Zone[] zonelist, TFilter nodemask)
+        where TFilter : struct, INodeFilter
+    {
+        foreach (Zone zone in zonelist)
+        {
+            if (nodemask.Allows(zone.Node))
+                DrainZone(zone);
+        }
     }
 
     private enum WatermarkLevel { Low, Min, HalfMin, None }

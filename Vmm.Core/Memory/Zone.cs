@@ -130,6 +130,30 @@ internal sealed class Zone
     /// <summary>Allocation attempts that found this zone below its watermark or empty. Atomic.</summary>
     public long AllocFailures;
 
+    // Compaction's per-zone state (Linux's compact_cached_*, compact_considered / defer_shift /
+    // order_failed, compact_blockskip_flush). Written by compaction, which works on a zone under the
+    // hotplug lock (one run at a time), and, for the deferral fields, racily by the direct-compaction
+    // retry of an allocation and the deferral check (as Linux's: a lost update costs one extra or one
+    // skipped attempt); read racily.
+
+    /// <summary>compact_cached_migrate_pfn[async, sync]: where the migrate scanner goes on. Hotplug lock.</summary>
+    public readonly long[] CompactCachedMigratePfn = new long[2];
+
+    /// <summary>compact_cached_free_pfn: where the free scanner goes on (a pageblock start). Hotplug lock.</summary>
+    public long CompactCachedFreePfn;
+
+    /// <summary>compact_considered: requests skipped since the last deferral. Hotplug lock.</summary>
+    public int CompactConsidered;
+
+    /// <summary>compact_defer_shift: 2^this requests are skipped after a failure (0 to 6). Hotplug lock.</summary>
+    public int CompactDeferShift;
+
+    /// <summary>compact_order_failed: the lowest order compaction failed for (orders below it are not deferred). Hotplug lock.</summary>
+    public int CompactOrderFailed;
+
+    /// <summary>compact_blockskip_flush: a direct compaction's scanners met; kcompactd clears the skip hints before it sleeps. Hotplug lock.</summary>
+    public bool CompactBlockskipFlush;
+
     /// <summary>Thresholds in pages. Set once at boot, then immutable.</summary>
     public Watermarks Watermarks;
 
