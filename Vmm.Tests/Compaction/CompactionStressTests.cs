@@ -6,28 +6,30 @@ using Vmm.Tests.Stress;
 namespace Vmm.Tests.Compaction;
 
 /// <summary>
-/// Compaction and the balloon under fire (issue 13, item 5): on a two-node machine, while writer threads
-/// in three processes write known patterns into private pages (dropping some, so faults keep allocating
-/// new frames), fork-shared copy-on-write pages and a MAP_SHARED mapping and read them back, ksmd merges
-/// the duplicate-rich ranges (and a second thread steps KSM with ScanPages), a forker forks, checks the
-/// child against a snapshot and exits it, move_pages moves pages between the nodes, short pins hold
-/// pages (writing through them), and a fragmenter maps a range, fills it and frees every other page
-/// (the fragmentation compaction exists for), compaction runs in every form there is: compact_memory and
-/// per-node compaction in a loop, kcompactd (proactive, and woken by failing allocations), and direct
-/// compaction in allocations above order 0 (node-bound ones of order 2 to 10, and contiguous buffers): contiguous buffers of order 1 to 9 (and larger, through
-/// alloc_contig_pages) are allocated, checked to be contiguous in ZONE_NORMAL, written, read back and
-/// freed. Meanwhile the balloon inflates and deflates (its frames migrated by compaction and
-/// alloc_contig_range instead of blocking them), and a host component keeps data in non-LRU movable
-/// frames whose callbacks refuse some isolations and answer EAGAIN to some migrations, and checks its
-/// bytes after every move; and ZONE_MOVABLE blocks go offline and online (offline moves the balloon's and
-/// the store's frames too, and compaction must keep off an offlining block). The oracle: the harness's shadow of every region (<see cref="StressHarness"/>),
-/// the fragmenter's and the buffers' patterns, and the movable store's versions: every byte read must
-/// match. At the end every byte is checked, the audit is clean, and once the balloon is deflated, the
-/// store freed and every process gone, every frame but the zero page is free.
+/// Compaction and the balloon under fire (issue 13, item 5), on <see cref="StressHarness"/>: on a two-node
+/// machine, writer threads in three processes write known patterns into private pages (dropping some,
+/// so faults keep allocating new frames), fork-shared copy-on-write pages and a MAP_SHARED mapping and
+/// read them back; ksmd merges the duplicate-rich ranges (and a second thread steps KSM with ScanPages);
+/// a forker forks, checks the child against a snapshot and exits it; move_pages moves pages between the
+/// nodes; short pins hold pages (writing through them); and two fragmenters, one per node, map 8 MiB,
+/// fill it and free every other page (the fragmentation compaction exists for). Meanwhile compaction
+/// runs in every form there is: compact_memory and per-node compaction in a loop, kcompactd (proactive,
+/// and woken by failing allocations), and direct compaction in allocations above order 0 (node-bound
+/// blocks of order 2 to 10, and contiguous buffers of order 1 to 10; those of order 11 go through
+/// alloc_contig_pages), each buffer checked contiguous in ZONE_NORMAL of one node and zeroed, written,
+/// read back and freed. The balloon inflates and deflates (its frames migrated by compaction, offline and
+/// alloc_contig_range instead of blocking them); a host component keeps data in non-LRU movable frames
+/// (<see cref="StressMovableStore"/>) whose callbacks refuse some isolations and answer EAGAIN to some
+/// migrations, and checks its bytes after every move; and ZONE_MOVABLE blocks go offline and online
+/// (offline moves the balloon's and the store's frames too, and compaction must keep off an offlining
+/// block). The oracle: the harness's shadow of every region, the fragmenters' and the buffers' patterns
+/// and the store's versions: every byte read must match. At the end every byte is checked, the audit is
+/// clean, and once the balloon is deflated, the store freed and every process gone, every frame but the
+/// zero page is free.
 /// </summary>
 /// <remarks>
-/// Bounded by iterations in CI (a few seconds per case); <c>VMM_STRESS_SECONDS=N</c> makes each case run
-/// for N seconds (the soak).
+/// Bounded by iterations in CI (a few seconds); <c>VMM_STRESS_SECONDS=N</c> makes it run for N seconds
+/// (the soak; an hour: 3600).
 /// </remarks>
 [TestFixture]
 [Category("Stress")]
@@ -49,29 +51,60 @@ public sealed class CompactionStressTests
         int seed = TestEnvironment.Seed(13_000);
         using var machine = TestMachines.Create(TestMachines.TwoLargeNodes with { PoisonFreedFrames = true });
         Vmm.Ksm ksm = machine.Ksm!;
+        Vmm.Compaction compaction = machine.Compaction;
         Vmm.Balloon balloon = machine.Balloon;
         Assert.That(ksm.Write("max_page_sharing", "4"), Is.EqualTo(Errno.None));
+        // kcompactd compacts proactively while a node's fragmentation score is above the low mark.
+        compaction.Proactiveness = 50;
+        // Direct compaction even where the fragmentation index blames a lack of memory rather than
+        // fragmentation (node 0 runs nearly full): the allocations below order 10 then stall and compact.
+        compaction.ExtfragThreshold = 0;
 
         var h = new StressHarness(machine, "CompactionStressTests", seed,
             new StressLayout(PrivatePages: 96, CowPages: 64, SharedPages: 32, P2HomeNode: 1) { WritersDropPages = true })
         { OpsPerWriter = 1_500 * TestEnvironment.StressScale };
         var store = new StressMovableStore(machine, slots: 256);
 
-        long minBuffers = 20L * TestEnvironment.StressScale;
+        long minCompactions = 5L * TestEnvironment.StressScale, minBuffers = 20L * TestEnvironment.StressScale;
         long minForks = 5L * TestEnvironment.StressScale, minBalloonCycles = 10L * TestEnvironment.StressScale, minOfflines = 2L * TestEnvironment.StressScale;
+        long compactMemoryCalls = 0, compactNodeCalls = 0;
         long buffers = 0, buffersOfPageblocks = 0, buffersAboveMaxOrder = 0, buffersRefused = 0;
         long highOrder = 0, highOrderFailed = 0;
         long inflated = 0, deflated = 0, balloonCycles = 0, fragmenterRounds = 0, fragmenterChecks = 0;
         MemoryHotplug hotplug = machine.Hotplug;
         long offlined = 0, offlinesBusy = 0, pagesMovedByOffline = 0;
         MigrationStats before = machine.GetMigrationStats();
+        long VmStat(string name)
+        {
+            Assert.That(machine.ReadVmStat(name, out long value), Is.EqualTo(Errno.None), name);
+            return value;
+        }
         long MovedBy(MigrateReason reason) => machine.GetMigrationStats().SucceededByReason.GetValueOrDefault(reason)
                                               - before.SucceededByReason.GetValueOrDefault(reason);
 
-        h.MechanismsShort = () => Volatile.Read(ref buffers) < minBuffers || Volatile.Read(ref h.Forks) < minForks
+        h.MechanismsShort = () => Volatile.Read(ref compactMemoryCalls) + Volatile.Read(ref compactNodeCalls) < minCompactions
+                                  || Volatile.Read(ref buffers) < minBuffers || Volatile.Read(ref h.Forks) < minForks
                                   || Volatile.Read(ref balloonCycles) < minBalloonCycles || balloon.Migrated == 0
-                                  || Volatile.Read(ref store.Migrated) == 0
+                                  || Volatile.Read(ref store.Migrated) == 0 || MovedBy(MigrateReason.Compaction) == 0
                                   || Volatile.Read(ref offlined) < minOfflines;
+
+        // compact_memory, or one node's, now and then: every zone whole, synchronous.
+        h.Add("compactor", 301, random =>
+        {
+            if (random.Next(3) == 0)
+            {
+                compaction.CompactMemory();
+                Interlocked.Increment(ref compactMemoryCalls);
+            }
+            else
+            {
+                compaction.CompactNode(random.Next(machine.Topology.NodeCount));
+                Interlocked.Increment(ref compactNodeCalls);
+            }
+            // A pause: compaction holds the hotplug lock, and direct compaction only tries it (it skips the
+            // zone while another compaction or an offline holds it), so back to back runs would starve it.
+            Thread.Sleep(20 + random.Next(40));
+        });
 
         // Contiguous buffers: up to the max order one buddy allocation (direct compaction when it fails),
         // above it alloc_contig_pages. Each is checked contiguous, on one node, in ZONE_NORMAL, zeroed,
@@ -281,7 +314,9 @@ public sealed class CompactionStressTests
         MigrationStats after = machine.GetMigrationStats();
         TestContext.Progress.WriteLine(
             h.Report()
-            + "; "
+            + $"; compact_memory {compactMemoryCalls}, per node {compactNodeCalls}; compact_stall {VmStat("compact_stall")}, compact_success {VmStat("compact_success")}, "
+            + $"compact_fail {VmStat("compact_fail")}, compact_migrate_scanned {VmStat("compact_migrate_scanned")}, compact_free_scanned {VmStat("compact_free_scanned")}, "
+            + $"compact_isolated {VmStat("compact_isolated")}, compact_daemon_wake {VmStat("compact_daemon_wake")}; "
             + $"pages moved by compaction {MovedBy(MigrateReason.Compaction)}, by alloc_contig_range {MovedBy(MigrateReason.ContigRange)}; "
             + $"high-order allocations {highOrder} ({highOrderFailed} failed); "
             + $"contiguous buffers {buffers} ({buffersOfPageblocks} of order 9 or 10, {buffersAboveMaxOrder} above the max order (alloc_contig_pages), {buffersRefused} refused); "
@@ -290,6 +325,13 @@ public sealed class CompactionStressTests
             + $"{store}; fragmenter {fragmenterRounds} rounds, {fragmenterChecks} page checks; "
             + $"pgmigrate_success {after.Succeeded - before.Succeeded}, pgmigrate_fail {after.Failed - before.Failed}");
 
+        Assert.That(compactMemoryCalls + compactNodeCalls, Is.GreaterThanOrEqualTo(h.AtLeast(minCompactions)), "compaction ran under the writers");
+        Assert.That(MovedBy(MigrateReason.Compaction), Is.GreaterThan(0), "compaction moved pages in use");
+        // Direct compaction only tries the hotplug lock, which every compaction and offline holds exclusively:
+        // with compact_memory, kcompactd and the offliner running it is mostly skipped (see the note of
+        // issue 13's stress part), so a bounded run cannot count on a stall; a soak must see some.
+        if (h.Duration is not null)
+            Assert.That(VmStat("compact_stall"), Is.GreaterThan(0), "direct compaction ran in allocations above order 0");
         Assert.That(buffers, Is.GreaterThanOrEqualTo(h.AtLeast(minBuffers)), "contiguous buffers were allocated under the writers");
         Assert.That(balloonCycles, Is.GreaterThanOrEqualTo(h.AtLeast(minBalloonCycles)), "the balloon inflated and deflated");
         Assert.That(balloon.Migrated, Is.GreaterThan(0), "balloon pages were migrated instead of blocking a mover");
@@ -308,6 +350,8 @@ public sealed class CompactionStressTests
         Assert.That(store.PageCount, Is.Zero, "the movable store holds no frame");
         foreach (VmProcess p in fragmenterProcesses)
             p.Exit();
-        h.ExitEveryProcessAndAssertEveryFrameFree();
+        compaction.Proactiveness = 0;
+        lock (compaction.KcompactdMutex) // no kcompactd step holds free frames isolated while the frames are counted
+            h.ExitEveryProcessAndAssertEveryFrameFree();
     }
 }
