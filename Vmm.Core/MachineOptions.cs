@@ -68,8 +68,9 @@ public sealed record MachineOptions
 
     /// <summary>
     /// Whether the machine runs background threads: ksmd (while KSM's <c>run</c> is 1) and the worker
-    /// that gives the frames merging freed back to the host about two seconds after a full scan; and the
-    /// daemons still to come (kswapd, kcompactd) obey it too. Default true. False ("stepping by hand"):
+    /// that gives the frames merging freed back to the host about two seconds after a full scan, and one
+    /// kcompactd per node (woken by a failed allocation above order 0, and every 500 ms for proactive
+    /// compaction: <see cref="Compaction.Proactiveness"/>); kswapd, still to come, will obey it too. Default true. False ("stepping by hand"):
     /// no thread ever runs inside the machine except the host's own. <c>run</c> = 1 then means merging is
     /// enabled, and the host advances it with <see cref="Ksm.ScanPages"/> and <see cref="Ksm.RunFullScans"/>;
     /// freed frames go back to the host when it calls <see cref="Ksm.WaitForMemoryRelease"/> (or

@@ -3,7 +3,9 @@
 # in one run, so the per-page times are taken on the same machine at the same moment (the sibling of
 # linux-offline-compare.sh; issue 13's target: Vmm's compaction beats Linux's per page moved).
 #   Linux: ../shared/anchors/linux_compact_bench.c (ANCHORS=dir to override) fills FILL MiB of anonymous
-#          memory (default: 60 % of MemAvailable, at most MAX_FILL), frees every other page
+#          memory (default 2048 MiB, at most MAX_FILL: first touches of guest memory can be slow
+#          enough here that a fill of most of the machine takes minutes; Linux compacts the whole
+#          machine either way, so the fair unit is the time per page moved), frees every other page
 #          (MADV_DONTNEED), writes 1 to /proc/sys/vm/compact_memory (timed: every zone of every node),
 #          and reports the pages it migrated (pgmigrate_success delta), the scanners' counts and the
 #          order >= 9 free blocks before and after; it checks every page it kept. Needs root.
@@ -34,7 +36,7 @@ VMM="dotnet $ROOT/Vmm.Bench/bin/Release/net10.0/Vmm.Bench.dll"
 
 avail_mib=$(awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo)
 MAX_FILL=${MAX_FILL:-$(( avail_mib * 3 / 4 ))}
-FILL=${FILL:-$(( avail_mib * 6 / 10 ))}
+FILL=${FILL:-2048}
 [ "$FILL" -le "$MAX_FILL" ] || FILL=$MAX_FILL
 
 linux_ok=1
