@@ -29,7 +29,7 @@ public sealed partial class Compaction
     /// <summary>compact_zone. Preconditions: the hotplug lock held (GetOnlineMems); no page lock held.</summary>
     private CompactResult CompactZoneLocked(CompactControl cc)
     {
-        LockAssert.That(_machine.Hotplug.IsChangingOnThisThread, "the hotplug lock held (get_online_mems)");
+        LockAssert.That(_machine.Hotplug.HoldsOnlineMemsOnThisThread, "the hotplug lock held (get_online_mems)");
         Zone zone = cc.Zone;
         PageAllocator allocator = _machine.Allocator;
         long start = zone.StartPfn, end = zone.EndPfn;

@@ -28,10 +28,11 @@
 // until the hints are reset (__reset_isolation_suitable: when a deferred zone restarts, or when
 // kcompactd finds that a direct compaction's scanners met, compact_blockskip_flush).
 //
-// Locking: each zone is compacted under the hotplug lock's read side (MemoryHotplug.GetOnlineMems, an
-// exclusive lock in Vmm), so zone spans and block states stay put under the scanners; direct compaction
-// and kcompactd only try it (TryGetOnlineMems: an allocation may hold frame references an offline waits
-// for), compact_memory waits for it. Under it: the migration engine's locks (page locks, anon_vma /
+// Locking: each zone is compacted under the hotplug lock's read side (MemoryHotplug.GetOnlineMems, shared
+// by readers as Linux's mem_hotplug_lock is), so zone spans and block states stay put under the scanners
+// while several compactions (and contiguous allocations) run at once; direct compaction and kcompactd only
+// try it (TryGetOnlineMems: an allocation may hold frame references an offline waits for), compact_memory
+// waits for it. Under it: the migration engine's locks (page locks, anon_vma /
 // shmem, pte locks, lru_lock), the zone lock for the free scanner and the release. kcompactd's mutex
 // (KcompactdMutex) is above the hotplug lock: held across a daemon step, and by Audit (so no daemon
 // run changes memory under an audit). Compaction's counters are atomic; the knobs are plain ints read racily.
@@ -309,7 +310,7 @@ public sealed partial class Compaction : PageAllocator.IDirectCompactor
     /// </summary>
     private CompactResult CompactZoneOrderLocked(Zone zone, int order, MigrateType mt, MigrateMode mode, bool daemon)
     {
-        LockAssert.That(_machine.Hotplug.IsChangingOnThisThread, "the hotplug lock held (get_online_mems)");
+        LockAssert.That(_machine.Hotplug.HoldsOnlineMemsOnThisThread, "the hotplug lock held (get_online_mems)");
         CompactControl cc = _controls.Get();
         try
         {

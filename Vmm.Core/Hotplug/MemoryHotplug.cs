@@ -39,10 +39,23 @@ public sealed partial class MemoryHotplug
     public const int MaxBlockersReported = 16;
 
     [ThreadStatic]
-    private static MemoryHotplug? t_changing; // the machine whose hotplug lock this thread holds
+    private static MemoryHotplug? t_changing; // the machine whose hotplug lock this thread holds for a state change
+
+    [ThreadStatic]
+    private static Dictionary<MemoryHotplug, int>? t_reads; // machines whose hotplug lock this thread reads (get_online_mems), with the nesting depth
 
     private readonly Machine _machine;
+    // The hotplug lock is a reader-writer lock, as Linux's mem_hotplug_lock (a percpu rwsem) is: a state
+    // change (online, offline, add, remove) is the writer, get_online_mems the reader. Writers exclude each
+    // other with the semaphore (cancellable while waiting), then announce themselves (_writer) and wait for
+    // the readers in progress to leave; readers wait while a writer is announced, so a stream of readers
+    // cannot starve an offline. Readers share: compaction's zones, contiguous allocations and memory
+    // failure's pfn calls run side by side, and direct compaction does not skip a zone because another
+    // compaction is running. _readers and _writer are protected by _readGate (Monitor).
     private readonly SemaphoreSlim _hotplugLock = new(1, 1);
+    private readonly object _readGate = new();
+    private int _readers;
+    private bool _writer;
     private readonly Lock _chainLock = new();
     private Registration[] _chain = [];
     private long _registrations;
@@ -216,6 +229,8 @@ public sealed partial class MemoryHotplug
     {
         if (t_changing == this)
             throw new InvalidOperationException("a memory block's state was changed from inside a memory notifier callback (or progress report) of the same machine: the change in progress holds the hotplug lock");
+        if (ReadDepth() > 0)
+            throw new InvalidOperationException("a memory block's state was changed by a thread inside get_online_mems of the same machine (it would wait for itself)");
         try
         {
             _hotplugLock.Wait(cancellationToken);
@@ -224,6 +239,23 @@ public sealed partial class MemoryHotplug
         {
             return Errno.EINTR;
         }
+        lock (_readGate)
+        {
+            _writer = true;
+            // The readers in progress finish what they do (a compaction pass, a contiguous allocation, a
+            // memory-failure call: each bounded) without waiting for this writer, so this wait ends.
+            while (_readers > 0)
+            {
+                if (cancellationToken.IsCancellationRequested)
+                {
+                    _writer = false;
+                    Monitor.PulseAll(_readGate);
+                    _hotplugLock.Release();
+                    return Errno.EINTR;
+                }
+                Monitor.Wait(_readGate, 50);
+            }
+        }
         t_changing = this;
         return Errno.None;
     }
@@ -231,34 +263,95 @@ public sealed partial class MemoryHotplug
     private void ExitHotplug()
     {
         t_changing = null;
+        lock (_readGate)
+        {
+            _writer = false;
+            Monitor.PulseAll(_readGate); // readers waiting for this change
+        }
         _hotplugLock.Release();
     }
 
     /// <summary>
-    /// get_online_mems: no block changes state until <see cref="PutOnlineMems"/> (memory failure's pfn
-    /// calls, which must not meet a block half offline). Must not be called holding a reference to a
-    /// frame: an offline in progress may be waiting for that reference to go.
+    /// get_online_mems, the hotplug lock's read side: no block changes state until
+    /// <see cref="PutOnlineMems"/>; other readers run alongside (memory failure's pfn calls, contiguous
+    /// allocations, compaction). Nests on one thread. Must not be called holding a reference to a frame:
+    /// an offline in progress may be waiting for that reference to go.
     /// </summary>
-    internal void GetOnlineMems() => EnterHotplug(CancellationToken.None);
+    /// <exception cref="InvalidOperationException">this thread is changing a block's state (a notifier callback).</exception>
+    internal void GetOnlineMems()
+    {
+        if (t_changing == this)
+            throw new InvalidOperationException("get_online_mems from inside a memory notifier callback (or progress report) of the same machine: the change in progress holds the hotplug lock");
+        if (EnterNestedRead())
+            return;
+        lock (_readGate)
+        {
+            // Writers first: a reader that comes while a change waits for the readers to leave waits for the change.
+            while (_writer)
+                Monitor.Wait(_readGate);
+            _readers++;
+        }
+        BeginRead();
+    }
 
     /// <summary>
     /// get_online_mems without waiting, for callers that may hold frame references (direct compaction
-    /// from an allocation, kcompactd): false when a state change holds the lock (or this thread is
-    /// inside one), and the caller does without. On true, <see cref="PutOnlineMems"/> ends it.
+    /// from an allocation, kcompactd): false when a state change holds the lock or waits for it (or this
+    /// thread is inside one), and the caller does without. On true, <see cref="PutOnlineMems"/> ends it.
     /// </summary>
     internal bool TryGetOnlineMems()
     {
-        if (t_changing == this || !_hotplugLock.Wait(0))
+        if (t_changing == this)
             return false;
-        t_changing = this;
+        if (EnterNestedRead())
+            return true;
+        lock (_readGate)
+        {
+            if (_writer)
+                return false;
+            _readers++;
+        }
+        BeginRead();
         return true;
     }
 
     /// <summary>put_online_mems.</summary>
-    internal void PutOnlineMems() => ExitHotplug();
+    internal void PutOnlineMems()
+    {
+        int depth = ReadDepth();
+        if (depth == 0)
+            throw new VmBugException("put_online_mems without get_online_mems on this thread");
+        if (depth > 1)
+        {
+            t_reads![this] = depth - 1;
+            return;
+        }
+        t_reads!.Remove(this);
+        lock (_readGate)
+        {
+            if (--_readers == 0)
+                Monitor.PulseAll(_readGate); // a writer waiting for the readers to leave
+        }
+    }
 
-    /// <summary>True while this thread changes a block's state of this machine (inside a notifier callback).</summary>
-    internal bool IsChangingOnThisThread => t_changing == this;
+    /// <summary>A nested get_online_mems of this thread: counted, never waits (a writer that announced itself
+    /// meanwhile is waiting for this thread's outer read, so waiting here would deadlock).</summary>
+    private bool EnterNestedRead()
+    {
+        int depth = ReadDepth();
+        if (depth == 0)
+            return false;
+        t_reads![this] = depth + 1;
+        return true;
+    }
+
+    private void BeginRead() => (t_reads ??= new Dictionary<MemoryHotplug, int>(ReferenceEqualityComparer.Instance))[this] = 1;
+
+    /// <summary>This thread's nested get_online_mems of this machine (0: none).</summary>
+    private int ReadDepth() => t_reads is { } reads && reads.TryGetValue(this, out int depth) ? depth : 0;
+
+    /// <summary>True while this thread holds this machine's hotplug lock, for a change or for reading (get_online_mems).</summary>
+    internal bool HoldsOnlineMemsOnThisThread => t_changing == this || ReadDepth() > 0;
 
     /// <summary>The zones block <paramref name="index"/> may be onlined to now (see the file overview), default first.</summary>
     internal IReadOnlyList<ZoneType> ValidZonesOf(int index)

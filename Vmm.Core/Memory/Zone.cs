@@ -131,27 +131,27 @@ internal sealed class Zone
     public long AllocFailures;
 
     // Compaction's per-zone state (Linux's compact_cached_*, compact_considered / defer_shift /
-    // order_failed, compact_blockskip_flush). Written by compaction, which works on a zone under the
-    // hotplug lock (one run at a time), and, for the deferral fields, racily by the direct-compaction
-    // retry of an allocation and the deferral check (as Linux's: a lost update costs one extra or one
-    // skipped attempt); read racily.
+    // order_failed, compact_blockskip_flush). Written racily, as Linux's, by the compaction runs on the
+    // zone (each under the hotplug lock's read side, which several share), the direct-compaction retry of
+    // an allocation and the deferral check: a lost update costs one extra or one skipped attempt, or a
+    // scanner starting from a slightly older position; read racily.
 
-    /// <summary>compact_cached_migrate_pfn[async, sync]: where the migrate scanner goes on. Hotplug lock.</summary>
+    /// <summary>compact_cached_migrate_pfn[async, sync]: where the migrate scanner goes on. Racy.</summary>
     public readonly long[] CompactCachedMigratePfn = new long[2];
 
-    /// <summary>compact_cached_free_pfn: where the free scanner goes on (a pageblock start). Hotplug lock.</summary>
+    /// <summary>compact_cached_free_pfn: where the free scanner goes on (a pageblock start). Racy.</summary>
     public long CompactCachedFreePfn;
 
-    /// <summary>compact_considered: requests skipped since the last deferral. Hotplug lock.</summary>
+    /// <summary>compact_considered: requests skipped since the last deferral. Racy.</summary>
     public int CompactConsidered;
 
-    /// <summary>compact_defer_shift: 2^this requests are skipped after a failure (0 to 6). Hotplug lock.</summary>
+    /// <summary>compact_defer_shift: 2^this requests are skipped after a failure (0 to 6). Racy.</summary>
     public int CompactDeferShift;
 
-    /// <summary>compact_order_failed: the lowest order compaction failed for (orders below it are not deferred). Hotplug lock.</summary>
+    /// <summary>compact_order_failed: the lowest order compaction failed for (orders below it are not deferred). Racy.</summary>
     public int CompactOrderFailed;
 
-    /// <summary>compact_blockskip_flush: a direct compaction's scanners met; kcompactd clears the skip hints before it sleeps. Hotplug lock.</summary>
+    /// <summary>compact_blockskip_flush: a direct compaction's scanners met; kcompactd clears the skip hints before it sleeps. Racy.</summary>
     public bool CompactBlockskipFlush;
 
     /// <summary>Thresholds in pages. Set once at boot, then immutable.</summary>

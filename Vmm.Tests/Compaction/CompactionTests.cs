@@ -127,6 +127,63 @@ public class CompactionTests
     }
 
     [Test]
+    public void Direct_compaction_runs_while_another_thread_reads_the_hotplug_lock()
+    {
+        // get_online_mems is the hotplug lock's shared side, as Linux's mem_hotplug_lock: compact_memory, a
+        // kcompactd step or a contiguous allocation holding it must not make direct compaction skip the zone.
+        using var f = new FragmentedMachine();
+        Machine machine = f.Machine;
+        using var held = new ManualResetEventSlim();
+        using var release = new ManualResetEventSlim();
+        var reader = new Thread(() =>
+        {
+            machine.Hotplug.GetOnlineMems();
+            held.Set();
+            release.Wait();
+            machine.Hotplug.PutOnlineMems();
+        });
+        reader.Start();
+        held.Wait();
+        long pfn;
+        try
+        {
+            pfn = machine.Allocator.AllocPages(9, AllocFlags.Movable);
+        }
+        finally
+        {
+            release.Set();
+            reader.Join();
+        }
+
+        Assert.That(pfn, Is.Not.EqualTo(PageAllocator.NoPfn), "direct compaction ran beside the other reader and made the block");
+        CompactionStats stats = machine.Compaction.GetStats();
+        Assert.That(stats.Stall, Is.EqualTo(1));
+        Assert.That(stats.Success, Is.EqualTo(1));
+        machine.Allocator.FreePages(pfn, 9);
+        f.AssertContentsIntact();
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Direct_compaction_skips_a_zone_while_a_block_changes_state_and_an_offline_waits_for_readers()
+    {
+        // The writer side: while an offline (or a thread about to change a block) holds the hotplug lock,
+        // direct compaction does without (an allocating thread may hold references the offline waits for);
+        // and a change waits for the readers in progress before it starts.
+        using var f = new FragmentedMachine();
+        Machine machine = f.Machine;
+        machine.Hotplug.GetOnlineMems();
+        MemoryBlock block = machine.Hotplug.Blocks.First(b => b.State == "online" && b.Zone == ZoneType.Movable);
+        var offline = Task.Run(() => block.Write("state", "offline"));
+        Assert.That(offline.Wait(300), Is.False, "the offline waits for the reader to leave");
+        machine.Hotplug.PutOnlineMems();
+        Assert.That(offline.Wait(TimeSpan.FromSeconds(30)), Is.True, "and starts once it has");
+        _ = offline.Result;
+        f.AssertContentsIntact();
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Compact_memory_recovers_nearly_all_free_memory_as_order_9_blocks_and_keeps_every_byte()
     {
         using var f = new FragmentedMachine();
