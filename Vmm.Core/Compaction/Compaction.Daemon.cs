@@ -239,19 +239,7 @@ public sealed partial class Compaction
                 continue;
             try
             {
-                CompactControl cc = _controls.Get();
-                try
-                {
-                    cc.Init(zone, order: -1, MigrateType.Movable, MigrateMode.SyncLight);
-                    cc.WholeZone = true;
-                    cc.Proactive = true;
-                    CompactZoneLocked(cc);
-                    CountScans(cc, daemon: true);
-                }
-                finally
-                {
-                    _controls.Return(cc);
-                }
+                CompactWholeZoneLocked(zone, MigrateMode.SyncLight, ignoreSkipHint: false, proactive: true, daemon: true);
             }
             finally
             {

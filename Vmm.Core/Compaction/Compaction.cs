@@ -173,24 +173,36 @@ public sealed partial class Compaction : PageAllocator.IDirectCompactor
             {
                 if (zone.ManagedPages == 0)
                     continue;
-                CompactControl cc = _controls.Get();
-                try
-                {
-                    cc.Init(zone, order: -1, MigrateType.Movable, MigrateMode.Sync);
-                    cc.IgnoreSkipHint = true;
-                    cc.WholeZone = true;
-                    CompactZoneLocked(cc);
-                    CountScans(cc, daemon: false);
-                }
-                finally
-                {
-                    _controls.Return(cc);
-                }
+                CompactWholeZoneLocked(zone, MigrateMode.Sync, ignoreSkipHint: true, proactive: false, daemon: false);
             }
             finally
             {
                 _machine.Hotplug.PutOnlineMems();
             }
+        }
+    }
+
+    /// <summary>
+    /// One run over a whole zone (no order to stop at): compact_node's (SYNC, hints ignored) and proactive
+    /// compaction's (SYNC_LIGHT, hints honoured, until the zone's score is down). Preconditions: the hotplug
+    /// lock's read side held (get_online_mems); no page lock held.
+    /// </summary>
+    private void CompactWholeZoneLocked(Zone zone, MigrateMode mode, bool ignoreSkipHint, bool proactive, bool daemon)
+    {
+        LockAssert.That(_machine.Hotplug.HoldsOnlineMemsOnThisThread, "the hotplug lock held (get_online_mems)");
+        CompactControl cc = _controls.Get();
+        try
+        {
+            cc.Init(zone, order: -1, MigrateType.Movable, mode);
+            cc.IgnoreSkipHint = ignoreSkipHint;
+            cc.WholeZone = true;
+            cc.Proactive = proactive;
+            CompactZoneLocked(cc);
+            CountScans(cc, daemon);
+        }
+        finally
+        {
+            _controls.Return(cc);
         }
     }
 
