@@ -214,9 +214,9 @@ public sealed partial class Ksm
             if (address > va)
                 break;
             int next = _items[current].Next;
-            if (IsMappingInMigration(slot, current))
+            if (IsMappingStillLinked(slot, current))
             {
-                // Its page is being moved (Ksm.Migrate.cs): the mapping comes back, keep it linked.
+                // Its page is being moved (Ksm.Migrate.cs), or was while the walk passed it: keep it linked.
                 prev = current;
                 current = next;
                 continue;
@@ -265,7 +265,7 @@ public sealed partial class Ksm
         while (current >= 0)
         {
             int next = _items[current].Next;
-            if (keepMigrating && IsMappingInMigration(slot, current))
+            if (keepMigrating && IsMappingStillLinked(slot, current))
             {
                 SetLink(slot, prev, current);
                 _items[current].Next = -1;
@@ -280,14 +280,28 @@ public sealed partial class Ksm
     }
 
     /// <summary>
-    /// A stable item whose address holds a migration entry: its KSM page is being moved, and the mapping
-    /// comes back when the move ends. Linux's walk skips such an entry and drops the item, to link the
-    /// mapping again on a later visit; until then no item leads to the mapping, and a second move of the
-    /// page could not find it (it would fail). So the scanner keeps such items. Preconditions: the mm's
-    /// mmap_lock held (the scanner's).
+    /// Whether a stable item that the walk has passed without visiting must stay linked: its address still
+    /// leads to its node's KSM page. The walk passes an address whose PTE is not a present page; for a KSM
+    /// mapping that is a migration entry (its page is being moved, the mapping comes back when the move
+    /// ends). Linux drops the item there and links the mapping again on a later visit; until then no item
+    /// leads to the mapping, and a second move of the page could not find it. So the scanner keeps such items.
+    /// Why the present-PTE case too: the walk decides to pass an address (KsmNextAnonPage, reading the PTE
+    /// without locks) earlier than it decides here, when it meets the item on its way to a later address or
+    /// at the end of the mm. A move can end in between (the migrator takes no mmap_lock): the PTE was a
+    /// migration entry when passed and maps the moved page (whose mapping word names the node) now. Had this
+    /// asked only "is it a migration entry now", it would drop the item of a live mapping, which the KSM
+    /// reverse map would then miss until the next pass relinked it (the Audit's "the reverse map of KSM
+    /// page .. does not find it", and a move or unmerge in that window would miss the mapping). Asking
+    /// whether the address still leads to the node's page, in one read of the PTE, covers both moments.
+    /// Preconditions: the mm's mmap_lock held (the scanner's); thread mutex held.
     /// </summary>
-    private bool IsMappingInMigration(KsmMmSlot slot, int handle) =>
-        (_items[handle].Address & KsmRmapItem.StableFlag) != 0 && slot.Mm.KsmIsMigrationEntry(_items[handle].PageAddress);
+    private bool IsMappingStillLinked(KsmMmSlot slot, int handle)
+    {
+        ref KsmRmapItem item = ref _items[handle];
+        if ((item.Address & KsmRmapItem.StableFlag) == 0 || _nodeTable[item.Node] is not { } node)
+            return false;
+        return slot.Mm.KsmStillMapsKsmPage(item.PageAddress, node.MappingWord);
+    }
 
     private void StartFullScan()
     {

@@ -285,15 +285,23 @@ internal sealed unsafe partial class AddressSpace
     }
 
     /// <summary>
-    /// Whether the PTE at va is a migration entry (its page is being moved): the scanner keeps the
-    /// stable rmap item of such an address instead of dropping it. A hint, read without the pte lock.
-    /// Preconditions: mmap_lock held.
+    /// Whether the PTE at va still leads to the KSM page whose mapping word is <paramref name="mappingWord"/>:
+    /// a migration entry (the page is being moved, and comes back there when the move ends) or a present
+    /// PTE of a frame that carries that mapping word (the node's page, moved or not). The scanner keeps the
+    /// stable rmap item of such an address instead of dropping it. One read of the PTE, without the pte
+    /// lock: a hint that errs only towards keeping (a kept item whose mapping then goes is dropped on its
+    /// next visit, as after any copy on write). Preconditions: mmap_lock held.
     /// </summary>
-    public bool KsmIsMigrationEntry(ulong va)
+    public bool KsmStillMapsKsmPage(ulong va, ulong mappingWord)
     {
         LockAssert.MmapLockHeld(this);
         ulong* slot = FindPte(va, out _);
-        return slot != null && new Pte(Volatile.Read(ref *slot)).IsMigrationEntry;
+        if (slot == null)
+            return false;
+        var pte = new Pte(Volatile.Read(ref *slot));
+        if (pte.IsMigrationEntry)
+            return true;
+        return pte.IsPresent && !pte.IsSpecial && Volatile.Read(ref _machine.MemMap[pte.Pfn].Mapping) == mappingWord;
     }
 
     /// <summary>

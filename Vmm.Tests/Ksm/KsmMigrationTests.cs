@@ -167,6 +167,84 @@ public sealed class KsmMigrationTests
         AssertAuditClean(machine);
     }
 
+    /// <summary>
+    /// The race of MemoryFailureStressTests (soft offline of KSM pages under a looping ksmd): the scan
+    /// passes a KSM mapping because its PTE is a migration entry, the move ends, and only then does the
+    /// scan meet the mapping's rmap item (on its way to the next present page). The item must stay
+    /// linked: the address maps the moved KSM page again, and the reverse map must find it there.
+    /// The test holds the pte lock of the next page's table, which stops the scan right after it has
+    /// passed the moving mappings, ends the move meanwhile, and then lets the scan go on.
+    /// </summary>
+    [Test]
+    public unsafe void A_scan_that_passes_a_KSM_mapping_in_migration_keeps_its_item_when_the_move_ends_before_it_meets_the_item()
+    {
+        const ulong TableSpan = 2UL << 20; // one page-table page maps 2 MiB
+        using Machine machine = CreateMachine(mergeAcrossNodes: true);
+        Vmm.Ksm ksm = machine.Ksm!;
+        Assert.That(ksm.Write("smart_scan", "0"), Is.EqualTo(Errno.None));
+        VmProcess p = machine.CreateProcess();
+        ulong region = p.Mmap(3 * TableSpan);
+        Assert.That(p.Madvise(region, 3 * TableSpan, Advice.Mergeable), Is.EqualTo(Errno.None));
+        // Two equal pages at the end of one page table, a different one at the start of the next.
+        ulong next = (region + 2 * TableSpan) & ~(TableSpan - 1);
+        ulong first = next - 2 * 4096, second = next - 4096;
+        p.Fill(first, 4096, 0x5A);
+        p.Fill(second, 4096, 0x5A);
+        p.Fill(next, 4096, 0x33);
+        ksm.RunFullScans(3);
+        long oldPfn = p.GetPagemap(first).Pfn;
+        Assert.That(p.GetPagemap(first).Ksm && p.GetPagemap(second).Pfn == oldPfn, Is.True, "setup: the two equal pages share a KSM page");
+        Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((1L, 1L)));
+
+        // The migrator's steps up to Ksm.MigratePage: both mappings are migration entries.
+        machine.MemMap.GetPage(oldPfn);
+        Assert.That(machine.PageLock.TryLock(oldPfn), Is.True);
+        long newPfn = AllocOnNode(machine, 1);
+        machine.PageLock.Lock(newPfn);
+        Assert.That(machine.Rmap.TryToMigrate(oldPfn), Is.True);
+        MigrationEngine.CopyPage(machine, oldPfn, newPfn);
+        ksm.MigratePage(oldPfn, newPfn);
+
+        // The next pass starts: it passes both migration entries and stops at the next table's pte lock.
+        AddressSpace mm = p.Mm;
+        long nextTable;
+        mm.MmapLock.EnterReadLock();
+        try
+        {
+            Assert.That(mm.FindPte(next, out nextTable) != null, Is.True);
+        }
+        finally
+        {
+            mm.MmapLock.ExitReadLock();
+        }
+        Task scan;
+        mm.LockPte(nextTable);
+        try
+        {
+            scan = Task.Run(() => ksm.ScanPages(1));
+            SpinWait.SpinUntil(() => mm.MmapLock.CurrentReadCount > 0, TimeSpan.FromSeconds(10));
+            Thread.Sleep(200); // the scan walks two PTEs and spins on the lock: it has passed them by far
+            Assert.That(scan.IsCompleted, Is.False, "setup: the scan waits for the next table's pte lock");
+            FinishMigration(machine, oldPfn, newPfn); // the move ends while the scan waits
+        }
+        finally
+        {
+            mm.UnlockPte(nextTable);
+        }
+        scan.Wait();
+
+        Assert.That(p.GetPagemap(first).Pfn == newPfn && p.GetPagemap(second).Pfn == newPfn, Is.True, "both mappings followed the page");
+        AssertAuditClean(machine); // before the fix: "the reverse map of KSM page .. does not find it" twice
+        Assert.That((ksm.GetStats().PagesShared, ksm.GetStats().PagesSharing), Is.EqualTo((1L, 1L)),
+            "the items of the mappings the scan passed while they moved stay linked");
+        // And a second move finds both mappings through the node's items.
+        Assert.That(p.Mm.TryReplacePage(first, 0), Is.EqualTo(Errno.None), "the KSM page moves again");
+        Assert.That(p.GetPagemap(second).Pfn, Is.EqualTo(p.GetPagemap(first).Pfn));
+        Assert.That(machine.Topology.NodeOf(p.GetPagemap(first).Pfn), Is.Zero);
+        AssertReads([(p, first), (p, second)], 0x5A);
+        AssertAuditClean(machine);
+    }
+
     [Test]
     public void A_forked_childs_unlinked_mapping_of_a_KSM_page_follows_the_move([Values(true, false)] bool mergeAcrossNodes)
     {
