@@ -165,11 +165,10 @@ public class CompactionTests
     }
 
     [Test]
-    public void Direct_compaction_skips_a_zone_while_a_block_changes_state_and_an_offline_waits_for_readers()
+    public void A_block_state_change_waits_for_the_readers_of_the_hotplug_lock_in_progress()
     {
-        // The writer side: while an offline (or a thread about to change a block) holds the hotplug lock,
-        // direct compaction does without (an allocating thread may hold references the offline waits for);
-        // and a change waits for the readers in progress before it starts.
+        // The writer side: an offline waits for the readers in progress (a compaction pass, a contiguous
+        // allocation) before it changes anything, and starts once they have left.
         using var f = new FragmentedMachine();
         Machine machine = f.Machine;
         machine.Hotplug.GetOnlineMems();
