@@ -267,14 +267,16 @@ public sealed partial class MemoryHotplug
             return;
         using (call)
         {
-            _hotplugLock.Wait();
+            // As a writer, like every other user of the lock's exclusive side: the block's memory goes
+            // back while no reader (compaction, a contiguous allocation) runs, as before the read side was shared.
+            EnterHotplug(CancellationToken.None);
             try
             {
                 GiveBackPendingLocked();
             }
             finally
             {
-                _hotplugLock.Release();
+                ExitHotplug();
             }
         }
     }
