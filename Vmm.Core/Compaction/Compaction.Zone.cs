@@ -348,10 +348,14 @@ public sealed partial class Compaction
         return pfn;
     }
 
-    /// <summary>compaction_free: a frame compaction_alloc gave that the migration did not use goes back on the run's free list.</summary>
+    /// <summary>
+    /// compaction_free: a frame compaction_alloc gave that the migration did not use goes back on the run's
+    /// free list, unless a scanner holds a speculative reference to it: that reference's put frees it.
+    /// </summary>
     private void CompactionFree(CompactControl cc, long pfn)
     {
-        _machine.Allocator.UnprepIsolatedFreePage(pfn);
+        if (!_machine.Allocator.UnprepIsolatedFreePage(pfn))
+            return;
         cc.FreeList.Add(pfn);
         Interlocked.Increment(ref _isolatedFreeNow);
     }

@@ -163,7 +163,10 @@ internal sealed unsafe partial class PageAllocator
                 }
                 DelFromFreeListLocked(zone, pfn);
                 for (long p = pfn; p < pfn + (1L << order); p++)
+                {
                     freeList.Add(p);
+                    _memMap.Trace?.Record(p, FrameEvent.CompactIsolate, order);
+                }
                 taken += 1 << order;
                 pfn += 1L << order;
             }
@@ -180,14 +183,18 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>
     /// compaction_free: a frame handed out by compaction_alloc that the migration did not use comes back
-    /// (refcount 1, no mapping: the engine copies nothing into a frame it gives back). It becomes an
-    /// isolated free frame again (checked and cleared as a free would: free_pages_prepare), for the next page.
+    /// (no mapping: the engine copies nothing into a frame it gives back). It becomes an isolated free
+    /// frame again (checked and cleared as a free would: free_pages_prepare), for the next page, and true
+    /// is returned. False when its reference was not the last: a scanner (compaction's or an offline's
+    /// migrate scanner) took a speculative one (TryGetPageUnlessZero) since it was handed out, and that
+    /// reference's put frees the frame through the ordinary path, as Linux's compaction_free leaves it.
     /// </summary>
-    internal void UnprepIsolatedFreePage(long pfn)
+    internal bool UnprepIsolatedFreePage(long pfn)
     {
         if (!_memMap.PutPageTestZero(pfn))
-            throw new VmBugException($"compaction_free: frame {pfn} still has references");
+            return false;
         FreePagesPrepare(pfn, 0);
+        return true;
     }
 
     /// <summary>release_free_list: the isolated free frames of <paramref name="freeList"/> go back to the buddy lists (and the list is emptied).</summary>
@@ -204,6 +211,7 @@ internal sealed unsafe partial class PageAllocator
                 {
                     long pfn = freeList[i];
                     LockAssert.That(_memMap[pfn].RefCount == 0 && (_memMap[pfn].Flags & (ulong)PageFlags.Buddy) == 0, $"isolated free frame {pfn} unused");
+                    _memMap.Trace?.Record(pfn, FrameEvent.CompactRelease);
                     FreeOneLocked(zone, pfn, 0, PageblockType(pfn));
                 }
             }

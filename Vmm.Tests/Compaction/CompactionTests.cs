@@ -506,4 +506,39 @@ public class CompactionTests
         Assert.That(machine.Compaction.HasDaemonThreads, Is.False, "Dispose stopped and joined them");
         Assert.That(machine.Compaction.DaemonFailure(0), Is.Null);
     }
+
+    /// <summary>
+    /// compaction_free when a scanner holds a speculative reference to the unused destination frame
+    /// (another mover's migrate scanner took it with TryGetPageUnlessZero after the frame was handed out):
+    /// the frame is not put back on the run's free list, and the scanner's put frees it.
+    /// </summary>
+    [Test]
+    public void An_unused_destination_frame_a_scanner_holds_is_freed_by_that_scanner()
+    {
+        using var f = new FragmentedMachine();
+        Machine machine = f.Machine;
+        PageAllocator allocator = machine.Allocator;
+        long free = machine.GetStats().AllFreePages;
+        long first = -1;
+        for (long pfn = 0; pfn < machine.MemMap.FrameCount && first < 0; pfn++)
+            if (machine.MemMap.IsInitialised(pfn) && machine.MemMap.TestFlag(pfn, PageFlags.Buddy) &&
+                allocator.PageblockTypeOf(pfn) == MigrateType.Movable)
+                first = pfn;
+        Assert.That(first, Is.GreaterThanOrEqualTo(0), "a fragmented MOVABLE pageblock");
+        var list = new List<long>();
+        Assert.That(allocator.IsolateFreePagesBlock(allocator.ZoneOf(first), first, list, 2, out _, out _, out _), Is.EqualTo(2));
+        long dst = list[^1];
+        list.RemoveAt(list.Count - 1);
+        allocator.PrepIsolatedFreePage(dst);
+        Assert.That(machine.MemMap.TryGetPageUnlessZero(dst), Is.True, "a migrate scanner's speculative reference");
+
+        Assert.That(allocator.UnprepIsolatedFreePage(dst), Is.False, "not the last reference: the frame is not taken back");
+        Assert.That(machine.MemMap.RefCount(dst), Is.EqualTo(1));
+        machine.PutPage(dst); // the scanner lets go: the ordinary free
+        allocator.ReleaseIsolatedFreePages(list);
+        allocator.DrainAllPages();
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(free), "both frames free again, neither twice");
+        TestMachines.AssertAuditClean(machine);
+        f.AssertContentsIntact();
+    }
 }
