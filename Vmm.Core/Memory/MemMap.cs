@@ -52,7 +52,11 @@ internal sealed unsafe class MemMap : IDisposable
         _reservation = ArenaHandle.Reserve((nuint)(frameCount * PageDescriptor.Size), forcePortable, clearPortable: false);
         _reservation.AdviseNoHugePages(); // sections commit 64 KiB at a time: a huge page would commit 2 MiB per touch
         _pages = (PageDescriptor*)_reservation.DangerousGetHandle();
+        Trace = Vmm.Diagnostics.FrameTrace.CreateIfEnabled(frameCount);
     }
+
+    /// <summary>The per-frame event history (VMM_FRAME_TRACE=1), or null.</summary>
+    internal readonly Vmm.Diagnostics.FrameTrace? Trace;
 
     /// <summary>The section shift for a topology: 2^MaxOrder frames, or one memory block if that is smaller.</summary>
     public static int SectionShiftFor(Topology topology) =>
@@ -121,6 +125,7 @@ internal sealed unsafe class MemMap : IDisposable
             page.MapCount = -1;
             page.LruNext = PageDescriptor.NoLink;
             page.LruPrev = PageDescriptor.NoLink;
+            Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.SectionInit);
         }
         // Publish after the descriptors are written (Interlocked is a full fence): a reader that sees
         // the bit reads initialised descriptors. Sections of different zones share a word, so Or.

@@ -7,6 +7,7 @@
 // zeroing). Giving memory back is best effort: a refused decommit leaves the block free and committed.
 //
 // Locking: each zone is walked under its zone lock (see the why in ReleaseFreeMemory).
+using Vmm.Diagnostics;
 using Vmm.Native;
 
 namespace Vmm.Memory;
@@ -54,6 +55,7 @@ internal sealed unsafe partial class PageAllocator
                                 continue;
                             for (long i = 0; i < count; i++)
                                 _memMap[pfn + i].Flags |= (ulong)PageFlags.Zeroed;
+                            _memMap.Trace?.RecordRange(pfn, count, FrameEvent.ReportZero, count);
                             head.Flags |= (ulong)PageFlags.Reported;
                             released += count << Topology.PageShift;
                         }
@@ -76,6 +78,7 @@ internal sealed unsafe partial class PageAllocator
         try
         {
             _arena.Decommit(pfn, count);
+            _memMap.Trace?.RecordRange(pfn, count, FrameEvent.Decommit, count);
             return true;
         }
         catch (ArenaException)

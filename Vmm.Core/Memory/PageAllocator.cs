@@ -539,6 +539,7 @@ internal sealed unsafe partial class PageAllocator
 #endif
             if (_poison && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 CheckPoison(pfn + i);
+            _memMap.Trace?.Record(pfn + i, FrameEvent.Alloc, order | ((zero && (page.Flags & (ulong)PageFlags.Zeroed) != 0) ? 256 : 0) | (zero ? 0 : 512));
             if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 PageOps.Zero(_arena.FrameAddress(pfn + i));
             if (compound)
@@ -615,6 +616,7 @@ internal sealed unsafe partial class PageAllocator
     {
         LockAssert.That(_memMap[pfn].RefCount == 0, $"frame {pfn} with refcount 0");
         FreePagesPrepare(pfn, 0);
+        _memMap.Trace?.Record(pfn, FrameEvent.FreeZeroed);
         if (!_poison)
             _memMap[pfn].Flags = (ulong)PageFlags.Zeroed;
         FreeToPcp(pfn);
@@ -640,6 +642,7 @@ internal sealed unsafe partial class PageAllocator
         for (long i = 0; i < count; i++)
         {
             ref PageDescriptor page = ref _memMap[pfn + i];
+            _memMap.Trace?.Record(pfn + i, FrameEvent.Free, order);
             page.Flags = 0;
             page.Mapping = 0;
             page.Index = 0;

@@ -703,6 +703,8 @@ internal sealed class MigrationEngine
         // (FinishMoved: one lru_lock round trip per 32 pages, not per page). Until then
         // the allocation's reference keeps the frame, which is mapped and unlocked but not yet on a
         // list: an isolation that meets it fails (as for a page in an add batch), and a put cannot free it.
+        memMap.Trace?.Record(src, FrameEvent.MigrateFrom, dst);
+        memMap.Trace?.Record(dst, FrameEvent.MigrateTo, src);
         if (entry.WasMapped)
             _machine.Rmap.RemoveMigrationPtes(src, dst, batch.Unmap);
         Interlocked.And(ref oldPage.Flags, ~(ulong)Carried);

@@ -164,6 +164,7 @@ internal sealed unsafe partial class AddressSpace
         if (!LockEmptyPte(slot, ptePfn, pfn))
             return FaultResult.Done;
         PageAddNewAnonRmap(pfn, vma, va, anonVma);
+        _machine.MemMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.MapAnon, Vmm.Diagnostics.FrameTrace.At(Id, va));
         _machine.Lru.Add(pfn); // folio_add_lru_vma: under the pte lock, while the fault's reference is still certain
         Volatile.Write(ref *slot, Pte.Make(pfn, write: vma.CanWrite && mapWritable, dirty: true, accessed: true).Value);
         UnlockPte(ptePfn);
@@ -236,6 +237,7 @@ internal sealed unsafe partial class AddressSpace
             {
                 if (!unshare)
                     Volatile.Write(ref *slot, pte.WithFlags(Pte.WriteBit | Pte.DirtyBit | Pte.AccessedBit).Value);
+                _machine.MemMap.Trace?.Record(oldPfn, Vmm.Diagnostics.FrameEvent.ReuseWrite, Vmm.Diagnostics.FrameTrace.At(Id, va));
                 UnlockPte(ptePfn);
                 return FaultResult.Done;
             }
@@ -265,6 +267,9 @@ internal sealed unsafe partial class AddressSpace
             return FaultResult.Done;
         }
         PageAddNewAnonRmap(newPfn, vma, va, anonVma);
+        _machine.MemMap.Trace?.Record(newPfn, Vmm.Diagnostics.FrameEvent.MapCow, Vmm.Diagnostics.FrameTrace.At(Id, va));
+        if (!pte.IsSpecial)
+            _machine.MemMap.Trace?.Record(oldPfn, Vmm.Diagnostics.FrameEvent.Unmap, Vmm.Diagnostics.FrameTrace.At(Id, va));
         _machine.Lru.Add(newPfn);
         Volatile.Write(ref *slot, Pte.Make(newPfn, write: !unshare, dirty: true, accessed: true, user: (pte.Value & Pte.UserBit) != 0).Value);
         UnlockPte(ptePfn);

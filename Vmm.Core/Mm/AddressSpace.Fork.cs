@@ -238,6 +238,7 @@ internal sealed unsafe partial class AddressSpace
                 }
                 memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
                 memMap.GetPage(pfn);
+                memMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.ForkCopy, Vmm.Diagnostics.FrameTrace.At(child.Id, va));
                 Interlocked.Increment(ref memMap[pfn].MapCount);
                 if (pte.IsWrite)
                 {

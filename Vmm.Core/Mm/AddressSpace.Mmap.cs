@@ -198,6 +198,7 @@ internal sealed unsafe partial class AddressSpace
                     // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
                     if (old.IsMigrationEntry)
                     {
+                        _machine.MemMap.Trace?.Record(old.Pfn, Vmm.Diagnostics.FrameEvent.Unmap, -Vmm.Diagnostics.FrameTrace.At(Id, va));
                         if (vma.IsShared)
                             Interlocked.Decrement(ref RssShmem);
                         else
@@ -212,6 +213,7 @@ internal sealed unsafe partial class AddressSpace
                     continue; // the zero page is not refcounted per mapping
                 }
                 PageRemoveRmap(old.Pfn, vma);
+                _machine.MemMap.Trace?.Record(old.Pfn, Vmm.Diagnostics.FrameEvent.Unmap, Vmm.Diagnostics.FrameTrace.At(Id, va));
                 pagesToPut.Add(old.Pfn);
             }
         }

@@ -82,6 +82,7 @@ internal sealed unsafe class UnmapBatch
                     continue; // an accessed or dirty bit arrived meanwhile: decide again
                 if (pte.IsDirty)
                     _memMap.SetFlag(pfn, PageFlags.Dirty);
+                _memMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.MigUnmap, Vmm.Diagnostics.FrameTrace.At(mm.Id, address));
                 Interlocked.Decrement(ref _memMap[pfn].MapCount);
                 // The entry holds no reference; RSS keeps counting it.
                 if (_memMap.PutPageTestZero(pfn))
@@ -116,6 +117,7 @@ internal sealed unsafe class UnmapBatch
             bool write = pte.SwapType == Pte.MigrationWriteType && vma.CanWrite;
             Volatile.Write(ref *slot, Pte.Make(newPfn, write, dirty: write, accessed: true, user: vma.CanRead).Value);
             _memMap.GetPage(newPfn);
+            _memMap.Trace?.Record(newPfn, Vmm.Diagnostics.FrameEvent.MigRestore, Vmm.Diagnostics.FrameTrace.At(mm.Id, address));
             Interlocked.Increment(ref _memMap[newPfn].MapCount);
             if (pte.IsExclusiveMigrationEntry && !vma.IsShared)
                 _memMap.SetFlag(newPfn, PageFlags.AnonExclusive);

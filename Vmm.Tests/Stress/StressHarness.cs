@@ -1,5 +1,6 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
+using Vmm.Memory;
 using Vmm.Mm;
 
 namespace Vmm.Tests.Stress;
@@ -208,11 +209,65 @@ internal sealed class StressHarness
             ulong seen = BitConverter.ToUInt64(buffer, s * 8);
             if (seen != shadow[page * Words + s])
             {
-                Fail($"{who}: page {page} (0x{pageVa:x}) word {s} reads {seen:x}, expected {shadow[page * Words + s]:x}");
+                Fail($"{who}: page {page} (0x{pageVa:x}) word {s} reads {seen:x}, expected {shadow[page * Words + s]:x}" + Diagnose(process, pageVa));
                 return;
             }
         }
         Interlocked.Increment(ref Checks);
+    }
+
+    /// <summary>
+    /// What the page tables and the frame trace (VMM_FRAME_TRACE=1) say about a page whose check failed:
+    /// its PTE, its frame's descriptor, every other mapping of the frame, the frame's history (and its
+    /// migration partners'), and the address's history; then the page read again.
+    /// </summary>
+    private unsafe string Diagnose(VmProcess process, ulong pageVa)
+    {
+        var text = new System.Text.StringBuilder();
+        try
+        {
+            MemMap memMap = Machine.MemMap;
+            Vmm.Mm.AddressSpace mm = process.Mm;
+            ulong* slot = mm.FindPte(pageVa, out _);
+            var pte = new Pte(slot == null ? 0 : Volatile.Read(ref *slot));
+            text.Append($"\n  mm {mm.Id}: pte {pte} (0x{pte.Value:x}); machine {string.Join(", ", Machine.Audit().Take(5))}\n");
+            if (pte.Value != 0 && !pte.IsSpecial)
+            {
+                long pfn = pte.Pfn;
+                ref PageDescriptor d = ref memMap[pfn];
+                text.Append($"  frame {pfn}: flags {(PageFlags)d.Flags} mapping 0x{d.Mapping:x} refcount {d.RefCount} mapcount {d.MapCount} pincount {d.PinCount}\n");
+                foreach (VmProcess p in Processes)
+                {
+                    p.Mm.MmapLock.EnterReadLock();
+                    try
+                    {
+                        foreach ((ulong va, Pte other) in p.Mm.EnumeratePtes())
+                            if ((other.IsPresent || other.IsMigrationEntry) && !other.IsSpecial && other.Pfn == pfn)
+                                text.Append($"  mapped by mm {p.Mm.Id} at 0x{va:x}: {other}\n");
+                    }
+                    finally
+                    {
+                        p.Mm.MmapLock.ExitReadLock();
+                    }
+                }
+                if (memMap.Trace is { } trace)
+                {
+                    text.Append(trace.Dump(pfn));
+                    foreach (long partner in trace.Partners(pfn).Distinct())
+                        text.Append(trace.Dump(partner));
+                }
+            }
+            if (memMap.Trace is { } t)
+                text.Append(t.DumpAddress(Vmm.Diagnostics.FrameTrace.At(mm.Id, pageVa)));
+            byte[] again = new byte[Page];
+            process.Read(pageVa, again);
+            text.Append($"  read again: word 0 {BitConverter.ToUInt64(again, 0):x}\n");
+        }
+        catch (Exception e)
+        {
+            text.Append($"\n  (diagnosis failed: {e.GetType().Name}: {e.Message})");
+        }
+        return text.ToString();
     }
 
     /// <summary>
@@ -515,7 +570,7 @@ internal sealed class StressHarness
         AssertNoFailure();
     }
 
-    public void AssertNoFailure() => Assert.That(Failures, Is.Empty, string.Join("\n", Failures.Take(10)));
+    public void AssertNoFailure() => Assert.That(Failures, Is.Empty, string.Join("\n", Failures.Take(3)));
 
     /// <summary>
     /// Every byte of every region, through its own process and (the shared mapping) through both; then no
