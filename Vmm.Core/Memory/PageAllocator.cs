@@ -537,8 +537,8 @@ internal sealed unsafe partial class PageAllocator
 #if DEBUG
             CheckNewPage(pfn + i);
 #endif
-            if (_poison && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
-                CheckPoison(pfn + i);
+            if (_poison)
+                CheckPoison(pfn + i, (page.Flags & (ulong)PageFlags.Zeroed) != 0);
             _memMap.Trace?.Record(pfn + i, FrameEvent.Alloc, order | ((zero && (page.Flags & (ulong)PageFlags.Zeroed) != 0) ? 256 : 0) | (zero ? 0 : 512));
             if (zero && (page.Flags & (ulong)PageFlags.Zeroed) == 0)
                 PageOps.Zero(_arena.FrameAddress(pfn + i));
@@ -659,13 +659,20 @@ internal sealed unsafe partial class PageAllocator
     /// <summary>The byte free frames are filled with when <see cref="MachineOptions.PoisonFreedFrames"/> is on.</summary>
     public const byte PoisonByte = 0x6B;
 
-    /// <summary>Page poisoning: a freed frame must come back exactly as it was poisoned, or someone wrote to it while it was free.</summary>
-    private void CheckPoison(long pfn)
+    /// <summary>
+    /// Page poisoning: a freed frame must come back exactly as it was poisoned, or someone wrote to it
+    /// while it was free. A PG_zeroed frame (its memory given back to the host, or never touched) must
+    /// read zero instead: a write after the decommit would otherwise hand its next owner that content
+    /// instead of zeros, since its allocation skips the zeroing.
+    /// </summary>
+    private void CheckPoison(long pfn, bool zeroed)
     {
         var frame = new ReadOnlySpan<byte>(_arena.FrameAddress(pfn), Topology.PageSize);
-        int at = frame.IndexOfAnyExcept(PoisonByte);
+        byte expected = zeroed ? (byte)0 : PoisonByte;
+        int at = frame.IndexOfAnyExcept(expected);
         if (at >= 0)
-            throw new VmBugException($"frame {pfn} was written while free (byte {at} is 0x{frame[at]:x2}, poison 0x{PoisonByte:x2}): a stale translation or a use after free");
+            throw new VmBugException($"frame {pfn} was written while free (byte {at} is 0x{frame[at]:x2}, expected 0x{expected:x2}{(zeroed ? ": PG_zeroed" : ", the poison")}): a stale translation or a use after free"
+                + (_memMap.Trace is { } trace ? "\n" + trace.Dump(pfn) : ""));
     }
 
     private void FreeToPcp(long pfn)
