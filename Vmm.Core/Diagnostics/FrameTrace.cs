@@ -34,6 +34,7 @@ internal enum FrameEvent : byte
     BalloonDeflate,
     SectionInit,    // its memmap section was initialised (PG_zeroed)
     ReuseWrite,     // a write fault reused it (wp_page_reuse): arg = mm id << 40 | vpn
+    MapZero,        // a read fault mapped the zero page: arg = mm id << 40 | vpn
 }
 
 /// <summary>The per-frame event rings of one machine (see the file's overview).</summary>
@@ -45,10 +46,35 @@ internal sealed class FrameTrace
     private readonly long[] _events; // per frame, Depth pairs: (seq << 16 | thread << 8 | kind, arg)
     private readonly int[] _cursor;
 
+    // The same events of mapping kinds, keyed by address instead (a hash table of rings, AddrDepth
+    // triples (key, seq << 16 | thread << 8 | kind, pfn)): a hot frame's ring forgets an address fast.
+    private const int AddrSlots = 1 << 16;
+    private const int AddrDepth = 16;
+    private readonly long[] _addr = new long[AddrSlots * AddrDepth * 3];
+    private readonly int[] _addrCursor = new int[AddrSlots];
+
     private FrameTrace(long frames)
     {
         _events = new long[frames * Depth * 2];
         _cursor = new int[frames];
+    }
+
+    private static bool IsMapping(FrameEvent kind) =>
+        kind is FrameEvent.MapAnon or FrameEvent.MapCow or FrameEvent.Unmap or FrameEvent.MigUnmap or FrameEvent.MigRestore
+            or FrameEvent.KsmMapped or FrameEvent.ForkCopy or FrameEvent.ReuseWrite or FrameEvent.MapZero;
+
+    /// <summary>Records a mapping event in the address table only (for frames that have no ring worth keeping: the zero page).</summary>
+    public void RecordAt(long at, FrameEvent kind, long pfn, long seq = 0)
+    {
+        long key = Math.Abs(at);
+        int slot = (int)(((ulong)key * 0x9E3779B97F4A7C15UL) >> 48) & (AddrSlots - 1);
+        int i = (Interlocked.Increment(ref _addrCursor[slot]) - 1) & (AddrDepth - 1);
+        if (seq == 0)
+            seq = Interlocked.Increment(ref _seq);
+        long o = ((long)slot * AddrDepth + i) * 3;
+        _addr[o] = at;
+        _addr[o + 2] = pfn;
+        Volatile.Write(ref _addr[o + 1], (seq << 16) | ((long)(Environment.CurrentManagedThreadId & 0xff) << 8) | (long)kind);
     }
 
     /// <summary>A trace for <paramref name="frames"/> frames if VMM_FRAME_TRACE=1, else null.</summary>
@@ -67,6 +93,8 @@ internal sealed class FrameTrace
         long at = (pfn * Depth + slot) * 2;
         _events[at + 1] = arg;
         Volatile.Write(ref _events[at], (seq << 16) | ((long)(Environment.CurrentManagedThreadId & 0xff) << 8) | (long)kind);
+        if (IsMapping(kind))
+            RecordAt(arg, kind, pfn, seq);
     }
 
     public void RecordRange(long pfn, long count, FrameEvent kind, long arg = 0)
@@ -101,25 +129,22 @@ internal sealed class FrameTrace
         return text.ToString();
     }
 
-    /// <summary>Every recorded event, of any frame, whose arg names <paramref name="at"/> (an address of an mm), oldest first.</summary>
-    public string DumpAddress(long at)
+    /// <summary>The events recorded for <paramref name="at"/> (an address of an mm), oldest first, and the frames they name.</summary>
+    public string DumpAddress(long at, out List<long> frames)
     {
+        long key = Math.Abs(at);
+        int slot = (int)(((ulong)key * 0x9E3779B97F4A7C15UL) >> 48) & (AddrSlots - 1);
         var events = new List<(long Seq, long Pfn, int Thread, FrameEvent Kind, bool Entry)>();
-        for (long pfn = 0; pfn < _cursor.Length; pfn++)
+        for (int i = 0; i < AddrDepth; i++)
         {
-            for (int i = 0; i < Depth; i++)
-            {
-                long o = (pfn * Depth + i) * 2;
-                long head = _events[o];
-                var kind = (FrameEvent)(head & 0xff);
-                bool mapping = kind is FrameEvent.MapAnon or FrameEvent.MapCow or FrameEvent.Unmap or FrameEvent.MigUnmap or FrameEvent.MigRestore
-                    or FrameEvent.KsmMapped or FrameEvent.ForkCopy or FrameEvent.ReuseWrite;
-                if (head != 0 && mapping && (_events[o + 1] == at || _events[o + 1] == -at))
-                    events.Add((head >> 16, pfn, (int)((head >> 8) & 0xff), kind, _events[o + 1] < 0));
-            }
+            long o = ((long)slot * AddrDepth + i) * 3;
+            long head = Volatile.Read(ref _addr[o + 1]);
+            if (head != 0 && Math.Abs(_addr[o]) == key)
+                events.Add((head >> 16, _addr[o + 2], (int)((head >> 8) & 0xff), (FrameEvent)(head & 0xff), _addr[o] < 0));
         }
         events.Sort((a, b) => a.Seq.CompareTo(b.Seq));
-        var text = new StringBuilder($"address mm {at >> 40} va 0x{(at & ((1L << 40) - 1)) << 12:x}:\n");
+        frames = events.Select(e => e.Pfn).Distinct().ToList();
+        var text = new StringBuilder($"address mm {key >> 40} va 0x{(key & ((1L << 40) - 1)) << 12:x} ({Volatile.Read(ref _addrCursor[slot])} events in its slot):\n");
         foreach (var e in events)
             text.Append($"  #{e.Seq} t{e.Thread} {e.Kind}{(e.Entry ? " (migration entry)" : "")} frame {e.Pfn}\n");
         return text.ToString();

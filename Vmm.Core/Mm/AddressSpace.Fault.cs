@@ -155,6 +155,7 @@ internal sealed unsafe partial class AddressSpace
             if (zero == PageAllocator.NoPfn)
                 return FaultResult.OutOfMemory;
             UpdatePte(slot, ptePfn, Pte.None, Pte.Make(zero, write: false, accessed: true, special: true));
+            _machine.MemMap.Trace?.RecordAt(Vmm.Diagnostics.FrameTrace.At(Id, va), Vmm.Diagnostics.FrameEvent.MapZero, zero);
             return FaultResult.Done;
         }
         AnonVma anonVma = PrepareAnonVma(vma);

@@ -344,6 +344,8 @@ internal sealed unsafe partial class AddressSpace
             if (Interlocked.CompareExchange(ref *slot, replacement.Value, orig.Value) != orig.Value)
                 return false;
             memMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.KsmReplaced, kpfn);
+            if (kpfn < 0)
+                memMap.Trace?.RecordAt(Vmm.Diagnostics.FrameTrace.At(Id, va), Vmm.Diagnostics.FrameEvent.KsmMapped, -1);
             if (kpfn >= 0)
                 memMap.Trace?.Record(kpfn, Vmm.Diagnostics.FrameEvent.KsmMapped, Vmm.Diagnostics.FrameTrace.At(Id, va));
             if (zero)

@@ -208,6 +208,7 @@ internal sealed unsafe partial class AddressSpace
                 }
                 if (old.IsSpecial)
                 {
+                    _machine.MemMap.Trace?.RecordAt(Vmm.Diagnostics.FrameTrace.At(Id, va), Vmm.Diagnostics.FrameEvent.Unmap, old.Pfn);
                     if (IsKsmZeroPte(old))
                         KsmZeroPteGone();
                     continue; // the zero page is not refcounted per mapping

@@ -226,42 +226,34 @@ internal sealed class StressHarness
         var text = new System.Text.StringBuilder();
         try
         {
+            // First, before anything can change it: the page again, and this thread's TLB entry for it.
+            byte[] again = new byte[Page];
+            process.Read(pageVa, again);
             MemMap memMap = Machine.MemMap;
             Vmm.Mm.AddressSpace mm = process.Mm;
+            ulong vpn = pageVa >> 12;
+            Vmm.Mm.TlbEntry entry = Vmm.Mm.AccessContext.Current.Tlb[(int)(vpn & (Vmm.Mm.AccessContext.TlbEntries - 1))];
+            long generation = Volatile.Read(ref mm.Generation);
+            text.Append($"\n  read again at once: word 0 {BitConverter.ToUInt64(again, 0):x}; TLB entry: mm {entry.MmId} vpn 0x{entry.Vpn:x} generation {entry.Generation} (mm's {generation}) "
+                + $"frame {(entry.Frame == 0 ? -1 : (long)(((byte*)entry.Frame - Machine.Arena.Base) >> 12))} writable {entry.Writable}\n");
             ulong* slot = mm.FindPte(pageVa, out _);
             var pte = new Pte(slot == null ? 0 : Volatile.Read(ref *slot));
-            text.Append($"\n  mm {mm.Id}: pte {pte} (0x{pte.Value:x}); machine {string.Join(", ", Machine.Audit().Take(5))}\n");
+            text.Append($"  mm {mm.Id}: pte {pte} (0x{pte.Value:x})\n");
+            var frames = new List<long>();
             if (pte.Value != 0 && !pte.IsSpecial)
             {
                 long pfn = pte.Pfn;
+                frames.Add(pfn);
                 ref PageDescriptor d = ref memMap[pfn];
                 text.Append($"  frame {pfn}: flags {(PageFlags)d.Flags} mapping 0x{d.Mapping:x} refcount {d.RefCount} mapcount {d.MapCount} pincount {d.PinCount}\n");
-                foreach (VmProcess p in Processes)
-                {
-                    p.Mm.MmapLock.EnterReadLock();
-                    try
-                    {
-                        foreach ((ulong va, Pte other) in p.Mm.EnumeratePtes())
-                            if ((other.IsPresent || other.IsMigrationEntry) && !other.IsSpecial && other.Pfn == pfn)
-                                text.Append($"  mapped by mm {p.Mm.Id} at 0x{va:x}: {other}\n");
-                    }
-                    finally
-                    {
-                        p.Mm.MmapLock.ExitReadLock();
-                    }
-                }
-                if (memMap.Trace is { } trace)
-                {
-                    text.Append(trace.Dump(pfn));
-                    foreach (long partner in trace.Partners(pfn).Distinct())
-                        text.Append(trace.Dump(partner));
-                }
             }
-            if (memMap.Trace is { } t)
-                text.Append(t.DumpAddress(Vmm.Diagnostics.FrameTrace.At(mm.Id, pageVa)));
-            byte[] again = new byte[Page];
-            process.Read(pageVa, again);
-            text.Append($"  read again: word 0 {BitConverter.ToUInt64(again, 0):x}\n");
+            if (memMap.Trace is { } trace)
+            {
+                text.Append(trace.DumpAddress(Vmm.Diagnostics.FrameTrace.At(mm.Id, pageVa), out List<long> named));
+                foreach (long f in frames.Concat(named).Where(f => f >= 0).Distinct())
+                    text.Append(trace.Dump(f));
+            }
+            text.Append($"  machine audit (racy): {string.Join(", ", Machine.Audit().Take(5))}\n");
         }
         catch (Exception e)
         {
