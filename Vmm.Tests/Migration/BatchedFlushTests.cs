@@ -1,0 +1,137 @@
+using Vmm.Memory;
+using Vmm.Mm;
+using Vmm.Rmap;
+
+namespace Vmm.Tests.Migration;
+
+/// <summary>
+/// The migrator's batched TLB flush (TryToMigrate with an UnmapBatch, flushed once after the batch's last
+/// page) against calls that change a migration entry and return before that flush: a thread's software TLB
+/// still holds the page's old frame then, and the call must flush itself (Linux's
+/// flush_tlb_batched_pending), or that thread's next access reaches the old frame. Each test stops the
+/// migrator between its unmap and its flush, as the compaction soak's failures did by chance (a write lost
+/// after MADV_DONTNEED, an old content read back).
+/// </summary>
+[TestFixture]
+[Category("Migration")]
+public sealed class BatchedFlushTests
+{
+    private const int PageSize = 4096;
+
+    /// <summary>The migrator's steps up to its flush: the page isolated and locked, its mappings migration entries, nothing flushed.</summary>
+    private static (long Pfn, UnmapBatch Batch) UnmapWithoutFlush(Machine machine, VmProcess process, ulong va)
+    {
+        long pfn = process.GetPagemap(va).Pfn;
+        machine.MemMap.GetPage(pfn);
+        if (!machine.Lru.Isolate(pfn))
+        {
+            machine.Lru.DrainAll();
+            Assert.That(machine.Lru.Isolate(pfn), Is.True, "setup: the page isolates");
+        }
+        machine.PutPage(pfn);
+        Assert.That(machine.PageLock.TryLock(pfn), Is.True);
+        var batch = new UnmapBatch(machine.MemMap);
+        Assert.That(machine.Rmap.TryToMigrate(pfn, batch), Is.True, "setup: every mapping is a migration entry");
+        return (pfn, batch);
+    }
+
+    /// <summary>The migration given up: the entries left map the old frame again, the flush, the page back on its list.</summary>
+    private static void MapBack(Machine machine, long pfn, UnmapBatch batch)
+    {
+        machine.Rmap.RemoveMigrationPtes(pfn, pfn, batch);
+        machine.Rmap.FlushBatch(batch);
+        machine.PageLock.Unlock(pfn);
+        machine.Lru.Putback(pfn);
+    }
+
+    [Test]
+    public void A_page_dropped_while_its_migration_waits_for_its_flush_reads_zero_at_once()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(PageSize);
+        p.Fill(va, PageSize, 0x5A); // this thread's TLB now holds the frame, writable
+
+        (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, p, va);
+        Assert.That(p.Madvise(va, PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
+        byte[] seen = new byte[PageSize];
+        p.Read(va, seen); // before the fix: a TLB hit on the old frame, 0x5A
+        Assert.That(seen, Is.All.EqualTo((byte)0), "MADV_DONTNEED returned: the page reads zero");
+        p.Write(va, 0x77UL); // before the fix: into the old frame, and lost
+        MapBack(machine, pfn, batch); // the zapped entry stays zapped
+        Assert.That(p.Read<ulong>(va), Is.EqualTo(0x77UL), "the write after MADV_DONTNEED is the page's");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void A_parent_write_after_fork_while_a_migration_waits_for_its_flush_stays_out_of_the_child()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess parent = machine.CreateProcess();
+        ulong va = parent.Mmap(PageSize);
+        using var written = new ManualResetEventSlim();
+        using var go = new ManualResetEventSlim();
+        using var writing = new ManualResetEventSlim();
+        // The parent's writer thread: its TLB holds the frame writable before the migration starts.
+        var writer = new Thread(() =>
+        {
+            parent.Write(va, 1UL);
+            written.Set();
+            go.Wait();
+            writing.Set();
+            parent.Write(va, 2UL); // before the fix: a TLB hit on the frame the child shares
+        });
+        writer.Start();
+        written.Wait();
+
+        (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, parent, va);
+        VmProcess child = parent.Fork();
+        go.Set();
+        writing.Wait();
+        Thread.Sleep(100); // the write has hit its TLB by far (or, fixed, waits on the page lock)
+        MapBack(machine, pfn, batch);
+        writer.Join();
+
+        Assert.That(child.Read<ulong>(va), Is.EqualTo(1UL), "the child sees the page as it was at fork");
+        Assert.That(parent.Read<ulong>(va), Is.EqualTo(2UL));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void A_write_after_mprotect_read_only_while_a_migration_waits_for_its_flush_faults()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(PageSize);
+        Exception? caught = null;
+        using var written = new ManualResetEventSlim();
+        using var go = new ManualResetEventSlim();
+        var writer = new Thread(() =>
+        {
+            p.Write(va, 1UL);
+            written.Set();
+            go.Wait();
+            try
+            {
+                p.Write(va, 2UL); // before the fix: a TLB hit, writable, after mprotect returned
+            }
+            catch (Exception e)
+            {
+                caught = e;
+            }
+        });
+        writer.Start();
+        written.Wait();
+
+        (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, p, va);
+        Assert.That(p.Mprotect(va, PageSize, Protection.Read), Is.EqualTo(Errno.None));
+        go.Set();
+        Thread.Sleep(100); // the write has hit its TLB by far (or, fixed, waits on the page lock)
+        MapBack(machine, pfn, batch);
+        writer.Join();
+
+        Assert.That(caught, Is.TypeOf<SegmentationFault>(), "a write to a read-only page faults");
+        Assert.That(p.Read<ulong>(va), Is.EqualTo(1UL));
+        TestMachines.AssertAuditClean(machine);
+    }
+}
