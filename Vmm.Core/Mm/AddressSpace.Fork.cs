@@ -116,7 +116,7 @@ internal sealed unsafe partial class AddressSpace
     /// it through the reverse map); a private writable one becomes read-only in both, as the page is now
     /// shared copy-on-write. A hwpoison entry is copied as it is.
     /// </summary>
-    private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child)
+    private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child, ref bool writeProtected)
     {
         LockPte(ptePfn);
         try
@@ -140,6 +140,10 @@ internal sealed unsafe partial class AddressSpace
                 {
                     pte = Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset);
                     Volatile.Write(ref *slot, pte.Value);
+                    // A writable translation the entry replaced may still be cached until the migrator's
+                    // batched flush: fork flushes before returning, or a parent's write after fork could
+                    // reach the frame the child will share (flush_tlb_batched_pending).
+                    writeProtected = true;
                 }
                 Interlocked.Increment(ref child.RssAnon);
             }
@@ -180,7 +184,7 @@ internal sealed unsafe partial class AddressSpace
                     childTable = first - Index(va, 0);
                 }
                 ulong* childSlot = childTable + Index(va, 0);
-                if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child))
+                if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child, ref writeProtected))
                     continue;
 
                 // Everything below runs under the parent's pte lock: the page migrator changes PTEs

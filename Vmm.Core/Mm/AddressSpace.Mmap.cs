@@ -191,8 +191,14 @@ internal sealed unsafe partial class AddressSpace
                 LockPte(ptePfn);
                 var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
                 UnlockPte(ptePfn);
-                // Any present PTE, the zero page's included, may sit in some thread's software TLB.
-                cleared |= old.IsPresent;
+                // Any present PTE, the zero page's included, may sit in some thread's software TLB. So may
+                // the translation a migration or hwpoison entry replaced: the migrator unmaps a batch of
+                // pages and flushes once after the last (TryToMigrate with an UnmapBatch), so until then
+                // a thread's TLB still holds the old frame, and after this zap returns that thread's next
+                // access would reach the old frame instead of faulting (a write lost, an old content read
+                // back). Linux's zap_pte_range calls flush_tlb_batched_pending for the same race with
+                // reclaim's and migration's batched flushes; here the zap's own flush does it.
+                cleared |= old.IsPresent || old.IsSwapFormat;
                 if (!old.IsPresent)
                 {
                     // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.

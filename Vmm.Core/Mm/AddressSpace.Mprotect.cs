@@ -100,11 +100,16 @@ internal sealed unsafe partial class AddressSpace
                 ulong* slot = table + Index(va, 0);
                 LockPte(ptePfn);
                 var pte = new Pte(Volatile.Read(ref *slot));
-                if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
+                if (pte.IsMigrationEntry)
                 {
                     // The page comes back read-only (still exclusive) when its migration ends; the restore
                     // takes the user bit from the VMA.
-                    Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
+                    if (pte.SwapType == Pte.MigrationWriteType)
+                        Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
+                    // The translation the entry replaced may still be cached until the migrator's batched
+                    // flush (flush_tlb_batched_pending): flush before returning, or a write (or, for
+                    // PROT_NONE, a read) could still reach the frame after mprotect returned.
+                    changed = true;
                 }
                 else if (pte.IsPresent && (pte.IsWrite || removeAccess))
                 {
