@@ -129,7 +129,10 @@ public sealed partial class Ksm
             if (_narrowed.Count > 0)
             {
                 foreach (AddressSpace mm in _narrowed)
+                {
+                    mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
                     mm.BumpGeneration();
+                }
                 _narrowed.Clear();
                 _machine.Tlb.Flush();
             }

@@ -92,7 +92,10 @@ internal sealed unsafe partial class AddressSpace
         {
             if (childLocked)
                 child.MmapLock.ExitWriteLock();
-            if (writeProtected)
+            // A PTE fork met read-only (KSM's write-protect) or as a migration entry may stand for a
+            // writable translation still cached until its mechanism's batched flush: dup_mmap flushes
+            // the parent at its end for the same reason, so that no parent write reaches a frame the child shares.
+            if (writeProtected | TakeTlbFlushPending())
             {
                 BumpGeneration();
                 _machine.Tlb.Flush();
@@ -116,7 +119,7 @@ internal sealed unsafe partial class AddressSpace
     /// it through the reverse map); a private writable one becomes read-only in both, as the page is now
     /// shared copy-on-write. A hwpoison entry is copied as it is.
     /// </summary>
-    private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child, ref bool writeProtected)
+    private bool CopyMigrationEntry(Vma parentVma, ulong* slot, long ptePfn, ulong* childSlot, AddressSpace child)
     {
         LockPte(ptePfn);
         try
@@ -140,10 +143,6 @@ internal sealed unsafe partial class AddressSpace
                 {
                     pte = Pte.SwapEntry(Pte.MigrationReadType, pte.SwapOffset);
                     Volatile.Write(ref *slot, pte.Value);
-                    // A writable translation the entry replaced may still be cached until the migrator's
-                    // batched flush: fork flushes before returning, or a parent's write after fork could
-                    // reach the frame the child will share (flush_tlb_batched_pending).
-                    writeProtected = true;
                 }
                 Interlocked.Increment(ref child.RssAnon);
             }
@@ -184,7 +183,7 @@ internal sealed unsafe partial class AddressSpace
                     childTable = first - Index(va, 0);
                 }
                 ulong* childSlot = childTable + Index(va, 0);
-                if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child, ref writeProtected))
+                if (CopyMigrationEntry(parentVma, slot, ptePfn, childSlot, child))
                     continue;
 
                 // Everything below runs under the parent's pte lock: the page migrator changes PTEs

@@ -266,6 +266,8 @@ internal sealed unsafe partial class AddressSpace
                 if (exclusive)
                     memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
                 changed = pte.IsWrite;
+                if (changed)
+                    MarkTlbFlushPending(); // flushed with the merge batch
                 orig = wanted;
                 return true;
             }

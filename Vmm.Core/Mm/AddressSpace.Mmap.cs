@@ -191,14 +191,8 @@ internal sealed unsafe partial class AddressSpace
                 LockPte(ptePfn);
                 var old = new Pte(Interlocked.Exchange(ref *slot, 0UL));
                 UnlockPte(ptePfn);
-                // Any present PTE, the zero page's included, may sit in some thread's software TLB. So may
-                // the translation a migration or hwpoison entry replaced: the migrator unmaps a batch of
-                // pages and flushes once after the last (TryToMigrate with an UnmapBatch), so until then
-                // a thread's TLB still holds the old frame, and after this zap returns that thread's next
-                // access would reach the old frame instead of faulting (a write lost, an old content read
-                // back). Linux's zap_pte_range calls flush_tlb_batched_pending for the same race with
-                // reclaim's and migration's batched flushes; here the zap's own flush does it.
-                cleared |= old.IsPresent || old.IsSwapFormat;
+                // Any present PTE, the zero page's included, may sit in some thread's software TLB.
+                cleared |= old.IsPresent;
                 if (!old.IsPresent)
                 {
                     // A migration entry holds no reference; the migrator finds this VMA gone. RSS counted it.
@@ -230,7 +224,10 @@ internal sealed unsafe partial class AddressSpace
     /// <summary>Bumps the generation, flushes, then drops the collected references and frees the tables.</summary>
     private void FlushAndRelease(List<long> pages, List<long> tables, bool cleared = true)
     {
-        if (pages.Count == 0 && tables.Count == 0 && !cleared)
+        // A migration or hwpoison entry zapped here may have replaced a translation whose flush its
+        // mechanism has deferred (TakeTlbFlushPending): flush for it too, before the call returns.
+        bool pending = TakeTlbFlushPending();
+        if (pages.Count == 0 && tables.Count == 0 && !cleared && !pending)
             return;
         // lru_add_drain, as Linux's unmap_region / exit_mmap / zap_page_range_single do: pages still in an
         // add batch would keep the batch's reference, and the frames would not come back with the call.

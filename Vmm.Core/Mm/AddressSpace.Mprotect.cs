@@ -72,7 +72,9 @@ internal sealed unsafe partial class AddressSpace
                 cursor = vma.End;
                 TryMergeAround(vma);
             }
-            if (narrowed)
+            // | not ||: the pending mark is taken either way (a migration entry changed here may stand for
+            // a translation still cached until its migrator's batched flush).
+            if (narrowed | TakeTlbFlushPending())
             {
                 BumpGeneration();
                 _machine.Tlb.Flush();
@@ -100,16 +102,11 @@ internal sealed unsafe partial class AddressSpace
                 ulong* slot = table + Index(va, 0);
                 LockPte(ptePfn);
                 var pte = new Pte(Volatile.Read(ref *slot));
-                if (pte.IsMigrationEntry)
+                if (pte.IsMigrationEntry && pte.SwapType == Pte.MigrationWriteType)
                 {
                     // The page comes back read-only (still exclusive) when its migration ends; the restore
                     // takes the user bit from the VMA.
-                    if (pte.SwapType == Pte.MigrationWriteType)
-                        Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
-                    // The translation the entry replaced may still be cached until the migrator's batched
-                    // flush (flush_tlb_batched_pending): flush before returning, or a write (or, for
-                    // PROT_NONE, a read) could still reach the frame after mprotect returned.
-                    changed = true;
+                    Volatile.Write(ref *slot, Pte.SwapEntry(Pte.MigrationReadExclusiveType, pte.SwapOffset).Value);
                 }
                 else if (pte.IsPresent && (pte.IsWrite || removeAccess))
                 {

@@ -72,6 +72,45 @@ internal sealed unsafe partial class AddressSpace
 
     public void BumpGeneration() => Interlocked.Increment(ref Generation);
 
+    // Linux's mm->tlb_flush_batched. 1 once a mechanism has narrowed or removed a translation of this mm
+    // under the pte lock and flushes later, once for a batch: the migrator (TryToMigrate with an
+    // UnmapBatch: one flush after the batch's last page), KSM's write-protect (one flush per merge batch)
+    // and try_to_unmap's walk (one flush at its end). Until that flush a thread's software TLB may still
+    // hold the old translation, writable. A call that changes PTEs and returns to its caller must not
+    // leave such a translation behind: zap (MADV_DONTNEED, munmap, exit), mprotect and fork take the mark
+    // and flush (flush_tlb_batched_pending), and a copy-on-write copy does before it reads the page (a
+    // write through a stale translation would land in the frame after the copy). Without it a thread's
+    // next access reached the old frame after MADV_DONTNEED returned: a write lost, an old content read.
+    private int _tlbFlushPending;
+
+    /// <summary>
+    /// set_tlb_ubc_flush_pending: a translation of this mm was narrowed or removed, and its flush is
+    /// deferred to the end of the caller's batch. Preconditions: the pte lock of the changed PTE held
+    /// (a call that then meets the PTE under that lock sees the mark).
+    /// </summary>
+    public void MarkTlbFlushPending()
+    {
+        if (Volatile.Read(ref _tlbFlushPending) == 0)
+            Volatile.Write(ref _tlbFlushPending, 1);
+    }
+
+    /// <summary>
+    /// flush_tlb_batched_pending's test: takes the mark; true when a batched flush was pending, and the
+    /// caller must then bump the generation and flush before it returns (or copies a page). The flush
+    /// after the take covers every narrowing that set the mark before it.
+    /// </summary>
+    public bool TakeTlbFlushPending() =>
+        Volatile.Read(ref _tlbFlushPending) != 0 && Interlocked.Exchange(ref _tlbFlushPending, 0) != 0;
+
+    /// <summary>flush_tlb_batched_pending: flushes this mm if a batched flush is pending. Preconditions: not inside an access section.</summary>
+    public void FlushTlbBatchedPending()
+    {
+        if (!TakeTlbFlushPending())
+            return;
+        BumpGeneration();
+        _machine.Tlb.Flush();
+    }
+
     // ================================================================================================
     // VMA list
     // ================================================================================================

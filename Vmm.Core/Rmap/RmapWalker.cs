@@ -244,7 +244,10 @@ internal sealed unsafe class RmapWalker
         if (batch.Touched.Count == 0)
             return;
         foreach (AddressSpace mm in batch.Touched)
+        {
+            mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
             mm.BumpGeneration();
+        }
         batch.Touched.Clear();
         _machine.Tlb.Flush();
     }
@@ -291,6 +294,7 @@ internal sealed unsafe class RmapWalker
                     {
                         if (old.IsDirty)
                             memMap.SetFlag(page, PageFlags.Dirty);
+                        vma.Mm.MarkTlbFlushPending(); // flushed at the walk's end
                         Interlocked.Decrement(ref memMap[page].MapCount);
                         if (dropRss)
                             Interlocked.Decrement(ref vma.IsShared ? ref vma.Mm.RssShmem : ref vma.Mm.RssAnon);
@@ -306,7 +310,10 @@ internal sealed unsafe class RmapWalker
             InvalidVma = invalidVma,
         });
         foreach (AddressSpace mm in touched)
+        {
+            mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
             mm.BumpGeneration();
+        }
         if (touched.Count > 0)
             _machine.Tlb.Flush();
         return memMap.MapCount(pfn) == 0;

@@ -83,6 +83,7 @@ internal sealed unsafe class UnmapBatch
                 if (pte.IsDirty)
                     _memMap.SetFlag(pfn, PageFlags.Dirty);
                 _memMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.MigUnmap, Vmm.Diagnostics.FrameTrace.At(mm.Id, address));
+                mm.MarkTlbFlushPending(); // flushed with the batch (FlushBatch), or by a zap, mprotect or fork first
                 Interlocked.Decrement(ref _memMap[pfn].MapCount);
                 // The entry holds no reference; RSS keeps counting it.
                 if (_memMap.PutPageTestZero(pfn))
