@@ -10,7 +10,8 @@ namespace Vmm.Tests.Migration;
 /// still holds the page's old frame then, and the call must flush itself (Linux's
 /// flush_tlb_batched_pending), or that thread's next access reaches the old frame. Each test stops the
 /// migrator between its unmap and its flush, as the compaction soak's failures did by chance (a write lost
-/// after MADV_DONTNEED, an old content read back).
+/// after MADV_DONTNEED, an old content read back); and KSM's write-protect, whose flush waits for the end
+/// of its merge batch, against fork and mprotect, which then meet a PTE that is read-only already.
 /// </summary>
 [TestFixture]
 [Category("Migration")]
@@ -131,6 +132,90 @@ public sealed class BatchedFlushTests
         writer.Join();
 
         Assert.That(caught, Is.TypeOf<SegmentationFault>(), "a write to a read-only page faults");
+        Assert.That(p.Read<ulong>(va), Is.EqualTo(1UL));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    /// <summary>
+    /// KSM's step 1 for one page: the PTE write-protected under the page lock, its flush left to the end of
+    /// the merge batch (not run here). A thread's TLB may still hold the page writable.
+    /// </summary>
+    private static void KsmWriteProtectWithoutFlush(Machine machine, VmProcess process, ulong va)
+    {
+        long pfn = process.GetPagemap(va).Pfn;
+        AddressSpace mm = process.Mm;
+        mm.MmapLock.EnterReadLock();
+        machine.MemMap.GetPage(pfn);
+        machine.PageLock.Lock(pfn);
+        try
+        {
+            Assert.That(mm.KsmWriteProtect(va, pfn, out _, out bool changed) && changed, Is.True, "setup: a writable PTE write-protected");
+        }
+        finally
+        {
+            machine.PageLock.Unlock(pfn);
+            machine.PutPage(pfn);
+            mm.MmapLock.ExitReadLock();
+        }
+    }
+
+    /// <summary>A thread that writes 1 at <paramref name="va"/> (its TLB then holds the page writable), waits, then writes 2.</summary>
+    private static (Thread Thread, ManualResetEventSlim Go, Func<Exception?> Caught) WriterWithWritableTlb(VmProcess process, ulong va)
+    {
+        var written = new ManualResetEventSlim();
+        var go = new ManualResetEventSlim();
+        Exception? caught = null;
+        var thread = new Thread(() =>
+        {
+            process.Write(va, 1UL);
+            written.Set();
+            go.Wait();
+            try
+            {
+                process.Write(va, 2UL);
+            }
+            catch (Exception e)
+            {
+                caught = e;
+            }
+        });
+        thread.Start();
+        written.Wait();
+        return (thread, go, () => caught);
+    }
+
+    [Test]
+    public void A_parent_write_after_fork_while_ksm_waits_for_its_flush_stays_out_of_the_child()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess parent = machine.CreateProcess();
+        ulong va = parent.Mmap(PageSize);
+        (Thread writer, ManualResetEventSlim go, _) = WriterWithWritableTlb(parent, va);
+
+        KsmWriteProtectWithoutFlush(machine, parent, va);
+        VmProcess child = parent.Fork(); // before the fix: the PTE was read-only already, so no flush
+        go.Set();
+        writer.Join(); // before the fix: a TLB hit, into the frame the child shares
+
+        Assert.That(child.Read<ulong>(va), Is.EqualTo(1UL), "the child sees the page as it was at fork");
+        Assert.That(parent.Read<ulong>(va), Is.EqualTo(2UL));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void A_write_after_mprotect_read_only_while_ksm_waits_for_its_flush_faults()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(PageSize);
+        (Thread writer, ManualResetEventSlim go, Func<Exception?> caught) = WriterWithWritableTlb(p, va);
+
+        KsmWriteProtectWithoutFlush(machine, p, va);
+        Assert.That(p.Mprotect(va, PageSize, Protection.Read), Is.EqualTo(Errno.None)); // before the fix: nothing to narrow, no flush
+        go.Set();
+        writer.Join();
+
+        Assert.That(caught(), Is.TypeOf<SegmentationFault>(), "a write to a read-only page faults");
         Assert.That(p.Read<ulong>(va), Is.EqualTo(1UL));
         TestMachines.AssertAuditClean(machine);
     }
