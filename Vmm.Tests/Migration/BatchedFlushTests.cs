@@ -144,6 +144,7 @@ public sealed class BatchedFlushTests
     {
         long pfn = process.GetPagemap(va).Pfn;
         AddressSpace mm = process.Mm;
+        machine.Lru.DrainAll(); // an add batch's reference would look like a pin to the write-protect
         mm.MmapLock.EnterReadLock();
         machine.MemMap.GetPage(pfn);
         machine.PageLock.Lock(pfn);
