@@ -95,12 +95,10 @@ internal sealed unsafe partial class AddressSpace
             // A PTE fork met read-only (KSM's write-protect) or as a migration entry may stand for a
             // writable translation still cached until its mechanism's batched flush: dup_mmap flushes
             // the parent at its end for the same reason, so that no parent write reaches a frame the child shares.
-            FlushMarks marks = ReadFlushMarks();
-            if (writeProtected || FlushPending(marks))
+            if (writeProtected | TakeTlbFlushPending())
             {
                 BumpGeneration();
                 _machine.Tlb.Flush();
-                FlushedUpTo(marks);
             }
             MmapLock.ExitWriteLock();
         }
