@@ -70,25 +70,11 @@ public sealed class BatchedFlushTests
         using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
         VmProcess parent = machine.CreateProcess();
         ulong va = parent.Mmap(PageSize);
-        using var written = new ManualResetEventSlim();
-        using var go = new ManualResetEventSlim();
-        using var writing = new ManualResetEventSlim();
-        // The parent's writer thread: its TLB holds the frame writable before the migration starts.
-        var writer = new Thread(() =>
-        {
-            parent.Write(va, 1UL);
-            written.Set();
-            go.Wait();
-            writing.Set();
-            parent.Write(va, 2UL); // before the fix: a TLB hit on the frame the child shares
-        });
-        writer.Start();
-        written.Wait();
+        (Thread writer, ManualResetEventSlim go, _) = WriterWithWritableTlb(parent, va);
 
         (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, parent, va);
         VmProcess child = parent.Fork();
         go.Set();
-        writing.Wait();
         Thread.Sleep(100); // the write has hit its TLB by far (or, fixed, waits on the page lock)
         MapBack(machine, pfn, batch);
         writer.Join();
@@ -104,25 +90,7 @@ public sealed class BatchedFlushTests
         using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
         VmProcess p = machine.CreateProcess();
         ulong va = p.Mmap(PageSize);
-        Exception? caught = null;
-        using var written = new ManualResetEventSlim();
-        using var go = new ManualResetEventSlim();
-        var writer = new Thread(() =>
-        {
-            p.Write(va, 1UL);
-            written.Set();
-            go.Wait();
-            try
-            {
-                p.Write(va, 2UL); // before the fix: a TLB hit, writable, after mprotect returned
-            }
-            catch (Exception e)
-            {
-                caught = e;
-            }
-        });
-        writer.Start();
-        written.Wait();
+        (Thread writer, ManualResetEventSlim go, Func<Exception?> caught) = WriterWithWritableTlb(p, va);
 
         (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, p, va);
         Assert.That(p.Mprotect(va, PageSize, Protection.Read), Is.EqualTo(Errno.None));
@@ -131,7 +99,7 @@ public sealed class BatchedFlushTests
         MapBack(machine, pfn, batch);
         writer.Join();
 
-        Assert.That(caught, Is.TypeOf<SegmentationFault>(), "a write to a read-only page faults");
+        Assert.That(caught(), Is.TypeOf<SegmentationFault>(), "a write to a read-only page faults");
         Assert.That(p.Read<ulong>(va), Is.EqualTo(1UL));
         TestMachines.AssertAuditClean(machine);
     }
