@@ -137,14 +137,16 @@ internal sealed unsafe partial class PageAllocator
 
     /// <summary>
     /// split_page: the 2^<paramref name="order"/> frames of a non-compound block from <see cref="AllocPages"/>
-    /// become independent frames with one reference each (the head keeps its own), so that each can be
-    /// freed alone (alloc_pages_exact, contiguous buffers).
+    /// become independent frames with one reference each (the head keeps its own, and any speculative one a
+    /// scanner holds meanwhile), so that each can be freed alone (alloc_pages_exact, contiguous buffers).
     /// </summary>
     public void SplitPage(long pfn, int order)
     {
         CheckPfn(pfn);
-        if ((_memMap[pfn].Flags & (ulong)(PageFlags.Head | PageFlags.Tail)) != 0 || _memMap[pfn].RefCount != 1)
-            throw new VmBugException($"split_page of frame {pfn}: not a non-compound block with one reference");
+        // The head may hold more than the owner's reference: a scanner's speculative one (get_page_unless_zero)
+        // is harmless here, and its put leaves the head to the owner again; so only "referenced" is required.
+        if ((_memMap[pfn].Flags & (ulong)(PageFlags.Head | PageFlags.Tail)) != 0 || Volatile.Read(ref _memMap[pfn].RefCount) < 1)
+            throw new VmBugException($"split_page of frame {pfn}: not an allocated non-compound block");
         for (long i = 1; i < 1L << order; i++)
             Volatile.Write(ref _memMap[pfn + i].RefCount, 1);
     }

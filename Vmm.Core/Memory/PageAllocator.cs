@@ -587,8 +587,22 @@ internal sealed unsafe partial class PageAllocator
             throw new VmBugException($"free of tail frame {pfn}");
         if ((head.Flags & (ulong)PageFlags.Head) != 0 && head.CompoundOrder != order)
             throw new VmBugException($"free of order-{head.CompoundOrder} compound page {pfn} as order {order}");
+        // Read before the put: once our reference is gone, the head may be freed and reused at any moment.
+        bool compound = (head.Flags & (ulong)PageFlags.Head) != 0;
         if (_memMap.PutPageTestZero(pfn))
+        {
             FreeFrozenPages(pfn, order);
+        }
+        else if (!compound)
+        {
+            // Not the last reference: a scanner (compaction's, an offline's, memory failure's) took a
+            // speculative one on the head (get_page_unless_zero on a frame it saw in use a moment ago), and
+            // its put will free the head as a single frame. The rest of a non-compound block is still ours
+            // alone (its frames have refcount 0, so no scanner can take them): free it now, in halves, as
+            // Linux's __free_pages does, or it would be lost to the allocator for good.
+            while (order-- > 0)
+                FreeFrozenPages(pfn + (1L << order), order);
+        }
     }
 
     /// <summary>

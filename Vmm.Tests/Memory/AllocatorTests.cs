@@ -191,6 +191,44 @@ public sealed class AllocatorTests
     }
 
     [Test]
+    public void A_block_freed_while_a_scanner_holds_its_head_loses_no_frame()
+    {
+        // The race the compaction soak's hour found: a scanner takes a speculative reference on the head of a
+        // high-order block (get_page_unless_zero on a frame it saw in use), the owner frees the block, and
+        // the scanner's put then frees the head alone. The other 2^order - 1 frames must not be lost.
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
+        long freeBefore = machine.GetStats().AllFreePages;
+        int order = PageAllocator.MaxOrder;
+        long pfn = machine.Allocator.AllocPages(order, AllocFlags.Movable, preferredNode: 0);
+        Assert.That(machine.MemMap.TryGetPageUnlessZero(pfn), Is.True, "the scanner's speculative reference");
+        machine.Allocator.FreePages(pfn, order);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore - 1), "all but the head are free while the scanner holds it");
+        machine.PutPage(pfn);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore), "the scanner's put freed the head: every frame is back");
+        TestMachines.AssertAuditClean(machine);
+        machine.Allocator.DrainAllPages();
+        long again = machine.Allocator.AllocPages(order, AllocFlags.Movable | AllocFlags.ThisNode, preferredNode: 0);
+        Assert.That(again, Is.Not.EqualTo(PageAllocator.NoPfn), "the halves merged back into a block of the max order");
+        machine.Allocator.FreePages(again, order);
+    }
+
+    [Test]
+    public void Split_page_accepts_a_head_a_scanner_holds_a_speculative_reference_to()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
+        long freeBefore = machine.GetStats().AllFreePages;
+        long pfn = machine.Allocator.AllocPages(3);
+        Assert.That(machine.MemMap.TryGetPageUnlessZero(pfn), Is.True, "the scanner's speculative reference");
+        machine.Allocator.SplitPage(pfn, 3);
+        machine.PutPage(pfn);
+        for (long p = pfn; p < pfn + 8; p++)
+            Assert.That(machine.GetPageInfo(p).RefCount, Is.EqualTo(1), $"frame {p} holds the owner's reference alone");
+        machine.Allocator.FreeContigRange(pfn, 8);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore));
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void Freeing_a_page_that_is_still_mapped_is_refused_and_leaves_the_reference()
     {
         using var machine = TestMachines.Create();
