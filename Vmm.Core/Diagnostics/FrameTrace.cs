@@ -82,7 +82,8 @@ internal sealed class FrameTrace
         Environment.GetEnvironmentVariable("VMM_FRAME_TRACE") == "1" ? new FrameTrace(frames) : null;
 
     /// <summary>The arg of a mapping event.</summary>
-    public static long At(long mmId, ulong va) => (mmId << 40) | (long)(va >> 12);
+    /// <remarks>23 bits of the mm id: the key stays positive (a migration entry's event is recorded negated).</remarks>
+    public static long At(long mmId, ulong va) => ((mmId & 0x7F_FFFF) << 40) | (long)((va >> 12) & ((1UL << 40) - 1));
 
     public void Record(long pfn, FrameEvent kind, long arg = 0)
     {

@@ -69,6 +69,7 @@ public sealed partial class Ksm
     private readonly HashSet<long> _queuedPfns = [];
     private readonly HashSet<long> _lockedInBatch = [];
     private readonly HashSet<AddressSpace> _narrowed = [];
+    private readonly List<(AddressSpace Mm, FlushMarks Marks)> _narrowedMarks = []; // _narrowed's batched-flush marks, during its flush
     private readonly HashSet<AddressSpace> _replacedIn = [];
     private readonly List<long> _replacedFrames = [];
     private AddressSpace? _lockedMm;
@@ -129,12 +130,14 @@ public sealed partial class Ksm
             if (_narrowed.Count > 0)
             {
                 foreach (AddressSpace mm in _narrowed)
-                {
-                    mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
+                    _narrowedMarks.Add((mm, mm.ReadFlushMarks())); // before the bump: the flush covers them
+                foreach (AddressSpace mm in _narrowed)
                     mm.BumpGeneration();
-                }
                 _narrowed.Clear();
                 _machine.Tlb.Flush();
+                foreach ((AddressSpace mm, FlushMarks marks) in _narrowedMarks)
+                    mm.FlushedUpTo(marks);
+                _narrowedMarks.Clear();
             }
 
             // 3. Compare and replace, in queue order (a pair before the merges that join its new page).

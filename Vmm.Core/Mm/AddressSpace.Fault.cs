@@ -260,7 +260,7 @@ internal sealed unsafe partial class AddressSpace
             // A read-only PTE means no thread writes the page, unless KSM write-protected it and its
             // batch has not flushed yet: a thread may still write through its old writable translation,
             // and a write after the copy would be lost. Flush first then (flush_tlb_batched_pending).
-            FlushTlbBatchedPending();
+            FlushTlbBatchedPending(protectOnly: true);
             PageOps.Copy(_machine.Arena.FrameAddress(newPfn), _machine.Arena.FrameAddress(oldPfn));
         }
 

@@ -95,10 +95,12 @@ internal sealed unsafe partial class AddressSpace
             // A PTE fork met read-only (KSM's write-protect) or as a migration entry may stand for a
             // writable translation still cached until its mechanism's batched flush: dup_mmap flushes
             // the parent at its end for the same reason, so that no parent write reaches a frame the child shares.
-            if (writeProtected | TakeTlbFlushPending())
+            FlushMarks marks = ReadFlushMarks();
+            if (writeProtected || FlushPending(marks))
             {
                 BumpGeneration();
                 _machine.Tlb.Flush();
+                FlushedUpTo(marks);
             }
             MmapLock.ExitWriteLock();
         }

@@ -267,7 +267,7 @@ internal sealed unsafe partial class AddressSpace
                     memMap.ClearFlag(pfn, PageFlags.AnonExclusive);
                 changed = pte.IsWrite;
                 if (changed)
-                    MarkTlbFlushPending(); // flushed with the merge batch
+                    MarkProtectFlushPending(); // flushed with the merge batch
                 orig = wanted;
                 return true;
             }

@@ -225,9 +225,9 @@ internal sealed unsafe partial class AddressSpace
     private void FlushAndRelease(List<long> pages, List<long> tables, bool cleared = true)
     {
         // A migration or hwpoison entry zapped here may have replaced a translation whose flush its
-        // mechanism has deferred (TakeTlbFlushPending): flush for it too, before the call returns.
-        bool pending = TakeTlbFlushPending();
-        if (pages.Count == 0 && tables.Count == 0 && !cleared && !pending)
+        // mechanism has deferred (the batched-flush marks): flush for it too, before the call returns.
+        FlushMarks marks = ReadFlushMarks();
+        if (pages.Count == 0 && tables.Count == 0 && !cleared && !FlushPending(marks))
             return;
         // lru_add_drain, as Linux's unmap_region / exit_mmap / zap_page_range_single do: pages still in an
         // add batch would keep the batch's reference, and the frames would not come back with the call.
@@ -238,6 +238,7 @@ internal sealed unsafe partial class AddressSpace
             _machine.Lru.DrainAll();
         BumpGeneration();
         _machine.Tlb.Flush();
+        FlushedUpTo(marks);
         foreach (long pfn in pages)
             _machine.PutPage(pfn);
         foreach (long pfn in tables)

@@ -72,12 +72,14 @@ internal sealed unsafe partial class AddressSpace
                 cursor = vma.End;
                 TryMergeAround(vma);
             }
-            // | not ||: the pending mark is taken either way (a migration entry changed here may stand for
-            // a translation still cached until its migrator's batched flush).
-            if (narrowed | TakeTlbFlushPending())
+            // A PTE met read-only (KSM's write-protect) or as a migration entry may stand for a writable
+            // translation still cached until its mechanism's batched flush.
+            FlushMarks marks = ReadFlushMarks();
+            if (narrowed || FlushPending(marks))
             {
                 BumpGeneration();
                 _machine.Tlb.Flush();
+                FlushedUpTo(marks);
             }
             return result;
         }

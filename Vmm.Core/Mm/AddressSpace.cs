@@ -72,43 +72,62 @@ internal sealed unsafe partial class AddressSpace
 
     public void BumpGeneration() => Interlocked.Increment(ref Generation);
 
-    // Linux's mm->tlb_flush_batched. 1 once a mechanism has narrowed or removed a translation of this mm
-    // under the pte lock and flushes later, once for a batch: the migrator (TryToMigrate with an
-    // UnmapBatch: one flush after the batch's last page), KSM's write-protect (one flush per merge batch)
-    // and try_to_unmap's walk (one flush at its end). Until that flush a thread's software TLB may still
-    // hold the old translation, writable. A call that changes PTEs and returns to its caller must not
-    // leave such a translation behind: zap (MADV_DONTNEED, munmap, exit), mprotect and fork take the mark
-    // and flush (flush_tlb_batched_pending), and a copy-on-write copy does before it reads the page (a
-    // write through a stale translation would land in the frame after the copy). Without it a thread's
-    // next access reached the old frame after MADV_DONTNEED returned: a write lost, an old content read.
-    private int _tlbFlushPending;
+    // Linux's mm->tlb_flush_batched, as two counters per kind: marks set and marks flushed. A mechanism
+    // that narrows or removes a translation under the pte lock and flushes later, once for many, marks
+    // the mm first: the migrator's unmap (one flush after the batch's last page) and try_to_unmap's walk
+    // (one flush at its end) leave non-present entries ("unmap" marks); KSM's write-protect (one flush
+    // per merge batch) leaves read-only PTEs ("protect" marks). Until that flush a thread's software TLB
+    // may still hold the old translation, writable. A call that changes PTEs and returns must not leave
+    // one behind: zap (MADV_DONTNEED, munmap, exit), mprotect and fork flush while a mark is not flushed
+    // yet, and a copy-on-write copy does for protect marks (a write through the stale translation would
+    // land in the frame after the copy). Without it a thread's next access reached the old frame after
+    // MADV_DONTNEED returned: a write lost, an old content read back. Why counters and not a flag: a
+    // flag cleared by one flusher before its flush completes tells a second caller "nothing pending"
+    // while the stale translation still validates; "flushed" moves only past marks read before a
+    // completed flush (Linux 6.x splits tlb_flush_batched into pending and flushed for the same reason).
+    private long _unmapMarks, _protectMarks, _unmapFlushed, _protectFlushed;
 
-    /// <summary>
-    /// set_tlb_ubc_flush_pending: a translation of this mm was narrowed or removed, and its flush is
-    /// deferred to the end of the caller's batch. Preconditions: the pte lock of the changed PTE held
-    /// (a call that then meets the PTE under that lock sees the mark).
-    /// </summary>
-    public void MarkTlbFlushPending()
+    /// <summary>set_tlb_ubc_flush_pending for a removed translation (a migration or hwpoison entry). Preconditions: the pte lock of the changed PTE held.</summary>
+    public void MarkUnmapFlushPending() => Interlocked.Increment(ref _unmapMarks);
+
+    /// <summary>set_tlb_ubc_flush_pending for a write-protected translation (KSM). Preconditions: the pte lock of the changed PTE held.</summary>
+    public void MarkProtectFlushPending() => Interlocked.Increment(ref _protectMarks);
+
+    /// <summary>The marks set so far. Read them before the generation bump of a flush, and pass them to <see cref="FlushedUpTo"/> after it.</summary>
+    public FlushMarks ReadFlushMarks() => new(Volatile.Read(ref _unmapMarks), Volatile.Read(ref _protectMarks));
+
+    /// <summary>Whether some of <paramref name="marks"/> still wait for a completed flush (only the protect marks with <paramref name="protectOnly"/>).</summary>
+    public bool FlushPending(FlushMarks marks, bool protectOnly = false) =>
+        marks.Protect > Volatile.Read(ref _protectFlushed) || (!protectOnly && marks.Unmap > Volatile.Read(ref _unmapFlushed));
+
+    /// <summary>A flush of this mm (a generation bump, then Tlb.Flush) begun after <paramref name="marks"/> were read has completed.</summary>
+    public void FlushedUpTo(FlushMarks marks)
     {
-        if (Volatile.Read(ref _tlbFlushPending) == 0)
-            Volatile.Write(ref _tlbFlushPending, 1);
+        AdvanceTo(ref _unmapFlushed, marks.Unmap);
+        AdvanceTo(ref _protectFlushed, marks.Protect);
+    }
+
+    private static void AdvanceTo(ref long flushed, long value)
+    {
+        long seen;
+        while ((seen = Volatile.Read(ref flushed)) < value && Interlocked.CompareExchange(ref flushed, value, seen) != seen)
+        {
+        }
     }
 
     /// <summary>
-    /// flush_tlb_batched_pending's test: takes the mark; true when a batched flush was pending, and the
-    /// caller must then bump the generation and flush before it returns (or copies a page). The flush
-    /// after the take covers every narrowing that set the mark before it.
+    /// flush_tlb_batched_pending: bumps the generation and flushes if a batched flush of this mm is still
+    /// pending (only for protect marks with <paramref name="protectOnly"/>). Call it after meeting the PTEs
+    /// (under their pte locks). Preconditions: not inside an access section.
     /// </summary>
-    public bool TakeTlbFlushPending() =>
-        Volatile.Read(ref _tlbFlushPending) != 0 && Interlocked.Exchange(ref _tlbFlushPending, 0) != 0;
-
-    /// <summary>flush_tlb_batched_pending: flushes this mm if a batched flush is pending. Preconditions: not inside an access section.</summary>
-    public void FlushTlbBatchedPending()
+    public void FlushTlbBatchedPending(bool protectOnly = false)
     {
-        if (!TakeTlbFlushPending())
+        FlushMarks marks = ReadFlushMarks();
+        if (!FlushPending(marks, protectOnly))
             return;
         BumpGeneration();
         _machine.Tlb.Flush();
+        FlushedUpTo(marks);
     }
 
     // ================================================================================================

@@ -252,3 +252,10 @@ public sealed class BusError : Exception
 public readonly record struct PagemapEntry(
     bool Present, long Pfn, int Node, bool Writable, bool Dirty, bool Anonymous, bool Exclusive,
     bool ZeroPage, bool Ksm, bool Swapped, int MapCount, int Pinned);
+
+/// <summary>
+/// An address space's batched-flush marks at one moment (AddressSpace.ReadFlushMarks): how many
+/// translations were removed (migration, hwpoison entries) and write-protected (KSM) with their flush
+/// deferred to the end of a batch.
+/// </summary>
+internal readonly record struct FlushMarks(long Unmap, long Protect);

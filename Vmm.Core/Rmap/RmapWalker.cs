@@ -243,13 +243,16 @@ internal sealed unsafe class RmapWalker
     {
         if (batch.Touched.Count == 0)
             return;
+        List<(AddressSpace Mm, FlushMarks Marks)> flushing = batch.Flushing;
         foreach (AddressSpace mm in batch.Touched)
-        {
-            mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
+            flushing.Add((mm, mm.ReadFlushMarks())); // before the bump: the flush covers them
+        foreach (AddressSpace mm in batch.Touched)
             mm.BumpGeneration();
-        }
         batch.Touched.Clear();
         _machine.Tlb.Flush();
+        foreach ((AddressSpace mm, FlushMarks marks) in flushing)
+            mm.FlushedUpTo(marks);
+        flushing.Clear();
     }
 
     /// <summary>
@@ -294,7 +297,7 @@ internal sealed unsafe class RmapWalker
                     {
                         if (old.IsDirty)
                             memMap.SetFlag(page, PageFlags.Dirty);
-                        vma.Mm.MarkTlbFlushPending(); // flushed at the walk's end
+                        vma.Mm.MarkUnmapFlushPending(); // flushed at the walk's end
                         Interlocked.Decrement(ref memMap[page].MapCount);
                         if (dropRss)
                             Interlocked.Decrement(ref vma.IsShared ? ref vma.Mm.RssShmem : ref vma.Mm.RssAnon);
@@ -309,13 +312,13 @@ internal sealed unsafe class RmapWalker
             Done = page => memMap.MapCount(page) == 0,
             InvalidVma = invalidVma,
         });
+        var flushing = touched.Select(mm => (Mm: mm, Marks: mm.ReadFlushMarks())).ToList(); // before the bump: the flush covers them
         foreach (AddressSpace mm in touched)
-        {
-            mm.TakeTlbFlushPending(); // the flush below covers every mark set before this take
             mm.BumpGeneration();
-        }
         if (touched.Count > 0)
             _machine.Tlb.Flush();
+        foreach ((AddressSpace mm, FlushMarks marks) in flushing)
+            mm.FlushedUpTo(marks);
         return memMap.MapCount(pfn) == 0;
     }
 

@@ -39,6 +39,9 @@ internal sealed unsafe class UnmapBatch
     /// <summary>The mms whose PTEs changed since the last flush (Linux's tlbflush_unmap_batch cpumask).</summary>
     public HashSet<AddressSpace> Touched { get; } = [];
 
+    /// <summary>FlushBatch's list of the touched mms and their batched-flush marks, read before its flush (reused).</summary>
+    public List<(AddressSpace Mm, FlushMarks Marks)> Flushing { get; } = [];
+
     /// <summary>try_to_migrate_one for every mapping, no flush.</summary>
     internal RmapWalkControl MigrateControl { get; }
 
@@ -83,7 +86,7 @@ internal sealed unsafe class UnmapBatch
                 if (pte.IsDirty)
                     _memMap.SetFlag(pfn, PageFlags.Dirty);
                 _memMap.Trace?.Record(pfn, Vmm.Diagnostics.FrameEvent.MigUnmap, Vmm.Diagnostics.FrameTrace.At(mm.Id, address));
-                mm.MarkTlbFlushPending(); // flushed with the batch (FlushBatch), or by a zap, mprotect or fork first
+                mm.MarkUnmapFlushPending(); // flushed with the batch (FlushBatch), or by a zap, mprotect or fork first
                 Interlocked.Decrement(ref _memMap[pfn].MapCount);
                 // The entry holds no reference; RSS keeps counting it.
                 if (_memMap.PutPageTestZero(pfn))
