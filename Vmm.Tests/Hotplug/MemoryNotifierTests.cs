@@ -93,6 +93,11 @@ public sealed class MemoryNotifierTests
         ulong va = p.Mmap(400 * 4096);
         byte[] data = WriteRandomPages(p, va, 400, seed: 5);
         MemoryBlock block = machine.Hotplug.GetBlock(MovableOfNode0);
+        // The offline drains the per-CPU lists into the buddy lists, which GetMemoryBlock counts: drain them
+        // (and the deferred puts and LRU batches that feed them) first, so "as before" compares like with like.
+        machine.Tlb.Flush();
+        machine.Lru.DrainAll();
+        machine.Allocator.DrainAllPages();
         MemoryBlockInfo infoBefore = machine.GetMemoryBlock(MovableOfNode0);
         long[] pfnsBefore = [.. Enumerable.Range(0, 400).Select(i => p.GetPagemap(va + (ulong)i * 4096).Pfn)];
         Assert.That(pfnsBefore.Count(pfn => machine.Topology.BlockOf(pfn) == MovableOfNode0), Is.GreaterThan(0));

@@ -55,6 +55,25 @@ public sealed class KsmRegressionTests
         return (t, release);
     }
 
+    /// <summary>
+    /// Runs <paramref name="call"/> while the held section keeps ksmd's batch flush waiting, then lets the
+    /// flush go. The call may itself wait for that flush (its copy-on-write or zap meets a PTE KSM
+    /// write-protected and flushes first: flush_tlb_batched_pending), so it runs on its own thread and the
+    /// section is released after it finished or 200 ms, whichever comes first.
+    /// </summary>
+    private static Errno CallDuringFlush(Func<Errno> call, ManualResetEventSlim release, Thread holder)
+    {
+        Errno result = Errno.None;
+        var t = new Thread(() => result = call()) { IsBackground = true };
+        t.Start();
+        bool finishedDuringFlush = t.Join(200);
+        release.Set();
+        t.Join();
+        holder.Join();
+        TestContext.Out.WriteLine(finishedDuringFlush ? "the call finished while ksmd was in the flush" : "the call waited for ksmd's flush");
+        return result;
+    }
+
     private static Thread StartScan(Vmm.Ksm ksm, int fullScans, Action<Exception>? onError = null)
     {
         var t = new Thread(() => { try { ksm.RunFullScans(fullScans); } catch (Exception e) { onError?.Invoke(e); } }) { IsBackground = true };
@@ -88,11 +107,9 @@ public sealed class KsmRegressionTests
         Thread scan = StartScan(ksm, 1);           // pass 2: q's page pairs with p's (q's page becomes the KSM page)
         WaitUntil(() => !p.GetPagemap(vp).Writable && !q.GetPagemap(vq).Writable); // phase 1 done, ksmd stuck in flush
         Thread.Sleep(50);
-        Errno e = domain ? q.SetDedupeDomain(vq, 4096, 7) : q.Madvise(vq, 4096, Advice.Unmergeable);
-        TestContext.Out.WriteLine($"{(domain ? "SetDedupeDomain" : "madvise(UNMERGEABLE)")} on q returned {e} while ksmd was in the flush");
-        release.Set();
+        Errno e = CallDuringFlush(() => domain ? q.SetDedupeDomain(vq, 4096, 7) : q.Madvise(vq, 4096, Advice.Unmergeable), release, holder);
+        TestContext.Out.WriteLine($"{(domain ? "SetDedupeDomain" : "madvise(UNMERGEABLE)")} on q returned {e}, begun while ksmd was in the flush");
         scan.Join();
-        holder.Join();
         PagemapEntry eq = q.GetPagemap(vq), ep = p.GetPagemap(vp);
         TestContext.Out.WriteLine($"q: ksm={eq.Ksm} pfn={eq.Pfn}; p: ksm={ep.Ksm} pfn={ep.Pfn}; q stats {q.GetKsmStats()}; {ksm.GetStats()}");
         ksm.RunFullScans(2);
@@ -158,11 +175,9 @@ public sealed class KsmRegressionTests
         scan.Start();
         WaitUntil(() => !q.GetPagemap(vq).Writable && !q.GetPagemap(vq + 4096).Writable && !p.GetPagemap(vp + 8192).Writable);
         Thread.Sleep(50);
-        Errno e = q.SetDedupeDomain(vq, 2 * 4096, 7);
-        TestContext.Out.WriteLine($"SetDedupeDomain(q, 7) -> {e} while ksmd was in the flush");
-        release.Set();
+        Errno e = CallDuringFlush(() => q.SetDedupeDomain(vq, 2 * 4096, 7), release, holder);
+        TestContext.Out.WriteLine($"SetDedupeDomain(q, 7) -> {e}, begun while ksmd was in the flush");
         scan.Join();
-        holder.Join();
         PagemapEntry e0 = q.GetPagemap(vq);
         TestContext.Out.WriteLine($"q page 0: pfn {e0.Pfn} ksm {e0.Ksm}; p's K = {k}");
         Assert.That(e0.Pfn, Is.Not.EqualTo(k), "a domain-7 page maps domain 0's KSM page");
