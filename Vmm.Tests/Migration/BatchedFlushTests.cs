@@ -65,6 +65,30 @@ public sealed class BatchedFlushTests
     }
 
     [Test]
+    public void A_page_dropped_while_another_flusher_is_between_reading_the_marks_and_its_bump_reads_zero()
+    {
+        // The review's interleaving: the batch's flusher has begun (it read the mm's marks, as FlushBatch does
+        // first) but not bumped the generation yet, when MADV_DONTNEED meets the migration entry. With a
+        // flag taken at that first step, the zap saw "nothing pending" and returned with the stale
+        // translation still valid. The counters only move "flushed" once a flush has completed.
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(PageSize);
+        p.Fill(va, PageSize, 0x5A);
+
+        (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, p, va);
+        FlushMarks flusherRead = p.Mm.ReadFlushMarks(); // the flusher's first step; its bump has not come yet
+        Assert.That(p.Mm.FlushPending(flusherRead), Is.True, "the unmap marked the mm");
+        Assert.That(p.Madvise(va, PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
+        byte[] seen = new byte[PageSize];
+        p.Read(va, seen);
+        Assert.That(seen, Is.All.EqualTo((byte)0), "MADV_DONTNEED returned: the page reads zero");
+        Assert.That(p.Mm.FlushPending(flusherRead), Is.False, "the zap's completed flush covers the marks");
+        MapBack(machine, pfn, batch);
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_parent_write_after_fork_while_a_migration_waits_for_its_flush_stays_out_of_the_child()
     {
         using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
