@@ -5,6 +5,7 @@
 //
 // Locking: Run takes the KSM thread mutex when KSM is built in (no batch runs while it recounts), and
 // the locks of the structures it reads as it walks them.
+using System.Collections;
 using Vmm.Memory;
 using Vmm.Mm;
 using Vmm.Rmap;
@@ -205,6 +206,8 @@ internal static unsafe class Auditor
         // were never initialised is wholly free (its zone counts it in DeferredPages): it is not read, so an
         // audit commits no descriptor.
         HashSet<long> contiguous = AuditContiguousBuffers(machine, problems);
+        BitArray onFreeLists = machine.Allocator.AuditFreeLists(problems);
+        var lost = new List<long>();
         long inUse = 0, offline = 0;
         long poisonedFrames = 0;
         var movable = new Dictionary<long, HashSet<long>>(); // owner handle -> frames tagged with it
@@ -252,6 +255,11 @@ internal static unsafe class Auditor
                     problems.Add($"frame {pfn} is free but has {page.PinCount} pins");
                 if (poisoned)
                     problems.Add($"frame {pfn} is PG_hwpoison but free: a retired frame went back to the allocator");
+                // Free means on a free list or a per-CPU list (or isolated by a compaction run, which the
+                // quiet machine has none of: Compaction.Audit). A frame with no reference and on no list is
+                // lost to the allocator: nobody will ever free or hand it out again.
+                if (!onFreeLists[(int)pfn] && (page.Flags & (ulong)PageFlags.Tail) == 0)
+                    lost.Add(pfn);
                 continue;
             }
             inUse++;
@@ -284,6 +292,9 @@ internal static unsafe class Auditor
             if (counted != expected)
                 problems.Add($"{zone}: DeferredPages {counted}, frames of sections never initialised {expected}");
         }
+        if (lost.Count > 0)
+            problems.Add($"{lost.Count} frames have refcount 0 but are on no free list or per-CPU list (lost to the allocator), from frame {lost[0]}: "
+                         + string.Join(", ", lost.Take(8)) + (machine.MemMap.Trace is { } trace ? "\n" + trace.Dump(lost[0]) : ""));
         AuditMovableOwners(machine, movable, problems);
         if (poisonedFrames != machine.MemoryFailure.PoisonedPages)
             problems.Add($"num_poisoned_pages {machine.MemoryFailure.PoisonedPages}, frames with PG_hwpoison {poisonedFrames}");
