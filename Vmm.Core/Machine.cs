@@ -325,15 +325,30 @@ public sealed unsafe partial class Machine : IDisposable
     }
 
     /// <summary>
-    /// put_page: drops a reference; frees the frame when it was the last, after taking it off its LRU
-    /// list (__page_cache_release). Every put of a user page goes through here.
+    /// put_page (folio_put): drops a reference to the page that holds <paramref name="pfn"/> (its head,
+    /// for a compound page); frees the whole page when it was the last, after taking it off its LRU list
+    /// (__page_cache_release). Every put of a user page goes through here, and so does a scanner's put
+    /// of a speculative reference, which may be the last one of a compound block its owner freed meanwhile.
     /// </summary>
     internal void PutPage(long pfn)
     {
-        if (_memMap.PutPageTestZero(pfn))
+        if ((Volatile.Read(ref _memMap[pfn].Flags) & (ulong)(PageFlags.Head | PageFlags.Tail)) == 0)
         {
-            Lru.PageCacheRelease(pfn);
-            Allocator.FreeFrozenPages(pfn, 0);
+            // A plain page (every user page today): one frame.
+            if (_memMap.PutPageTestZero(pfn))
+            {
+                Lru.PageCacheRelease(pfn);
+                Allocator.FreeFrozenPages(pfn, 0);
+            }
+            return;
+        }
+        long head = _memMap.CompoundHead(pfn);
+        // Read while our reference holds the page: its compound state changes only at allocation and free.
+        int order = _memMap.CompoundOrder(head);
+        if (_memMap.PutPageTestZero(head))
+        {
+            Lru.PageCacheRelease(head);
+            Allocator.FreeFrozenPages(head, order);
         }
     }
 

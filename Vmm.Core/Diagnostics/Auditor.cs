@@ -258,7 +258,9 @@ internal static unsafe class Auditor
                 // Free means on a free list or a per-CPU list (or isolated by a compaction run, which the
                 // quiet machine has none of: Compaction.Audit). A frame with no reference and on no list is
                 // lost to the allocator: nobody will ever free or hand it out again.
-                if (!onFreeLists[(int)pfn] && (page.Flags & (ulong)PageFlags.Tail) == 0)
+                if (IsTailOfLiveCompound(memMap, pfn))
+                    inUse++; // in use with its head (whose reference stands for the whole page)
+                else if (!onFreeLists[(int)pfn])
                     lost.Add(pfn);
                 continue;
             }
@@ -293,8 +295,15 @@ internal static unsafe class Auditor
                 problems.Add($"{zone}: DeferredPages {counted}, frames of sections never initialised {expected}");
         }
         if (lost.Count > 0)
-            problems.Add($"{lost.Count} frames have refcount 0 but are on no free list or per-CPU list (lost to the allocator), from frame {lost[0]}: "
+        {
+            // The frames just after a frame in use may be the tails of a block someone still holds (then the
+            // head is also reported, as an orphan): say so, so that the reader looks at the holder first.
+            long before = lost[0] - 1;
+            string held = before >= 0 && memMap.IsInitialised(before) && memMap[before].RefCount > 0
+                ? $" (or the rest of a block of frame {before}, which is in use)" : "";
+            problems.Add($"{lost.Count} frames have refcount 0 but are on no free list or per-CPU list (lost to the allocator{held}), from frame {lost[0]}: "
                          + string.Join(", ", lost.Take(8)) + (machine.MemMap.Trace is { } trace ? "\n" + trace.Dump(lost[0]) : ""));
+        }
         AuditMovableOwners(machine, movable, problems);
         if (poisonedFrames != machine.MemoryFailure.PoisonedPages)
             problems.Add($"num_poisoned_pages {machine.MemoryFailure.PoisonedPages}, frames with PG_hwpoison {poisonedFrames}");
@@ -308,6 +317,19 @@ internal static unsafe class Auditor
         AuditCpusetsAndPolicies(machine, problems);
         AuditLongtermPins(machine, problems);
         return problems;
+    }
+
+    /// <summary>A tail frame (refcount 0 by design) of a compound page whose head is in use and covers it.</summary>
+    private static bool IsTailOfLiveCompound(MemMap memMap, long pfn)
+    {
+        ref PageDescriptor page = ref memMap[pfn];
+        if ((page.Flags & (ulong)PageFlags.Tail) == 0)
+            return false;
+        long head = page.CompoundHead;
+        if (head < 0 || head >= pfn || !memMap.IsInitialised(head))
+            return false;
+        ref PageDescriptor h = ref memMap[head];
+        return (h.Flags & (ulong)PageFlags.Head) != 0 && h.RefCount > 0 && pfn < head + (1L << h.CompoundOrder);
     }
 
     /// <summary>

@@ -80,6 +80,11 @@ internal sealed partial class PageAllocator
                 problems.Add($"{zone}: the order-{order} {mt} free list loops");
                 break;
             }
+            if (!_memMap.IsInitialised(pfn))
+            {
+                problems.Add($"{zone}: the order-{order} {mt} free list links to frame {pfn}, whose memmap section is not initialised");
+                break; // its descriptor would be committed by reading it, and its link is garbage
+            }
             ref PageDescriptor page = ref _memMap[pfn];
             if ((page.Flags & (ulong)PageFlags.Buddy) == 0 || (int)page.Private != order || (MigrateType)page.Index != mt ||
                 page.RefCount != 0 || page.LruPrev != prev || (pfn & (size - 1)) != 0 || ZoneOf(pfn) != zone)
@@ -104,6 +109,11 @@ internal sealed partial class PageAllocator
             if (++frames > _memMap.FrameCount)
             {
                 problems.Add($"{zone}: a {mt} per-CPU list loops");
+                break;
+            }
+            if (!_memMap.IsInitialised(pfn))
+            {
+                problems.Add($"{zone}: a {mt} per-CPU list links to frame {pfn}, whose memmap section is not initialised");
                 break;
             }
             ref PageDescriptor page = ref _memMap[pfn];

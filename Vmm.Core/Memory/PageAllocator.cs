@@ -589,6 +589,8 @@ internal sealed unsafe partial class PageAllocator
             throw new VmBugException($"free of order-{head.CompoundOrder} compound page {pfn} as order {order}");
         // Read before the put: once our reference is gone, the head may be freed and reused at any moment.
         bool compound = (head.Flags & (ulong)PageFlags.Head) != 0;
+        if (order > 0 && !compound)
+            CheckTailsAtFree(pfn, order); // before the put: a bad frame leaves the caller's reference as it was
         if (_memMap.PutPageTestZero(pfn))
         {
             FreeFrozenPages(pfn, order);
@@ -634,6 +636,22 @@ internal sealed unsafe partial class PageAllocator
         if (!_poison)
             _memMap[pfn].Flags = (ulong)PageFlags.Zeroed;
         FreeToPcp(pfn);
+    }
+
+    /// <summary>
+    /// free_pages_prepare's checks of frames 1 to 2^<paramref name="order"/> - 1 of a non-compound block,
+    /// made before the caller's reference goes (FreePages): when a speculative holder keeps the head, those
+    /// frames are freed in halves at once, and a bad one must fail the caller, not the holder's later put.
+    /// </summary>
+    private void CheckTailsAtFree(long pfn, int order)
+    {
+        for (long p = pfn + 1; p < pfn + (1L << order); p++)
+        {
+            ref PageDescriptor page = ref _memMap[p];
+            PageFlags flags = (PageFlags)page.Flags;
+            if (page.RefCount != 0 || page.MapCount != -1 || page.PinCount != 0 || (flags & PageFlagPolicies.CheckAtFree) != 0)
+                throw new VmBugException($"bad page at free: frame {p} of the order-{order} block at {pfn}: flags {flags} refcount {page.RefCount} mapcount {page.MapCount} pincount {page.PinCount}");
+        }
     }
 
     /// <summary>free_pages_prepare: checks that nothing still uses the frames and clears their state.</summary>

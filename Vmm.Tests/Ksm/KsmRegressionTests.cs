@@ -57,21 +57,61 @@ public sealed class KsmRegressionTests
 
     /// <summary>
     /// Runs <paramref name="call"/> while the held section keeps ksmd's batch flush waiting, then lets the
-    /// flush go. The call may itself wait for that flush (its copy-on-write or zap meets a PTE KSM
-    /// write-protected and flushes first: flush_tlb_batched_pending), so it runs on its own thread and the
-    /// section is released after it finished or 200 ms, whichever comes first.
+    /// flush go. The call may itself flush before it returns (its zap or copy-on-write meets a PTE KSM
+    /// write-protected: flush_tlb_batched_pending), and that flush waits for the same held section, so
+    /// the call runs on its own thread. Before the section is released, the call must have overlapped
+    /// ksmd's flush: its change is visible (<paramref name="changed"/> true), or it is inside its critical
+    /// section, holding the mmap lock for write (<paramref name="changed"/> null), where ksmd's next step
+    /// on that mm must wait for it and then sees the change.
     /// </summary>
-    private static Errno CallDuringFlush(Func<Errno> call, ManualResetEventSlim release, Thread holder)
+    private static Errno CallDuringFlush(Func<Errno> call, Func<bool?> changed, ManualResetEventSlim release, Thread holder)
     {
         Errno result = Errno.None;
-        var t = new Thread(() => result = call()) { IsBackground = true };
+        Exception? failure = null;
+        var t = new Thread(() =>
+        {
+            try { result = call(); }
+            catch (Exception e) { failure = e; }
+        }) { IsBackground = true };
         t.Start();
-        bool finishedDuringFlush = t.Join(200);
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        bool? state = changed();
+        int busy = 0;
+        while (state != true && busy < 100 && t.IsAlive && sw.ElapsedMilliseconds < 5000)
+        {
+            Thread.Sleep(1);
+            state = changed();
+            busy = state is null ? busy + 1 : 0;
+        }
+        bool finishedDuringFlush = !t.IsAlive;
         release.Set();
         t.Join();
         holder.Join();
-        TestContext.Out.WriteLine(finishedDuringFlush ? "the call finished while ksmd was in the flush" : "the call waited for ksmd's flush");
+        if (failure is not null)
+            throw new AssertionException($"the call threw: {failure}");
+        Assert.That(state, Is.Not.False, "the call changed the range, or was inside its critical section, while ksmd was still in its flush");
+        TestContext.Out.WriteLine(finishedDuringFlush ? "the call finished while ksmd was in the flush"
+            : $"the call waited for the flush ({(state is null ? "holding the mmap lock" : "its change made")})");
         return result;
+    }
+
+    /// <summary>
+    /// Whether the VMA of <paramref name="process"/> at <paramref name="va"/> is no longer mergeable (or is
+    /// in <paramref name="domain"/>); null while a writer holds the mmap lock.
+    /// </summary>
+    private static bool? VmaChanged(VmProcess process, ulong va, int domain = -1)
+    {
+        if (!process.Mm.MmapLock.TryEnterReadLock(0))
+            return null;
+        try
+        {
+            Vma? vma = process.Mm.VmaAt(va);
+            return vma is not null && (domain < 0 ? (vma.Flags & VmaFlags.Mergeable) == 0 : vma.KsmDomain == domain);
+        }
+        finally
+        {
+            process.Mm.MmapLock.ExitReadLock();
+        }
     }
 
     private static Thread StartScan(Vmm.Ksm ksm, int fullScans, Action<Exception>? onError = null)
@@ -107,7 +147,8 @@ public sealed class KsmRegressionTests
         Thread scan = StartScan(ksm, 1);           // pass 2: q's page pairs with p's (q's page becomes the KSM page)
         WaitUntil(() => !p.GetPagemap(vp).Writable && !q.GetPagemap(vq).Writable); // phase 1 done, ksmd stuck in flush
         Thread.Sleep(50);
-        Errno e = CallDuringFlush(() => domain ? q.SetDedupeDomain(vq, 4096, 7) : q.Madvise(vq, 4096, Advice.Unmergeable), release, holder);
+        Errno e = CallDuringFlush(() => domain ? q.SetDedupeDomain(vq, 4096, 7) : q.Madvise(vq, 4096, Advice.Unmergeable),
+            () => VmaChanged(q, vq, domain ? 7 : -1), release, holder);
         TestContext.Out.WriteLine($"{(domain ? "SetDedupeDomain" : "madvise(UNMERGEABLE)")} on q returned {e}, begun while ksmd was in the flush");
         scan.Join();
         PagemapEntry eq = q.GetPagemap(vq), ep = p.GetPagemap(vp);
@@ -175,7 +216,7 @@ public sealed class KsmRegressionTests
         scan.Start();
         WaitUntil(() => !q.GetPagemap(vq).Writable && !q.GetPagemap(vq + 4096).Writable && !p.GetPagemap(vp + 8192).Writable);
         Thread.Sleep(50);
-        Errno e = CallDuringFlush(() => q.SetDedupeDomain(vq, 2 * 4096, 7), release, holder);
+        Errno e = CallDuringFlush(() => q.SetDedupeDomain(vq, 2 * 4096, 7), () => VmaChanged(q, vq, 7), release, holder);
         TestContext.Out.WriteLine($"SetDedupeDomain(q, 7) -> {e}, begun while ksmd was in the flush");
         scan.Join();
         PagemapEntry e0 = q.GetPagemap(vq);

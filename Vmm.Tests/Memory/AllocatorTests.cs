@@ -207,9 +207,42 @@ public sealed class AllocatorTests
         Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore), "the scanner's put freed the head: every frame is back");
         TestMachines.AssertAuditClean(machine);
         machine.Allocator.DrainAllPages();
-        long again = machine.Allocator.AllocPages(order, AllocFlags.Movable | AllocFlags.ThisNode, preferredNode: 0);
-        Assert.That(again, Is.Not.EqualTo(PageAllocator.NoPfn), "the halves merged back into a block of the max order");
-        machine.Allocator.FreePages(again, order);
+        Assert.That(machine.MemMap.RawFlags(pfn) & PageFlags.Buddy, Is.EqualTo(PageFlags.Buddy), "the head is on a free list again");
+        Assert.That((int)machine.MemMap[pfn].Private, Is.EqualTo(order), "the halves and the head merged back into one block of the max order");
+    }
+
+    [TestCase(false)]
+    [TestCase(true)]
+    public void A_compound_block_freed_while_a_scanner_holds_it_comes_back_whole(bool throughTail)
+    {
+        // As above for a compound page: the scanner's put is the last, and frees the whole block from its
+        // head (folio_put), whichever frame of the block the scanner named.
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
+        long freeBefore = machine.GetStats().AllFreePages;
+        long head = machine.Allocator.AllocPages(3, AllocFlags.Movable | AllocFlags.Compound, preferredNode: 0);
+        long named = throughTail ? head + 5 : head;
+        Assert.That(machine.MemMap.TryGetPageUnlessZero(named), Is.True, "the scanner's speculative reference");
+        machine.Allocator.FreePages(head, 3);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore - 8), "the block waits for the scanner's put");
+        Assert.That(machine.Audit(), Has.None.Contains("lost to the allocator"), "a compound page's tails are not lost while its head is held");
+        machine.PutPage(named);
+        Assert.That(machine.GetStats().AllFreePages, Is.EqualTo(freeBefore), "the put freed the whole block");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void Freeing_a_block_with_a_bad_frame_is_refused_before_the_reference_goes()
+    {
+        using var machine = TestMachines.Create(TestMachines.TwoNodes);
+        long pfn = machine.Allocator.AllocPages(2, AllocFlags.Movable, preferredNode: 0);
+        machine.MemMap[pfn + 3].MapCount = 0; // the block's last frame still mapped
+        var bug = Assert.Throws<VmBugException>(() => machine.Allocator.FreePages(pfn, 2));
+        Assert.That(bug!.Message, Does.Contain($"frame {pfn + 3}"));
+        Assert.That(machine.GetPageInfo(pfn).RefCount, Is.EqualTo(1), "the caller's reference is left as it was");
+        Assert.That(machine.MemMap.RawFlags(pfn + 1) & PageFlags.Buddy, Is.EqualTo(PageFlags.None), "no part of the block was freed");
+        machine.MemMap[pfn + 3].MapCount = -1;
+        machine.Allocator.FreePages(pfn, 2);
+        TestMachines.AssertAuditClean(machine);
     }
 
     [Test]

@@ -65,26 +65,35 @@ public sealed class BatchedFlushTests
     }
 
     [Test]
-    public void A_page_dropped_while_another_flusher_is_between_reading_the_marks_and_its_bump_reads_zero()
+    public void A_flush_that_read_the_marks_before_a_later_unmap_does_not_cover_it()
     {
-        // The review's interleaving: the batch's flusher has begun (it read the mm's marks, as FlushBatch does
-        // first) but not bumped the generation yet, when MADV_DONTNEED meets the migration entry. With a
-        // flag taken at that first step, the zap saw "nothing pending" and returned with the stale
-        // translation still valid. The counters only move "flushed" once a flush has completed.
+        // The review's point against a flag: a flusher clears "pending" for marks it never flushed. With the
+        // counters a flusher only moves "flushed" up to the marks it read before its bump. Here the flusher
+        // reads the marks after page A's unmap, page B is unmapped before it finishes, and it finishes: B's
+        // mark must still count as pending, so a zap of B (which meets only a migration entry, nothing
+        // else to flush for) still flushes.
         using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
         VmProcess p = machine.CreateProcess();
-        ulong va = p.Mmap(PageSize);
-        p.Fill(va, PageSize, 0x5A);
+        ulong va = p.Mmap(2 * PageSize), vb = va + PageSize;
+        p.Fill(va, 2 * PageSize, 0x5A);
 
-        (long pfn, UnmapBatch batch) = UnmapWithoutFlush(machine, p, va);
-        FlushMarks flusherRead = p.Mm.ReadFlushMarks(); // the flusher's first step; its bump has not come yet
-        Assert.That(p.Mm.FlushPending(flusherRead), Is.True, "the unmap marked the mm");
-        Assert.That(p.Madvise(va, PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
-        byte[] seen = new byte[PageSize];
-        p.Read(va, seen);
-        Assert.That(seen, Is.All.EqualTo((byte)0), "MADV_DONTNEED returned: the page reads zero");
-        Assert.That(p.Mm.FlushPending(flusherRead), Is.False, "the zap's completed flush covers the marks");
-        MapBack(machine, pfn, batch);
+        (long pfnA, UnmapBatch batchA) = UnmapWithoutFlush(machine, p, va);
+        FlushMarks flusherRead = p.Mm.ReadFlushMarks(); // the flusher of A's batch, before its bump
+        (long pfnB, UnmapBatch batchB) = UnmapWithoutFlush(machine, p, vb);
+        p.Mm.BumpGeneration(); // the flusher's bump and flush, then its report
+        machine.Tlb.Flush();
+        p.Mm.FlushedUpTo(flusherRead);
+        Assert.That(p.Mm.FlushPending(flusherRead), Is.False, "what the flusher read is flushed");
+        Assert.That(p.Mm.FlushPending(p.Mm.ReadFlushMarks()), Is.True, "B's later mark is not covered by a flush that read the marks before it");
+
+        long generation = Volatile.Read(ref p.Mm.Generation);
+        Assert.That(p.Madvise(vb, PageSize, Advice.DontNeed), Is.EqualTo(Errno.None));
+        Assert.That(Volatile.Read(ref p.Mm.Generation), Is.GreaterThan(generation), "the zap flushed for B's pending mark");
+        Assert.That(p.Mm.FlushPending(p.Mm.ReadFlushMarks()), Is.False, "and nothing is pending after it");
+        Assert.That(p.Read<ulong>(vb), Is.Zero, "MADV_DONTNEED returned: B reads zero");
+        MapBack(machine, pfnB, batchB);
+        MapBack(machine, pfnA, batchA);
+        Assert.That(p.Read<byte>(va), Is.EqualTo((byte)0x5A), "A was never dropped");
         TestMachines.AssertAuditClean(machine);
     }
 
