@@ -205,6 +205,59 @@ public sealed class BatchedFlushTests
     }
 
     [Test]
+    public unsafe void A_copy_on_write_copy_waits_for_a_write_through_a_translation_ksm_has_not_flushed_yet()
+    {
+        // A thread inside an access section translated the page writable before KSM write-protected it, and
+        // writes through that translation later (a copy in progress). KSM's flush waits for its section; a
+        // copy-on-write copy of the page made meanwhile must wait too (flush_tlb_batched_pending for KSM's
+        // protect mark), or the write lands in the old frame after the copy and is lost.
+        using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
+        VmProcess p = machine.CreateProcess();
+        ulong va = p.Mmap(PageSize);
+        p.Fill(va, PageSize, 0x11);
+
+        var translated = new ManualResetEventSlim();
+        var go = new ManualResetEventSlim();
+        var inSection = new Thread(() =>
+        {
+            AccessContext context = AccessContext.Current;
+            TlbShootdown.Enter(context);
+            byte* frame = p.Mm.Translate(context, va, write: true);
+            translated.Set();
+            go.Wait();
+            if (frame != null)
+                frame[100] = 0x99;
+            TlbShootdown.Exit(context);
+        }) { IsBackground = true };
+        inSection.Start();
+        translated.Wait();
+
+        KsmWriteProtectWithoutFlush(machine, p, va);
+        long pfn = p.GetPagemap(va).Pfn;
+        machine.MemMap.GetPage(pfn); // a second reference, as KSM's merge batch holds one: the fault copies
+        Exception? faultFailure = null;
+        var writer = new Thread(() =>
+        {
+            try { p.Write(va, (byte)0x77); }
+            catch (Exception e) { faultFailure = e; }
+        }) { IsBackground = true };
+        writer.Start();
+        bool copiedAtOnce = writer.Join(200); // fixed: the copy waits for the section; before: it copied at once
+        go.Set();
+        inSection.Join();
+        writer.Join();
+        machine.PutPage(pfn);
+        TestContext.Out.WriteLine(copiedAtOnce ? "the fault did not wait" : "the fault waited for the section");
+
+        Assert.That(faultFailure, Is.Null);
+        Assert.That(p.GetPagemap(va).Pfn, Is.Not.EqualTo(pfn), "setup: the write fault copied the page");
+        Assert.That(p.Read<byte>(va), Is.EqualTo((byte)0x77), "the faulting write");
+        Assert.That(p.Read<byte>(va + 100), Is.EqualTo((byte)0x99), "the write through the translation KSM had not flushed yet is in the copy");
+        machine.Tlb.Flush();
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
     public void A_write_after_mprotect_read_only_while_ksm_waits_for_its_flush_faults()
     {
         using var machine = TestMachines.Create(TestMachines.TwoNodes with { BackgroundThreads = false });
