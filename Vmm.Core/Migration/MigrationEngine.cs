@@ -737,6 +737,13 @@ internal sealed class MigrationEngine
         ulong mapping = Volatile.Read(ref memMap[src].Mapping);
         MovableOperations owner = _machine.MovablePages.OwnerOf(mapping)
                                   ?? throw new VmBugException($"frame {src} carries the MOVABLE tag of an owner that is gone (mapping {mapping:x})");
+        // The new frame carries the owner's tag before the owner learns of it. Once its MigratePage has
+        // switched to the new frame, the owner may read or write it at once, from another thread, through
+        // MovablePages.Read and Write, which take no lock and check the tag. Tagging after the callback
+        // left a window in which the owner's own frame was "not a page of this owner" (the compaction
+        // soak's hour found it). Linux's drivers likewise tag the new page inside their migrate callback
+        // (balloon_page_insert). A refusal takes the tag back.
+        Volatile.Write(ref memMap[dst].Mapping, mapping);
         Errno rc;
         try
         {
@@ -747,14 +754,13 @@ internal sealed class MigrationEngine
             batch.Thrown ??= ExceptionDispatchInfo.Capture(e);
             rc = Errno.EFAULT;
         }
-        if (rc == Errno.EAGAIN)
-            return Outcome.Again;
         if (rc != Errno.None)
-            return Outcome.Failed;
+        {
+            Volatile.Write(ref memMap[dst].Mapping, 0);
+            return rc == Errno.EAGAIN ? Outcome.Again : Outcome.Failed;
+        }
 
-        // Past this line the page lives in the new frame: the owner points at it; the tag follows, before
-        // the new frame's lock is released (whoever finds it through the owner waits for that lock).
-        Volatile.Write(ref memMap[dst].Mapping, mapping);
+        // Past this line the page lives in the new frame: the owner points at it, and it carries the tag.
         Volatile.Write(ref memMap[src].Mapping, 0);
         memMap.ClearFlag(src, PageFlags.Isolated);
         _machine.PageLock.Unlock(dst);

@@ -38,6 +38,9 @@ public class MovableOperationsTests
 
         public Action<long, long>? DuringMigrate { get; set; }
 
+        /// <summary>Called in the migrate callback once the owner points at the new frame.</summary>
+        public Action<long>? AfterSwitch { get; set; }
+
         public int Allocate(int count, int node = -1)
         {
             for (int i = 0; i < count; i++)
@@ -89,6 +92,7 @@ public class MovableOperationsTests
                 machine.MovablePages.CopyPage(newPfn, oldPfn);
                 int index = Frames.Single(f => f.Value == oldPfn).Key;
                 Frames[index] = newPfn;
+                AfterSwitch?.Invoke(newPfn);
                 return Errno.None;
             }
         }
@@ -180,6 +184,53 @@ public class MovableOperationsTests
             Assert.That(machine.GetPageInfo(pfn).RefCount, Is.Zero, "the old frames were freed");
         owner.AssertContents();
         Assert.That(owner.PageCount, Is.EqualTo(40), "a move does not change the owner's count");
+        TestMachines.AssertAuditClean(machine);
+    }
+
+    [Test]
+    public void The_owner_may_use_its_new_frame_from_another_thread_as_soon_as_it_switched_to_it()
+    {
+        // The owner's other threads find the new frame through the owner's own structure the moment the
+        // callback switched to it, and read it without a lock (MovablePages.Read checks the tag). The
+        // compaction soak's hour met an owner thread that did so before the VM had tagged the frame.
+        using Machine machine = TestMachines.Create(TestMachines.TwoNodes);
+        var owner = new TestOwner(machine);
+        owner.Allocate(4, node: 0);
+        var seen = new List<string>();
+        owner.AfterSwitch = newPfn =>
+        {
+            var buffer = new byte[Page];
+            var reader = new Thread(() =>
+            {
+                try
+                {
+                    machine.MovablePages.Read(owner, newPfn, 0, buffer);
+                    lock (seen)
+                        seen.Add("read");
+                }
+                catch (Exception e)
+                {
+                    lock (seen)
+                        seen.Add(e.GetType().Name + ": " + e.Message);
+                }
+            });
+            reader.Start();
+            reader.Join();
+        };
+        List<long> list = machine.Migration.RentList();
+        foreach (long pfn in owner.Frames.Values)
+        {
+            Assert.That(Isolate(machine, pfn), Is.True);
+            list.Add(pfn);
+        }
+        int rc = Migrate(machine, list, out int succeeded);
+        machine.Migration.PutbackMovablePages(list);
+        machine.Migration.ReturnList(list);
+
+        Assert.That(seen, Is.EqualTo(Enumerable.Repeat("read", 4)), "every read of a new frame the owner switched to succeeded");
+        Assert.That(rc, Is.Zero);
+        Assert.That(succeeded, Is.EqualTo(4));
+        owner.AssertContents();
         TestMachines.AssertAuditClean(machine);
     }
 
