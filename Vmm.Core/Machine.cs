@@ -332,19 +332,15 @@ public sealed unsafe partial class Machine : IDisposable
     /// </summary>
     internal void PutPage(long pfn)
     {
-        if ((Volatile.Read(ref _memMap[pfn].Flags) & (ulong)(PageFlags.Head | PageFlags.Tail)) == 0)
-        {
-            // A plain page (every user page today): one frame.
-            if (_memMap.PutPageTestZero(pfn))
-            {
-                Lru.PageCacheRelease(pfn);
-                Allocator.FreeFrozenPages(pfn, 0);
-            }
-            return;
-        }
-        long head = _memMap.CompoundHead(pfn);
+        // A plain page (every user page today) is one frame; a compound page is freed whole from its head.
         // Read while our reference holds the page: its compound state changes only at allocation and free.
-        int order = _memMap.CompoundOrder(head);
+        long head = pfn;
+        int order = 0;
+        if ((Volatile.Read(ref _memMap[pfn].Flags) & (ulong)(PageFlags.Head | PageFlags.Tail)) != 0)
+        {
+            head = _memMap.CompoundHead(pfn);
+            order = _memMap.CompoundOrder(head);
+        }
         if (_memMap.PutPageTestZero(head))
         {
             Lru.PageCacheRelease(head);

@@ -648,11 +648,15 @@ internal sealed unsafe partial class PageAllocator
         for (long p = pfn + 1; p < pfn + (1L << order); p++)
         {
             ref PageDescriptor page = ref _memMap[p];
-            PageFlags flags = (PageFlags)page.Flags;
-            if (page.RefCount != 0 || page.MapCount != -1 || page.PinCount != 0 || (flags & PageFlagPolicies.CheckAtFree) != 0)
-                throw new VmBugException($"bad page at free: frame {p} of the order-{order} block at {pfn}: flags {flags} refcount {page.RefCount} mapcount {page.MapCount} pincount {page.PinCount}");
+            if (IsBadAtFree(ref page, tail: true))
+                throw new VmBugException($"bad page at free: frame {p} of the order-{order} block at {pfn}: flags {(PageFlags)page.Flags} refcount {page.RefCount} mapcount {page.MapCount} pincount {page.PinCount}");
         }
     }
+
+    /// <summary>free_page_is_bad: still mapped, pinned or flagged in use; a frame after a block's first also still referenced.</summary>
+    private static bool IsBadAtFree(ref PageDescriptor page, bool tail) =>
+        page.MapCount != -1 || page.PinCount != 0 || ((PageFlags)page.Flags & PageFlagPolicies.CheckAtFree) != 0 ||
+        (tail && page.RefCount != 0);
 
     /// <summary>free_pages_prepare: checks that nothing still uses the frames and clears their state.</summary>
     private void FreePagesPrepare(long pfn, int order)
@@ -662,9 +666,7 @@ internal sealed unsafe partial class PageAllocator
         {
             ref PageDescriptor page = ref _memMap[pfn + i];
             PageFlags flags = (PageFlags)page.Flags;
-            bool bad = page.MapCount != -1 || page.PinCount != 0 || (flags & PageFlagPolicies.CheckAtFree) != 0 ||
-                       (i > 0 && page.RefCount != 0);
-            if (bad)
+            if (IsBadAtFree(ref page, tail: i > 0))
             {
                 if (i == 0)
                     Interlocked.Increment(ref _memMap[pfn].RefCount); // leave the page as the caller had it
